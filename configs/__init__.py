@@ -1,0 +1,1 @@
+"""Shipped YAML configs, installed as the package data of ``pipeline.configs``."""

@@ -1,0 +1,105 @@
+"""The ``block`` stage: split the ratings and cut them into d row blocks on disk.
+
+One task per Parquet part (on the workers) assigns each rating to its split and
+row block and writes it out; the driver only adds up counts, in part order.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cluster import Executor
+from pipeline.config import SplitConfig
+from pipeline.dataset import Dataset
+from pipeline.errors import DataError
+from pipeline.rundir import swap_in, temporary_dir
+from tasks.blocks import SPLIT_NAMES, TRAIN, split_part
+from tasks.io import read_json, write_json
+
+log = logging.getLogger(__name__)
+
+BLOCKS_JSON = "blocks.json"
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Row-block files of a dataset, with the facts training needs."""
+
+    root: Path
+    meta: dict[str, Any]
+
+    @property
+    def d(self) -> int:
+        return int(self.meta["d"])
+
+    @property
+    def seed(self) -> int:
+        return int(self.meta["seed"])
+
+    @property
+    def n_users(self) -> int:
+        return int(self.meta["n_users"])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.meta["n_items"])
+
+    @property
+    def global_mean(self) -> float:
+        return float(self.meta["global_mean"])
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Ratings per row block and split, array of shape (d, 3), int64."""
+        return np.asarray(self.meta["counts"], dtype=np.int64)
+
+    def n_split(self, code: int) -> int:
+        return int(self.counts[:, code].sum())
+
+
+def open_blocks(root: Path) -> Blocks:
+    return Blocks(root, read_json(root / BLOCKS_JSON))
+
+
+def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split: SplitConfig, seed: int) -> Blocks:
+    """Split ``dataset`` and write its ``d`` row blocks to ``out``."""
+    tmp = temporary_dir(out)
+    try:
+        futures = [
+            executor.submit(split_part, str(part), j, str(tmp), d, dataset.n_users, split.test_fraction,
+                            split.validation_fraction, split.seed, seed, name="split_part")
+            for j, part in enumerate(dataset.parts)
+        ]
+        results = executor.gather(futures)
+        counts = np.sum([r["counts"] for r in results], axis=0)
+        n_train = int(counts[:, TRAIN].sum())
+        if n_train == 0:
+            raise DataError(f"{dataset.root}: the split leaves no training ratings")
+        train_sum = 0.0
+        for r in results:  # part order: the mean must not depend on task timing
+            train_sum += r["train_sum"]
+        meta = {
+            "d": d,
+            "seed": seed,
+            "n_users": dataset.n_users,
+            "n_items": dataset.n_items,
+            "dataset_fingerprint": dataset.fingerprint,
+            "split": split.model_dump(mode="json"),
+            "counts": counts.tolist(),
+            "global_mean": train_sum / n_train,
+            "has_expected": bool(dataset.meta.get("has_expected", False)),
+        }
+        write_json(meta, tmp / BLOCKS_JSON)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    sizes = ", ".join(f"{name} {int(counts[:, code].sum()):,}" for code, name in enumerate(SPLIT_NAMES))
+    log.info("blocked %s ratings into %d×%d blocks (%s)", f"{int(counts.sum()):,}", d, d, sizes)
+    return Blocks(out, meta)

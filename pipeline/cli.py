@@ -1,0 +1,119 @@
+"""The ``funkflow`` command line (``python -m pipeline`` runs the same).
+
+Exit codes are sysexits (see :mod:`pipeline.errors`) so that schedulers can act
+on them: 0 done, 2 usage, 65 bad data, 70 diverged, 75 cluster trouble, 78 bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from pipeline.cluster import open_executor
+from pipeline.config import load_config
+from pipeline.dataset import generate_dataset
+from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from pipeline.stages import run_pipeline, synthetic_spec
+
+log = logging.getLogger("pipeline.cli")
+
+STAGE_VERBS = {
+    "run": ("evaluate", "run the whole chain: data, block, train, evaluate"),
+    "train": ("train", "run the chain up to training (earlier stages only if out of date)"),
+    "evaluate": ("evaluate", "evaluate the trained model (earlier stages only if out of date)"),
+}
+
+
+def _add_run_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", type=Path,
+                        help="YAML config (default: the embedded configs/default.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
+    parser.add_argument("--scheduler", metavar="ADDR",
+                        help="Dask scheduler address (tcp://host:8786); default: start a LocalCluster")
+    parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run directory (output.run_dir)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="funkflow", description="Funk-SVD by DSGD on Dask.")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb, (_, help_text) in STAGE_VERBS.items():
+        _add_run_flags(verbs.add_parser(verb, help=help_text, description=help_text))
+
+    generate = verbs.add_parser("generate", help="write a synthetic Netflix-shaped dataset",
+                                description="Write synthetic Netflix-shaped ratings with a known true model.")
+    generate.add_argument("--scale", type=float, required=True,
+                          help="1.0 = 480,189 users × 17,770 items, 100,480,507 ratings")
+    generate.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
+    return parser
+
+
+def _cluster_overrides(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.scheduler:
+        extra.append(f"cluster.scheduler={args.scheduler}")
+    if getattr(args, "run_dir", None):
+        extra.append(f"output.run_dir={args.run_dir}")
+    return extra
+
+
+def _print_summary(summary: dict) -> None:
+    line = f"test RMSE {summary['test_rmse']:.4f}  MAE {summary['test_mae']:.4f}"
+    floor = summary.get("floor_rmse")
+    if floor:
+        line += f"  (floor {floor:.4f}, +{100 * (summary['test_rmse'] / floor - 1):.1f}%)"
+    base = summary.get("baselines", {})
+    if base:
+        line += "  baselines: " + ", ".join(f"{name} {m['rmse']:.4f}" for name, m in base.items())
+    print(line)
+    print(f"run directory: {summary['run_dir']}")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UsageError(f"{args.out} exists and is not empty; choose a new --out")
+    config = load_config(None, [f"data.generate.scale={args.scale}", f"data.generate.seed={args.seed}",
+                                *_cluster_overrides(args)])
+    gen = config.data.generate
+    with open_executor(config.cluster) as executor:
+        dataset = generate_dataset(executor, synthetic_spec(gen), args.out, gen.ratings_per_part)
+    print(f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)
+    try:
+        if args.verb == "generate":
+            _generate(args)
+            return EXIT_OK
+        last = STAGE_VERBS[args.verb][0]
+        config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])
+        summary = run_pipeline(config, last)
+        if summary is not None:
+            _print_summary(summary)
+        else:
+            print(f"run directory: {config.output.run_dir}")
+    except FunkflowError as exc:
+        print(f"funkflow: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("funkflow: interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("funkflow: internal error")
+        return EXIT_SOFTWARE
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""Where tasks run: a Dask cluster (local or remote) or, for debugging and tests, this process.
+
+Both executors offer the same small surface the stages use: ``submit`` with a
+soft worker preference, ``gather``, the worker list, and the dashboard link.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+from pipeline.config import ClusterConfig
+from pipeline.errors import ClusterError
+
+log = logging.getLogger(__name__)
+
+IN_PROCESS = "inprocess"
+
+
+class Done:
+    """A finished in-process result, standing where a Dask future would."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+def _resolve(arg: Any) -> Any:
+    if isinstance(arg, Done):
+        return arg.value
+    if isinstance(arg, list | tuple):
+        return type(arg)(_resolve(a) for a in arg)
+    return arg
+
+
+class InProcessExecutor:
+    """Runs every task immediately in this process, in submission order."""
+
+    workers: list[str | None] = [None]
+    dashboard_link: str | None = None
+    total_threads = 1
+
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Done:
+        return Done(fn(*(_resolve(a) for a in args)))
+
+    def gather(self, futures: Sequence[Done]) -> list[Any]:
+        return [f.value for f in futures]
+
+
+class DaskExecutor:
+    """Submits to a Dask ``Client``; row-block affinity is a soft preference."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        info = client.scheduler_info()
+        self.workers: list[str | None] = sorted(info["workers"])
+        self.total_threads = sum(w["nthreads"] for w in info["workers"].values())
+        self.dashboard_link: str | None = client.dashboard_link
+
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any:
+        # Unique keys: the same block is legitimately recomputed (e.g. after a rollback).
+        placement = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
+        return self.client.submit(fn, *args, key=f"{name}-{uuid.uuid4().hex}", pure=False, **placement)
+
+    def gather(self, futures: Sequence[Any]) -> list[Any]:
+        from distributed import KilledWorker
+
+        try:
+            return self.client.gather(list(futures))
+        except KilledWorker as exc:
+            raise ClusterError(f"a task kept killing its workers and was abandoned: {exc}") from exc
+
+
+Executor = InProcessExecutor | DaskExecutor
+
+
+@contextlib.contextmanager
+def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
+    """Connect to ``cfg.scheduler``, start a LocalCluster when it is unset, or run in-process."""
+    if cfg.scheduler == IN_PROCESS:
+        yield InProcessExecutor()
+        return
+
+    from distributed import Client, LocalCluster
+
+    if cfg.scheduler is None:
+        n_workers = cfg.n_workers or os.cpu_count() or 1
+        with LocalCluster(
+            n_workers=n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
+            dashboard_address=":0", silence_logs=logging.WARNING,
+        ) as cluster, Client(cluster) as client:
+            yield DaskExecutor(client)
+        return
+
+    try:
+        client = Client(cfg.scheduler, timeout="10s")
+    except (OSError, TimeoutError) as exc:
+        raise ClusterError(f"cannot reach the Dask scheduler at {cfg.scheduler}: {exc}") from exc
+    with client:
+        if cfg.n_workers:
+            client.wait_for_workers(cfg.n_workers, timeout=60)
+        yield DaskExecutor(client)

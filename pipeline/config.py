@@ -1,0 +1,195 @@
+"""The typed run configuration: defaults, YAML loading, ``--set`` overrides, validation.
+
+Everything is validated here, before any task is submitted. An error names the
+dotted key, the bad value and what would be valid, and exits 78.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class GenerateConfig(_Section):
+    """Synthetic Netflix-shaped data; unset shape keys follow ``scale``, unset model keys the generator's defaults."""
+
+    scale: float = Field(0.01, gt=0)
+    seed: int = 0
+    n_users: int | None = Field(None, ge=2)
+    n_items: int | None = Field(None, ge=2)
+    n_ratings: int | None = Field(None, ge=1)
+    k_true: int | None = Field(None, ge=1)
+    noise_std: float | None = Field(None, gt=0)
+    activity_sigma: float | None = Field(None, ge=0)
+    popularity_sigma: float | None = Field(None, ge=0)
+    max_user_fraction: float | None = Field(None, gt=0, le=1)
+    ratings_per_part: int = Field(2_000_000, ge=1000)
+
+
+class DataConfig(_Section):
+    source: str | None = None
+    format: Literal["canonical"] = "canonical"
+    generate: GenerateConfig | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataConfig:
+        if (self.source is None) == (self.generate is None):
+            raise ValueError("set exactly one of data.source (a canonical dataset directory) and data.generate")
+        return self
+
+
+class SplitConfig(_Section):
+    method: Literal["hash"] = "hash"
+    test_fraction: float = Field(0.1, gt=0, lt=1)
+    validation_fraction: float = Field(0.05, ge=0, lt=1)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _fractions(self) -> SplitConfig:
+        if self.test_fraction + self.validation_fraction >= 1:
+            raise ValueError("split.test_fraction + split.validation_fraction must be < 1 to leave training data")
+        return self
+
+
+class ModelConfig(_Section):
+    k: int = Field(32, ge=1)
+    use_bias: bool = True
+    reg: float = Field(0.05, ge=0)
+    bias_reg: float = Field(0.01, ge=0)
+    init_std: float = Field(0.1, gt=0)
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(20, ge=1)
+    lr: float = Field(0.01, gt=0)
+    lr_schedule: Literal["bold_driver", "constant", "decay"] = "bold_driver"
+    lr_decay: float = Field(0.95, gt=0, le=1)
+    d: int = Field(4, ge=1)
+    seed: int = 0
+    early_stopping_patience: int = Field(0, ge=0)
+    max_rollbacks: int = Field(3, ge=0)
+
+
+class ClusterConfig(_Section):
+    scheduler: str | None = None
+    n_workers: int | None = Field(None, ge=1)
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class OutputConfig(_Section):
+    run_dir: str = "runs/default"
+
+
+class Config(_Section):
+    data: DataConfig = DataConfig(generate=GenerateConfig())
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    output: OutputConfig = OutputConfig()
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def fingerprint(self, *sections: str) -> str:
+        """SHA-256 of the named sections (all when none), for stage up-to-date checks."""
+        data = self.to_dict()
+        picked = {name: data[name] for name in (sections or tuple(data))}
+        return hashlib.sha256(json.dumps(picked, sort_keys=True).encode()).hexdigest()
+
+
+DEFAULT_CONFIG = "default.yaml"
+
+
+def default_config_path() -> Path:
+    """``configs/default.yaml``, shipped inside the package as ``pipeline.configs``."""
+    return Path(str(resources.files("pipeline.configs") / DEFAULT_CONFIG))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: invalid YAML: {exc.problem}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set a.b.c=VALUE`` (VALUE parsed as a YAML scalar) to ``data`` in place."""
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set takes KEY=VALUE with a dotted key, e.g. train.epochs=5; got {assignment!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}") from exc
+    parts = key.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _field_names(loc: tuple) -> list[str]:
+    """The valid keys at the section that ``loc`` points into."""
+    model: type[BaseModel] = Config
+    for part in loc[:-1]:
+        annotation = model.model_fields[part].annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        model = next(a for a in candidates if issubclass(a, BaseModel))
+    return list(model.model_fields)
+
+
+def _describe(errors: list[dict], source: str) -> str:
+    lines = []
+    for err in errors:
+        loc = tuple(str(p) for p in err["loc"])
+        key = ".".join(loc) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key; valid keys here: {', '.join(_field_names(loc))}")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {msg}, got {err['input']!r}" if "input" in err and err["type"] != "value_error"
+                         else f"{key}: {msg}")
+    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (the shipped default when ``path`` is None), apply overrides, validate."""
+    path = Path(path) if path is not None else default_config_path()
+    data = _read_yaml(path)
+    for assignment in overrides:
+        apply_override(data, assignment)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors(), str(path))) from None
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,128 @@
+"""Canonical datasets: generating a synthetic one, and opening one from disk.
+
+A canonical dataset directory holds ``ratings/part-NNNNN.parquet`` (columns
+``user:int32, item:int32, rating:float32`` over dense indices, plus
+``expected:float32`` for synthetic data), ``users.parquet`` / ``items.parquet``
+(``index:int32`` ↔ raw ``id``) and ``dataset.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.cluster import Executor
+from pipeline.errors import DataError
+from pipeline.rundir import swap_in, temporary_dir
+from tasks.io import read_json, write_json, write_parquet
+from tasks.synthetic import RATING_MAX, RATING_MIN, SyntheticSpec, chunk_bounds, generate_chunk, make_true_model
+
+log = logging.getLogger(__name__)
+
+DATASET_JSON = "dataset.json"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """An opened canonical dataset (metadata only; ratings stay on disk)."""
+
+    root: Path
+    meta: dict[str, Any]
+
+    @property
+    def n_users(self) -> int:
+        return int(self.meta["n_users"])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.meta["n_items"])
+
+    @property
+    def n_ratings(self) -> int:
+        return int(self.meta["n_ratings"])
+
+    @property
+    def fingerprint(self) -> str:
+        return str(self.meta["fingerprint"])
+
+    @property
+    def parts(self) -> list[Path]:
+        return [self.root / p["path"] for p in self.meta["parts"]]
+
+
+def open_dataset(root: str | Path) -> Dataset:
+    """Open a canonical dataset directory, checking that its metadata and parts are there."""
+    root = Path(root)
+    meta_path = root / DATASET_JSON
+    if not meta_path.is_file():
+        raise DataError(f"{root}: not a canonical dataset (no {DATASET_JSON}); create one with "
+                        "`funkflow generate` or `funkflow ingest`")
+    try:
+        meta = read_json(meta_path)
+        missing = [k for k in ("n_users", "n_items", "n_ratings", "parts", "fingerprint") if k not in meta]
+    except ValueError as exc:
+        raise DataError(f"{meta_path}: not valid JSON: {exc}") from exc
+    if missing:
+        raise DataError(f"{meta_path}: missing keys {', '.join(missing)}")
+    dataset = Dataset(root, meta)
+    absent = [str(p) for p in dataset.parts if not p.is_file()]
+    if absent:
+        raise DataError(f"{root}: parts listed in {DATASET_JSON} are missing: {', '.join(absent[:3])}")
+    return dataset
+
+
+def _id_table(n: int) -> pa.Table:
+    # Synthetic raw ids are 1-based, like Netflix's.
+    return pa.table({"index": np.arange(n, dtype=np.int32), "id": np.arange(1, n + 1, dtype=np.int64)})
+
+
+def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings_per_part: int) -> Dataset:
+    """Generate synthetic ratings for ``spec`` into the canonical dataset ``out``.
+
+    The true model is drawn by one task; chunks of users are generated and written
+    by parallel tasks, each holding only its own chunk in memory.
+    """
+    tmp = temporary_dir(out)
+    try:
+        (tmp / "ratings").mkdir()
+        model = executor.submit(make_true_model, spec, name="make_true_model")
+        bounds = executor.gather([executor.submit(chunk_bounds, model, ratings_per_part, name="chunk_bounds")])[0]
+        parts = [
+            executor.submit(generate_chunk, spec, model, j, int(bounds[j]), int(bounds[j + 1]),
+                            str(tmp / "ratings" / f"part-{j:05d}.parquet"), name="generate_chunk")
+            for j in range(len(bounds) - 1)
+        ]
+        results = executor.gather(parts)
+        del model, parts
+        write_parquet(_id_table(spec.n_users), tmp / "users.parquet")
+        write_parquet(_id_table(spec.n_items), tmp / "items.parquet")
+        digest = hashlib.sha256()
+        for result in results:
+            digest.update(result["sha256"].encode())
+        meta = {
+            "source": "synthetic",
+            "generator": spec.as_dict(),
+            "n_users": spec.n_users,
+            "n_items": spec.n_items,
+            "n_ratings": sum(r["n_ratings"] for r in results),
+            "rating_scale": [RATING_MIN, RATING_MAX],
+            "has_expected": True,
+            "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
+                       "sha256": r["sha256"]} for r in results],
+            "fingerprint": digest.hexdigest(),
+        }
+        write_json(meta, tmp / DATASET_JSON)
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("generated %s ratings of %s users × %s items in %s", f"{meta['n_ratings']:,}",
+             f"{spec.n_users:,}", f"{spec.n_items:,}", out)
+    return Dataset(out, meta)

@@ -1,0 +1,70 @@
+"""The ``evaluate`` stage: test RMSE and MAE of a saved model beside its baselines.
+
+The model is read block by block by tasks on the workers that own the row
+blocks; the baselines (global mean, damped biases) are fitted on the training
+split the same way; for synthetic data the floor is the RMSE of the true
+expected rating.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.cluster import Executor
+from pipeline.train import BlockPlacement, rmse, sum_row_errors
+from tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
+from tasks.blocks import TEST, TRAIN
+from tasks.training import read_factor_block
+
+
+def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],
+                     global_mean: float) -> list[np.ndarray]:
+    n_items = [len(m) for m in placement.item_members]
+    futures = [executor.submit(item_residual_sums, row_blocks[r], n_items, global_mean,
+                               name="item_residual_sums", worker=placement.owner(r))
+               for r in range(len(row_blocks))]
+    totals = [np.zeros((2, n)) for n in n_items]
+    for per_row in executor.gather(futures):  # row order
+        for c, sums in enumerate(per_row):
+            totals[c] += sums
+    return [sums / (ITEM_DAMPING + count) for sums, count in totals]
+
+
+def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
+             global_mean: float, has_expected: bool) -> dict[str, Any]:
+    """Test metrics of the model in ``model_dir`` and of the baselines."""
+    b = placement.blocks
+
+    def state(side: str, n: int, block: int) -> Any:
+        return executor.submit(read_factor_block, str(model_dir), side, n, b.d, b.seed, block,
+                               name="read_factor_block", worker=placement.owner(block))
+
+    user_states = [state("user", b.n_users, r) for r in range(b.d)]
+    item_states = [state("item", b.n_items, c) for c in range(b.d)]
+    errors = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean)
+    sse, sae, n = errors[TEST].sum(axis=0)
+
+    item_bias = _fit_item_biases(executor, placement, row_blocks, b.global_mean)
+    futures = [executor.submit(baseline_errors, row_blocks[r], item_bias, b.global_mean,
+                               name="baseline_errors", worker=placement.owner(r)) for r in range(b.d)]
+    base = np.zeros((len(BASELINES), 3))
+    for per_row in executor.gather(futures):
+        base += per_row
+
+    def metrics(sums: np.ndarray) -> dict[str, float]:
+        return {"rmse": math.sqrt(sums[0] / sums[2]), "mae": sums[1] / sums[2]}
+
+    results: dict[str, Any] = {
+        "test_rmse": math.sqrt(sse / n) if n else None,
+        "test_mae": sae / n if n else None,
+        "train_rmse": rmse(errors, TRAIN),
+        "n_test": int(n),
+        "baselines": {name: metrics(base[i]) for i, name in enumerate(BASELINES[:2])} if n else {},
+    }
+    if has_expected and n:
+        results["floor_rmse"] = metrics(base[BASELINES.index("floor")])["rmse"]
+    return results

@@ -1,0 +1,178 @@
+"""The chain of stages behind ``funkflow run``: generate → block → train → evaluate.
+
+Each stage records the fingerprint of its inputs when it completes; a stage
+whose record matches is skipped, so a re-run after a crash starts at the first
+stage that did not finish, and a re-run after success does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.blocking import Blocks, block_dataset, open_blocks
+from pipeline.cluster import Executor, open_executor
+from pipeline.config import Config, GenerateConfig, dump_config
+from pipeline.dataset import Dataset, generate_dataset, open_dataset
+from pipeline.evaluate import evaluate
+from pipeline.model import write_model
+from pipeline.rundir import RunDir
+from pipeline.train import BlockPlacement, EpochReport, train
+from tasks.io import write_json, write_text
+from tasks.synthetic import SyntheticSpec
+
+log = logging.getLogger(__name__)
+
+STAGES = ("generate", "block", "train", "evaluate")
+
+
+def synthetic_spec(cfg: GenerateConfig) -> SyntheticSpec:
+    overrides = cfg.model_dump(exclude={"scale", "ratings_per_part"})
+    return SyntheticSpec.netflix_shaped(cfg.scale, **overrides)
+
+
+def _chain(*parts: str) -> str:
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _format_rate(per_second: float) -> str:
+    return f"{per_second / 1e6:.2f}M" if per_second >= 1e5 else f"{per_second:,.0f}"
+
+
+class _Progress:
+    """One terminal line per epoch, and ``metrics.jsonl`` rewritten whole after each."""
+
+    def __init__(self, run: RunDir, epochs: int) -> None:
+        self.run = run
+        self.epochs = epochs
+        self.rows: list[dict[str, Any]] = []
+
+    def __call__(self, report: EpochReport) -> None:
+        self.rows.append(report.row())
+        write_text("".join(json.dumps(row) + "\n" for row in self.rows), self.run.metrics)
+        mean_seconds = sum(r["seconds"] for r in self.rows) / len(self.rows)
+        eta = mean_seconds * (self.epochs - report.epoch)
+        val = f"  val {report.val_rmse:.4f}" if report.val_rmse is not None else ""
+        log.info("epoch %d/%d  train RMSE %.4f%s  lr %.4g  %s ratings/s  ETA %.0fs", report.epoch, self.epochs,
+                 report.train_rmse, val, report.lr, _format_rate(report.ratings_per_second), eta)
+
+
+class Pipeline:
+    """The stages of one run directory, run against one executor."""
+
+    def __init__(self, config: Config, executor: Executor) -> None:
+        self.config = config
+        self.executor = executor
+        self.run = RunDir(Path(config.output.run_dir))
+        self.seconds: dict[str, float] = {}
+        self._row_blocks: list[Any] | None = None
+
+    def _stage(self, name: str, fingerprint: str, work) -> dict[str, Any]:
+        record = self.run.completed(name, fingerprint)
+        if record is not None:
+            log.info("%s: up to date", name)
+        else:
+            began = time.perf_counter()
+            facts = work() or {}
+            self.run.mark_complete(name, fingerprint, time.perf_counter() - began, **facts)
+            record = self.run.completed(name, fingerprint)
+            log.info("%s: done in %.1fs", name, record["seconds"])
+        self.seconds[name] = record["seconds"]
+        return record
+
+    def dataset(self) -> tuple[Dataset, str]:
+        data = self.config.data
+        if data.generate is None:
+            dataset = open_dataset(data.source)
+            return dataset, dataset.fingerprint
+        fingerprint = self.config.fingerprint("data")
+
+        def work() -> None:
+            generate_dataset(self.executor, synthetic_spec(data.generate), self.run.data,
+                             data.generate.ratings_per_part)
+
+        self._stage("generate", fingerprint, work)
+        return open_dataset(self.run.data), fingerprint
+
+    def blocks(self, dataset: Dataset, upstream: str) -> tuple[Blocks, str]:
+        t = self.config.train
+        fingerprint = _chain(upstream, dataset.fingerprint, self.config.fingerprint("split"), str(t.d), str(t.seed))
+
+        def work() -> None:
+            block_dataset(self.executor, dataset, self.run.blocks, t.d, self.config.split, t.seed)
+
+        self._stage("block", fingerprint, work)
+        return open_blocks(self.run.blocks), fingerprint
+
+    def row_blocks(self, placement: BlockPlacement) -> list[Any]:
+        if self._row_blocks is None:
+            self._row_blocks = placement.load_row_blocks()
+        return self._row_blocks
+
+    def train(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> str:
+        fingerprint = _chain(upstream, self.config.fingerprint("model", "train"))
+
+        def work() -> dict[str, Any]:
+            progress = _Progress(self.run, self.config.train.epochs)
+            result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
+                           self.config.train, progress)
+            info = {"k": self.config.model.k, "use_bias": self.config.model.use_bias, "d": blocks.d,
+                    "epochs": len(result.history), "best_epoch": result.best_epoch,
+                    "dataset_fingerprint": dataset.fingerprint, "config": self.config.to_dict()}
+            write_model(self.run.model, result.factors, info, dataset.root)
+            return {"epochs": len(result.history), "best_epoch": result.best_epoch}
+
+        self._stage("train", fingerprint, work)
+        return fingerprint
+
+    def evaluate(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> dict[str, Any]:
+        def work() -> dict[str, Any]:
+            global_mean = blocks.global_mean if self.config.model.use_bias else 0.0
+            return evaluate(self.executor, placement, self.row_blocks(placement), self.run.model, global_mean,
+                            blocks.meta["has_expected"])
+
+        record = self._stage("evaluate", upstream, work)
+        c = self.config
+        summary = {
+            **{k: record[k] for k in ("test_rmse", "test_mae", "train_rmse", "baselines", "n_test")},
+            "floor_rmse": record.get("floor_rmse"),
+            "epochs": self.run.completed("train", upstream)["epochs"],
+            "k": c.model.k, "d": c.train.d, "seed": c.train.seed,
+            "n_ratings": dataset.n_ratings,
+            "dataset_fingerprint": dataset.fingerprint,
+            "seconds": dict(self.seconds),
+            "run_dir": str(self.run.root),
+        }
+        write_json(summary, self.run.summary)
+        return summary
+
+    def run_until(self, last: str) -> dict[str, Any] | None:
+        dataset, fingerprint = self.dataset()
+        if last == "generate":
+            return None
+        blocks, fingerprint = self.blocks(dataset, fingerprint)
+        if last == "block":
+            return None
+        placement = BlockPlacement(self.executor, blocks)
+        fingerprint = self.train(dataset, blocks, placement, fingerprint)
+        if last == "train":
+            return None
+        return self.evaluate(dataset, blocks, placement, fingerprint)
+
+
+def run_pipeline(config: Config, last: str = "evaluate") -> dict[str, Any] | None:
+    """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate."""
+    run = RunDir(Path(config.output.run_dir))
+    run.root.mkdir(parents=True, exist_ok=True)
+    write_text(dump_config(config), run.root / "config.yaml")
+    with open_executor(config.cluster) as executor:
+        if executor.dashboard_link:
+            log.info("Dask dashboard: %s", executor.dashboard_link)
+        if config.train.d < executor.total_threads:
+            log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise train.d",
+                        config.train.d, executor.total_threads)
+        return Pipeline(config, executor).run_until(last)

@@ -1,0 +1,219 @@
+"""The DSGD driver: epochs of strata of block updates on the workers.
+
+Row block r (its ratings and its user state ``(P_r, b_r)``) lives on one worker
+for the whole run; item states ``(Q_c, b_c)`` travel between workers. Each
+block update is a task whose inputs are the futures of the latest ``P_r`` and
+``Q_c``, so the stratum barrier holds per block through data dependencies: a
+block of stratum s+1 starts as soon as the two blocks of stratum s it depends
+on are done, and no two running tasks ever share a factor block. The result is
+the same bits as with a global barrier, whatever the number of workers.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import operator
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.blocking import Blocks
+from pipeline.cluster import Executor
+from pipeline.config import ModelConfig, TrainConfig
+from pipeline.errors import TrainingDiverged
+from pipeline.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed, strata
+from tasks.blocks import TRAIN, VALIDATION, load_row_block
+from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+from tasks.training import Hyper, init_factors, row_errors, sgd_update
+
+log = logging.getLogger(__name__)
+
+# SGD that ends an epoch this much worse than the random start has diverged.
+_EXPLODED_FACTOR = 2.0
+
+
+@dataclass(frozen=True)
+class EpochReport:
+    epoch: int
+    train_rmse: float
+    val_rmse: float | None
+    lr: float
+    seconds: float
+    ratings_per_second: float
+
+    def row(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "train_rmse": self.train_rmse, "val_rmse": self.val_rmse, "lr": self.lr,
+                "seconds": round(self.seconds, 4), "ratings_per_second": round(self.ratings_per_second, 1)}
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A trained model in global index order.
+
+    ``P`` (n_users, k) float32, ``Q`` (n_items, k) float32, ``user_bias``
+    (n_users,) float32, ``item_bias`` (n_items,) float32; ``global_mean`` is 0.0
+    for a k-only model.
+    """
+
+    P: np.ndarray
+    Q: np.ndarray
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    global_mean: float
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    factors: Factors
+    history: list[EpochReport]
+    best_epoch: int
+
+
+class BlockPlacement:
+    """Which worker owns each row block, and the users / items of every block."""
+
+    def __init__(self, executor: Executor, blocks: Blocks) -> None:
+        self.executor = executor
+        self.blocks = blocks
+        self.user_members = block_layout(blocks.n_users, blocks.d, blocks.seed, SALT_ROWS)[2]
+        self.item_members = block_layout(blocks.n_items, blocks.d, blocks.seed, SALT_COLUMNS)[2]
+
+    def owner(self, row: int) -> str | None:
+        workers = self.executor.workers
+        return workers[row % len(workers)]
+
+    def load_row_blocks(self) -> list[Any]:
+        """Futures of the d row blocks, each read from Parquet on its owner."""
+        b = self.blocks
+        return [
+            self.executor.submit(load_row_block, str(b.root), r, b.d, b.n_users, b.n_items, b.seed,
+                                 name="load_row_block", worker=self.owner(r))
+            for r in range(b.d)
+        ]
+
+
+def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
+                   item_states: list[Any], global_mean: float) -> np.ndarray:
+    """Error sums of all blocks, array of shape (3, d, 3): ``[split, col] = (Σe², Σ|e|, n)``.
+
+    Row blocks are added in row order, never in the order results arrive.
+    """
+    futures = [
+        executor.submit(row_errors, row_blocks[r], user_states[r], item_states, global_mean,
+                        name="row_errors", worker=placement.owner(r))
+        for r in range(len(row_blocks))
+    ]
+    total = np.zeros((3, len(row_blocks), 3))
+    for per_row in executor.gather(futures):
+        total += per_row
+    return total
+
+
+def rmse(errors: np.ndarray, code: int) -> float | None:
+    sse, _, n = errors[code].sum(axis=0)
+    return math.sqrt(sse / n) if n else None
+
+
+def _gather_factors(executor: Executor, placement: BlockPlacement, user_states: list[Any], item_states: list[Any],
+                    k: int, global_mean: float) -> Factors:
+    b = placement.blocks
+    P = np.empty((b.n_users, k), dtype=np.float32)
+    Q = np.empty((b.n_items, k), dtype=np.float32)
+    user_bias = np.empty(b.n_users, dtype=np.float32)
+    item_bias = np.empty(b.n_items, dtype=np.float32)
+    for members, (factors, bias) in zip(placement.user_members, executor.gather(user_states)):
+        P[members], user_bias[members] = factors, bias
+    for members, (factors, bias) in zip(placement.item_members, executor.gather(item_states)):
+        Q[members], item_bias[members] = factors, bias
+    return Factors(P, Q, user_bias, item_bias, global_mean)
+
+
+def _next_lr(lr: float, cfg: TrainConfig, train_rmse: float, previous: float | None) -> float:
+    if cfg.lr_schedule == "bold_driver":
+        return lr * (1.05 if previous is None or train_rmse < previous else 0.5)
+    if cfg.lr_schedule == "decay":
+        return lr * cfg.lr_decay
+    return lr
+
+
+def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
+          cfg: TrainConfig, on_epoch: Callable[[EpochReport], None] = lambda report: None) -> TrainResult:
+    """Run ``cfg.epochs`` DSGD epochs; return the final (or, with early stopping, the best) factors."""
+    blocks = placement.blocks
+    d, k = blocks.d, model.k
+    root = np.random.SeedSequence(cfg.seed)
+    global_mean = blocks.global_mean if model.use_bias else 0.0
+    n_train = blocks.n_split(TRAIN)
+
+    def init(side: int, r: int, n: int) -> Any:
+        return executor.submit(init_factors, n, k, model.init_std, init_seed(root, side, r),
+                               name="init_factors", worker=placement.owner(r))
+
+    user_states = [init(STREAM_USER_INIT, r, len(m)) for r, m in enumerate(placement.user_members)]
+    item_states = [init(STREAM_ITEM_INIT, c, len(m)) for c, m in enumerate(placement.item_members)]
+    start = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean)
+    exploded_at = _EXPLODED_FACTOR * (rmse(start, TRAIN) or 1.0)
+
+    lr = cfg.lr
+    history: list[EpochReport] = []
+    best: tuple[float, int, list[Any], list[Any]] | None = None
+    rollbacks = 0
+    epoch = 0
+    while epoch < cfg.epochs:
+        began = time.perf_counter()
+        hyper = Hyper(lr=lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
+                      global_mean=global_mean)
+        new_users, new_items = list(user_states), list(item_states)
+        for s, stratum in enumerate(strata(d, epoch, root)):
+            for r, c in stratum:
+                label = f"epoch {epoch} stratum {s} block {r},{c}"
+                result = executor.submit(sgd_update, row_blocks[r], c, new_users[r], new_items[c], hyper,
+                                         block_order_seed(root, epoch, s, r, c), label,
+                                         name="sgd_update", worker=placement.owner(r))
+                new_users[r] = executor.submit(operator.getitem, result, 0, name="user_state",
+                                               worker=placement.owner(r))
+                new_items[c] = executor.submit(operator.getitem, result, 1, name="item_state",
+                                               worker=placement.owner(r))
+        errors = sum_row_errors(executor, placement, row_blocks, new_users, new_items, global_mean)
+        seconds = time.perf_counter() - began
+        train_rmse = rmse(errors, TRAIN)
+        val_rmse = rmse(errors, VALIDATION)
+
+        if not math.isfinite(train_rmse) or train_rmse > exploded_at:
+            rollbacks += 1
+            if rollbacks > cfg.max_rollbacks:
+                raise TrainingDiverged(
+                    f"training diverged at epoch {epoch + 1} (train RMSE {train_rmse:.4g}) with train.lr "
+                    f"{lr:.4g} after {cfg.max_rollbacks} rollbacks; lower train.lr (e.g. --set train.lr="
+                    f"{lr / 4:.3g}) or raise model.reg")
+            log.warning("epoch %d diverged (train RMSE %.4g at lr %.4g): rolled back, lr halved to %.4g",
+                        epoch + 1, train_rmse, lr, lr / 2)
+            lr /= 2
+            continue
+
+        report = EpochReport(epoch=epoch + 1, train_rmse=train_rmse, val_rmse=val_rmse, lr=lr, seconds=seconds,
+                             ratings_per_second=n_train / seconds)
+        history.append(report)
+        on_epoch(report)
+        previous = history[-2].train_rmse if len(history) > 1 else None
+        lr = _next_lr(lr, cfg, train_rmse, previous)
+        user_states, item_states = new_users, new_items
+        epoch += 1
+
+        if cfg.early_stopping_patience and val_rmse is not None:
+            if best is None or val_rmse < best[0]:
+                best = (val_rmse, epoch, user_states, item_states)
+            elif epoch - best[1] >= cfg.early_stopping_patience:
+                log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
+                         cfg.early_stopping_patience, best[1])
+                break
+
+    best_epoch = epoch
+    if best is not None:
+        _, best_epoch, user_states, item_states = best
+    factors = _gather_factors(executor, placement, user_states, item_states, k, global_mean)
+    return TrainResult(factors=factors, history=history, best_epoch=best_epoch)

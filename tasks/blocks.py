@@ -1,0 +1,154 @@
+"""Split and block the ratings: one Parquet part in, row-block files out; one row block loaded.
+
+The ``block`` stage runs :func:`split_part` once per canonical Parquet part; it
+writes, for every row block r, the part's ratings of the users in r to
+``<blocks>/row-RRRR/part-PPPPP.parquet``. Training then loads each row block
+with :func:`load_row_block` on the worker that owns it, so the rating blocks
+can always be rebuilt from disk (a lost worker costs a re-read, not the run).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
+from tasks.io import write_parquet
+
+TRAIN, VALIDATION, TEST = 0, 1, 2
+SPLIT_NAMES = ("train", "validation", "test")
+
+
+def row_dir(blocks_dir: str | Path, row: int) -> Path:
+    return Path(blocks_dir) / f"row-{row:04d}"
+
+
+def split_codes(users: np.ndarray, items: np.ndarray, test_fraction: float, validation_fraction: float,
+                seed: int) -> np.ndarray:
+    """Split of each rating by a seeded hash of (user, item): TRAIN, VALIDATION or TEST, int8."""
+    u = pair_uniform(users, items, seed)
+    codes = np.full(users.shape[0], TRAIN, dtype=np.int8)
+    codes[u < test_fraction + validation_fraction] = VALIDATION
+    codes[u < test_fraction] = TEST
+    return codes
+
+
+def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users: int, test_fraction: float,
+               validation_fraction: float, split_seed: int, block_seed: int) -> dict:
+    """Assign one part's ratings to splits and row blocks; write one file per row block.
+
+    Returns
+    -------
+    dict with ``counts`` (d, 3) int64 ratings per row block and split, and the
+    float64 ``train_sum`` of training ratings (the driver forms the global mean
+    by adding these in part order).
+    """
+    columns = ["user", "item", "rating"]
+    schema_names = pq.read_schema(part_path).names
+    if "expected" in schema_names:
+        columns.append("expected")
+    table = pq.read_table(part_path, columns=columns)
+    users = table["user"].to_numpy()
+    items = table["item"].to_numpy()
+    codes = split_codes(users, items, test_fraction, validation_fraction, split_seed)
+    row_of_user, _, _ = block_layout(n_users, d, block_seed, SALT_ROWS)
+    rows = row_of_user[users]
+    order = np.argsort(rows, kind="stable")
+    bounds = np.searchsorted(rows[order], np.arange(d + 1))
+    table = table.append_column("split", pa.array(codes))
+    counts = np.zeros((d, 3), dtype=np.int64)
+    for r in range(d):
+        take = order[bounds[r]:bounds[r + 1]]
+        out = row_dir(blocks_dir, r)
+        out.mkdir(parents=True, exist_ok=True)
+        write_parquet(table.take(take), out / f"part-{part_index:05d}.parquet")
+        counts[r] = np.bincount(codes[take], minlength=3)
+    ratings = table["rating"].to_numpy()
+    return {"counts": counts, "train_sum": float(ratings[codes == TRAIN].sum(dtype=np.float64))}
+
+
+@dataclass(frozen=True)
+class BlockRatings:
+    """Ratings of one block over block-local indices.
+
+    ``users`` int32 into the row block's users, ``items`` int32 into the column
+    block's items, ``ratings`` float32; ``expected`` float32 (the true expected
+    rating, synthetic data only) or None. All of shape (n,).
+    """
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+    expected: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.ratings.shape[0])
+
+    @property
+    def nbytes(self) -> int:
+        extra = 0 if self.expected is None else self.expected.nbytes
+        return self.users.nbytes + self.items.nbytes + self.ratings.nbytes + extra
+
+
+@dataclass(frozen=True)
+class RowBlock:
+    """All ratings of row block ``row``: for each split, one :class:`BlockRatings` per column block.
+
+    ``user_ids`` (n_users_row,) int32 are the global indices of the row's users
+    in local order.
+    """
+
+    row: int
+    user_ids: np.ndarray
+    splits: tuple[tuple[BlockRatings, ...], ...]
+
+    @property
+    def n_users(self) -> int:
+        return int(self.user_ids.shape[0])
+
+    def split(self, code: int) -> tuple[BlockRatings, ...]:
+        return self.splits[code]
+
+    def __sizeof__(self) -> int:
+        # Dask's memory accounting falls back to sys.getsizeof.
+        return self.user_ids.nbytes + sum(b.nbytes for split in self.splits for b in split)
+
+
+def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int, block_seed: int) -> RowBlock:
+    """Read row block ``row`` from its Parquet files and cut it into ``d`` column blocks.
+
+    Within each block the ratings are ordered by (user, item), so the result does
+    not depend on the order in which parts were written.
+    """
+    table = pq.read_table(row_dir(blocks_dir, row))
+    users = table["user"].to_numpy()
+    items = table["item"].to_numpy()
+    ratings = table["rating"].to_numpy()
+    codes = table["split"].to_numpy()
+    expected = table["expected"].to_numpy() if "expected" in table.column_names else None
+
+    row_of_user, local_user, members = block_layout(n_users, d, block_seed, SALT_ROWS)
+    if users.size and np.any(row_of_user[users] != row):
+        raise ValueError(f"{row_dir(blocks_dir, row)} holds users of another row block; rebuild the blocks")
+    col_of_item, local_item, _ = block_layout(n_items, d, block_seed, SALT_COLUMNS)
+    cols = col_of_item[items]
+    order = np.lexsort((items, users, cols, codes))
+    keys = codes[order].astype(np.int64) * d + cols[order]
+    bounds = np.searchsorted(keys, np.arange(3 * d + 1))
+
+    def block(code: int, col: int) -> BlockRatings:
+        take = order[bounds[code * d + col]:bounds[code * d + col + 1]]
+        return BlockRatings(
+            users=np.ascontiguousarray(local_user[users[take]]),
+            items=np.ascontiguousarray(local_item[items[take]]),
+            ratings=np.ascontiguousarray(ratings[take]),
+            expected=None if expected is None else np.ascontiguousarray(expected[take]),
+        )
+
+    splits = tuple(tuple(block(code, col) for col in range(d)) for code in (TRAIN, VALIDATION, TEST))
+    return RowBlock(row=row, user_ids=members[row], splits=splits)

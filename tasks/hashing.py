@@ -1,0 +1,81 @@
+"""Seeded integer hashes: split membership and block assignment.
+
+Everything here depends only on ids and a seed, never on how the data is
+partitioned or ordered, so the split and the blocks are the same whichever
+worker computes them and however the Parquet parts were cut.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_M1 = np.uint64(0xBF58476D1CE4E5B9)
+_M2 = np.uint64(0x94D049BB133111EB)
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+# Distinct salts so the split hash and the row / column block hashes of one
+# seed are independent of each other.
+SALT_SPLIT = 1
+SALT_ROWS = 2
+SALT_COLUMNS = 3
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64 finaliser, elementwise over uint64 (wrapping arithmetic)."""
+    x = np.asarray(x, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * _M1
+        x = (x ^ (x >> np.uint64(27))) * _M2
+    return x ^ (x >> np.uint64(31))
+
+
+def _seed_key(seed: int, salt: int) -> np.uint64:
+    with np.errstate(over="ignore"):
+        return mix64(np.uint64(seed) * _GOLDEN + np.uint64(salt))[()]
+
+
+def pair_uniform(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per (user, item) pair, fixed by ``seed``.
+
+    Parameters
+    ----------
+    users, items : arrays of shape (n,), integer, non-negative
+
+    Returns
+    -------
+    array of shape (n,), float64
+    """
+    key = (users.astype(np.uint64) << np.uint64(32)) | items.astype(np.uint64)
+    h = mix64(key ^ _seed_key(seed, SALT_SPLIT))
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / 2**53)
+
+
+def block_layout(n: int, d: int, seed: int, salt: int) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Assign ids ``0..n-1`` to ``d`` blocks by a seeded hash.
+
+    Parameters
+    ----------
+    n : number of ids (users or items)
+    d : number of blocks
+    seed : the blocking seed
+    salt : :data:`SALT_ROWS` for users, :data:`SALT_COLUMNS` for items
+
+    Returns
+    -------
+    block_of : array of shape (n,), int32
+        The block of each id.
+    local_of : array of shape (n,), int32
+        The id's position inside its block (ids keep their order within a block).
+    members : list of d arrays, int32
+        ``members[b]`` are the ids of block ``b`` in local order, so
+        ``members[block_of[x]][local_of[x]] == x``.
+    """
+    ids = np.arange(n, dtype=np.uint64)
+    block_of = (mix64(ids ^ _seed_key(seed, salt)) % np.uint64(d)).astype(np.int32)
+    order = np.argsort(block_of, kind="stable").astype(np.int32)
+    sizes = np.bincount(block_of, minlength=d)
+    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
+    local_of = np.empty(n, dtype=np.int32)
+    local_of[order] = np.arange(n, dtype=np.int32) - np.repeat(starts, sizes).astype(np.int32)
+    members = np.split(order, np.cumsum(sizes)[:-1])
+    return block_of, local_of, members

@@ -1,0 +1,182 @@
+"""Numba kernels: one SGD pass over one rating block, and block error sums.
+
+Pure functions over arrays and scalars: no I/O, no Dask, no config objects, no
+randomness (the visiting order comes in as an argument). Factors are float32,
+indices int32; sums of squared errors are accumulated in float64.
+
+The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
+``e = r - r̂``::
+
+    b_u += lr (e - bias_reg b_u)
+    b_i += lr (e - bias_reg b_i)
+    p_u += lr (e q_i - reg p_u)
+    q_i += lr (e p_u - reg q_i)      # the old p_u
+
+The kernels update ``P``, ``Q`` and the biases in place; the task functions that
+call them (``tasks/training.py``) hand them private copies.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+# 'reassoc' lets LLVM vectorise the dot product; 'contract' allows FMA. Both are
+# deterministic for a given machine, which is what the bit-identity guarantees
+# need. No 'nnan'/'ninf': divergence must stay visible as NaN/inf.
+_FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
+_JIT = dict(nopython=True, nogil=True, cache=True, fastmath=_FASTMATH)
+
+
+@numba.jit(**_JIT)
+def sgd_block_biased(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    order: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    user_bias: np.ndarray,
+    item_bias: np.ndarray,
+    global_mean: np.float32,
+    lr: np.float32,
+    reg: np.float32,
+    bias_reg: np.float32,
+) -> float:
+    """One SGD pass of biased Funk SVD over a block, in ``order``.
+
+    Parameters
+    ----------
+    users, items : arrays of shape (n,), int32
+        Block-local row indices into ``P`` / ``user_bias`` and ``Q`` / ``item_bias``.
+    ratings : array of shape (n,), float32
+    order : array of shape (m,), int64
+        Positions into the block, visited in this order.
+    P : array of shape (n_users_block, k), float32, updated in place
+    Q : array of shape (n_items_block, k), float32, updated in place
+    user_bias : array of shape (n_users_block,), float32, updated in place
+    item_bias : array of shape (n_items_block,), float32, updated in place
+    global_mean, lr, reg, bias_reg : float32 scalars
+
+    Returns
+    -------
+    float
+        Sum of squared errors seen during the pass (each before its update).
+    """
+    k = P.shape[1]
+    sse = 0.0
+    for t in range(order.shape[0]):
+        j = order[t]
+        u = users[j]
+        i = items[j]
+        pred = global_mean + user_bias[u] + item_bias[i]
+        for f in range(k):
+            pred += P[u, f] * Q[i, f]
+        e = ratings[j] - pred
+        sse += np.float64(e) * np.float64(e)
+        user_bias[u] += lr * (e - bias_reg * user_bias[u])
+        item_bias[i] += lr * (e - bias_reg * item_bias[i])
+        for f in range(k):
+            p = P[u, f]
+            q = Q[i, f]
+            P[u, f] = p + lr * (e * q - reg * p)
+            Q[i, f] = q + lr * (e * p - reg * q)
+    return sse
+
+
+@numba.jit(**_JIT)
+def sgd_block(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    order: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    lr: np.float32,
+    reg: np.float32,
+) -> float:
+    """One SGD pass of k-only Funk SVD (``r̂ = p_u · q_i``) over a block.
+
+    Same arrays as :func:`sgd_block_biased`, without biases or global mean.
+    """
+    k = P.shape[1]
+    sse = 0.0
+    for t in range(order.shape[0]):
+        j = order[t]
+        u = users[j]
+        i = items[j]
+        pred = np.float32(0.0)
+        for f in range(k):
+            pred += P[u, f] * Q[i, f]
+        e = ratings[j] - pred
+        sse += np.float64(e) * np.float64(e)
+        for f in range(k):
+            p = P[u, f]
+            q = Q[i, f]
+            P[u, f] = p + lr * (e * q - reg * p)
+            Q[i, f] = q + lr * (e * p - reg * q)
+    return sse
+
+
+@numba.jit(**_JIT)
+def predict_block(
+    users: np.ndarray,
+    items: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    user_bias: np.ndarray,
+    item_bias: np.ndarray,
+    global_mean: np.float32,
+) -> np.ndarray:
+    """Predictions ``μ + b_u + b_i + p_u · q_i`` for index pairs.
+
+    For a k-only model pass zero biases and a zero mean.
+
+    Returns
+    -------
+    array of shape (n,), float32
+    """
+    n = users.shape[0]
+    k = P.shape[1]
+    out = np.empty(n, dtype=np.float32)
+    for j in range(n):
+        u = users[j]
+        i = items[j]
+        pred = global_mean + user_bias[u] + item_bias[i]
+        for f in range(k):
+            pred += P[u, f] * Q[i, f]
+        out[j] = pred
+    return out
+
+
+@numba.jit(**_JIT)
+def block_errors(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    P: np.ndarray,
+    Q: np.ndarray,
+    user_bias: np.ndarray,
+    item_bias: np.ndarray,
+    global_mean: np.float32,
+) -> tuple[float, float]:
+    """Sum of squared and of absolute errors of the model over a block.
+
+    Returns
+    -------
+    (float, float)
+        ``Σ e²`` and ``Σ |e|`` in float64, summed in the block's own order.
+    """
+    k = P.shape[1]
+    sse = 0.0
+    sae = 0.0
+    for j in range(users.shape[0]):
+        u = users[j]
+        i = items[j]
+        pred = global_mean + user_bias[u] + item_bias[i]
+        for f in range(k):
+            pred += P[u, f] * Q[i, f]
+        e = np.float64(ratings[j] - pred)
+        sse += e * e
+        sae += abs(e)
+    return sse, sae

@@ -1,0 +1,207 @@
+"""Synthetic Netflix-shaped ratings with a known true model.
+
+The true model is biased matrix factorization plus Gaussian noise, rounded and
+clipped to the 1..5 star scale. Item popularity and user activity are
+log-normal (heavy-tailed, as on Netflix). Each rating also carries its
+``expected`` value ``E[rating | u, i]`` under the true model, the best any
+predictor can do; the RMSE of ``expected`` against the ratings is the floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pyarrow as pa
+from scipy.special import ndtr
+
+from tasks.io import file_sha256, write_parquet
+
+NETFLIX_USERS = 480_189
+NETFLIX_ITEMS = 17_770
+NETFLIX_RATINGS = 100_480_507
+RATING_MIN = 1
+RATING_MAX = 5
+
+# Child streams of the generator seed.
+_STREAM_MODEL = 0
+_STREAM_CHUNK = 1
+
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Shape and true model of a synthetic data set; all plain values."""
+
+    n_users: int
+    n_items: int
+    n_ratings: int
+    seed: int = 0
+    k_true: int = 8
+    global_mean: float = 3.6
+    user_bias_std: float = 0.4
+    item_bias_std: float = 0.45
+    factor_std: float = 0.46
+    noise_std: float = 0.7
+    activity_sigma: float = 1.1
+    popularity_sigma: float = 1.6
+    max_user_fraction: float = 0.25
+
+    @classmethod
+    def netflix_shaped(cls, scale: float, **overrides) -> SyntheticSpec:
+        """Netflix's shape at ``scale`` (1.0 = 480,189 users × 17,770 items, 100,480,507 ratings).
+
+        Users and items both shrink by ``sqrt(scale)`` so the density stays Netflix's.
+        """
+        root = float(np.sqrt(scale))
+        shape = dict(
+            n_users=max(2, round(NETFLIX_USERS * root)),
+            n_items=max(2, round(NETFLIX_ITEMS * root)),
+            n_ratings=max(1, round(NETFLIX_RATINGS * scale)),
+        )
+        shape.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**shape)
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _apportion(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
+    """Integer counts in [1, cap] proportional to ``weights``, summing to ``total``.
+
+    Water-filling: ``x = min(cap - 1, t · w)`` with ``t`` found by bisection, then
+    the largest remainders take the last units.
+    """
+    n = weights.shape[0]
+    if not n <= total <= n * cap:
+        raise ValueError(f"cannot give {n} users between 1 and {cap} ratings each, {total} in all")
+    spare = total - n
+    room = cap - 1
+    lo, hi = 0.0, 1.0
+    while np.minimum(room, hi * weights).sum() < spare:
+        hi *= 2.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if np.minimum(room, mid * weights).sum() < spare:
+            lo = mid
+        else:
+            hi = mid
+    x = np.minimum(room, hi * weights)
+    extra = np.floor(x).astype(np.int64)
+    left = spare - int(extra.sum())
+    if left > 0:
+        frac = np.where(extra < room, x - extra, -1.0)
+        extra[np.argsort(-frac, kind="stable")[:left]] += 1
+    elif left < 0:
+        extra[np.argsort(-extra, kind="stable")[:-left]] -= 1
+    return extra + 1
+
+
+def make_true_model(spec: SyntheticSpec) -> dict[str, np.ndarray]:
+    """Draw the true model: factors, biases, activity and popularity.
+
+    Returns
+    -------
+    dict with
+        ``P`` (n_users, k_true) float32, ``Q`` (n_items, k_true) float32,
+        ``user_bias`` (n_users,) float32, ``item_bias`` (n_items,) float32,
+        ``counts`` (n_users,) int64 ratings per user, summing to n_ratings,
+        ``popularity_cdf`` (n_items,) float64.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_STREAM_MODEL,)))
+    cap = max(1, int(spec.max_user_fraction * spec.n_items))
+    activity = rng.lognormal(0.0, spec.activity_sigma, spec.n_users)
+    popularity = rng.lognormal(0.0, spec.popularity_sigma, spec.n_items)
+    cdf = np.cumsum(popularity)
+    return {
+        "P": rng.normal(0.0, spec.factor_std, (spec.n_users, spec.k_true)).astype(np.float32),
+        "Q": rng.normal(0.0, spec.factor_std, (spec.n_items, spec.k_true)).astype(np.float32),
+        "user_bias": rng.normal(0.0, spec.user_bias_std, spec.n_users).astype(np.float32),
+        "item_bias": rng.normal(0.0, spec.item_bias_std, spec.n_items).astype(np.float32),
+        "counts": _apportion(activity, spec.n_ratings, cap),
+        "popularity_cdf": cdf / cdf[-1],
+    }
+
+
+def chunk_bounds(model: dict[str, np.ndarray], ratings_per_chunk: int) -> np.ndarray:
+    """User-index boundaries of chunks holding about ``ratings_per_chunk`` ratings each.
+
+    Returns
+    -------
+    array of shape (n_chunks + 1,), int64, from 0 to n_users
+    """
+    counts = model["counts"]
+    n_chunks = max(1, int(np.ceil(counts.sum() / ratings_per_chunk)))
+    targets = np.linspace(0, counts.sum(), n_chunks + 1)[1:-1]
+    inner = np.searchsorted(np.cumsum(counts), targets, side="left") + 1
+    return np.unique(np.concatenate(([0], inner, [counts.shape[0]]))).astype(np.int64)
+
+
+def expected_rating(score: np.ndarray, noise_std: float) -> np.ndarray:
+    """``E[clip(round(score + ε), 1, 5)]`` for ``ε ~ N(0, noise_std²)``.
+
+    ``E[R] = 5 - Σ_{j=1..4} P(R ≤ j)`` and ``P(R ≤ j) = Φ((j + ½ - score) / σ)``.
+    """
+    below = sum(ndtr((j + 0.5 - score) / noise_std) for j in range(RATING_MIN, RATING_MAX))
+    return (RATING_MAX - below).astype(np.float32)
+
+
+def _sample_items(users: np.ndarray, want: np.ndarray, first_user: int, cdf: np.ndarray,
+                  rng: np.random.Generator) -> np.ndarray:
+    """Distinct items per user, drawn by popularity; returns sorted keys ``user·n_items + item``.
+
+    Draw the missing count for every unfinished user, drop repeats, repeat; users
+    leave the working set once complete so late rounds stay small.
+    """
+    n_items = cdf.shape[0]
+    finished = []
+    pending = np.empty(0, dtype=np.int64)
+    need = want.copy()
+    for _ in range(1000):
+        who = np.repeat(users, need)
+        if who.shape[0] == 0:
+            return np.sort(np.concatenate(finished))
+        items = np.minimum(np.searchsorted(cdf, rng.random(who.shape[0]), side="right"), n_items - 1)
+        pending = np.sort(np.concatenate((pending, who * n_items + items)))
+        pending = pending[np.concatenate(([True], pending[1:] != pending[:-1]))]
+        owner = pending // n_items - first_user
+        short = want - np.bincount(owner, minlength=want.shape[0])
+        complete = (need > 0) & (short == 0)
+        need = np.where(complete, 0, np.where(need > 0, short, 0))
+        done = complete[owner]
+        finished.append(pending[done])
+        pending = pending[~done]
+    raise RuntimeError("could not draw distinct items for every user; lower max_user_fraction")
+
+
+def generate_chunk(spec: SyntheticSpec, model: dict[str, np.ndarray], chunk: int, first_user: int,
+                   end_user: int, path: str) -> dict:
+    """Generate the ratings of users ``[first_user, end_user)`` and write them to ``path``.
+
+    The chunk's random stream is derived from (spec.seed, chunk), so the data do
+    not depend on which worker, or how many, generated them.
+
+    Returns
+    -------
+    dict with ``n_ratings``, ``sha256`` of the written file, ``path``.
+    """
+    rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_STREAM_CHUNK, chunk)))
+    users = np.arange(first_user, end_user, dtype=np.int64)
+    keys = _sample_items(users, model["counts"][first_user:end_user], first_user, model["popularity_cdf"], rng)
+    user = (keys // spec.n_items).astype(np.int32)
+    item = (keys % spec.n_items).astype(np.int32)
+    score = (
+        np.float32(spec.global_mean)
+        + model["user_bias"][user]
+        + model["item_bias"][item]
+        + np.einsum("nk,nk->n", model["P"][user], model["Q"][item])
+    ).astype(np.float64)
+    noisy = score + rng.normal(0.0, spec.noise_std, score.shape[0])
+    rating = np.clip(np.rint(noisy), RATING_MIN, RATING_MAX).astype(np.float32)
+    table = pa.table({
+        "user": user,
+        "item": item,
+        "rating": rating,
+        "expected": expected_rating(score, spec.noise_std),
+    })
+    write_parquet(table, path)
+    return {"n_ratings": int(table.num_rows), "sha256": file_sha256(path), "path": path}

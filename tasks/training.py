@@ -1,0 +1,111 @@
+"""Worker tasks of training: initialise factor blocks, update one block, measure a row block.
+
+Thin wrappers named for the Dask dashboard around :mod:`tasks.kernels`. They
+never mutate their inputs: a task copies the factor blocks it updates and
+returns the new ones.
+
+A *user state* is ``(P_r, b_r)``: array of shape (n_users_r, k) float32 and
+array of shape (n_users_r,) float32. An *item state* is ``(Q_c, b_c)`` alike.
+Without biases the bias arrays stay zero.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tasks import kernels
+from tasks.blocks import RowBlock
+from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+
+FactorState = tuple[np.ndarray, np.ndarray]
+
+
+class BlockUpdateError(RuntimeError):
+    """An SGD block task failed; the message names the epoch, stratum and block."""
+
+
+@dataclass(frozen=True)
+class Hyper:
+    """Hyper-parameters of one SGD block update (plain values, cheap to ship)."""
+
+    lr: float
+    reg: float
+    bias_reg: float
+    use_bias: bool
+    global_mean: float
+
+
+def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
+    """Initial factors ``N(0, init_std²)`` and zero biases for ``n`` users or items."""
+    rng = np.random.default_rng(seed)
+    factors = rng.normal(0.0, init_std, (n, k)).astype(np.float32)
+    return factors, np.zeros(n, dtype=np.float32)
+
+
+def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
+               order_seed: int, label: str) -> tuple[FactorState, FactorState]:
+    """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``.
+
+    Returns
+    -------
+    (user_state, item_state)
+        New copies of the two factor states.
+    """
+    try:
+        block = row_block.split(0)[col]
+        P, user_bias = (a.copy() for a in user_state)
+        Q, item_bias = (a.copy() for a in item_state)
+        order = np.random.default_rng(order_seed).permutation(block.n)
+        lr, reg = np.float32(hyper.lr), np.float32(hyper.reg)
+        if hyper.use_bias:
+            kernels.sgd_block_biased(
+                block.users, block.items, block.ratings, order, P, Q, user_bias, item_bias,
+                np.float32(hyper.global_mean), lr, reg, np.float32(hyper.bias_reg))
+        else:
+            kernels.sgd_block(block.users, block.items, block.ratings, order, P, Q, lr, reg)
+    except Exception as exc:
+        raise BlockUpdateError(f"SGD update failed at {label}") from exc
+    return (P, user_bias), (Q, item_bias)
+
+
+def row_errors(row_block: RowBlock, user_state: FactorState, item_states: list[FactorState],
+               global_mean: float) -> np.ndarray:
+    """Error sums of one row block under the current factors, per split and column block.
+
+    Parameters
+    ----------
+    global_mean : the model's μ (0.0 for a k-only model)
+
+    Returns
+    -------
+    array of shape (3, d, 3), float64
+        ``[split, col] = (Σ e², Σ |e|, n)``; the driver adds rows in block order.
+    """
+    d = len(item_states)
+    out = np.zeros((3, d, 3), dtype=np.float64)
+    P, user_bias = user_state
+    mu = np.float32(global_mean)
+    for code in range(3):
+        for col, block in enumerate(row_block.split(code)):
+            Q, item_bias = item_states[col]
+            sse, sae = kernels.block_errors(block.users, block.items, block.ratings, P, Q, user_bias, item_bias, mu)
+            out[code, col] = (sse, sae, block.n)
+    return out
+
+
+MODEL_FILES = {"user": ("P.npy", "user_bias.npy", SALT_ROWS), "item": ("Q.npy", "item_bias.npy", SALT_COLUMNS)}
+
+
+def read_factor_block(model_dir: str, side: str, n: int, d: int, seed: int, block: int) -> FactorState:
+    """The state of one row block (``side="user"``) or column block (``"item"``) of a saved model.
+
+    Reads only that block's rows of the .npy files (memory-mapped, no pickle).
+    """
+    factors_file, bias_file, salt = MODEL_FILES[side]
+    members = block_layout(n, d, seed, salt)[2][block]
+    factors = np.load(Path(model_dir) / factors_file, mmap_mode="r", allow_pickle=False)
+    bias = np.load(Path(model_dir) / bias_file, mmap_mode="r", allow_pickle=False)
+    return np.ascontiguousarray(factors[members]), np.ascontiguousarray(bias[members])
