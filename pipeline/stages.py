@@ -17,6 +17,7 @@ from typing import Any
 from pipeline.blocking import Blocks, block_dataset, open_blocks
 from pipeline.cluster import Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
+from pipeline.errors import ConfigError
 from pipeline.dataset import Dataset, generate_dataset, open_dataset
 from pipeline.evaluate import evaluate
 from pipeline.model import write_model
@@ -31,8 +32,12 @@ STAGES = ("generate", "block", "train", "evaluate")
 
 
 def synthetic_spec(cfg: GenerateConfig) -> SyntheticSpec:
+    """The generator's spec for ``data.generate``; an impossible shape is a config error."""
     overrides = cfg.model_dump(exclude={"scale", "ratings_per_part"})
-    return SyntheticSpec.netflix_shaped(cfg.scale, **overrides)
+    try:
+        return SyntheticSpec.netflix_shaped(cfg.scale, **overrides)
+    except ValueError as exc:
+        raise ConfigError(f"data.generate: {exc}") from None
 
 
 def _chain(*parts: str) -> str:

@@ -46,6 +46,17 @@ class SyntheticSpec:
     popularity_sigma: float = 1.6
     max_user_fraction: float = 0.25
 
+    def __post_init__(self) -> None:
+        cap = self.max_ratings_per_user
+        if not self.n_users <= self.n_ratings <= self.n_users * cap:
+            raise ValueError(f"n_ratings={self.n_ratings} cannot be spread over n_users={self.n_users} with 1 to "
+                             f"{cap} ratings each (max_user_fraction={self.max_user_fraction} of "
+                             f"n_items={self.n_items}); use from {self.n_users} to {self.n_users * cap}")
+
+    @property
+    def max_ratings_per_user(self) -> int:
+        return max(1, int(self.max_user_fraction * self.n_items))
+
     @classmethod
     def netflix_shaped(cls, scale: float, **overrides) -> SyntheticSpec:
         """Netflix's shape at ``scale`` (1.0 = 480,189 users × 17,770 items, 100,480,507 ratings).
@@ -108,7 +119,7 @@ def make_true_model(spec: SyntheticSpec) -> dict[str, np.ndarray]:
         ``popularity_cdf`` (n_items,) float64.
     """
     rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_STREAM_MODEL,)))
-    cap = max(1, int(spec.max_user_fraction * spec.n_items))
+    cap = spec.max_ratings_per_user
     activity = rng.lognormal(0.0, spec.activity_sigma, spec.n_users)
     popularity = rng.lognormal(0.0, spec.popularity_sigma, spec.n_items)
     cdf = np.cumsum(popularity)

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny rating problems and one real LocalCluster per session."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import load_config
+
+
+def write_canonical(root: Path, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
+                    n_users: int | None = None, n_items: int | None = None, parts: int = 2) -> Path:
+    """Write arrays as a canonical dataset (Parquet parts, id maps, dataset.json) at ``root``."""
+    n_users = int(users.max()) + 1 if n_users is None else n_users
+    n_items = int(items.max()) + 1 if n_items is None else n_items
+    (root / "ratings").mkdir(parents=True)
+    meta_parts = []
+    for j, take in enumerate(np.array_split(np.arange(users.shape[0]), parts)):
+        name = f"ratings/part-{j:05d}.parquet"
+        pq.write_table(pa.table({"user": users[take].astype(np.int32), "item": items[take].astype(np.int32),
+                                 "rating": ratings[take].astype(np.float32)}), root / name)
+        meta_parts.append({"path": name, "n_ratings": int(take.shape[0]), "sha256": f"part{j}"})
+    for name, n in (("users", n_users), ("items", n_items)):
+        pq.write_table(pa.table({"index": np.arange(n, dtype=np.int32), "id": np.arange(n, dtype=np.int64)}),
+                       root / f"{name}.parquet")
+    meta = {"n_users": n_users, "n_items": n_items, "n_ratings": int(users.shape[0]), "parts": meta_parts,
+            "fingerprint": f"test-{users.shape[0]}-{float(ratings.sum())}", "rating_scale": [1, 5]}
+    (root / "dataset.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture
+def planted_low_rank(tmp_path: Path) -> Path:
+    """A rank-3 matrix of 120 users × 80 items without noise, 60% observed, as a canonical dataset.
+
+    A user with a single rating (user 0) is included: the edge case of a lonely row.
+    """
+    rng = np.random.default_rng(7)
+    P = rng.normal(0, 0.6, (120, 3))
+    Q = rng.normal(0, 0.6, (80, 3))
+    mask = rng.random((120, 80)) < 0.6
+    mask[0] = False
+    mask[0, 5] = True
+    users, items = np.nonzero(mask)
+    ratings = 3.0 + np.einsum("nk,nk->n", P[users], Q[items])
+    return write_canonical(tmp_path / "planted", users, items, ratings)
+
+
+def tiny_config(run_dir: Path, *overrides: str):
+    """The default config shrunk to a few-second synthetic run, in-process unless overridden."""
+    return load_config(None, [
+        "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+        "data.generate.max_user_fraction=0.5", "data.generate.ratings_per_part=5000",
+        "model.k=8", "train.epochs=4", "train.d=3", "cluster.scheduler=inprocess",
+        f"output.run_dir={run_dir}", *overrides,
+    ])
+
+
+@pytest.fixture(scope="session")
+def local_cluster():
+    """One real LocalCluster for the session: 2 worker processes of 1 thread each."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+        yield cluster

@@ -1,0 +1,61 @@
+"""Splitting and blocking: every rating lands in exactly one split and block, indices map back."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from tasks.blocks import SPLIT_NAMES, load_row_block, split_codes, split_part
+from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+
+
+@pytest.mark.parametrize("d", [1, 3, 5])
+def test_blocks_hold_every_rating_once(planted_low_rank, tmp_path, d):
+    parts = sorted((planted_low_rank / "ratings").glob("*.parquet"))
+    tables = [pq.read_table(p) for p in parts]
+    users = np.concatenate([t["user"].to_numpy() for t in tables])
+    items = np.concatenate([t["item"].to_numpy() for t in tables])
+    ratings = np.concatenate([t["rating"].to_numpy() for t in tables])
+    n_users, n_items = 120, 80
+    out = tmp_path / "blocks"
+    results = [split_part(str(p), j, str(out), d, n_users, 0.2, 0.1, 3, 9) for j, p in enumerate(parts)]
+    counts = sum(r["counts"] for r in results)
+    assert counts.sum() == users.shape[0]
+
+    _, _, user_members = block_layout(n_users, d, 9, SALT_ROWS)
+    _, _, item_members = block_layout(n_items, d, 9, SALT_COLUMNS)
+    seen = []
+    for r in range(d):
+        row = load_row_block(str(out), r, d, n_users, n_items, 9)
+        np.testing.assert_array_equal(row.user_ids, user_members[r])
+        for code in range(len(SPLIT_NAMES)):
+            assert sum(b.n for b in row.split(code)) == counts[r, code]
+            for c, block in enumerate(row.split(code)):
+                g_users = user_members[r][block.users]
+                g_items = item_members[c][block.items]
+                seen.append(np.stack([g_users, g_items, block.ratings, np.full(block.n, code)], axis=1))
+    seen = np.concatenate(seen)
+    order = np.lexsort((seen[:, 1], seen[:, 0]))
+    source_order = np.lexsort((items, users))
+    np.testing.assert_array_equal(seen[order, :2].astype(int), np.stack([users, items], 1)[source_order])
+    np.testing.assert_array_equal(seen[order, 2], ratings[source_order])
+    np.testing.assert_array_equal(seen[order, 3], split_codes(users, items, 0.2, 0.1, 3)[source_order])
+
+
+def test_split_fractions_and_independence_from_partitioning():
+    rng = np.random.default_rng(1)
+    users = rng.integers(0, 5000, 200_000)
+    items = rng.integers(0, 900, 200_000)
+    codes = split_codes(users, items, 0.1, 0.05, seed=0)
+    fractions = np.bincount(codes, minlength=3) / codes.shape[0]
+    np.testing.assert_allclose(fractions, [0.85, 0.05, 0.1], atol=0.005)
+    half = split_codes(users[:1000], items[:1000], 0.1, 0.05, seed=0)
+    np.testing.assert_array_equal(half, codes[:1000])
+
+
+def test_row_block_of_another_layout_is_refused(planted_low_rank, tmp_path):
+    part = sorted((planted_low_rank / "ratings").glob("*.parquet"))[0]
+    split_part(str(part), 0, str(tmp_path), 2, 120, 0.1, 0.1, 0, 1)
+    with pytest.raises(ValueError, match="another row block"):
+        load_row_block(str(tmp_path), 0, 2, 120, 80, block_seed=2)

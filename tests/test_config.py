@@ -1,0 +1,79 @@
+"""Config loading and validation: every shipped config loads; errors name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import Config, default_config_path, load_config
+from pipeline.errors import EXIT_CONFIG, ConfigError
+
+CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_are_shipped():
+    assert {p.name for p in CONFIGS} >= {"default.yaml"}
+    assert default_config_path().read_text() == (Path(__file__).parents[1] / "configs" / "default.yaml").read_text()
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_config(path), Config)
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_key_of_a_shipped_config_has_a_comment(path):
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.endswith(":"):
+            assert "#" in line, f"{path.name}:{number} has no comment: {line!r}"
+
+
+def test_set_overrides_nested_keys():
+    config = load_config(None, ["train.epochs=5", "model.k=16", "model.use_bias=false", "cluster.scheduler=inprocess"])
+    assert (config.train.epochs, config.model.k, config.model.use_bias) == (5, 16, False)
+    assert config.cluster.scheduler == "inprocess"
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("train.epoch=5", "train.epoch: unknown key; valid keys here: epochs, lr"),
+    ("modle.k=3", "modle: unknown key; valid keys here: data, split, model"),
+    ("model.k=-1", "model.k: Input should be greater than or equal to 1, got -1"),
+    ("train.lr=fast", "train.lr: Input should be a valid number"),
+    ("train.lr_schedule=adam", "train.lr_schedule: Input should be 'bold_driver', 'constant' or 'decay'"),
+    ("split.test_fraction=0.97", "test_fraction + split.validation_fraction must be < 1"),
+    ("data.generate.k_true=0", "data.generate.k_true: Input should be greater than or equal to 1"),
+])
+def test_bad_key_or_value_names_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_yaml_error_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+:\d+: invalid YAML"):
+        load_config(path)
+
+
+def test_cli_exits_78_naming_the_key(capsys, tmp_path):
+    code = main(["run", "--set", "train.epoch=3", "--run-dir", str(tmp_path / "run")])
+    assert code == EXIT_CONFIG
+    assert "train.epoch: unknown key" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_usage_error_exits_2():
+    with pytest.raises(SystemExit) as info:
+        main(["run", "--no-such-flag"])
+    assert info.value.code == 2
+
+
+def test_impossible_generator_shape_is_a_config_error(capsys, tmp_path):
+    code = main(["run", "--set", "data.generate.n_ratings=10", "--set", "data.generate.n_users=100",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == EXIT_CONFIG
+    assert "data.generate: n_ratings=10 cannot be spread" in capsys.readouterr().err

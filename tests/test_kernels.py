@@ -1,0 +1,111 @@
+"""The numba kernels against the float64 reference, and the reference against finite differences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks import kernels, reference
+
+
+def _problem(seed: int, n_users: int = 7, n_items: int = 5, n: int = 25, k: int = 4):
+    rng = np.random.default_rng(seed)
+    users = rng.integers(0, n_users, n).astype(np.int32)
+    items = rng.integers(0, n_items, n).astype(np.int32)
+    ratings = rng.uniform(1, 5, n).astype(np.float32)
+    P = rng.normal(0, 0.3, (n_users, k)).astype(np.float32)
+    Q = rng.normal(0, 0.3, (n_items, k)).astype(np.float32)
+    user_bias = rng.normal(0, 0.2, n_users).astype(np.float32)
+    item_bias = rng.normal(0, 0.2, n_items).astype(np.float32)
+    order = rng.permutation(n)
+    return users, items, ratings, order, P, Q, user_bias, item_bias
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_sgd_kernel_matches_reference(use_bias):
+    users, items, ratings, order, P, Q, ub, ib = _problem(0)
+    mu, lr, reg, bias_reg = 3.5, 0.05, 0.02, 0.01
+    ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
+    sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, mu, lr, reg, bias_reg, use_bias=use_bias)
+    P0, Q0 = P.copy(), Q.copy()
+    if use_bias:
+        sse = kernels.sgd_block_biased(users, items, ratings, order, P, Q, ub, ib, np.float32(mu),
+                                       np.float32(lr), np.float32(reg), np.float32(bias_reg))
+        np.testing.assert_allclose(ub, ref[2], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ib, ref[3], rtol=1e-4, atol=1e-5)
+    else:
+        sse = kernels.sgd_block(users, items, ratings, order, P, Q, np.float32(lr), np.float32(reg))
+    assert not np.allclose(P, P0) and not np.allclose(Q, Q0)
+    np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Q, ref[1], rtol=1e-4, atol=1e-5)
+    assert sse == pytest.approx(sse_ref, rel=1e-4)
+
+
+def test_kernel_uses_old_user_factors_in_item_step():
+    """One rating by hand: q_i must move with p_u from before the step."""
+    P = np.array([[0.5, -0.2]], dtype=np.float32)
+    Q = np.array([[0.3, 0.4]], dtype=np.float32)
+    ub, ib = np.zeros(1, np.float32), np.zeros(1, np.float32)
+    lr, reg = 0.1, 0.05
+    e = 4.0 - (3.0 + float(P[0] @ Q[0]))
+    p_new = P[0] + lr * (e * Q[0] - reg * P[0])
+    q_new = Q[0] + lr * (e * P[0] - reg * Q[0])
+    kernels.sgd_block_biased(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32),
+                             np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr),
+                             np.float32(reg), np.float32(0.0))
+    np.testing.assert_allclose(P[0], p_new, rtol=1e-6)
+    np.testing.assert_allclose(Q[0], q_new, rtol=1e-6)
+    assert ub[0] == pytest.approx(lr * e, rel=1e-6)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_gradient_matches_central_differences(use_bias):
+    users, items, ratings, _, P, Q, ub, ib = _problem(1, n=6, k=3)
+    params = {"p_u": P.astype(np.float64), "q_i": Q.astype(np.float64),
+              "b_u": ub.astype(np.float64), "b_i": ib.astype(np.float64)}
+    mu, reg, bias_reg, h = 3.2, 0.07, 0.03, 1e-6
+    for u, i, r in zip(users, items, ratings):
+        u, i, r = int(u), int(i), float(r)
+
+        def loss():
+            return reference.rating_loss(u, i, r, params["p_u"], params["q_i"], params["b_u"], params["b_i"],
+                                         mu, reg, bias_reg, use_bias)
+
+        grad = reference.rating_gradient(u, i, r, params["p_u"], params["q_i"], params["b_u"], params["b_i"],
+                                         mu, reg, bias_reg, use_bias)
+        for name, row in (("p_u", u), ("q_i", i), ("b_u", u), ("b_i", i)):
+            if name not in grad:
+                continue
+            array = params[name]
+            numeric = np.zeros_like(np.atleast_1d(grad[name]), dtype=np.float64)
+            for f in range(numeric.shape[0]):
+                index = (row, f) if array.ndim == 2 else (row,)
+                keep = array[index]
+                array[index] = keep + h
+                up = loss()
+                array[index] = keep - h
+                down = loss()
+                array[index] = keep
+                numeric[f] = (up - down) / (2 * h)
+            np.testing.assert_allclose(np.atleast_1d(grad[name]), numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_predict_and_errors_match_numpy():
+    users, items, ratings, _, P, Q, ub, ib = _problem(2)
+    mu = np.float32(3.1)
+    expected = mu + ub[users] + ib[items] + np.einsum("nk,nk->n", P[users], Q[items])
+    np.testing.assert_allclose(kernels.predict_block(users, items, P, Q, ub, ib, mu), expected, rtol=1e-6)
+    sse, sae = kernels.block_errors(users, items, ratings, P, Q, ub, ib, mu)
+    e = ratings.astype(np.float64) - expected
+    assert sse == pytest.approx(float(e @ e), rel=1e-5)
+    assert sae == pytest.approx(float(np.abs(e).sum()), rel=1e-5)
+
+
+def test_empty_block_is_a_no_op():
+    users, items, ratings, _, P, Q, ub, ib = _problem(3)
+    before = P.copy()
+    empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
+    sse = kernels.sgd_block_biased(empty_i, empty_i, empty_f, np.zeros(0, np.int64), P, Q, ub, ib,
+                                   np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1))
+    assert sse == 0.0
+    np.testing.assert_array_equal(P, before)
