@@ -171,6 +171,11 @@ class Pipeline:
 
 def run_pipeline(config: Config, last: str = "evaluate") -> dict[str, Any] | None:
     """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate."""
+    # Everything that can be checked without the cluster is checked before it starts.
+    if config.data.generate is not None:
+        synthetic_spec(config.data.generate)
+    else:
+        open_dataset(config.data.source)
     run = RunDir(Path(config.output.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(dump_config(config), run.root / "config.yaml")

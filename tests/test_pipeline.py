@@ -1,0 +1,116 @@
+"""The whole chain in-process: outputs, learning, up-to-date skips, early stopping, divergence."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.errors import EXIT_DATAERR, EXIT_SOFTWARE, TrainingDiverged
+from pipeline.model import read_model
+from pipeline.stages import run_pipeline
+from tests.conftest import tiny_config
+
+
+def test_run_writes_the_documented_run_directory(tmp_path):
+    summary = run_pipeline(tiny_config(tmp_path / "run"))
+    run = tmp_path / "run"
+    for name in ("summary.json", "metrics.jsonl", "config.yaml", "model/P.npy", "model/Q.npy",
+                 "model/user_bias.npy", "model/item_bias.npy", "model/model.json", "model/users.parquet",
+                 "model/items.parquet"):
+        assert (run / name).is_file(), name
+    on_disk = json.loads((run / "summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("test_rmse", "test_mae", "train_rmse", "epochs", "k", "d", "seed", "n_ratings", "seconds",
+                "floor_rmse"):
+        assert key in on_disk
+    assert set(on_disk["seconds"]) == {"generate", "block", "train", "evaluate"}
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert set(rows[0]) == {"epoch", "train_rmse", "val_rmse", "lr", "seconds", "ratings_per_second"}
+    factors, info = read_model(run / "model")
+    assert factors.P.shape == (300, 8) and factors.Q.shape == (120, 8)
+    assert factors.P.dtype == np.float32 and info["k"] == 8
+    # The model beats both baselines and the floor is below everything.
+    assert summary["floor_rmse"] < summary["test_rmse"] < summary["baselines"]["global_mean"]["rmse"]
+
+
+def test_planted_low_rank_is_rebuilt(planted_low_rank, tmp_path):
+    config = load_config(None, [
+        f"data.source={planted_low_rank}", "data.generate=null", "model.k=3", "model.reg=0", "model.bias_reg=0",
+        "model.init_std=0.3", "train.epochs=300", "train.lr=0.05", "train.d=2", "split.validation_fraction=0",
+        "split.test_fraction=0.01", "cluster.scheduler=inprocess", f"output.run_dir={tmp_path / 'run'}",
+    ])
+    summary = run_pipeline(config)
+    assert summary["train_rmse"] < 0.01
+
+
+def test_rerun_is_up_to_date_and_changes_nothing(tmp_path):
+    config = tiny_config(tmp_path / "run")
+    first = run_pipeline(config)
+    files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "config.yaml"
+                   and p.name != "summary.json")
+    stamps = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    again = run_pipeline(config)
+    assert again["test_rmse"] == first["test_rmse"]
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == stamps
+
+
+def test_changed_model_retrains_but_keeps_data_and_blocks(tmp_path):
+    run_pipeline(tiny_config(tmp_path / "run"))
+    blocks_stamp = (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns
+    p_before = np.load(tmp_path / "run" / "model" / "P.npy")
+    run_pipeline(tiny_config(tmp_path / "run", "model.k=4"))
+    assert (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns == blocks_stamp
+    assert np.load(tmp_path / "run" / "model" / "P.npy").shape == (300, 4) != p_before.shape
+
+
+def test_early_stopping_keeps_the_best_epoch(tmp_path):
+    # A large k without regularisation overfits; validation RMSE turns up and training stops.
+    config = tiny_config(tmp_path / "run", "model.k=32", "model.reg=0", "train.epochs=60",
+                         "train.lr_schedule=constant", "train.lr=0.03", "train.early_stopping_patience=2")
+    run_pipeline(config)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    best = min(rows, key=lambda r: r["val_rmse"])
+    assert len(rows) < 60 and len(rows) == best["epoch"] + 2
+    record = json.loads((tmp_path / "run" / "stages" / "train.json").read_text())
+    assert record["best_epoch"] == best["epoch"]
+
+
+def test_no_bias_model_trains(tmp_path):
+    summary = run_pipeline(tiny_config(tmp_path / "run", "model.use_bias=false", "train.epochs=15"))
+    factors, _ = read_model(tmp_path / "run" / "model")
+    assert factors.global_mean == 0.0 and not factors.user_bias.any() and not factors.item_bias.any()
+    assert summary["test_rmse"] < summary["baselines"]["global_mean"]["rmse"]
+
+
+def test_divergence_exits_70_and_writes_no_model(tmp_path, capsys):
+    code = main(["run", "--run-dir", str(tmp_path / "run"), *sum((["--set", s] for s in [
+        "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+        "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=3", "train.d=2", "train.lr=50",
+        "train.max_rollbacks=1", "cluster.scheduler=inprocess"]), [])])
+    assert code == EXIT_SOFTWARE
+    err = capsys.readouterr().err
+    assert "training diverged at epoch 1" in err and "lower train.lr" in err
+    assert not (tmp_path / "run" / "model").exists()
+
+
+def test_divergence_recovers_by_rollback(tmp_path, caplog):
+    summary = run_pipeline(tiny_config(tmp_path / "run", "train.lr=0.9", "train.max_rollbacks=8"))
+    assert "rolled back" in caplog.text
+    assert np.isfinite(summary["test_rmse"])
+
+
+def test_missing_source_is_a_data_error(tmp_path, capsys):
+    code = main(["run", "--set", f"data.source={tmp_path / 'nowhere'}", "--set", "data.generate=null",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == EXIT_DATAERR
+    assert "nowhere: not a canonical dataset" in capsys.readouterr().err
+
+
+def test_training_diverged_is_raised_in_process(tmp_path):
+    with pytest.raises(TrainingDiverged):
+        run_pipeline(tiny_config(tmp_path / "run", "train.lr=50", "train.max_rollbacks=0"))
