@@ -51,14 +51,21 @@ def planted_low_rank(tmp_path: Path) -> Path:
     return write_canonical(tmp_path / "planted", users, items, ratings)
 
 
-def tiny_config(run_dir: Path, *overrides: str):
-    """The default config shrunk to a few-second synthetic run, in-process unless overridden."""
+def _tiny_config(run_dir: Path, *overrides: str):
     return load_config(None, [
         "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
         "data.generate.max_user_fraction=0.5", "data.generate.ratings_per_part=5000",
         "model.k=8", "train.epochs=4", "train.d=3", "cluster.scheduler=inprocess",
         f"output.run_dir={run_dir}", *overrides,
     ])
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    """A factory ``tiny_config(run_dir, *overrides)``: the default config shrunk to a few-second
+    synthetic run (300 users × 120 items, 12k ratings, k=8, 4 epochs, d=3), in-process unless
+    overridden."""
+    return _tiny_config
 
 
 @pytest.fixture(scope="session")

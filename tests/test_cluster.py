@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 
 from pipeline.stages import run_pipeline
-from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -33,23 +32,24 @@ def _assert_bit_identical(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) ->
 
 
 @pytest.fixture(scope="module")
-def in_process_run(tmp_path_factory) -> Path:
+def in_process_run(tiny_config, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("inprocess") / "run"
     run_pipeline(tiny_config(run_dir, "train.d=4"))
     return run_dir
 
 
-def test_two_worker_local_cluster_matches_in_process(in_process_run, local_cluster, tmp_path):
-    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", f"cluster.scheduler={local_cluster.scheduler_address}"))
+def test_two_worker_local_cluster_matches_in_process(tiny_config, in_process_run, local_cluster, tmp_path):
+    address = local_cluster.scheduler_address
+    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", f"cluster.scheduler={address}"))
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 
-def test_one_worker_local_cluster_matches_in_process(in_process_run, tmp_path):
+def test_one_worker_local_cluster_matches_in_process(tiny_config, in_process_run, tmp_path):
     run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=null", "cluster.n_workers=1"))
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 
-def test_different_d_gives_different_factors(in_process_run, tmp_path):
+def test_different_d_gives_different_factors(tiny_config, in_process_run, tmp_path):
     """The bit-identity above is not vacuous: the schedule does change the result."""
     run_pipeline(tiny_config(tmp_path / "run", "train.d=2"))
     assert _factors(tmp_path / "run")["P.npy"].tobytes() != _factors(in_process_run)["P.npy"].tobytes()
@@ -102,7 +102,9 @@ def test_cli_on_dask_scheduler_and_workers_matches_in_process(in_process_run, da
            "--run-dir", str(tmp_path / "run")]
     for o in overrides:
         cmd += ["--set", o]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    # From tmp_path: `python -m` puts the working directory first on sys.path, and the
+    # suite tests the installed package, not the checkout.
+    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr
     assert "test RMSE" in done.stdout
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))

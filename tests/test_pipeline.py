@@ -12,10 +12,9 @@ from pipeline.config import load_config
 from pipeline.errors import EXIT_DATAERR, EXIT_SOFTWARE, TrainingDiverged
 from pipeline.model import read_model
 from pipeline.stages import run_pipeline
-from tests.conftest import tiny_config
 
 
-def test_run_writes_the_documented_run_directory(tmp_path):
+def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):
     summary = run_pipeline(tiny_config(tmp_path / "run"))
     run = tmp_path / "run"
     for name in ("summary.json", "metrics.jsonl", "config.yaml", "model/P.npy", "model/Q.npy",
@@ -48,7 +47,7 @@ def test_planted_low_rank_is_rebuilt(planted_low_rank, tmp_path):
     assert summary["train_rmse"] < 0.01
 
 
-def test_rerun_is_up_to_date_and_changes_nothing(tmp_path):
+def test_rerun_is_up_to_date_and_changes_nothing(tiny_config, tmp_path):
     config = tiny_config(tmp_path / "run")
     first = run_pipeline(config)
     files = sorted(p for p in (tmp_path / "run").rglob("*") if p.is_file() and p.name != "config.yaml"
@@ -59,7 +58,7 @@ def test_rerun_is_up_to_date_and_changes_nothing(tmp_path):
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == stamps
 
 
-def test_changed_model_retrains_but_keeps_data_and_blocks(tmp_path):
+def test_changed_model_retrains_but_keeps_data_and_blocks(tiny_config, tmp_path):
     run_pipeline(tiny_config(tmp_path / "run"))
     blocks_stamp = (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns
     p_before = np.load(tmp_path / "run" / "model" / "P.npy")
@@ -68,7 +67,7 @@ def test_changed_model_retrains_but_keeps_data_and_blocks(tmp_path):
     assert np.load(tmp_path / "run" / "model" / "P.npy").shape == (300, 4) != p_before.shape
 
 
-def test_early_stopping_keeps_the_best_epoch(tmp_path):
+def test_early_stopping_keeps_the_best_epoch(tiny_config, tmp_path):
     # A large k without regularisation overfits; validation RMSE turns up and training stops.
     config = tiny_config(tmp_path / "run", "model.k=32", "model.reg=0", "train.epochs=60",
                          "train.lr_schedule=constant", "train.lr=0.03", "train.early_stopping_patience=2")
@@ -80,7 +79,7 @@ def test_early_stopping_keeps_the_best_epoch(tmp_path):
     assert record["best_epoch"] == best["epoch"]
 
 
-def test_no_bias_model_trains(tmp_path):
+def test_no_bias_model_trains(tiny_config, tmp_path):
     summary = run_pipeline(tiny_config(tmp_path / "run", "model.use_bias=false", "train.epochs=15"))
     factors, _ = read_model(tmp_path / "run" / "model")
     assert factors.global_mean == 0.0 and not factors.user_bias.any() and not factors.item_bias.any()
@@ -98,7 +97,7 @@ def test_divergence_exits_70_and_writes_no_model(tmp_path, capsys):
     assert not (tmp_path / "run" / "model").exists()
 
 
-def test_divergence_recovers_by_rollback(tmp_path, caplog):
+def test_divergence_recovers_by_rollback(tiny_config, tmp_path, caplog):
     summary = run_pipeline(tiny_config(tmp_path / "run", "train.lr=0.9", "train.max_rollbacks=8"))
     assert "rolled back" in caplog.text
     assert np.isfinite(summary["test_rmse"])
@@ -111,6 +110,6 @@ def test_missing_source_is_a_data_error(tmp_path, capsys):
     assert "nowhere: not a canonical dataset" in capsys.readouterr().err
 
 
-def test_training_diverged_is_raised_in_process(tmp_path):
+def test_training_diverged_is_raised_in_process(tiny_config, tmp_path):
     with pytest.raises(TrainingDiverged):
         run_pipeline(tiny_config(tmp_path / "run", "train.lr=50", "train.max_rollbacks=0"))
