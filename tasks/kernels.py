@@ -1,8 +1,14 @@
 """Numba kernels: one SGD pass over one rating block, and block error sums.
 
 Pure functions over arrays and scalars: no I/O, no Dask, no config objects, no
-randomness (the visiting order comes in as an argument). Factors are float32,
+randomness (the visiting order comes in as arguments). Factors are float32,
 indices int32; sums of squared errors are accumulated in float64.
+
+An SGD pass visits a block as *runs*: ``run_starts`` cuts the block's positions
+into contiguous runs, and ``run_order`` says in which order the runs are taken;
+each run is walked front to back. Runs of one rating each in a random order give
+plain random-order SGD; runs of one user each (the block is sorted by user) keep
+``p_u`` in cache while its ratings are applied, as LIBMF does.
 
 The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
 ``e = r - r̂``::
@@ -33,7 +39,8 @@ def sgd_block_biased(
     users: np.ndarray,
     items: np.ndarray,
     ratings: np.ndarray,
-    order: np.ndarray,
+    run_starts: np.ndarray,
+    run_order: np.ndarray,
     P: np.ndarray,
     Q: np.ndarray,
     user_bias: np.ndarray,
@@ -43,15 +50,17 @@ def sgd_block_biased(
     reg: np.float32,
     bias_reg: np.float32,
 ) -> float:
-    """One SGD pass of biased Funk SVD over a block, in ``order``.
+    """One SGD pass of biased Funk SVD over a block, run by run.
 
     Parameters
     ----------
     users, items : arrays of shape (n,), int32
         Block-local row indices into ``P`` / ``user_bias`` and ``Q`` / ``item_bias``.
     ratings : array of shape (n,), float32
-    order : array of shape (m,), int64
-        Positions into the block, visited in this order.
+    run_starts : array of shape (n_runs + 1,), int64
+        Run ``s`` is positions ``run_starts[s]`` to ``run_starts[s + 1] - 1``.
+    run_order : array of shape (n_runs,), int64
+        The runs, in the order they are visited.
     P : array of shape (n_users_block, k), float32, updated in place
     Q : array of shape (n_items_block, k), float32, updated in place
     user_bias : array of shape (n_users_block,), float32, updated in place
@@ -65,22 +74,23 @@ def sgd_block_biased(
     """
     k = P.shape[1]
     sse = 0.0
-    for t in range(order.shape[0]):
-        j = order[t]
-        u = users[j]
-        i = items[j]
-        pred = global_mean + user_bias[u] + item_bias[i]
-        for f in range(k):
-            pred += P[u, f] * Q[i, f]
-        e = ratings[j] - pred
-        sse += np.float64(e) * np.float64(e)
-        user_bias[u] += lr * (e - bias_reg * user_bias[u])
-        item_bias[i] += lr * (e - bias_reg * item_bias[i])
-        for f in range(k):
-            p = P[u, f]
-            q = Q[i, f]
-            P[u, f] = p + lr * (e * q - reg * p)
-            Q[i, f] = q + lr * (e * p - reg * q)
+    for t in range(run_order.shape[0]):
+        run = run_order[t]
+        for j in range(run_starts[run], run_starts[run + 1]):
+            u = users[j]
+            i = items[j]
+            pred = global_mean + user_bias[u] + item_bias[i]
+            for f in range(k):
+                pred += P[u, f] * Q[i, f]
+            e = ratings[j] - pred
+            sse += np.float64(e) * np.float64(e)
+            user_bias[u] += lr * (e - bias_reg * user_bias[u])
+            item_bias[i] += lr * (e - bias_reg * item_bias[i])
+            for f in range(k):
+                p = P[u, f]
+                q = Q[i, f]
+                P[u, f] = p + lr * (e * q - reg * p)
+                Q[i, f] = q + lr * (e * p - reg * q)
     return sse
 
 
@@ -89,7 +99,8 @@ def sgd_block(
     users: np.ndarray,
     items: np.ndarray,
     ratings: np.ndarray,
-    order: np.ndarray,
+    run_starts: np.ndarray,
+    run_order: np.ndarray,
     P: np.ndarray,
     Q: np.ndarray,
     lr: np.float32,
@@ -101,20 +112,21 @@ def sgd_block(
     """
     k = P.shape[1]
     sse = 0.0
-    for t in range(order.shape[0]):
-        j = order[t]
-        u = users[j]
-        i = items[j]
-        pred = np.float32(0.0)
-        for f in range(k):
-            pred += P[u, f] * Q[i, f]
-        e = ratings[j] - pred
-        sse += np.float64(e) * np.float64(e)
-        for f in range(k):
-            p = P[u, f]
-            q = Q[i, f]
-            P[u, f] = p + lr * (e * q - reg * p)
-            Q[i, f] = q + lr * (e * p - reg * q)
+    for t in range(run_order.shape[0]):
+        run = run_order[t]
+        for j in range(run_starts[run], run_starts[run + 1]):
+            u = users[j]
+            i = items[j]
+            pred = np.float32(0.0)
+            for f in range(k):
+                pred += P[u, f] * Q[i, f]
+            e = ratings[j] - pred
+            sse += np.float64(e) * np.float64(e)
+            for f in range(k):
+                p = P[u, f]
+                q = Q[i, f]
+                P[u, f] = p + lr * (e * q - reg * p)
+                Q[i, f] = q + lr * (e * p - reg * q)
     return sse
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks import kernels
-from tasks.blocks import RowBlock
+from tasks.blocks import BlockRatings, RowBlock
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 
 FactorState = tuple[np.ndarray, np.ndarray]
@@ -36,6 +36,27 @@ class Hyper:
     bias_reg: float
     use_bias: bool
     global_mean: float
+    order: str = "user_runs"
+
+
+def visiting_order(block: BlockRatings, order: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The runs of a block and the random order to visit them in (see :mod:`tasks.kernels`).
+
+    ``"user_runs"``: one run per user (blocks are stored sorted by user), users in
+    random order. ``"ratings"``: one run per rating, ratings in random order.
+
+    Returns
+    -------
+    run_starts : array of shape (n_runs + 1,), int64
+    run_order : array of shape (n_runs,), int64
+    """
+    if order == "user_runs":
+        run_starts = np.concatenate(([0], np.flatnonzero(np.diff(block.users)) + 1, [block.n])).astype(np.int64)
+        if block.n == 0:
+            run_starts = np.zeros(1, dtype=np.int64)
+    else:
+        run_starts = np.arange(block.n + 1, dtype=np.int64)
+    return run_starts, np.random.default_rng(seed).permutation(run_starts.shape[0] - 1)
 
 
 def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
@@ -58,14 +79,14 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
         block = row_block.split(0)[col]
         P, user_bias = (a.copy() for a in user_state)
         Q, item_bias = (a.copy() for a in item_state)
-        order = np.random.default_rng(order_seed).permutation(block.n)
+        run_starts, run_order = visiting_order(block, hyper.order, order_seed)
         lr, reg = np.float32(hyper.lr), np.float32(hyper.reg)
         if hyper.use_bias:
             kernels.sgd_block_biased(
-                block.users, block.items, block.ratings, order, P, Q, user_bias, item_bias,
+                block.users, block.items, block.ratings, run_starts, run_order, P, Q, user_bias, item_bias,
                 np.float32(hyper.global_mean), lr, reg, np.float32(hyper.bias_reg))
         else:
-            kernels.sgd_block(block.users, block.items, block.ratings, order, P, Q, lr, reg)
+            kernels.sgd_block(block.users, block.items, block.ratings, run_starts, run_order, P, Q, lr, reg)
     except Exception as exc:
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
     return (P, user_bias), (Q, item_bias)

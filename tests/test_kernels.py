@@ -21,20 +21,35 @@ def _problem(seed: int, n_users: int = 7, n_items: int = 5, n: int = 25, k: int 
     return users, items, ratings, order, P, Q, user_bias, item_bias
 
 
+def _as_runs(order: np.ndarray, run_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cut positions 0..n-1 into runs of ``run_length`` visited in a shuffled order.
+
+    Returns the run arrays for the kernel and the flat position order they imply.
+    """
+    n = order.shape[0]
+    run_starts = np.append(np.arange(0, n, run_length), n).astype(np.int64)
+    run_order = np.random.default_rng(5).permutation(run_starts.shape[0] - 1)
+    flat = np.concatenate([np.arange(run_starts[s], run_starts[s + 1]) for s in run_order])
+    return run_starts, run_order, flat
+
+
 @pytest.mark.parametrize("use_bias", [True, False])
-def test_sgd_kernel_matches_reference(use_bias):
+@pytest.mark.parametrize("run_length", [1, 4])
+def test_sgd_kernel_matches_reference(use_bias, run_length):
     users, items, ratings, order, P, Q, ub, ib = _problem(0)
+    run_starts, run_order, order = _as_runs(order, run_length)
     mu, lr, reg, bias_reg = 3.5, 0.05, 0.02, 0.01
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, mu, lr, reg, bias_reg, use_bias=use_bias)
     P0, Q0 = P.copy(), Q.copy()
     if use_bias:
-        sse = kernels.sgd_block_biased(users, items, ratings, order, P, Q, ub, ib, np.float32(mu),
-                                       np.float32(lr), np.float32(reg), np.float32(bias_reg))
+        sse = kernels.sgd_block_biased(users, items, ratings, run_starts, run_order, P, Q, ub, ib,
+                                       np.float32(mu), np.float32(lr), np.float32(reg), np.float32(bias_reg))
         np.testing.assert_allclose(ub, ref[2], rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(ib, ref[3], rtol=1e-4, atol=1e-5)
     else:
-        sse = kernels.sgd_block(users, items, ratings, order, P, Q, np.float32(lr), np.float32(reg))
+        sse = kernels.sgd_block(users, items, ratings, run_starts, run_order, P, Q, np.float32(lr),
+                                np.float32(reg))
     assert not np.allclose(P, P0) and not np.allclose(Q, Q0)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Q, ref[1], rtol=1e-4, atol=1e-5)
@@ -51,7 +66,7 @@ def test_kernel_uses_old_user_factors_in_item_step():
     p_new = P[0] + lr * (e * Q[0] - reg * P[0])
     q_new = Q[0] + lr * (e * P[0] - reg * Q[0])
     kernels.sgd_block_biased(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32),
-                             np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr),
+                             np.array([0, 1]), np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr),
                              np.float32(reg), np.float32(0.0))
     np.testing.assert_allclose(P[0], p_new, rtol=1e-6)
     np.testing.assert_allclose(Q[0], q_new, rtol=1e-6)
@@ -105,7 +120,26 @@ def test_empty_block_is_a_no_op():
     users, items, ratings, _, P, Q, ub, ib = _problem(3)
     before = P.copy()
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    sse = kernels.sgd_block_biased(empty_i, empty_i, empty_f, np.zeros(0, np.int64), P, Q, ub, ib,
+    sse = kernels.sgd_block_biased(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64), P, Q, ub, ib,
                                    np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1))
     assert sse == 0.0
     np.testing.assert_array_equal(P, before)
+
+
+@pytest.mark.parametrize("order", ["user_runs", "ratings"])
+def test_visiting_order_covers_each_rating_once(order):
+    from tasks.blocks import BlockRatings
+    from tasks.training import visiting_order
+
+    users = np.array([0, 0, 0, 2, 2, 5, 7, 7, 7, 7], dtype=np.int32)
+    block = BlockRatings(users, np.arange(10, dtype=np.int32), np.ones(10, np.float32))
+    run_starts, run_order = visiting_order(block, order, seed=3)
+    visited = np.concatenate([np.arange(run_starts[s], run_starts[s + 1]) for s in run_order])
+    assert sorted(visited.tolist()) == list(range(10))
+    if order == "user_runs":
+        assert run_order.shape[0] == 4
+        for s in range(4):
+            assert len(set(users[run_starts[s]:run_starts[s + 1]].tolist())) == 1
+    empty = BlockRatings(users[:0], users[:0], np.ones(0, np.float32))
+    starts, runs = visiting_order(empty, order, seed=3)
+    assert starts.tolist() == [0] and runs.shape == (0,)

@@ -1,0 +1,32 @@
+"""Shared set-up of the benchmarks: a synthetic dataset and its blocks, made once and cached."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from pipeline.blocking import Blocks, block_dataset, open_blocks
+from pipeline.cluster import open_executor
+from pipeline.config import ClusterConfig, SplitConfig
+from pipeline.dataset import Dataset, generate_dataset, open_dataset
+from tasks.synthetic import SyntheticSpec
+
+log = logging.getLogger("bench")
+
+
+def dataset_at(scale: float, cache: Path, seed: int = 0) -> Dataset:
+    """The Netflix-shaped dataset at ``scale``, generated on a LocalCluster unless cached."""
+    root = cache / f"scale-{scale:g}-seed-{seed}"
+    if not (root / "dataset.json").exists():
+        log.info("generating scale %g into %s", scale, root)
+        with open_executor(ClusterConfig()) as executor:
+            generate_dataset(executor, SyntheticSpec.netflix_shaped(scale, seed=seed), root, 2_000_000)
+    return open_dataset(root)
+
+
+def blocks_of(dataset: Dataset, d: int, cache: Path, seed: int = 0) -> Blocks:
+    root = cache / f"{dataset.root.name}-blocks-d{d}"
+    if not (root / "blocks.json").exists():
+        with open_executor(ClusterConfig()) as executor:
+            block_dataset(executor, dataset, root, d, SplitConfig(), seed)
+    return open_blocks(root)
