@@ -45,7 +45,7 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
 
     user_states = [state("user", b.n_users, r) for r in range(b.d)]
     item_states = [state("item", b.n_items, c) for c in range(b.d)]
-    errors = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean)
+    errors = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean, (TRAIN, TEST))
     sse, sae, n = errors[TEST].sum(axis=0)
 
     item_bias = _fit_item_biases(executor, placement, row_blocks, b.global_mean)

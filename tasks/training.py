@@ -67,13 +67,14 @@ def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
 
 
 def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
-               order_seed: int, label: str) -> tuple[FactorState, FactorState]:
+               order_seed: int, label: str) -> tuple[FactorState, FactorState, float]:
     """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``.
 
     Returns
     -------
-    (user_state, item_state)
-        New copies of the two factor states.
+    (user_state, item_state, sse)
+        New copies of the two factor states, and the sum of squared errors of the
+        block's ratings as the pass met them (each just before its update).
     """
     try:
         block = row_block.split(0)[col]
@@ -82,23 +83,24 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
         run_starts, run_order = visiting_order(block, hyper.order, order_seed)
         lr, reg = np.float32(hyper.lr), np.float32(hyper.reg)
         if hyper.use_bias:
-            kernels.sgd_block_biased(
+            sse = kernels.sgd_block_biased(
                 block.users, block.items, block.ratings, run_starts, run_order, P, Q, user_bias, item_bias,
                 np.float32(hyper.global_mean), lr, reg, np.float32(hyper.bias_reg))
         else:
-            kernels.sgd_block(block.users, block.items, block.ratings, run_starts, run_order, P, Q, lr, reg)
+            sse = kernels.sgd_block(block.users, block.items, block.ratings, run_starts, run_order, P, Q, lr, reg)
     except Exception as exc:
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
-    return (P, user_bias), (Q, item_bias)
+    return (P, user_bias), (Q, item_bias), float(sse)
 
 
 def row_errors(row_block: RowBlock, user_state: FactorState, item_states: list[FactorState],
-               global_mean: float) -> np.ndarray:
+               global_mean: float, splits: tuple[int, ...]) -> np.ndarray:
     """Error sums of one row block under the current factors, per split and column block.
 
     Parameters
     ----------
     global_mean : the model's μ (0.0 for a k-only model)
+    splits : the split codes to measure; the others stay zero
 
     Returns
     -------
@@ -109,7 +111,7 @@ def row_errors(row_block: RowBlock, user_state: FactorState, item_states: list[F
     out = np.zeros((3, d, 3), dtype=np.float64)
     P, user_bias = user_state
     mu = np.float32(global_mean)
-    for code in range(3):
+    for code in splits:
         for col, block in enumerate(row_block.split(code)):
             Q, item_bias = item_states[col]
             sse, sae = kernels.block_errors(block.users, block.items, block.ratings, P, Q, user_bias, item_bias, mu)
