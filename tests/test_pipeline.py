@@ -113,3 +113,20 @@ def test_missing_source_is_a_data_error(tmp_path, capsys):
 def test_training_diverged_is_raised_in_process(tiny_config, tmp_path):
     with pytest.raises(TrainingDiverged):
         run_pipeline(tiny_config(tmp_path / "run", "train.lr=50", "train.max_rollbacks=0"))
+
+
+def test_generate_cli_writes_a_netflix_shaped_dataset(tmp_path, capsys):
+    from pipeline.dataset import open_dataset
+    from tasks.synthetic import SyntheticSpec
+
+    out = tmp_path / "netflix"
+    code = main(["generate", "--scale", "0.0002", "--out", str(out), "--seed", "3", "--scheduler", "inprocess"])
+    assert code == 0
+    spec = SyntheticSpec.netflix_shaped(0.0002)
+    dataset = open_dataset(out)
+    assert (dataset.n_users, dataset.n_items, dataset.n_ratings) == (spec.n_users, spec.n_items, spec.n_ratings)
+    assert dataset.meta["generator"]["seed"] == 3
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    assert main(["generate", "--scale", "0.0002", "--out", str(out), "--scheduler", "inprocess"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    assert main(["generate", "--scale", "-1", "--out", str(tmp_path / "x"), "--scheduler", "inprocess"]) == 2
