@@ -98,10 +98,15 @@ def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
         return
 
     try:
-        client = Client(cfg.scheduler, timeout="10s")
+        client = Client(cfg.scheduler, timeout=f"{cfg.timeout}s")
     except (OSError, TimeoutError) as exc:
-        raise ClusterError(f"cannot reach the Dask scheduler at {cfg.scheduler}: {exc}") from exc
+        raise ClusterError(f"cannot reach the Dask scheduler at {cfg.scheduler} within cluster.timeout="
+                           f"{cfg.timeout:g}s: {exc}") from exc
     with client:
-        if cfg.n_workers:
-            client.wait_for_workers(cfg.n_workers, timeout=60)
+        wanted = cfg.n_workers or 1
+        try:
+            client.wait_for_workers(wanted, timeout=cfg.timeout)
+        except TimeoutError as exc:
+            raise ClusterError(f"the scheduler at {cfg.scheduler} has fewer than {wanted} workers after "
+                               f"cluster.timeout={cfg.timeout:g}s") from exc
         yield DaskExecutor(client)

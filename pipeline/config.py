@@ -87,6 +87,7 @@ class ClusterConfig(_Section):
     scheduler: str | None = None
     n_workers: int | None = Field(None, ge=1)
     threads_per_worker: int = Field(1, ge=1)
+    timeout: float = Field(30.0, gt=0)
 
 
 class OutputConfig(_Section):

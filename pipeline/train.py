@@ -188,7 +188,7 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
                                        (VALIDATION,)), VALIDATION)
         seconds = time.perf_counter() - began
 
-        if not math.isfinite(train_rmse) or train_rmse > exploded_at:
+        if not math.isfinite(train_rmse) or train_rmse > exploded_at or not math.isfinite(val_rmse or 0.0):
             rollbacks += 1
             if rollbacks > cfg.max_rollbacks:
                 raise TrainingDiverged(

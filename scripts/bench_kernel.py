@@ -53,7 +53,7 @@ def main() -> None:
             for rep in range(args.repeat):
                 began = time.perf_counter()
                 for c in range(len(train)):
-                    user, items[c] = sgd_update(row, c, user, items[c], hyper, rep * 100 + c, "bench")
+                    user, items[c], _ = sgd_update(row, c, user, items[c], hyper, rep * 100 + c, "bench")
                 seconds.append(time.perf_counter() - began)
             cells.append(n / min(seconds))
         P, ub = (a.copy() for a in user)

@@ -120,3 +120,15 @@ def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):
     assert summary["test_rmse"] <= 1.05 * summary["floor_rmse"]
     assert "Dask dashboard: http" in done.stderr
     assert "run directory: runs/default" in done.stdout
+
+
+def test_scheduler_without_workers_exits_75(tmp_path, capsys):
+    from distributed import LocalCluster
+
+    from pipeline.cli import main
+
+    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
+        code = main(["run", "--scheduler", empty.scheduler_address, "--set", "cluster.timeout=2",
+                     "--run-dir", str(tmp_path / "run")])
+    assert code == 75
+    assert "fewer than 1 workers after cluster.timeout=2s" in capsys.readouterr().err

@@ -130,3 +130,15 @@ def test_generate_cli_writes_a_netflix_shaped_dataset(tmp_path, capsys):
     assert main(["generate", "--scale", "0.0002", "--out", str(out), "--scheduler", "inprocess"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["generate", "--scale", "-1", "--out", str(tmp_path / "x"), "--scheduler", "inprocess"]) == 2
+
+
+def test_unreachable_scheduler_exits_75(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = main(["run", "--scheduler", f"tcp://127.0.0.1:{port}", "--set", "cluster.timeout=2",
+                 "--run-dir", str(tmp_path / "run")])
+    assert code == 75
+    assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in capsys.readouterr().err
