@@ -142,3 +142,16 @@ def test_unreachable_scheduler_exits_75(tmp_path, capsys):
                  "--run-dir", str(tmp_path / "run")])
     assert code == 75
     assert f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_train_then_evaluate_as_separate_commands(tmp_path, capsys, caplog):
+    args = ["--run-dir", str(tmp_path / "run"), "--set", "cluster.scheduler=inprocess",
+            "--set", "data.generate.n_users=300", "--set", "data.generate.n_items=120",
+            "--set", "data.generate.n_ratings=12000", "--set", "model.k=8", "--set", "train.epochs=3"]
+    assert main(["train", *args]) == 0
+    assert (tmp_path / "run" / "model" / "P.npy").is_file()
+    assert not (tmp_path / "run" / "summary.json").exists()
+    assert main(["evaluate", *args]) == 0
+    out = capsys.readouterr()
+    assert "test RMSE" in out.out and "train: up to date" in caplog.text
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 3
