@@ -92,8 +92,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("pipeline").setLevel(logging.WARNING if args.quiet else logging.INFO)
     import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
 
     logging.getLogger("distributed").setLevel(logging.WARNING)
