@@ -7,6 +7,8 @@ speedup. An epoch's time includes its train and validation RMSE pass. The train
 RMSE must agree to the last bit across worker counts.
 
     python scripts/bench_epoch.py [--scale 0.1] [--k 32] [--epochs 4] [--d 4] [--workers 1 2]
+
+Every worker count runs the same d, so the factors must agree to the last bit.
 """
 
 from __future__ import annotations
