@@ -166,7 +166,7 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
     while epoch < cfg.epochs:
         began = time.perf_counter()
         hyper = Hyper(lr=lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
-                      global_mean=global_mean, order=cfg.order)
+                      global_mean=global_mean, order=cfg.order, users_per_run=cfg.users_per_run)
         new_users, new_items = list(user_states), list(item_states)
         block_sse = []
         for s, stratum in enumerate(strata(d, epoch, root)):

@@ -2,7 +2,8 @@
 
 Runs the block task exactly as a worker does (copy of the factor blocks, seeded
 visiting order, kernel) over every training block of one row block of a
-Netflix-shaped data set (scale 0.1 = 10M ratings by default).
+Netflix-shaped data set (scale 0.1 = 10M ratings by default), for each
+``train.order``; the best of ``--repeat`` passes counts.
 
     python scripts/bench_kernel.py [--scale 0.1] [--k 32 64 128] [--d 4] [--repeat 3]
 """
@@ -14,9 +15,6 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
-
-from tasks import kernels
 from tasks.blocks import TRAIN, load_row_block
 from tasks.training import Hyper, init_factors, sgd_update
 
@@ -39,13 +37,14 @@ def main() -> None:
     n = sum(b.n for b in train)
     n_items = [int(b.items.max()) + 1 if b.n else 0 for b in train]
     print(f"scale {args.scale:g}: row block 0 of d={args.d}: {n:,} training ratings, {row.n_users:,} users")
-    print("| k | task, order=user_runs | task, order=ratings | kernel only, sequential |")
-    print("| ---: | ---: | ---: | ---: |")
+    orders = [("user_runs", 32), ("user_runs", 1), ("ratings", 1), ("sorted", 1)]
+    print("| k | " + " | ".join(f"{o}" + (f" ({m} users)" if o == "user_runs" else "") for o, m in orders) + " |")
+    print("| ---: |" + " ---: |" * len(orders))
     for k in args.k:
         cells = []
-        for order in ("user_runs", "ratings"):
+        for order, users_per_run in orders:
             hyper = Hyper(lr=0.005, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=blocks.global_mean,
-                          order=order)
+                          order=order, users_per_run=users_per_run)
             user = init_factors(row.n_users, k, 0.1, 1)
             items = [init_factors(m, k, 0.1, 2 + c) for c, m in enumerate(n_items)]
             sgd_update(row, 0, user, items[0], hyper, 0, "warm-up")  # compile (or load the cache)
@@ -56,17 +55,6 @@ def main() -> None:
                     user, items[c], _ = sgd_update(row, c, user, items[c], hyper, rep * 100 + c, "bench")
                 seconds.append(time.perf_counter() - began)
             cells.append(n / min(seconds))
-        P, ub = (a.copy() for a in user)
-        seconds = []
-        for _ in range(args.repeat):
-            began = time.perf_counter()
-            for c, b in enumerate(train):
-                Q, ib = (a.copy() for a in items[c])
-                kernels.sgd_block_biased(b.users, b.items, b.ratings, np.array([0, b.n]), np.zeros(1, np.int64),
-                                         P, Q, ub, ib, np.float32(hyper.global_mean), np.float32(hyper.lr),
-                                         np.float32(hyper.reg), np.float32(hyper.bias_reg))
-            seconds.append(time.perf_counter() - began)
-        cells.append(n / min(seconds))
         print(f"| {k} | " + " | ".join(f"{c:,.0f}" for c in cells) + " |")
 
 if __name__ == "__main__":

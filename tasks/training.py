@@ -37,23 +37,28 @@ class Hyper:
     use_bias: bool
     global_mean: float
     order: str = "user_runs"
+    users_per_run: int = 32
 
 
-def visiting_order(block: BlockRatings, order: str, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def visiting_order(block: BlockRatings, order: str, users_per_run: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """The runs of a block and the random order to visit them in (see :mod:`tasks.kernels`).
 
-    ``"user_runs"``: one run per user (blocks are stored sorted by user), users in
-    random order. ``"ratings"``: one run per rating, ratings in random order.
+    ``"user_runs"``: runs of ``users_per_run`` consecutive users (blocks are stored
+    sorted by user, then item) in random order: each ``p_u`` stays in cache over its
+    ratings and memory is read in long streaks. ``"ratings"``: one run per rating,
+    in random order. ``"sorted"``: the block front to back, no randomness.
 
     Returns
     -------
     run_starts : array of shape (n_runs + 1,), int64
     run_order : array of shape (n_runs,), int64
     """
+    if order == "sorted":
+        return np.array([0, block.n], dtype=np.int64), np.zeros(1, dtype=np.int64)
     if order == "user_runs":
-        run_starts = np.concatenate(([0], np.flatnonzero(np.diff(block.users)) + 1, [block.n])).astype(np.int64)
-        if block.n == 0:
-            run_starts = np.zeros(1, dtype=np.int64)
+        user_starts = np.flatnonzero(np.diff(block.users)) + 1
+        run_starts = np.concatenate(([0], user_starts[users_per_run - 1::users_per_run], [block.n]))
+        run_starts = run_starts[: 1 if block.n == 0 else None].astype(np.int64)
     else:
         run_starts = np.arange(block.n + 1, dtype=np.int64)
     return run_starts, np.random.default_rng(seed).permutation(run_starts.shape[0] - 1)
@@ -80,7 +85,7 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
         block = row_block.split(0)[col]
         P, user_bias = (a.copy() for a in user_state)
         Q, item_bias = (a.copy() for a in item_state)
-        run_starts, run_order = visiting_order(block, hyper.order, order_seed)
+        run_starts, run_order = visiting_order(block, hyper.order, hyper.users_per_run, order_seed)
         lr, reg = np.float32(hyper.lr), np.float32(hyper.reg)
         if hyper.use_bias:
             sse = kernels.sgd_block_biased(

@@ -126,20 +126,24 @@ def test_empty_block_is_a_no_op():
     np.testing.assert_array_equal(P, before)
 
 
-@pytest.mark.parametrize("order", ["user_runs", "ratings"])
-def test_visiting_order_covers_each_rating_once(order):
+@pytest.mark.parametrize("order,users_per_run", [("user_runs", 1), ("user_runs", 2), ("user_runs", 9),
+                                                 ("ratings", 1), ("sorted", 1)])
+def test_visiting_order_covers_each_rating_once(order, users_per_run):
     from tasks.blocks import BlockRatings
     from tasks.training import visiting_order
 
     users = np.array([0, 0, 0, 2, 2, 5, 7, 7, 7, 7], dtype=np.int32)
     block = BlockRatings(users, np.arange(10, dtype=np.int32), np.ones(10, np.float32))
-    run_starts, run_order = visiting_order(block, order, seed=3)
+    run_starts, run_order = visiting_order(block, order, users_per_run, seed=3)
     visited = np.concatenate([np.arange(run_starts[s], run_starts[s + 1]) for s in run_order])
     assert sorted(visited.tolist()) == list(range(10))
     if order == "user_runs":
-        assert run_order.shape[0] == 4
-        for s in range(4):
-            assert len(set(users[run_starts[s]:run_starts[s + 1]].tolist())) == 1
+        runs = [users[run_starts[s]:run_starts[s + 1]] for s in range(run_order.shape[0])]
+        assert len(runs) == -(-4 // users_per_run)
+        assert all(len(set(run.tolist())) <= users_per_run for run in runs)
+        assert sorted(u for run in runs for u in set(run.tolist())) == [0, 2, 5, 7]  # no user split
+    if order == "sorted":
+        assert visited.tolist() == list(range(10))
     empty = BlockRatings(users[:0], users[:0], np.ones(0, np.float32))
-    starts, runs = visiting_order(empty, order, seed=3)
-    assert starts.tolist() == [0] and runs.shape == (0,)
+    starts, runs = visiting_order(empty, order, users_per_run, seed=3)
+    assert starts.tolist()[0] == 0 and starts.tolist()[-1] == 0 and runs.shape[0] == starts.shape[0] - 1
