@@ -76,8 +76,9 @@ class Pipeline:
         self.seconds: dict[str, float] = {}
         self._row_blocks: list[Any] | None = None
 
-    def _stage(self, name: str, fingerprint: str, work) -> dict[str, Any]:
-        record = self.run.completed(name, fingerprint)
+    def _stage(self, name: str, fingerprint: str, work, output: Path) -> dict[str, Any]:
+        """Run ``work`` unless the stage's record matches ``fingerprint`` and its ``output`` exists."""
+        record = self.run.completed(name, fingerprint) if output.exists() else None
         if record is not None:
             log.info("%s: up to date", name)
         else:
@@ -100,7 +101,7 @@ class Pipeline:
             generate_dataset(self.executor, synthetic_spec(data.generate), self.run.data,
                              data.generate.ratings_per_part)
 
-        self._stage("generate", fingerprint, work)
+        self._stage("generate", fingerprint, work, self.run.data / "dataset.json")
         return open_dataset(self.run.data), fingerprint
 
     def blocks(self, dataset: Dataset, upstream: str) -> tuple[Blocks, str]:
@@ -110,7 +111,7 @@ class Pipeline:
         def work() -> None:
             block_dataset(self.executor, dataset, self.run.blocks, t.d, self.config.split, t.seed)
 
-        self._stage("block", fingerprint, work)
+        self._stage("block", fingerprint, work, self.run.blocks / "blocks.json")
         return open_blocks(self.run.blocks), fingerprint
 
     def row_blocks(self, placement: BlockPlacement) -> list[Any]:
@@ -131,7 +132,7 @@ class Pipeline:
             write_model(self.run.model, result.factors, info, dataset.root)
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
-        self._stage("train", fingerprint, work)
+        self._stage("train", fingerprint, work, self.run.model / "model.json")
         return fingerprint
 
     def evaluate(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> dict[str, Any]:
@@ -140,7 +141,7 @@ class Pipeline:
             return evaluate(self.executor, placement, self.row_blocks(placement), self.run.model, global_mean,
                             blocks.meta["has_expected"])
 
-        record = self._stage("evaluate", upstream, work)
+        record = self._stage("evaluate", upstream, work, self.run.stage_record("evaluate"))
         c = self.config
         summary = {
             **{k: record[k] for k in ("test_rmse", "test_mae", "train_rmse", "baselines", "n_test")},

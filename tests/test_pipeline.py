@@ -155,3 +155,14 @@ def test_train_then_evaluate_as_separate_commands(tmp_path, capsys, caplog):
     out = capsys.readouterr()
     assert "test RMSE" in out.out and "train: up to date" in caplog.text
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["epochs"] == 3
+
+
+def test_a_stage_whose_output_is_gone_runs_again(tiny_config, tmp_path):
+    import shutil
+
+    config = tiny_config(tmp_path / "run")
+    first = run_pipeline(config)
+    shutil.rmtree(tmp_path / "run" / "model")
+    again = run_pipeline(config)
+    assert (tmp_path / "run" / "model" / "P.npy").is_file()
+    assert again["test_rmse"] == first["test_rmse"]
