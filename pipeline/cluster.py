@@ -20,6 +20,11 @@ log = logging.getLogger(__name__)
 
 IN_PROCESS = "inprocess"
 
+# Scheduler settings for the clusters funkflow starts. Work stealing would move a
+# block task, and with it a row block and its user factors, to another worker;
+# DSGD keeps them put and balances load through d instead.
+SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
+
 
 class Done:
     """A finished in-process result, standing where a Dask future would."""
@@ -86,11 +91,12 @@ def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
         yield InProcessExecutor()
         return
 
+    import dask
     from distributed import Client, LocalCluster
 
     if cfg.scheduler is None:
         n_workers = cfg.n_workers or os.cpu_count() or 1
-        with LocalCluster(
+        with dask.config.set(SCHEDULER_CONFIG), LocalCluster(
             n_workers=n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
             dashboard_address=":0", silence_logs=logging.WARNING,
         ) as cluster, Client(cluster) as client:

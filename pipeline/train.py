@@ -151,7 +151,8 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
 
     def init(side: int, r: int, n: int) -> Any:
         return executor.submit(init_factors, n, k, model.init_std, init_seed(root, side, r),
-                               name="init_factors", worker=placement.owner(r))
+                               name="init_user_factors" if side == STREAM_USER_INIT else "init_item_factors",
+                               worker=placement.owner(r))
 
     user_states = [init(STREAM_USER_INIT, r, len(m)) for r, m in enumerate(placement.user_members)]
     item_states = [init(STREAM_ITEM_INIT, c, len(m)) for c, m in enumerate(placement.item_members)]

@@ -70,8 +70,13 @@ def tiny_config():
 
 @pytest.fixture(scope="session")
 def local_cluster():
-    """One real LocalCluster for the session: 2 worker processes of 1 thread each."""
+    """One real LocalCluster for the session: 2 worker processes of 1 thread each, set up as
+    funkflow sets up its own."""
+    import dask
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
+    from pipeline.cluster import SCHEDULER_CONFIG
+
+    with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                                         dashboard_address=":0") as cluster:
         yield cluster

@@ -77,7 +77,8 @@ def dask_cli_cluster(tmp_path):
         procs = []
         for name, command in commands.items():
             log = stack.enter_context(open(tmp_path / f"{name}.log", "w"))
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
+            env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "False"}  # as README says
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             stack.callback(proc.wait, timeout=30)
             stack.callback(proc.terminate)
             procs.append(proc)
@@ -132,3 +133,18 @@ def test_scheduler_without_workers_exits_75(tmp_path, capsys):
                      "--run-dir", str(tmp_path / "run")])
     assert code == 75
     assert "fewer than 1 workers after cluster.timeout=2s" in capsys.readouterr().err
+
+
+def test_only_item_factors_travel_between_workers(tiny_config, local_cluster, tmp_path):
+    """Row blocks and user factors stay on their worker; item factors are all that moves."""
+    from distributed import Client
+
+    with Client(local_cluster) as client:
+        client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
+        address = local_cluster.scheduler_address
+        run_pipeline(tiny_config(tmp_path / "run", "train.d=4", f"cluster.scheduler={address}"), last="train")
+        logs = client.run(lambda dask_worker: list(dask_worker.transfer_incoming_log))
+    moved = {key.split("-")[0] for log in logs.values() for entry in log for key in entry["keys"]}
+    assert "item_state" in moved
+    # make_true_model is the generate stage's true model, read by every chunk task.
+    assert moved <= {"item_state", "init_item_factors", "make_true_model"}, moved
