@@ -120,8 +120,8 @@ def test_empty_block_is_a_no_op():
     users, items, ratings, _, P, Q, ub, ib = _problem(3)
     before = P.copy()
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    sse = kernels.sgd_block_biased(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64), P, Q, ub, ib,
-                                   np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1))
+    sse = kernels.sgd_block_biased(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64),
+                                   P, Q, ub, ib, np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1))
     assert sse == 0.0
     np.testing.assert_array_equal(P, before)
 
