@@ -7,8 +7,9 @@ indices int32; sums of squared errors are accumulated in float64.
 An SGD pass visits a block as *runs*: ``run_starts`` cuts the block's positions
 into contiguous runs, and ``run_order`` says in which order the runs are taken;
 each run is walked front to back. Runs of one rating each in a random order give
-plain random-order SGD; runs of one user each (the block is sorted by user) keep
-``p_u`` in cache while its ratings are applied, as LIBMF does.
+plain random-order SGD; runs of whole users (blocks are stored sorted by user)
+keep ``p_u`` in cache while its ratings are applied and read memory in streaks,
+much as LIBMF walks a block.
 
 The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
 ``e = r - r̂``::

@@ -36,8 +36,8 @@ class Hyper:
     bias_reg: float
     use_bias: bool
     global_mean: float
-    order: str = "user_runs"
-    users_per_run: int = 32
+    order: str
+    users_per_run: int
 
 
 def visiting_order(block: BlockRatings, order: str, users_per_run: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
