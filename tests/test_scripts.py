@@ -1,0 +1,34 @@
+"""The benchmark scripts run end to end at a tiny scale (a smoke test; speed is not asserted)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+SCRIPTS = Path(__file__).parents[1] / "scripts"
+
+
+@pytest.mark.parametrize("script,args,row", [
+    ("bench_kernel.py", ["--k", "8", "--repeat", "1"], "| 8 |"),
+    ("bench_epoch.py", ["--epochs", "2"], "| 2 |"),
+    ("bench_libmf.py", ["--epochs", "2", "--threads", "1"], "| 1 |"),
+])
+def test_benchmark_script_runs_at_tiny_scale(script, args, row, tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), "--scale", "0.0005", "--cache", str(tmp_path),
+                           *args], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert any(line.startswith(row) for line in done.stdout.splitlines()), done.stdout
+
+
+def test_peak_rss_reports_a_command(tmp_path):
+    hold_200_mib = "import time; x = b'x' * (200 * 1024 * 1024); time.sleep(1)"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "peak_rss.py"), "--", sys.executable, "-c", hold_200_mib],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert "peak RSS of the process tree" in done.stderr
+    assert float(done.stderr.split("process tree ")[1].split(" GiB")[0]) >= 0.15
