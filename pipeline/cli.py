@@ -36,6 +36,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", metavar="ADDR",
                         help="Dask scheduler address (tcp://host:8786); default: start a LocalCluster")
     parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run directory (output.run_dir)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue training from the newest valid checkpoint of the run directory")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         last = STAGE_VERBS[args.verb][0]
         config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])
-        summary = run_pipeline(config, last)
+        summary = run_pipeline(config, last, resume=args.resume)
         if summary is not None:
             _print_summary(summary)
         else:

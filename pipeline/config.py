@@ -82,6 +82,8 @@ class TrainConfig(_Section):
     seed: int = 0
     early_stopping_patience: int = Field(0, ge=0)
     max_rollbacks: int = Field(3, ge=0)
+    checkpoint_every: int = Field(1, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)
 
 
 class ClusterConfig(_Section):

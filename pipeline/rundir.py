@@ -51,6 +51,10 @@ class RunDir:
         return self.root / "model"
 
     @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.blocking import Blocks, block_dataset, open_blocks
+from pipeline.checkpoints import Checkpoint, CheckpointStore
 from pipeline.cluster import Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
 from pipeline.errors import ConfigError
@@ -51,10 +52,10 @@ def _format_rate(per_second: float) -> str:
 class _Progress:
     """One terminal line per epoch, and ``metrics.jsonl`` rewritten whole after each."""
 
-    def __init__(self, run: RunDir, epochs: int) -> None:
+    def __init__(self, run: RunDir, epochs: int, rows: list[dict[str, Any]]) -> None:
         self.run = run
         self.epochs = epochs
-        self.rows: list[dict[str, Any]] = []
+        self.rows = list(rows)
 
     def __call__(self, report: EpochReport) -> None:
         self.rows.append(report.row())
@@ -69,9 +70,10 @@ class _Progress:
 class Pipeline:
     """The stages of one run directory, run against one executor."""
 
-    def __init__(self, config: Config, executor: Executor) -> None:
+    def __init__(self, config: Config, executor: Executor, resume: bool = False) -> None:
         self.config = config
         self.executor = executor
+        self.resume = resume
         self.run = RunDir(Path(config.output.run_dir))
         self.seconds: dict[str, float] = {}
         self._row_blocks: list[Any] | None = None
@@ -114,6 +116,24 @@ class Pipeline:
         self._stage("block", fingerprint, work, self.run.blocks / "blocks.json")
         return open_blocks(self.run.blocks), fingerprint
 
+    def _checkpoints(self, blocks_fingerprint: str) -> tuple[CheckpointStore | None, Checkpoint | None]:
+        """The run's checkpoint store and, with ``--resume``, the checkpoint to continue from."""
+        t = self.config.train
+        if not t.checkpoint_every:
+            return None, None
+        sections = self.config.to_dict()
+        identity = {"blocks": blocks_fingerprint, "model": sections["model"],
+                    "train": {k: v for k, v in sections["train"].items()
+                              if k not in ("epochs", "checkpoint_every", "keep_checkpoints")}}
+        store = CheckpointStore(self.run.checkpoints, identity, t.keep_checkpoints)
+        if not self.resume:
+            store.clear()  # a fresh start must never be resumed into from an older attempt
+            return store, None
+        checkpoint = store.latest()
+        if checkpoint is None:
+            log.warning("--resume: no valid checkpoint in %s; training from the start", self.run.checkpoints)
+        return store, checkpoint
+
     def row_blocks(self, placement: BlockPlacement) -> list[Any]:
         if self._row_blocks is None:
             self._row_blocks = placement.load_row_blocks()
@@ -123,9 +143,11 @@ class Pipeline:
         fingerprint = _chain(upstream, self.config.fingerprint("model", "train"))
 
         def work() -> dict[str, Any]:
-            progress = _Progress(self.run, self.config.train.epochs)
+            store, checkpoint = self._checkpoints(upstream)
+            progress = _Progress(self.run, self.config.train.epochs,
+                                 [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [])
             result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
-                           self.config.train, progress)
+                           self.config.train, progress, store, checkpoint)
             info = {"k": self.config.model.k, "use_bias": self.config.model.use_bias, "d": blocks.d,
                     "epochs": len(result.history), "best_epoch": result.best_epoch,
                     "dataset_fingerprint": dataset.fingerprint, "config": self.config.to_dict()}
@@ -170,8 +192,11 @@ class Pipeline:
         return self.evaluate(dataset, blocks, placement, fingerprint)
 
 
-def run_pipeline(config: Config, last: str = "evaluate") -> dict[str, Any] | None:
-    """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate."""
+def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False) -> dict[str, Any] | None:
+    """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate.
+
+    With ``resume``, training continues from the newest valid checkpoint.
+    """
     # Everything that can be checked without the cluster is checked before it starts.
     if config.data.generate is not None:
         synthetic_spec(config.data.generate)
@@ -186,4 +211,4 @@ def run_pipeline(config: Config, last: str = "evaluate") -> dict[str, Any] | Non
         if config.train.d < executor.total_threads:
             log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise train.d",
                         config.train.d, executor.total_threads)
-        return Pipeline(config, executor).run_until(last)
+        return Pipeline(config, executor, resume).run_until(last)

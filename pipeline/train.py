@@ -16,12 +16,13 @@ import math
 import operator
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 
 from pipeline.blocking import Blocks
+from pipeline.checkpoints import Checkpoint, CheckpointStore
 from pipeline.cluster import Executor
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import TrainingDiverged
@@ -141,29 +142,45 @@ def _next_lr(lr: float, cfg: TrainConfig, train_rmse: float, previous: float | N
 
 
 def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
-          cfg: TrainConfig, on_epoch: Callable[[EpochReport], None] = lambda report: None) -> TrainResult:
-    """Run ``cfg.epochs`` DSGD epochs; return the final (or, with early stopping, the best) factors."""
+          cfg: TrainConfig, on_epoch: Callable[[EpochReport], None] = lambda report: None,
+          checkpoints: CheckpointStore | None = None, resume: Checkpoint | None = None) -> TrainResult:
+    """Run DSGD epochs up to ``cfg.epochs``; return the final (or, with early stopping, the best) factors.
+
+    With ``checkpoints``, every ``cfg.checkpoint_every`` epochs the state is written
+    and the next epoch starts from the checkpoint's arrays, so the task graph
+    never holds more than the epochs since. ``resume`` continues from a
+    checkpoint exactly where the run that wrote it was.
+    """
     blocks = placement.blocks
     d, k = blocks.d, model.k
     root = np.random.SeedSequence(cfg.seed)
     global_mean = blocks.global_mean if model.use_bias else 0.0
     n_train = blocks.n_split(TRAIN)
+    owners = [placement.owner(r) for r in range(d)]
 
-    def init(side: int, r: int, n: int) -> Any:
-        return executor.submit(init_factors, n, k, model.init_std, init_seed(root, side, r),
-                               name="init_user_factors" if side == STREAM_USER_INIT else "init_item_factors",
-                               worker=placement.owner(r))
-
-    user_states = [init(STREAM_USER_INIT, r, len(m)) for r, m in enumerate(placement.user_members)]
-    item_states = [init(STREAM_ITEM_INIT, c, len(m)) for c, m in enumerate(placement.item_members)]
-    start = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean, (TRAIN,))
-    exploded_at = _EXPLODED_FACTOR * (rmse(start, TRAIN) or 1.0)
-
-    lr = cfg.lr
-    history: list[EpochReport] = []
     best: tuple[float, int, list[Any], list[Any]] | None = None
-    rollbacks = 0
-    epoch = 0
+    if resume is None:
+        def init(side: int, r: int, n: int) -> Any:
+            return executor.submit(init_factors, n, k, model.init_std, init_seed(root, side, r),
+                                   name="init_user_factors" if side == STREAM_USER_INIT else "init_item_factors",
+                                   worker=owners[r])
+
+        user_states = [init(STREAM_USER_INIT, r, len(m)) for r, m in enumerate(placement.user_members)]
+        item_states = [init(STREAM_ITEM_INIT, c, len(m)) for c, m in enumerate(placement.item_members)]
+        start = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean, (TRAIN,))
+        exploded_at = _EXPLODED_FACTOR * (rmse(start, TRAIN) or 1.0)
+        lr, epoch, rollbacks = cfg.lr, 0, 0
+        history: list[EpochReport] = []
+    else:
+        state = resume.state
+        user_states, item_states = CheckpointStore.load(executor, owners, resume, d)
+        exploded_at, lr, epoch, rollbacks = state["exploded_at"], state["lr"], resume.epoch, state["rollbacks"]
+        history = [EpochReport(**row) for row in state["history"]]
+        if state["best_epoch"] is not None and checkpoints is not None:
+            best = (state["best_val"], state["best_epoch"],
+                    *CheckpointStore.load(executor, owners, checkpoints.at(state["best_epoch"]), d))
+        log.info("resuming after epoch %d from %s", epoch, resume.path)
+
     while epoch < cfg.epochs:
         began = time.perf_counter()
         hyper = Hyper(lr=lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
@@ -217,6 +234,18 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
                 log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
                          cfg.early_stopping_patience, best[1])
                 break
+
+        if checkpoints is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
+            state = {"lr": lr, "rollbacks": rollbacks, "exploded_at": exploded_at,
+                     "history": [asdict(r) for r in history],
+                     "best_epoch": best[1] if best else None, "best_val": best[0] if best else None}
+            began = time.perf_counter()
+            written = checkpoints.write(executor, owners, epoch, user_states, item_states, state,
+                                        protect=best[1] if best else None)
+            log.debug("checkpoint of epoch %d written in %.3fs", epoch, time.perf_counter() - began)
+            # Start the next epoch from the files: the lineage ends here, and resuming
+            # from this checkpoint later starts from exactly the same arrays.
+            user_states, item_states = CheckpointStore.load(executor, owners, written, d)
 
     best_epoch = epoch
     if best is not None:

@@ -147,4 +147,4 @@ def test_only_item_factors_travel_between_workers(tiny_config, local_cluster, tm
     moved = {key.split("-")[0] for log in logs.values() for entry in log for key in entry["keys"]}
     assert "item_state" in moved
     # make_true_model is the generate stage's true model, read by every chunk task.
-    assert moved <= {"item_state", "init_item_factors", "make_true_model"}, moved
+    assert moved <= {"item_state", "init_item_factors", "read_item_block", "make_true_model"}, moved

@@ -1,0 +1,127 @@
+"""Checkpoints: written whole, verified, pruned; resume ends with the same bits as a run never stopped."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.stages import run_pipeline
+
+ARRAYS = ("P.npy", "Q.npy", "user_bias.npy", "item_bias.npy")
+
+
+def _model(run_dir: Path) -> dict[str, bytes]:
+    return {name: np.load(run_dir / "model" / name, allow_pickle=False).tobytes() for name in ARRAYS}
+
+
+def _metrics(run_dir: Path) -> list[tuple]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["epoch"], r["train_rmse"], r["val_rmse"], r["lr"]) for r in rows]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_config, tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("whole") / "run"
+    run_pipeline(tiny_config(run_dir, "train.epochs=6"))
+    return run_dir
+
+
+def test_checkpoints_are_complete_and_pruned(uninterrupted):
+    checkpoints = sorted(p.name for p in (uninterrupted / "checkpoints").iterdir())
+    assert checkpoints == ["epoch-000005", "epoch-000006"]  # keep_checkpoints=2
+    newest = uninterrupted / "checkpoints" / "epoch-000006"
+    manifest = json.loads((newest / "manifest.json").read_text())
+    assert manifest["epoch"] == 6
+    assert set(manifest["files"]) == {f"{side}-{b:04d}.{part}.npy" for side in ("user", "item") for b in range(3)
+                                      for part in ("factors", "bias")} | {"state.json"}
+    # The last checkpoint holds the final model's factors.
+    P = np.load(uninterrupted / "model" / "P.npy")
+    from tasks.hashing import SALT_ROWS, block_layout
+    members = block_layout(300, 3, 0, SALT_ROWS)[2]
+    for r in range(3):
+        np.testing.assert_array_equal(np.load(newest / f"user-{r:04d}.factors.npy"), P[members[r]])
+
+
+def test_resume_ends_with_the_same_bits(tiny_config, uninterrupted, tmp_path):
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3"))
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=6"), resume=True)
+    assert _model(tmp_path / "run") == _model(uninterrupted)
+    assert _metrics(tmp_path / "run") == _metrics(uninterrupted)
+
+
+@pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "wrong checksum"])
+def test_damaged_checkpoint_is_skipped_for_the_one_before(tiny_config, uninterrupted, tmp_path, caplog, damage):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3"))
+    newest = tmp_path / "run" / "checkpoints" / "epoch-000003"
+    target = newest / "user-0001.factors.npy"
+    if damage == "no manifest":
+        (newest / "manifest.json").unlink()
+    elif damage == "truncated npy":
+        target.write_bytes(target.read_bytes()[:-7])
+    else:
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=6"), resume=True)
+    assert "skipping checkpoint" in caplog.text and "epoch-000003" in caplog.text
+    assert "resuming after epoch 2" in caplog.text
+    assert _model(tmp_path / "run") == _model(uninterrupted)
+
+
+def test_resume_with_a_changed_model_exits_78_naming_the_key(tiny_config, tmp_path, capsys):
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2"))
+    args = ["run", "--resume", "--run-dir", str(tmp_path / "run")]
+    for override in ("data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+                     "data.generate.max_user_fraction=0.5", "data.generate.ratings_per_part=5000", "model.k=4",
+                     "train.epochs=4", "train.d=3", "cluster.scheduler=inprocess"):
+        args += ["--set", override]
+    assert main(args) == 78
+    assert "model.k: checkpoint has 8, config has 4" in capsys.readouterr().err
+
+
+def test_a_fresh_start_never_resumes_into_an_older_attempt(tiny_config, tmp_path):
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=5"))
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2", "model.reg=0.1"))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch-000001", "epoch-000002"]
+
+
+@pytest.mark.slow
+def test_driver_killed_after_third_checkpoint_resumes_to_the_same_bits(tmp_path):
+    """SIGKILL `funkflow run` once its third checkpoint exists; `--resume` finishes the run."""
+    sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
+            "model.k=16", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
+    args = [a for s in sets for a in ("--set", s)]
+    command = [sys.executable, "-m", "pipeline", "run", *args]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+
+    subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=300)
+
+    run_dir = tmp_path / "killed"
+    victim = subprocess.Popen([*command, "--run-dir", str(run_dir)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    third = run_dir / "checkpoints" / "epoch-000003" / "manifest.json"
+    deadline = time.monotonic() + 240
+    while not third.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert third.exists() and not (run_dir / "model").exists(), "the run must die mid-training"
+
+    done = subprocess.run([*command, "--run-dir", str(run_dir), "--resume"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "resuming after epoch" in done.stderr
+    assert _model(run_dir) == _model(tmp_path / "whole")
+    assert _metrics(run_dir) == _metrics(tmp_path / "whole")
