@@ -123,7 +123,8 @@ class CheckpointStore:
         return checkpoint
 
     @staticmethod
-    def load(executor: Executor, owners: list[str | None], checkpoint: Checkpoint, d: int) -> tuple[list[Any], list[Any]]:
+    def load(executor: Executor, owners: list[str | None], checkpoint: Checkpoint,
+             d: int) -> tuple[list[Any], list[Any]]:
         """Futures of the checkpoint's user and item states, each read on the worker that owns it."""
         where = str(checkpoint.path)
         users = [executor.submit(read_factor_state, where, f"user-{r:04d}", name="read_user_block", worker=owners[r])
