@@ -74,11 +74,15 @@ class DaskExecutor:
 
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         from distributed import KilledWorker
+        from distributed.scheduler import NoValidWorkerError
 
         try:
             return self.client.gather(list(futures))
         except KilledWorker as exc:
-            raise ClusterError(f"a task kept killing its workers and was abandoned: {exc}") from exc
+            raise ClusterError(f"workers died running the same task more often than "
+                               f"distributed.scheduler.allowed-failures allows: {exc}") from exc
+        except NoValidWorkerError as exc:
+            raise ClusterError(f"no worker was left to run the tasks: {exc}") from exc
 
 
 Executor = InProcessExecutor | DaskExecutor
@@ -96,7 +100,9 @@ def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
 
     if cfg.scheduler is None:
         n_workers = cfg.n_workers or os.cpu_count() or 1
-        with dask.config.set(SCHEDULER_CONFIG), LocalCluster(
+        # Tasks that no worker can run for cluster.timeout fail, and the run exits 75, rather than hang.
+        no_workers = {"distributed.scheduler.no-workers-timeout": f"{cfg.timeout}s"}
+        with dask.config.set({**SCHEDULER_CONFIG, **no_workers}), LocalCluster(
             n_workers=n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
             dashboard_address=":0", silence_logs=logging.WARNING,
         ) as cluster, Client(cluster) as client:
