@@ -13,14 +13,18 @@ pytestmark = pytest.mark.slow
 SCRIPTS = Path(__file__).parents[1] / "scripts"
 
 
+TINY = ["--scale", "0.0005"]
+
+
 @pytest.mark.parametrize("script,args,row", [
-    ("bench_kernel.py", ["--k", "8", "--repeat", "1"], "| 8 |"),
-    ("bench_epoch.py", ["--epochs", "2"], "| 2 |"),
-    ("bench_libmf.py", ["--epochs", "2", "--threads", "1"], "| 1 |"),
+    ("bench_kernel.py", [*TINY, "--k", "8", "--repeat", "1"], "| 8 |"),
+    ("bench_epoch.py", [*TINY, "--epochs", "2"], "| 2 |"),
+    ("bench_libmf.py", [*TINY, "--epochs", "2", "--threads", "1"], "| 1 |"),
+    ("bench_scheduler_memory.py", ["--epochs", "2"], "| 2 |"),
 ])
 def test_benchmark_script_runs_at_tiny_scale(script, args, row, tmp_path):
-    done = subprocess.run([sys.executable, str(SCRIPTS / script), "--scale", "0.0005", "--cache", str(tmp_path),
-                           *args], cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    done = subprocess.run([sys.executable, str(SCRIPTS / script), "--cache", str(tmp_path), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-2000:]
     assert any(line.startswith(row) for line in done.stdout.splitlines()), done.stdout
 
