@@ -192,13 +192,10 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
                 label = f"epoch {epoch} stratum {s} block {r},{c}"
                 result = executor.submit(sgd_update, row_blocks[r], c, new_users[r], new_items[c], hyper,
                                          block_order_seed(root, epoch, s, r, c), label,
-                                         name="sgd_update", worker=placement.owner(r))
-                new_users[r] = executor.submit(operator.getitem, result, 0, name="user_state",
-                                               worker=placement.owner(r))
-                new_items[c] = executor.submit(operator.getitem, result, 1, name="item_state",
-                                               worker=placement.owner(r))
-                block_sse.append(executor.submit(operator.getitem, result, 2, name="block_sse",
-                                                 worker=placement.owner(r)))
+                                         name="sgd_update", worker=owners[r])
+                new_users[r] = executor.submit(operator.getitem, result, 0, name="user_state", worker=owners[r])
+                new_items[c] = executor.submit(operator.getitem, result, 1, name="item_state", worker=owners[r])
+                block_sse.append(executor.submit(operator.getitem, result, 2, name="block_sse", worker=owners[r]))
         # The training RMSE is the one the pass met (as LIBMF and Surprise report it): a
         # second pass over all training ratings would cost a fifth of the epoch.
         train_rmse = math.sqrt(sum(executor.gather(block_sse)) / n_train)  # schedule order

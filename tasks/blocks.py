@@ -10,6 +10,7 @@ can always be rebuilt from disk (a lost worker costs a re-read, not the run).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +94,14 @@ class BlockRatings:
     def nbytes(self) -> int:
         extra = 0 if self.expected is None else self.expected.nbytes
         return self.users.nbytes + self.items.nbytes + self.ratings.nbytes + extra
+
+    @cached_property
+    def user_starts(self) -> np.ndarray:
+        """Positions where a new user's ratings begin (after position 0), int64.
+
+        Computed once per block on the worker that holds it, not once per epoch.
+        """
+        return np.flatnonzero(np.diff(self.users)) + 1
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.io import file_sha256, write_npy
-
-FactorState = tuple[np.ndarray, np.ndarray]
+from tasks.training import FactorState
 
 
 def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[str, str]:

@@ -56,8 +56,7 @@ def visiting_order(block: BlockRatings, order: str, users_per_run: int, seed: in
     if order == "sorted":
         return np.array([0, block.n], dtype=np.int64), np.zeros(1, dtype=np.int64)
     if order == "user_runs":
-        user_starts = np.flatnonzero(np.diff(block.users)) + 1
-        run_starts = np.concatenate(([0], user_starts[users_per_run - 1::users_per_run], [block.n]))
+        run_starts = np.concatenate(([0], block.user_starts[users_per_run - 1::users_per_run], [block.n]))
         run_starts = run_starts[: 1 if block.n == 0 else None].astype(np.int64)
     else:
         run_starts = np.arange(block.n + 1, dtype=np.int64)
