@@ -1,31 +1,33 @@
-"""Checkpoints between epochs: written whole or not at all, verified before use.
+"""Checkpoints between epochs, at any fsspec URL: verified before use, or they do not exist.
 
-``checkpoints/epoch-NNNNNN/`` holds one ``user-RRRR`` factor block per row block
+``<url>/epoch-NNNNNN/`` holds one ``user-RRRR`` factor block per row block
 (written by the worker that owns it), one ``item-CCCC`` block per column block,
 ``state.json`` (epoch, step size, history, early-stopping state) and, last,
-``manifest.json`` with the SHA-256 of every file and the config it belongs to.
-The directory is built under a temporary name and renamed into place; a
-checkpoint without a manifest, or whose checksums fail, does not exist.
+``manifest.json`` with the SHA-256 of every file, the run's identity and the
+arrays' layout. Object stores have no rename, so nothing is moved into place:
+a checkpoint without a manifest, or whose checksums fail, does not exist.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import shutil
+import re
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+import fsspec
 
 from pipeline.cluster import Executor
 from pipeline.errors import ConfigError
-from pipeline.rundir import swap_in, temporary_dir
 from tasks.checkpoint_io import read_factor_state, write_factor_state
-from tasks.io import file_sha256, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STATE = "state.json"
+_EPOCH_DIR = re.compile(r"epoch-(\d{6})$")
 
 
 def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
@@ -35,9 +37,17 @@ def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
     return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, config has {current!r}"]
 
 
+def open_storage(url: str, key: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem and path of ``url``; an unknown protocol or a missing driver is a config error at ``key``."""
+    try:
+        return fsspec.core.url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"{key}: cannot open {url!r}: {exc}") from None
+
+
 @dataclass(frozen=True)
 class Checkpoint:
-    path: Path
+    url: str
     epoch: int
     state: dict[str, Any]
 
@@ -47,78 +57,110 @@ class CheckpointStore:
 
     ``identity`` is what a checkpoint must match to be resumed from: the config
     sections and data fingerprint that determine the factors (not the epoch
-    count, so a finished run can be extended).
+    count, so a finished run can be extended); ``force`` resumes despite
+    differences. ``layout`` fixes the arrays' shapes (k, blocks) and must
+    always match.
     """
 
-    def __init__(self, root: Path, identity: dict[str, Any], keep: int) -> None:
-        self.root = root
+    def __init__(self, url: str, identity: dict[str, Any], layout: dict[str, Any], keep: int,
+                 force: bool = False) -> None:
+        self.fs, self.root = open_storage(url, "output.checkpoints")
         self.identity = identity
+        self.layout = layout
         self.keep = keep
+        self.force = force
 
-    def _dirs(self) -> list[Path]:
-        return sorted(self.root.glob("epoch-[0-9]*"), reverse=True) if self.root.exists() else []
+    def _url(self, path: str) -> str:
+        return self.fs.unstrip_protocol(path)
+
+    def _epoch_dirs(self) -> list[str]:
+        """Epoch directories, newest first."""
+        if not self.fs.exists(self.root):
+            return []
+        paths = [p for p in self.fs.ls(self.root, detail=False) if _EPOCH_DIR.search(p.rstrip("/"))]
+        return sorted(paths, reverse=True)
+
+    def _sha256(self, path: str) -> str:
+        digest = hashlib.sha256()
+        with self.fs.open(path, "rb") as f:
+            while chunk := f.read(1 << 22):
+                digest.update(chunk)
+        return digest.hexdigest()
 
     def clear(self) -> None:
-        shutil.rmtree(self.root, ignore_errors=True)
+        if self.fs.exists(self.root):
+            self.fs.rm(self.root, recursive=True)
 
     def write(self, executor: Executor, owners: list[str | None], epoch: int, user_states: list[Any],
               item_states: list[Any], state: dict[str, Any], protect: int | None = None) -> Checkpoint:
         """Write epoch ``epoch``'s checkpoint; keep the newest ``keep`` and epoch ``protect``."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"epoch-{epoch:06d}"
-        tmp = temporary_dir(final)
-        try:
-            futures = [executor.submit(write_factor_state, s, str(tmp), f"user-{r:04d}", name="write_user_block",
-                                       worker=owners[r]) for r, s in enumerate(user_states)]
-            futures += [executor.submit(write_factor_state, s, str(tmp), f"item-{c:04d}", name="write_item_block")
-                        for c, s in enumerate(item_states)]
-            files: dict[str, str] = {}
-            for sums in executor.gather(futures):
-                files.update(sums)
-            write_json({**state, "epoch": epoch}, tmp / STATE)
-            files[STATE] = file_sha256(tmp / STATE)
-            write_json({"epoch": epoch, "identity": self.identity, "files": files}, tmp / MANIFEST)
-            swap_in(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        for old in self._dirs()[self.keep:]:
-            if protect is None or old.name != f"epoch-{protect:06d}":
-                shutil.rmtree(old)
-        return Checkpoint(final, epoch, {**state, "epoch": epoch})
+        path = f"{self.root}/epoch-{epoch:06d}"
+        if self.fs.exists(path):  # left by a crash before its manifest, or superseded
+            self.fs.rm(path, recursive=True)
+        self.fs.makedirs(path, exist_ok=True)
+        url = self._url(path)
+        futures = [executor.submit(write_factor_state, s, url, f"user-{r:04d}", name="write_user_block",
+                                   worker=owners[r]) for r, s in enumerate(user_states)]
+        futures += [executor.submit(write_factor_state, s, url, f"item-{c:04d}", name="write_item_block")
+                    for c, s in enumerate(item_states)]
+        files: dict[str, str] = {}
+        for sums in executor.gather(futures):
+            files.update(sums)
+        state = {**state, "epoch": epoch}
+        state_bytes = json.dumps(state, indent=2, sort_keys=True).encode()
+        self.fs.pipe_file(f"{path}/{STATE}", state_bytes)
+        files[STATE] = hashlib.sha256(state_bytes).hexdigest()
+        manifest = {"epoch": epoch, "identity": self.identity, "layout": self.layout, "files": files}
+        self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        for old in self._epoch_dirs()[self.keep:]:
+            if protect is None or not old.rstrip("/").endswith(f"epoch-{protect:06d}"):
+                self.fs.rm(old, recursive=True)
+        return Checkpoint(url, epoch, state)
 
-    def _verified(self, path: Path) -> Checkpoint | None:
-        manifest_path = path / MANIFEST
-        if not manifest_path.is_file():
-            log.warning("skipping checkpoint %s: no manifest (it was not finished)", path)
+    def _verified(self, path: str) -> Checkpoint | None:
+        url = self._url(path)
+        try:
+            manifest = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))
+        except FileNotFoundError:
+            log.warning("skipping checkpoint %s: no manifest (it was not finished)", url)
+            return None
+        except ValueError as exc:
+            log.warning("skipping checkpoint %s: unreadable manifest (%s)", url, exc)
             return None
         try:
-            manifest = read_json(manifest_path)
             for name, digest in manifest["files"].items():
-                if not (path / name).is_file() or file_sha256(path / name) != digest:
-                    log.warning("skipping checkpoint %s: %s is missing or fails its checksum", path, name)
+                if not self.fs.isfile(f"{path}/{name}") or self._sha256(f"{path}/{name}") != digest:
+                    log.warning("skipping checkpoint %s: %s is missing or fails its checksum", url, name)
                     return None
-        except (ValueError, KeyError) as exc:
-            log.warning("skipping checkpoint %s: unreadable manifest (%s)", path, exc)
+            saved_identity, saved_layout = manifest["identity"], manifest["layout"]
+        except (KeyError, AttributeError, TypeError) as exc:
+            log.warning("skipping checkpoint %s: malformed manifest (%r)", url, exc)
             return None
-        differences = _differences(manifest["identity"], self.identity)
+        layout = _differences(saved_layout, self.layout)
+        if layout:
+            raise ConfigError(f"cannot resume from {url}: its arrays have another shape:\n  " + "\n  ".join(layout)
+                              + "\nrun without --resume to start afresh")
+        differences = _differences(saved_identity, self.identity)
+        if differences and not self.force:
+            raise ConfigError(f"cannot resume from {url}: the run has changed since it was written:\n  "
+                              + "\n  ".join(differences)
+                              + "\nrun without --resume to start afresh, or add --force to resume anyway")
         if differences:
-            raise ConfigError(f"cannot resume from {path}: the run has changed since it was written:\n  "
-                              + "\n  ".join(differences) + "\nrun without --resume to start afresh")
-        return Checkpoint(path, int(manifest["epoch"]), read_json(path / STATE))
+            log.warning("--force: resuming from %s despite:\n  %s", url, "\n  ".join(differences))
+        return Checkpoint(url, int(manifest["epoch"]), json.loads(self.fs.cat_file(f"{path}/{STATE}")))
 
     def latest(self) -> Checkpoint | None:
         """The newest checkpoint that verifies, or None."""
-        for path in self._dirs():
+        for path in self._epoch_dirs():
             checkpoint = self._verified(path)
             if checkpoint is not None:
                 return checkpoint
         return None
 
     def at(self, epoch: int) -> Checkpoint:
-        checkpoint = self._verified(self.root / f"epoch-{epoch:06d}")
+        checkpoint = self._verified(f"{self.root}/epoch-{epoch:06d}")
         if checkpoint is None:
-            raise ConfigError(f"the checkpoint of epoch {epoch} in {self.root} is gone or damaged; "
+            raise ConfigError(f"the checkpoint of epoch {epoch} in {self._url(self.root)} is gone or damaged; "
                               "run without --resume to start afresh")
         return checkpoint
 
@@ -126,9 +168,8 @@ class CheckpointStore:
     def load(executor: Executor, owners: list[str | None], checkpoint: Checkpoint,
              d: int) -> tuple[list[Any], list[Any]]:
         """Futures of the checkpoint's user and item states, each read on the worker that owns it."""
-        where = str(checkpoint.path)
-        users = [executor.submit(read_factor_state, where, f"user-{r:04d}", name="read_user_block", worker=owners[r])
-                 for r in range(d)]
-        items = [executor.submit(read_factor_state, where, f"item-{c:04d}", name="read_item_block", worker=owners[c])
-                 for c in range(d)]
+        users = [executor.submit(read_factor_state, checkpoint.url, f"user-{r:04d}", name="read_user_block",
+                                 worker=owners[r]) for r in range(d)]
+        items = [executor.submit(read_factor_state, checkpoint.url, f"item-{c:04d}", name="read_item_block",
+                                 worker=owners[c]) for c in range(d)]
         return users, items

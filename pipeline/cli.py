@@ -38,6 +38,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run directory (output.run_dir)")
     parser.add_argument("--resume", action="store_true",
                         help="continue training from the newest valid checkpoint of the run directory")
+    parser.add_argument("--force", action="store_true",
+                        help="with --resume: resume even if the config or data changed since the checkpoint "
+                             "(never when k or the blocks differ)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         last = STAGE_VERBS[args.verb][0]
         config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])
-        summary = run_pipeline(config, last, resume=args.resume)
+        summary = run_pipeline(config, last, resume=args.resume, force=args.force)
         if summary is not None:
             _print_summary(summary)
         else:

@@ -91,10 +91,12 @@ class ClusterConfig(_Section):
     n_workers: int | None = Field(None, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     timeout: float = Field(30.0, gt=0)
+    allowed_failures: int = Field(3, ge=0)
 
 
 class OutputConfig(_Section):
     run_dir: str = "runs/default"
+    checkpoints: str | None = None
 
 
 class Config(_Section):

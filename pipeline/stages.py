@@ -15,11 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.blocking import Blocks, block_dataset, open_blocks
-from pipeline.checkpoints import Checkpoint, CheckpointStore
-from pipeline.cluster import Executor, open_executor
+from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
+from pipeline.cluster import IN_PROCESS, Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
-from pipeline.errors import ConfigError
 from pipeline.dataset import Dataset, generate_dataset, open_dataset
+from pipeline.errors import ConfigError, UsageError
 from pipeline.evaluate import evaluate
 from pipeline.model import write_model
 from pipeline.rundir import RunDir
@@ -70,11 +70,13 @@ class _Progress:
 class Pipeline:
     """The stages of one run directory, run against one executor."""
 
-    def __init__(self, config: Config, executor: Executor, resume: bool = False) -> None:
+    def __init__(self, config: Config, executor: Executor, resume: bool = False, force: bool = False) -> None:
         self.config = config
         self.executor = executor
         self.resume = resume
+        self.force = force
         self.run = RunDir(Path(config.output.run_dir))
+        self.checkpoint_url = config.output.checkpoints or str(self.run.checkpoints)
         self.seconds: dict[str, float] = {}
         self._row_blocks: list[Any] | None = None
 
@@ -116,7 +118,8 @@ class Pipeline:
         self._stage("block", fingerprint, work, self.run.blocks / "blocks.json")
         return open_blocks(self.run.blocks), fingerprint
 
-    def _checkpoints(self, blocks_fingerprint: str) -> tuple[CheckpointStore | None, Checkpoint | None]:
+    def _checkpoints(self, blocks: Blocks, blocks_fingerprint: str) -> tuple[CheckpointStore | None,
+                                                                              Checkpoint | None]:
         """The run's checkpoint store and, with ``--resume``, the checkpoint to continue from."""
         t = self.config.train
         if not t.checkpoint_every:
@@ -125,13 +128,15 @@ class Pipeline:
         identity = {"blocks": blocks_fingerprint, "model": sections["model"],
                     "train": {k: v for k, v in sections["train"].items()
                               if k not in ("epochs", "checkpoint_every", "keep_checkpoints")}}
-        store = CheckpointStore(self.run.checkpoints, identity, t.keep_checkpoints)
+        layout = {"model.k": self.config.model.k, "train.d": blocks.d, "train.seed": blocks.seed,
+                  "n_users": blocks.n_users, "n_items": blocks.n_items}
+        store = CheckpointStore(self.checkpoint_url, identity, layout, t.keep_checkpoints, self.force)
         if not self.resume:
             store.clear()  # a fresh start must never be resumed into from an older attempt
             return store, None
         checkpoint = store.latest()
         if checkpoint is None:
-            log.warning("--resume: no valid checkpoint in %s; training from the start", self.run.checkpoints)
+            log.warning("--resume: no valid checkpoint in %s; training from the start", self.checkpoint_url)
         return store, checkpoint
 
     def row_blocks(self, placement: BlockPlacement) -> list[Any]:
@@ -143,7 +148,7 @@ class Pipeline:
         fingerprint = _chain(upstream, self.config.fingerprint("model", "train"))
 
         def work() -> dict[str, Any]:
-            store, checkpoint = self._checkpoints(upstream)
+            store, checkpoint = self._checkpoints(blocks, upstream)
             progress = _Progress(self.run, self.config.train.epochs,
                                  [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [])
             result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
@@ -192,16 +197,32 @@ class Pipeline:
         return self.evaluate(dataset, blocks, placement, fingerprint)
 
 
-def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False) -> dict[str, Any] | None:
+def _check_checkpoint_storage(config: Config) -> None:
+    """Fail before the cluster starts when ``output.checkpoints`` cannot work."""
+    url = config.output.checkpoints
+    if url is None or not config.train.checkpoint_every:
+        return
+    fs, _ = open_storage(url, "output.checkpoints")
+    if "memory" in fs.protocol and config.cluster.scheduler != IN_PROCESS:
+        raise ConfigError(f"output.checkpoints: {url} lives in one process's memory, where the workers' "
+                          "writes cannot be seen; use it only with cluster.scheduler=inprocess")
+
+
+def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
+                 force: bool = False) -> dict[str, Any] | None:
     """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate.
 
-    With ``resume``, training continues from the newest valid checkpoint.
+    With ``resume``, training continues from the newest valid checkpoint; with
+    ``force`` as well, even one written under a different config.
     """
     # Everything that can be checked without the cluster is checked before it starts.
     if config.data.generate is not None:
         synthetic_spec(config.data.generate)
     else:
         open_dataset(config.data.source)
+    _check_checkpoint_storage(config)
+    if force and not resume:
+        raise UsageError("--force only applies with --resume")
     run = RunDir(Path(config.output.run_dir))
     run.root.mkdir(parents=True, exist_ok=True)
     write_text(dump_config(config), run.root / "config.yaml")
@@ -211,4 +232,4 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False) -
         if config.train.d < executor.total_threads:
             log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise train.d",
                         config.train.d, executor.total_threads)
-        return Pipeline(config, executor, resume).run_until(last)
+        return Pipeline(config, executor, resume, force).run_until(last)

@@ -26,7 +26,13 @@ from pipeline.checkpoints import Checkpoint, CheckpointStore
 from pipeline.cluster import Executor
 from pipeline.config import ModelConfig, TrainConfig
 from pipeline.errors import TrainingDiverged
-from pipeline.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed, strata
+from pipeline.schedule import (
+    STREAM_ITEM_INIT,
+    STREAM_USER_INIT,
+    block_order_seed,
+    init_seed,
+    strata,
+)
 from tasks.blocks import TRAIN, VALIDATION, load_row_block
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 from tasks.training import Hyper, init_factors, row_errors, sgd_update
@@ -114,6 +120,10 @@ def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: li
     return total
 
 
+def _all_finite(values: list[float]) -> bool:
+    return all(math.isfinite(v) for v in values)
+
+
 def rmse(errors: np.ndarray, code: int) -> float | None:
     sse, _, n = errors[code].sum(axis=0)
     return math.sqrt(sse / n) if n else None
@@ -175,19 +185,24 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
         state = resume.state
         user_states, item_states = CheckpointStore.load(executor, owners, resume, d)
         exploded_at, lr, epoch, rollbacks = state["exploded_at"], state["lr"], resume.epoch, state["rollbacks"]
+        if state["train_lr"] != cfg.lr:  # a forced resume with a new train.lr starts the step size afresh
+            log.warning("train.lr changed from %g to %g: step size reset to %g", state["train_lr"], cfg.lr, cfg.lr)
+            lr = cfg.lr
         history = [EpochReport(**row) for row in state["history"]]
         if state["best_epoch"] is not None and checkpoints is not None:
             best = (state["best_val"], state["best_epoch"],
                     *CheckpointStore.load(executor, owners, checkpoints.at(state["best_epoch"]), d))
-        log.info("resuming after epoch %d from %s", epoch, resume.path)
+        log.info("resuming after epoch %d from %s", epoch, resume.url)
 
     while epoch < cfg.epochs:
         began = time.perf_counter()
         hyper = Hyper(lr=lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
                       global_mean=global_mean, order=cfg.order, users_per_run=cfg.users_per_run)
         new_users, new_items = list(user_states), list(item_states)
-        block_sse = []
+        stratum_sse: list[list[Any]] = []
+        bad_stratum = None
         for s, stratum in enumerate(strata(d, epoch, root)):
+            stratum_sse.append([])
             for r, c in stratum:
                 label = f"epoch {epoch} stratum {s} block {r},{c}"
                 result = executor.submit(sgd_update, row_blocks[r], c, new_users[r], new_items[c], hyper,
@@ -195,23 +210,35 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
                                          name="sgd_update", worker=owners[r])
                 new_users[r] = executor.submit(operator.getitem, result, 0, name="user_state", worker=owners[r])
                 new_items[c] = executor.submit(operator.getitem, result, 1, name="item_state", worker=owners[r])
-                block_sse.append(executor.submit(operator.getitem, result, 2, name="block_sse", worker=owners[r]))
-        # The training RMSE is the one the pass met (as LIBMF and Surprise report it): a
-        # second pass over all training ratings would cost a fifth of the epoch.
-        train_rmse = math.sqrt(sum(executor.gather(block_sse)) / n_train)  # schedule order
-        val_rmse = rmse(sum_row_errors(executor, placement, row_blocks, new_users, new_items, global_mean,
-                                       (VALIDATION,)), VALIDATION)
+                stratum_sse[s].append(executor.submit(operator.getitem, result, 2, name="block_sse",
+                                                      worker=owners[r]))
+            # Check the stratum before this one: its blocks are done or nearly so, and the
+            # workers stay busy with this one meanwhile.
+            if s > 0 and not _all_finite(executor.gather(stratum_sse[s - 1])):
+                bad_stratum = s - 1
+                break
+        if bad_stratum is None and not _all_finite(executor.gather(stratum_sse[-1])):
+            bad_stratum = len(stratum_sse) - 1
+        if bad_stratum is None:
+            # The training RMSE is the one the pass met (as LIBMF and Surprise report it): a
+            # second pass over all training ratings would cost a fifth of the epoch.
+            train_rmse = math.sqrt(sum(executor.gather([f for fs in stratum_sse for f in fs])) / n_train)
+            val_rmse = rmse(sum_row_errors(executor, placement, row_blocks, new_users, new_items, global_mean,
+                                           (VALIDATION,)), VALIDATION)
+            where = f"epoch {epoch + 1} (train RMSE {train_rmse:.4g})"
+        else:
+            train_rmse, val_rmse = math.inf, None
+            where = f"epoch {epoch + 1} stratum {bad_stratum + 1} (non-finite factors)"
         seconds = time.perf_counter() - began
 
         if not math.isfinite(train_rmse) or train_rmse > exploded_at or not math.isfinite(val_rmse or 0.0):
             rollbacks += 1
             if rollbacks > cfg.max_rollbacks:
                 raise TrainingDiverged(
-                    f"training diverged at epoch {epoch + 1} (train RMSE {train_rmse:.4g}) with train.lr "
-                    f"{lr:.4g} after {cfg.max_rollbacks} rollbacks; lower train.lr (e.g. --set train.lr="
-                    f"{lr / 4:.3g}) or raise model.reg")
-            log.warning("epoch %d diverged (train RMSE %.4g at lr %.4g): rolled back, lr halved to %.4g",
-                        epoch + 1, train_rmse, lr, lr / 2)
+                    f"training diverged at {where} with train.lr {lr:.4g} after {cfg.max_rollbacks} "
+                    f"rollbacks; lower train.lr (e.g. --set train.lr={lr / 4:.3g}) or raise model.reg")
+            log.warning("%s diverged at lr %.4g: rolled back to the state after epoch %d, lr halved to %.4g",
+                        where, lr, epoch, lr / 2)
             lr /= 2
             continue
 
@@ -233,7 +260,7 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
                 break
 
         if checkpoints is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
-            state = {"lr": lr, "rollbacks": rollbacks, "exploded_at": exploded_at,
+            state = {"lr": lr, "train_lr": cfg.lr, "rollbacks": rollbacks, "exploded_at": exploded_at,
                      "history": [asdict(r) for r in history],
                      "best_epoch": best[1] if best else None, "best_val": best[0] if best else None}
             began = time.perf_counter()

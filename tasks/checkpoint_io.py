@@ -1,32 +1,44 @@
-"""Worker side of checkpoints: write and read one factor block as .npy (never pickle)."""
+"""Worker side of checkpoints: one factor block as .npy at any fsspec URL (never pickle).
+
+Checkpoints may live on object storage (``s3://``, ``gs://``) where there is
+no rename; a file is written with one ``pipe_file`` call, and the checkpoint's
+manifest, written last by the driver, is what makes it exist.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
+import hashlib
+import io
 
+import fsspec
 import numpy as np
 
-from tasks.io import file_sha256, write_npy
+from tasks.io import npy_bytes
 from tasks.training import FactorState
+
+FACTOR_PARTS = ("factors", "bias")
 
 
 def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[str, str]:
-    """Write ``(factors, bias)`` as ``{stem}.factors.npy`` and ``{stem}.bias.npy``.
+    """Write ``(factors, bias)`` as ``{stem}.factors.npy`` and ``{stem}.bias.npy`` under the URL ``directory``.
 
     Returns
     -------
     dict
-        File name → SHA-256 of what was written, for the manifest.
+        File name → SHA-256 of the bytes written, for the manifest.
     """
+    fs, root = fsspec.core.url_to_fs(directory)
     sums = {}
-    for suffix, array in zip(("factors", "bias"), state):
-        name = f"{stem}.{suffix}.npy"
-        write_npy(array, Path(directory) / name)
-        sums[name] = file_sha256(Path(directory) / name)
+    for part, array in zip(FACTOR_PARTS, state):
+        name = f"{stem}.{part}.npy"
+        data = npy_bytes(array)
+        fs.pipe_file(f"{root}/{name}", data)
+        sums[name] = hashlib.sha256(data).hexdigest()
     return sums
 
 
 def read_factor_state(directory: str, stem: str) -> FactorState:
     """Read a factor block written by :func:`write_factor_state`."""
-    return tuple(np.load(Path(directory) / f"{stem}.{suffix}.npy", allow_pickle=False)  # type: ignore[return-value]
-                 for suffix in ("factors", "bias"))
+    fs, root = fsspec.core.url_to_fs(directory)
+    return tuple(np.load(io.BytesIO(fs.cat_file(f"{root}/{stem}.{part}.npy")), allow_pickle=False)  # type: ignore[return-value]
+                 for part in FACTOR_PARTS)

@@ -8,6 +8,7 @@ No pickle: Parquet, npy (``allow_pickle=False``) and JSON only.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import uuid
@@ -34,32 +35,37 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_npy(array: np.ndarray, path: str | os.PathLike) -> None:
-    """Write ``array`` to ``path`` as .npy atomically (never an object array)."""
-    path = Path(path)
+def npy_bytes(array: np.ndarray) -> bytes:
+    """``array`` serialised as .npy; an object array (which would need pickle) is refused."""
     if array.dtype.hasobject:
-        raise TypeError(f"refusing to write an object array to {path}")
+        raise TypeError("refusing to serialise an object array: it would need pickle")
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def write_bytes(data: bytes, path: str | os.PathLike) -> None:
+    """Write ``data`` to ``path`` atomically, flushed to disk before the rename."""
+    path = Path(path)
     tmp = _temporary_sibling(path)
     try:
         with open(tmp, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def write_text(text: str, path: str | os.PathLike) -> None:
-    """Write ``text`` to ``path`` atomically, flushed to disk before the rename."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_npy(array: np.ndarray, path: str | os.PathLike) -> None:
+    """Write ``array`` to ``path`` as .npy atomically."""
+    write_bytes(npy_bytes(array), path)
+
+
+def write_text(text: str, path: str | os.PathLike) -> None:
+    """Write ``text`` to ``path`` as UTF-8, atomically."""
+    write_bytes(text.encode("utf-8"), path)
 
 
 def write_json(obj: Any, path: str | os.PathLike) -> None:

@@ -11,6 +11,7 @@ Without biases the bias arrays stay zero.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,7 +79,8 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
     -------
     (user_state, item_state, sse)
         New copies of the two factor states, and the sum of squared errors of the
-        block's ratings as the pass met them (each just before its update).
+        block's ratings as the pass met them (each just before its update);
+        ``inf`` when any new factor or bias is not finite.
     """
     try:
         block = row_block.split(0)[col]
@@ -94,6 +96,10 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
             sse = kernels.sgd_block(block.users, block.items, block.ratings, run_starts, run_order, P, Q, lr, reg)
     except Exception as exc:
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
+    # A factor that overflowed in this block's last updates has not yet spoiled an
+    # error; report it through the sum so the driver rolls back now, not an epoch later.
+    if not all(math.isfinite(a.sum(dtype=np.float64)) for a in (P, Q, user_bias, item_bias)):
+        sse = math.inf
     return (P, user_bias), (Q, item_bias), float(sse)
 
 

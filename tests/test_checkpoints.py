@@ -125,3 +125,46 @@ def test_driver_killed_after_third_checkpoint_resumes_to_the_same_bits(tmp_path)
     assert "resuming after epoch" in done.stderr
     assert _model(run_dir) == _model(tmp_path / "whole")
     assert _metrics(run_dir) == _metrics(tmp_path / "whole")
+
+
+def test_checkpoints_at_an_fsspec_url_resume_to_the_same_bits(tiny_config, uninterrupted, tmp_path):
+    import fsspec
+
+    url = f"memory://funkflow-test-{tmp_path.name}/ckpt"
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3", f"output.checkpoints={url}"))
+    fs = fsspec.filesystem("memory")
+    root = url.removeprefix("memory:/")
+    assert sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)) == ["epoch-000002", "epoch-000003"]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+    fs.rm(f"{root}/epoch-000003/manifest.json")  # as if the driver died before the manifest
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=6", f"output.checkpoints={url}"), resume=True)
+    assert _model(tmp_path / "run") == _model(uninterrupted)
+    assert _metrics(tmp_path / "run") == _metrics(uninterrupted)
+    fs.rm(root, recursive=True)
+
+
+def test_memory_checkpoints_on_a_cluster_are_refused_before_it_starts(tiny_config, tmp_path):
+    from pipeline.errors import ConfigError
+
+    config = tiny_config(tmp_path / "run", "output.checkpoints=memory://ckpt", "cluster.scheduler=null")
+    with pytest.raises(ConfigError, match="output.checkpoints: memory://ckpt lives in one process"):
+        run_pipeline(config)
+    with pytest.raises(ConfigError, match="output.checkpoints: cannot open 'nosuch://x'"):
+        run_pipeline(tiny_config(tmp_path / "run", "output.checkpoints=nosuch://x"))
+
+
+def test_force_resumes_despite_a_changed_config_but_never_a_changed_shape(tiny_config, tmp_path, caplog):
+    from pipeline.errors import ConfigError
+
+    caplog.set_level(logging.INFO, logger="pipeline")
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2"))
+    with pytest.raises(ConfigError, match="train.lr: checkpoint has 0.01, config has 0.005"):
+        run_pipeline(tiny_config(tmp_path / "run", "train.epochs=4", "train.lr=0.005"), resume=True)
+    with pytest.raises(ConfigError, match="model.k: checkpoint has 8, config has 4"):
+        run_pipeline(tiny_config(tmp_path / "run", "train.epochs=4", "model.k=4"), resume=True, force=True)
+    summary = run_pipeline(tiny_config(tmp_path / "run", "train.epochs=4", "train.lr=0.005"), resume=True, force=True)
+    assert "--force: resuming" in caplog.text and "resuming after epoch 2" in caplog.text
+    assert summary["epochs"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert rows[2]["lr"] == 0.005  # the new train.lr, not the checkpoint's step size
