@@ -79,8 +79,9 @@ class DaskExecutor:
         try:
             return self.client.gather(list(futures))
         except KilledWorker as exc:
-            raise ClusterError(f"workers died running the same task more often than "
-                               f"distributed.scheduler.allowed-failures allows: {exc}") from exc
+            raise ClusterError(f"workers died under the same task more often than the retry budget allows "
+                               f"(cluster.allowed_failures; on a running scheduler, its "
+                               f"distributed.scheduler.allowed-failures): {exc}") from exc
         except NoValidWorkerError as exc:
             raise ClusterError(f"no worker was left to run the tasks: {exc}") from exc
 
@@ -100,9 +101,11 @@ def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
 
     if cfg.scheduler is None:
         n_workers = cfg.n_workers or os.cpu_count() or 1
-        # Tasks that no worker can run for cluster.timeout fail, and the run exits 75, rather than hang.
-        no_workers = {"distributed.scheduler.no-workers-timeout": f"{cfg.timeout}s"}
-        with dask.config.set({**SCHEDULER_CONFIG, **no_workers}), LocalCluster(
+        # Tasks that no worker can run for cluster.timeout fail, and the run exits 75, rather than
+        # hang; so does a task whose workers keep dying under it.
+        budget = {"distributed.scheduler.no-workers-timeout": f"{cfg.timeout}s",
+                  "distributed.scheduler.allowed-failures": cfg.allowed_failures}
+        with dask.config.set({**SCHEDULER_CONFIG, **budget}), LocalCluster(
             n_workers=n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
             dashboard_address=":0", silence_logs=logging.WARNING,
         ) as cluster, Client(cluster) as client:

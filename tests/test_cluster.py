@@ -192,3 +192,18 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8
     _assert_bit_identical(_factors(run_dir), _factors(tmp_path / "whole"))
+
+
+def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
+    """Past cluster.allowed_failures worker deaths under one task, the run ends with exit 75."""
+    from pipeline.cluster import open_executor
+    from pipeline.config import ClusterConfig
+    from pipeline.errors import EXIT_TEMPFAIL, ClusterError
+
+    with open_executor(ClusterConfig(n_workers=1, allowed_failures=1, timeout=60)) as executor:
+        doomed = executor.submit(os._exit, 1, name="kill_own_worker")
+        with pytest.raises(ClusterError, match="cluster.allowed_failures") as caught:
+            executor.gather([doomed])
+        # The cluster itself survives: the nanny restarted the worker.
+        assert executor.gather([executor.submit(sum, [1, 2], name="still_alive")]) == [3]
+    assert caught.value.exit_code == EXIT_TEMPFAIL
