@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.errors import EXIT_DATAERR, EXIT_SOFTWARE, TrainingDiverged
+from pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, TrainingDiverged
 from pipeline.model import read_model
 from pipeline.stages import run_pipeline
 
@@ -166,3 +167,39 @@ def test_a_stage_whose_output_is_gone_runs_again(tiny_config, tmp_path):
     again = run_pipeline(config)
     assert (tmp_path / "run" / "model" / "P.npy").is_file()
     assert again["test_rmse"] == first["test_rmse"]
+
+
+def test_a_hundred_times_the_default_lr_recovers_or_exits_70_and_never_writes_nan(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    default_lr = load_config(None).train.lr
+    code = main(["run", "--run-dir", str(tmp_path / "run"), *sum((["--set", s] for s in [
+        "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+        "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=4", "train.d=3",
+        f"train.lr={100 * default_lr}", "cluster.scheduler=inprocess"]), [])])
+    assert code in (EXIT_OK, EXIT_SOFTWARE)
+    assert "rolled back" in caplog.text
+    if code == EXIT_OK:
+        factors, _ = read_model(tmp_path / "run" / "model")
+        assert all(np.isfinite(a).all() for a in (factors.P, factors.Q, factors.user_bias, factors.item_bias))
+    else:
+        assert not (tmp_path / "run" / "model").exists()
+
+
+def test_a_block_whose_factors_overflow_reports_an_infinite_error():
+    """The per-stratum divergence check rests on this: overflowed factors give sse = inf."""
+    from tasks.blocks import BlockRatings, RowBlock
+    from tasks.training import Hyper, init_factors, sgd_update
+
+    users, items = (a.ravel().astype(np.int32) for a in np.meshgrid(np.arange(20), np.arange(10), indexing="ij"))
+    ratings = np.random.default_rng(0).integers(1, 6, users.shape[0]).astype(np.float32)
+    empty = BlockRatings(*(np.empty(0, dtype=t) for t in (np.int32, np.int32, np.float32)))
+    row_block = RowBlock(0, np.arange(20, dtype=np.int32), ((BlockRatings(users, items, ratings),), (empty,), (empty,)))
+    hyper = Hyper(lr=1e6, reg=0.0, bias_reg=0.0, use_bias=True, global_mean=3.0, order="user_runs",
+                  users_per_run=4)
+    users, items, sse = sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), hyper,
+                                   7, "test block")
+    assert sse == float("inf")
+    sane = Hyper(lr=0.01, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0, order="user_runs",
+                 users_per_run=4)
+    assert np.isfinite(sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), sane,
+                                  7, "test block")[2])
