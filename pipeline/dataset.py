@@ -22,7 +22,14 @@ from pipeline.cluster import Executor
 from pipeline.errors import DataError
 from pipeline.rundir import swap_in, temporary_dir
 from tasks.io import read_json, write_json, write_parquet
-from tasks.synthetic import RATING_MAX, RATING_MIN, SyntheticSpec, chunk_bounds, generate_chunk, make_true_model
+from tasks.synthetic import (
+    RATING_MAX,
+    RATING_MIN,
+    SyntheticSpec,
+    chunk_bounds,
+    generate_chunk,
+    make_true_model,
+)
 
 log = logging.getLogger(__name__)
 

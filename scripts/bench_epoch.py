@@ -20,10 +20,10 @@ import shutil
 import statistics
 from pathlib import Path
 
+from _bench_data import dataset_at
+
 from pipeline.config import load_config
 from pipeline.stages import run_pipeline
-
-from _bench_data import dataset_at
 
 
 def main() -> None:

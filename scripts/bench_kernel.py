@@ -15,10 +15,10 @@ import logging
 import time
 from pathlib import Path
 
+from _bench_data import blocks_of, dataset_at
+
 from tasks.blocks import TRAIN, load_row_block
 from tasks.training import Hyper, init_factors, sgd_update
-
-from _bench_data import blocks_of, dataset_at
 
 
 def main() -> None:

@@ -28,12 +28,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from _bench_data import dataset_at
 
 from pipeline.config import SplitConfig, load_config
 from pipeline.stages import run_pipeline
 from tasks.blocks import TEST, TRAIN, split_codes
-
-from _bench_data import dataset_at
 
 
 def split_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:

@@ -6,7 +6,13 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed, strata
+from pipeline.schedule import (
+    STREAM_ITEM_INIT,
+    STREAM_USER_INIT,
+    block_order_seed,
+    init_seed,
+    strata,
+)
 
 ds = st.integers(min_value=1, max_value=24)
 epochs = st.integers(min_value=0, max_value=10_000)

@@ -6,7 +6,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.synthetic import SyntheticSpec, chunk_bounds, expected_rating, generate_chunk, make_true_model
+from tasks.synthetic import (
+    SyntheticSpec,
+    chunk_bounds,
+    expected_rating,
+    generate_chunk,
+    make_true_model,
+)
 
 
 def test_netflix_shape_at_full_scale():
