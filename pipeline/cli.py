@@ -17,7 +17,9 @@ from pipeline.cluster import open_executor
 from pipeline.config import GenerateConfig, load_config
 from pipeline.dataset import generate_dataset
 from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.stages import run_pipeline, synthetic_spec
+from tasks.ingest import DUPLICATE_POLICIES
 
 log = logging.getLogger("pipeline.cli")
 
@@ -57,6 +59,27 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     generate.add_argument("--seed", type=int, default=0)
     generate.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
+
+    ingest = verbs.add_parser(
+        "ingest", help="turn rating files (Netflix, MovieLens, CSV, Parquet) into a canonical dataset",
+        description="Parse rating files in parallel into a canonical dataset. Strict by default: a bad line "
+                    "ends the ingest (exit 65) naming file, line and reason; --rejects sets bad lines aside.")
+    ingest.add_argument("sources", nargs="+", metavar="SRC", help="file, directory, glob or fsspec URL")
+    ingest.add_argument("--format", required=True, choices=FORMATS)
+    ingest.add_argument("--out", type=Path, required=True, help="dataset directory to create")
+    ingest.add_argument("--rejects", type=Path, metavar="FILE",
+                        help="write bad lines here (CSV, or Parquet for .parquet) and go on")
+    for role in ("user", "item", "rating", "time"):
+        ingest.add_argument(f"--{role}-col", metavar="NAME|N",
+                            help=f"{role} column: a header name or a 0-based position (csv, parquet)")
+    ingest.add_argument("--delimiter", help="field delimiter (csv; default: detected from line 1)")
+    ingest.add_argument("--rating-scale", metavar="MIN,MAX",
+                        help="valid ratings (default netflix 1,5; movielens 0.5,5; required for csv and parquet)")
+    ingest.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="keep_last",
+                        help="a (user, item) pair rated twice: keep the latest (by time, then position), "
+                             "the first, the mean, or stop with an error")
+    ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB")
+    ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
     return parser
 
 
@@ -95,6 +118,35 @@ def _generate(args: argparse.Namespace) -> None:
     print(f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
 
 
+def _rating_scale(text: str | None) -> tuple[float, float] | None:
+    if text is None:
+        return None
+    try:
+        low, high = (float(x) for x in text.split(","))
+    except ValueError:
+        raise UsageError(f"--rating-scale takes MIN,MAX, e.g. 1,5; got {text!r}") from None
+    return low, high
+
+
+def _ingest(args: argparse.Namespace) -> None:
+    if args.out.exists() and any(args.out.iterdir()):
+        raise UsageError(f"{args.out} exists and is not empty; choose a new --out")
+    options = IngestOptions(format=args.format, rating_scale=_rating_scale(args.rating_scale),
+                            user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
+                            time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
+                            rejects=args.rejects, chunk_bytes=args.chunk_mb << 20)
+    cluster = load_config(None, _cluster_overrides(args)).cluster
+    with open_executor(cluster) as executor:
+        dataset = ingest(executor, args.sources, options, args.out)
+    meta = dataset.meta
+    line = (f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
+    if meta["rejects"]["total"]:
+        line += f"; {meta['rejects']['total']:,} lines rejected to {args.rejects}"
+    if meta["duplicates"]["pairs"]:
+        line += f"; {meta['duplicates']['pairs']:,} duplicated pairs resolved by {args.duplicates}"
+    print(line)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -105,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "generate":
             _generate(args)
+            return EXIT_OK
+        if args.verb == "ingest":
+            _ingest(args)
             return EXIT_OK
         last = STAGE_VERBS[args.verb][0]
         config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])

@@ -1,0 +1,329 @@
+"""``funkflow ingest``: rating files of any common layout → a canonical dataset, strict and lossless.
+
+Sources are files, directories or fsspec URLs. They are cut into chunks that
+are parsed in parallel on the workers (bounded memory per task), ids are mapped
+to dense indices in their sorted order, and duplicate (user, item) pairs are
+resolved per user-range bucket. Every line becomes a row or is rejected with a
+reason: in strict mode (the default) one rejected line ends the ingest (exit
+65, naming file, line and reason) and nothing is written; with a rejects file,
+each bad line goes there and the counts by reason go to ``dataset.json``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import operator
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.cluster import Executor
+from pipeline.dataset import DATASET_JSON, Dataset
+from pipeline.errors import DataError, UsageError
+from pipeline.rundir import swap_in, temporary_dir
+from tasks import parse
+from tasks.ingest import (
+    DUPLICATE_POLICIES,
+    LINE_BITS,
+    REJECT_SCHEMA,
+    Chunk,
+    Source,
+    SourceError,
+    encode_chunk,
+    merge_ids,
+    parquet_chunks,
+    parse_chunk,
+    resolve_bucket,
+    scan_text,
+    sorted_ids,
+)
+from tasks.io import file_sha256, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("netflix", "movielens", "csv", "parquet")
+DEFAULT_SCALES = {"netflix": (1.0, 5.0), "movielens": (0.5, 5.0)}
+ROWS_PER_BUCKET = 4_000_000
+_DELIMITERS = ("::", "\t", ",", ";", "|")
+
+
+@dataclass(frozen=True)
+class IngestOptions:
+    """What ``funkflow ingest`` was asked: format, columns, scale, duplicate policy, rejects file."""
+
+    format: str
+    rating_scale: tuple[float, float] | None = None
+    user_col: str | None = None
+    item_col: str | None = None
+    rating_col: str | None = None
+    time_col: str | None = None
+    delimiter: str | None = None
+    duplicates: str = "keep_last"
+    rejects: Path | None = None
+    chunk_bytes: int = 64 << 20
+
+    def scale(self) -> tuple[float, float]:
+        if self.rating_scale is not None:
+            low, high = self.rating_scale
+            if not (math.isfinite(low) and math.isfinite(high) and low < high):
+                raise UsageError(f"--rating-scale needs MIN < MAX, got {low:g},{high:g}")
+            return self.rating_scale
+        if self.format in DEFAULT_SCALES:
+            return DEFAULT_SCALES[self.format]
+        raise UsageError(f"--format {self.format} needs the rating scale, e.g. --rating-scale 1,5")
+
+
+def expand_sources(sources: list[str]) -> list[str]:
+    """Files named by ``sources``: files, directories (their files, recursively, sorted) or globs."""
+    urls: list[str] = []
+    for src in sources:
+        fs, path = fsspec.core.url_to_fs(src)
+        if fs.isdir(path):
+            found = sorted(p for p in fs.find(path) if not Path(p).name.startswith((".", "_")))
+        elif any(ch in path for ch in "*?["):
+            found = sorted(fs.glob(path))
+        elif fs.isfile(path):
+            found = [path]
+        else:
+            raise DataError(f"{src}: no such file or directory")
+        if not found:
+            raise DataError(f"{src}: no files in it")
+        urls += [fs.unstrip_protocol(p) if fs.protocol not in ("file", ("file", "local")) else p for p in found]
+    return urls
+
+
+def _first_line(url: str) -> str:
+    try:
+        with fsspec.open(url, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
+            return f.readline().rstrip("\r\n")
+    except (OSError, EOFError) as exc:
+        raise DataError(f"{url}: unreadable: {exc}") from None
+
+
+def _column_index(spec: str | None, default: int | None, names: list[str] | None, role: str,
+                  url: str) -> int | None:
+    if spec is None:
+        return default
+    if re.fullmatch(r"[0-9]+", spec):
+        return int(spec)
+    if names is None or spec not in names:
+        header = ", ".join(names) if names else "no header line"
+        raise DataError(f"{url}: no {role} column named {spec!r} (columns: {header})")
+    return names.index(spec)
+
+
+def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
+    first = _first_line(url)
+    if not first.strip():
+        # Nothing to detect from: an empty file yields no rows (and alone, "no ratings found").
+        return parse.Layout("delimited", options.delimiter or ",", 3, {"user": 0, "item": 1, "rating": 2})
+    delimiter = options.delimiter or next((d for d in _DELIMITERS if d in first), ",")
+    fields = [f.strip().strip('"') for f in first.split(delimiter)]
+    named = [c for c in (options.user_col, options.item_col, options.rating_col, options.time_col)
+             if c is not None and not re.fullmatch(r"[0-9]+", c)]
+    # A header is declared by naming columns, or recognised by a rating field that is not a number.
+    rating_at = _column_index(options.rating_col, 2, fields, "rating", url) if not named else None
+    header = bool(named) or (rating_at is not None and rating_at < len(fields)
+                             and not re.fullmatch(parse._NUMBER, fields[rating_at].strip()))
+    names = fields if header else None
+    columns = {
+        "user": _column_index(options.user_col, 0, names, "user", url),
+        "item": _column_index(options.item_col, 1, names, "item", url),
+        "rating": _column_index(options.rating_col, 2, names, "rating", url),
+        "time": _column_index(options.time_col, 3 if len(fields) >= 4 and options.time_col is None else None,
+                              names, "time", url),
+    }
+    too_far = {role: j for role, j in columns.items() if j is not None and j >= len(fields)}
+    if too_far:
+        raise DataError(f"{url}: line 1 has {len(fields)} fields with delimiter {delimiter!r}; "
+                        f"no column {', '.join(f'{r}={j}' for r, j in too_far.items())}")
+    return parse.Layout("delimited", delimiter, len(fields), columns, header=header)
+
+
+def _movielens_layout(url: str) -> parse.Layout:
+    name = Path(url.split("::")[0]).name.removesuffix(".gz")
+    first = _first_line(url)
+    four = {"user": 0, "item": 1, "rating": 2, "time": 3}
+    if name == "ratings.dat" or "::" in first:
+        return parse.Layout("delimited", "::", 4, four, int_ids=True, time_kind="unix")
+    if name == "u.data" or "\t" in first:
+        return parse.Layout("delimited", "\t", 4, four, int_ids=True, time_kind="unix")
+    if name == "ratings.csv" or first.startswith("userId"):
+        return parse.Layout("delimited", ",", 4, four, header=first.startswith("userId"), int_ids=True,
+                            time_kind="unix")
+    raise DataError(f"{url}: not a MovieLens ratings file (u.data, ratings.dat or ratings.csv); "
+                    "use --format csv with --user-col etc. for other layouts")
+
+
+def make_sources(urls: list[str], options: IngestOptions, pairs: bool = False) -> list[Source]:
+    """One :class:`Source` per file, with its layout detected from ``options.format``, name and content."""
+    sources = []
+    for index, url in enumerate(urls):
+        if options.format == "netflix":
+            sources.append(Source(index, url, parse.Layout("netflix_pairs" if pairs else "netflix", int_ids=True)))
+        elif options.format == "movielens":
+            sources.append(Source(index, url, _movielens_layout(url)))
+        elif options.format == "csv":
+            sources.append(Source(index, url, _delimited_layout(url, options)))
+        elif options.format == "parquet":
+            columns = {"user": options.user_col or "user", "item": options.item_col or "item",
+                       "rating": options.rating_col or "rating", "time": options.time_col}
+            sources.append(Source(index, url, None, columns))
+        else:
+            raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
+    return sources
+
+
+def _position(pos: int, sources: list[Source]) -> str:
+    return f"{sources[pos >> LINE_BITS].url}:{pos & ((1 << LINE_BITS) - 1)}"
+
+
+def _merge_tree(executor: Executor, futures: list[Any], name: str) -> Any:
+    """One future of the distinct ids of all chunks, merged pairwise on the workers."""
+    while len(futures) > 1:
+        futures = [executor.submit(merge_ids, *futures[i:i + 2], name=name) for i in range(0, len(futures), 2)]
+    return futures[0]
+
+
+def _write_rejects(parts: list[Path], out: Path) -> None:
+    """The rejects of all chunks, in source order, as CSV (or Parquet for ``.parquet``), atomically."""
+    tables = [pq.read_table(p) for p in parts]
+    table = pa.concat_tables(tables) if tables else REJECT_SCHEMA.empty_table()
+    if out.suffix == ".parquet":
+        write_parquet(table, out)
+        return
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        pacsv.write_csv(table, tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def stage_sources(executor: Executor, sources: list[Source], options: IngestOptions,
+                  staging: Path) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+    """Scan and parse every source into ``staging``; the chunks' stats and id-set futures, in source order."""
+    scale = options.scale()
+    scans = [executor.submit(parquet_chunks, s, ROWS_PER_BUCKET, name="plan_parquet") if s.is_parquet
+             else executor.submit(scan_text, s, options.chunk_bytes, name="scan_text") for s in sources]
+    chunks: list[Chunk] = [c for found in executor.gather(scans) for c in found]
+    parsed = [executor.submit(parse_chunk, chunk, scale, str(staging), j, name="parse_chunk")
+              for j, chunk in enumerate(chunks)]
+    stats = executor.gather([executor.submit(operator.getitem, p, "stats", name="chunk_stats")
+                                       for p in parsed])
+    users = [executor.submit(operator.getitem, p, "users", name="chunk_users") for p in parsed]
+    items = [executor.submit(operator.getitem, p, "items", name="chunk_items") for p in parsed]
+    return stats, users, items
+
+
+def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Path) -> Dataset:
+    """Ingest ``srcs`` into the canonical dataset ``out`` (written whole or not at all)."""
+    if options.duplicates not in DUPLICATE_POLICIES:
+        raise UsageError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
+    options.scale()
+    sources = make_sources(expand_sources(srcs), options)
+    tmp = temporary_dir(out)
+    try:
+        staging = tmp / "_staging"
+        staging.mkdir()
+        stats, user_sets, item_sets = stage_sources(executor, sources, options, staging)
+        reasons: Counter[str] = Counter()
+        for s in stats:
+            reasons.update(s["rejects"])
+        n_rejected = sum(reasons.values())
+        if n_rejected and options.rejects is None:
+            first = next(s["first_reject"] for s in stats if s["first_reject"])
+            raise DataError(f"{first['source']}:{first['line']}: {first['detail']} ({first['reason']}); "
+                            f"{n_rejected:,} bad line{'s' if n_rejected > 1 else ''} in all. Fix the input, or "
+                            "pass --rejects FILE to set bad lines aside and go on")
+        n_rows = sum(s["rows"] for s in stats)
+        if n_rows == 0:
+            raise DataError(f"{', '.join(srcs)}: no ratings found"
+                            + (f" ({n_rejected:,} lines rejected)" if n_rejected else ""))
+        has_time = any(s["has_time"] for s in stats)
+        user_int = all(s["int_like"]["user"] for s in stats if s["rows"])
+        item_int = all(s["int_like"]["item"] for s in stats if s["rows"])
+
+        user_ids = executor.submit(sorted_ids, _merge_tree(executor, user_sets, "merge_user_ids"), user_int,
+                                   name="sorted_user_ids")
+        item_ids = executor.submit(sorted_ids, _merge_tree(executor, item_sets, "merge_item_ids"), item_int,
+                                   name="sorted_item_ids")
+        n_buckets = max(1, math.ceil(n_rows / ROWS_PER_BUCKET))
+        buckets = staging / "buckets"
+        encoded = [executor.submit(encode_chunk, s["staged"], j, user_ids, item_ids, n_buckets, str(buckets),
+                                   name="encode_chunk") for j, s in enumerate(stats) if s["staged"]]
+        executor.gather(encoded)
+        (tmp / "ratings").mkdir()
+        resolved = executor.gather([
+            executor.submit(resolve_bucket, str(buckets), b, options.duplicates,
+                            str(tmp / "ratings" / f"part-{b:05d}.parquet"), has_time, name="resolve_bucket")
+            for b in range(n_buckets)])
+        duplicates = {"policy": options.duplicates, "pairs": sum(r["pairs"] for r in resolved),
+                      "rows_dropped": sum(r["dropped"] for r in resolved)}
+        if options.duplicates == "error" and duplicates["pairs"]:
+            a, b = min((r["first_duplicate"] for r in resolved if r["first_duplicate"]), key=lambda p: p[0])
+            raise DataError(f"{_position(b, sources)}: duplicate of the (user, item) pair at "
+                            f"{_position(a, sources)}; {duplicates['pairs']:,} duplicated pairs in all "
+                            "(--duplicates keep_last, keep_first or mean resolves them)")
+
+        users, items = executor.gather([user_ids, item_ids])
+        for name, ids in (("users", users), ("items", items)):
+            if len(ids) >= 2**31:
+                raise DataError(f"{len(ids):,} distinct {name}: more than int32 indices can hold")
+            write_parquet(pa.table({"index": pa.array(range(len(ids)), pa.int32()), "id": ids}),
+                          tmp / f"{name}.parquet")
+        if options.rejects is not None:
+            _write_rejects(sorted(staging.glob("rejects-*.parquet")), options.rejects)
+        shutil.rmtree(staging)
+
+        parts = [r for r in resolved if r["path"]]
+        digest = hashlib.sha256()
+        for r in parts:
+            digest.update(r["sha256"].encode())
+        for name in ("users.parquet", "items.parquet"):
+            digest.update(file_sha256(tmp / name).encode())
+        kept, rejected = Counter(), Counter()
+        for chunk_stats in stats:
+            kept[chunk_stats["source"]] += chunk_stats["rows"]
+            rejected[chunk_stats["source"]] += sum(chunk_stats["rejects"].values())
+        meta = {
+            "source": options.format,
+            "sources": [{"url": s.url, "rows": kept[s.index], "rejected": rejected[s.index]} for s in sources],
+            "n_users": len(users),
+            "n_items": len(items),
+            "n_ratings": sum(r["n_ratings"] for r in parts),
+            "rating_scale": list(options.scale()),
+            "has_time": has_time,
+            "id_types": {"user": str(users.type), "item": str(items.type)},
+            "rejects": {"total": n_rejected, "by_reason": dict(sorted(reasons.items())),
+                        "file": str(options.rejects) if options.rejects else None},
+            "duplicates": duplicates,
+            "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
+                       "sha256": r["sha256"]} for r in parts],
+            "fingerprint": digest.hexdigest(),
+        }
+        write_json(meta, tmp / DATASET_JSON)
+        swap_in(tmp, out)
+    except SourceError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise DataError(str(exc)) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if n_rejected:
+        log.warning("%s lines rejected (%s), written to %s", f"{n_rejected:,}",
+                    ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())), options.rejects)
+    if duplicates["pairs"]:
+        log.info("%s duplicated (user, item) pairs resolved by %s (%s rows dropped)", f"{duplicates['pairs']:,}",
+                 options.duplicates, f"{duplicates['rows_dropped']:,}")
+    return Dataset(out, meta)

@@ -1,0 +1,378 @@
+"""Worker tasks of ingest: scan a source, parse a chunk, merge id sets, encode, resolve duplicates.
+
+A source is cut into chunks that start at a line (and, for Netflix text, carry
+the ``MovieID:`` header above them); each chunk is parsed in pieces of bounded
+size into a staged Parquet file of raw ids, so memory per task stays bounded
+whatever the source size. Ids are then mapped to dense indices by their sorted
+order, rows are bucketed by user range, and each bucket resolves its duplicate
+(user, item) pairs and becomes one canonical part sorted by (user, item).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from tasks import parse
+from tasks.io import file_sha256, write_parquet
+
+# Source position of a row: source index in the high bits, line (or row) number in the low ones.
+LINE_BITS = 40
+PIECE_BYTES = 32 << 20
+DUPLICATE_POLICIES = ("keep_last", "keep_first", "mean", "error")
+
+
+class SourceError(ValueError):
+    """A source cannot be read at all (unreadable, truncated, wrong type); the message names it."""
+
+
+@dataclass(frozen=True)
+class Source:
+    """One input file: a text ``layout``, or for Parquet the ``columns`` (role → column name)."""
+
+    index: int
+    url: str
+    layout: parse.Layout | None = None
+    columns: dict[str, str | None] = field(default_factory=dict)
+
+    @property
+    def is_parquet(self) -> bool:
+        return self.layout is None
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """A part of a source to parse: bytes ``[start, end)`` (``end`` None: to the end) starting at
+    line ``first_line``, under the Netflix header ``context``; for Parquet, ``row_groups``."""
+
+    source: Source
+    start: int = 0
+    end: int | None = None
+    first_line: int = 1
+    context: tuple[str, int] | None = None
+    row_groups: tuple[int, ...] = ()
+
+
+def _pieces(url: str, start: int, end: int | None, piece_bytes: int) -> Iterator[tuple[bytes, int]]:
+    """Pieces of ``url`` from ``start`` to ``end`` that end at a line boundary, with the count of lines before.
+
+    Compressed sources (by extension) are decompressed on the fly; a stream cut
+    short or corrupt is a :class:`SourceError`.
+    """
+    lines_before = 0
+    carry = b""
+    try:
+        with fsspec.open(url, "rb", compression="infer") as f:
+            if start:
+                f.seek(start)
+            remaining = None if end is None else end - start
+            while True:
+                size = piece_bytes if remaining is None else min(piece_bytes, remaining)
+                block = f.read(size) if size else b""
+                if remaining is not None:
+                    remaining -= len(block)
+                if not block:
+                    break
+                data = carry + block
+                cut = data.rfind(b"\n") + 1
+                if cut == 0:
+                    carry = data
+                    continue
+                carry = data[cut:]
+                yield data[:cut], lines_before
+                lines_before += data.count(b"\n", 0, cut)
+    except (EOFError, zlib.error, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise SourceError(f"{url}: no such file") from None
+        raise SourceError(f"{url}: unreadable, truncated or corrupt after line {lines_before + 1}: {exc}") from None
+    if carry:
+        yield carry, lines_before
+
+
+def _is_compressed(url: str) -> bool:
+    return fsspec.utils.infer_compression(url) is not None
+
+
+def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
+    """Cut a plain-text source into chunks of about ``chunk_bytes``, each starting at a line.
+
+    A compressed source cannot be entered mid-stream: it is one chunk. For
+    Netflix text, each chunk carries the header line above its first line.
+    """
+    fs, path = fsspec.core.url_to_fs(source.url)
+    size = fs.size(path)
+    if _is_compressed(source.url) or size <= chunk_bytes:
+        return [Chunk(source)]
+    netflix = source.layout.kind.startswith("netflix")
+    chunks: list[Chunk] = []
+    start, first_line, context = 0, 1, None
+    offset = 0
+    for data, lines_before in _pieces(source.url, 0, None, PIECE_BYTES):
+        if netflix:
+            raw, bad = parse.split_lines(data)
+            header = parse.header_mask(parse.strip_lines(raw), bad, source.layout.kind == "netflix_pairs")
+            line_starts = np.concatenate(([0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10)[:-1] + 1))
+        # Boundaries inside this piece: the first line start at or after each multiple of chunk_bytes.
+        while offset + len(data) > start + chunk_bytes:
+            target = start + chunk_bytes - offset
+            nl = data.find(b"\n", max(target - 1, 0))
+            if nl < 0 or nl + 1 >= len(data):
+                break
+            boundary = nl + 1
+            line = lines_before + data.count(b"\n", 0, boundary) + 1
+            if netflix:
+                above = np.flatnonzero(header[: np.searchsorted(line_starts, boundary)])
+                if above.shape[0]:
+                    h = int(above[-1])
+                    context_here = (parse.strip_lines(raw[h:h + 1])[0].as_py(), lines_before + h + 1)
+                else:
+                    context_here = context
+            chunks.append(Chunk(source, start, offset + boundary, first_line, context))
+            start, first_line = offset + boundary, line
+            context = context_here if netflix else None
+        if netflix:
+            last = np.flatnonzero(header)
+            if last.shape[0]:
+                h = int(last[-1])
+                context = (parse.strip_lines(raw[h:h + 1])[0].as_py(), lines_before + h + 1)
+        offset += len(data)
+    chunks.append(Chunk(source, start, None, first_line, context))
+    return chunks
+
+
+def parquet_chunks(source: Source, rows_per_chunk: int) -> list[Chunk]:
+    """Cut a Parquet source into chunks of whole row groups."""
+    try:
+        with fsspec.open(source.url, "rb") as f:
+            metadata = pq.ParquetFile(f).metadata
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{source.url}: not a readable Parquet file: {exc}") from None
+    chunks, group, rows, first = [], [], 0, 1
+    for g in range(metadata.num_row_groups):
+        group.append(g)
+        rows += metadata.row_group(g).num_rows
+        if rows >= rows_per_chunk:
+            chunks.append(Chunk(source, first_line=first, row_groups=tuple(group)))
+            first, group, rows = first + rows, [], 0
+    if group or not chunks:
+        chunks.append(Chunk(source, first_line=first, row_groups=tuple(group)))
+    return chunks
+
+
+REJECT_SCHEMA = pa.schema([("source", pa.string()), ("line", pa.int64()), ("reason", pa.string()),
+                           ("detail", pa.string()), ("text", pa.string())])
+
+
+def _parquet_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.Parsed]:
+    source = chunk.source
+    wanted = {role: name for role, name in source.columns.items() if name is not None}
+    try:
+        with fsspec.open(source.url, "rb") as f:
+            file = pq.ParquetFile(f)
+            missing = [name for name in wanted.values() if name not in file.schema_arrow.names]
+            if missing:
+                raise SourceError(f"{source.url}: no column {', '.join(map(repr, missing))}; "
+                                  f"the columns are {', '.join(file.schema_arrow.names)}")
+            first = chunk.first_line
+            for g in chunk.row_groups:
+                table = file.read_row_group(g, columns=list(dict.fromkeys(wanted.values())))
+                try:
+                    yield parse.parse_table(table, wanted, first, scale)
+                except ValueError as exc:
+                    raise SourceError(f"{source.url}: {exc}") from None
+                first += table.num_rows
+    except SourceError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise SourceError(f"{source.url}: unreadable or truncated Parquet: {exc}") from None
+
+
+def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: int) -> dict[str, Any]:
+    """Parse one chunk into ``staging/chunk-NNNNN.parquet`` (raw ids) and its rejects.
+
+    Returns
+    -------
+    dict
+        ``stats``: rows, rejects by reason, the first reject, whether ids look
+        like integers, whether any row has a time; ``users`` and ``items``: the
+        chunk's distinct raw ids.
+    """
+    source = chunk.source
+    out = Path(staging) / f"chunk-{index:05d}.parquet"
+    writer: pq.ParquetWriter | None = None
+    rejects: list[pa.Table] = []
+    reasons: Counter[str] = Counter()
+    rows = 0
+    context = chunk.context
+    if source.is_parquet:
+        pieces = _parquet_pieces(chunk, scale)
+    else:
+        def text_pieces() -> Iterator[parse.Parsed]:
+            nonlocal context
+            for data, lines_before in _pieces(source.url, chunk.start, chunk.end, PIECE_BYTES):
+                first = chunk.first_line + lines_before
+                if source.layout.kind == "delimited":
+                    yield parse.parse_delimited(data, first, source.layout, scale)
+                else:
+                    parsed = parse.parse_netflix(data, first, context, scale,
+                                                 pairs=source.layout.kind == "netflix_pairs")
+                    context = parsed.context
+                    yield parsed
+        pieces = text_pieces()
+    users: list[Any] = []
+    items: list[Any] = []
+    int_like = {"user": True, "item": True}
+    has_time = False
+    for parsed in pieces:
+        table = parsed.rows
+        if table.num_rows:
+            table = table.set_column(table.schema.get_field_index("line"), "line",
+                                     pc.add(table["line"], pa.scalar(source.index << LINE_BITS, pa.int64())))
+            if writer is None:
+                writer = pq.ParquetWriter(out, table.schema)
+            writer.write_table(table)
+            rows += table.num_rows
+            for role, acc in (("user", users), ("item", items)):
+                column = table[role].combine_chunks()
+                acc.append(pc.unique(column))
+                if not pa.types.is_integer(column.type):
+                    digits, _ = parse.int_like(column)
+                    int_like[role] &= bool(digits.all())
+            has_time |= table["time"].null_count < table.num_rows
+        if parsed.reject_lines.shape[0]:
+            reasons.update(parsed.reject_reasons)
+            rejects.append(pa.table({"source": [source.url] * parsed.reject_lines.shape[0],
+                                     "line": parsed.reject_lines, "reason": parsed.reject_reasons,
+                                     "detail": parsed.reject_details, "text": parsed.reject_texts},
+                                    schema=REJECT_SCHEMA))
+    if writer is not None:
+        writer.close()
+    first_reject = None
+    if rejects:
+        all_rejects = pa.concat_tables(rejects)
+        write_parquet(all_rejects, Path(staging) / f"rejects-{index:05d}.parquet")
+        first_reject = {k: all_rejects[k][0].as_py() for k in ("source", "line", "reason", "detail")}
+    stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject, "int_like": int_like,
+             "has_time": has_time, "staged": str(out) if rows else None}
+    return {"stats": stats, "users": _union(users), "items": _union(items)}
+
+
+def _as_strings(ids: pa.Array) -> pa.Array:
+    return ids if pa.types.is_large_string(ids.type) else pc.cast(ids, pa.large_string())
+
+
+def _union(arrays: list[Any]) -> pa.Array:
+    """The distinct ids of ``arrays`` (int64, or strings when any array holds strings)."""
+    arrays = [a for a in arrays if a is not None and len(a)]
+    if not arrays:
+        return pa.array([], type=pa.int64())
+    if any(not pa.types.is_integer(a.type) for a in arrays):
+        arrays = [_as_strings(a) for a in arrays]
+    else:
+        arrays = [pc.cast(a, pa.int64()) for a in arrays]
+    return pc.unique(pa.concat_arrays(arrays))
+
+
+def merge_ids(*arrays: pa.Array) -> pa.Array:
+    """Distinct ids of several chunks (a node of the merge tree)."""
+    return _union(list(arrays))
+
+
+def sorted_ids(ids: pa.Array, as_int: bool) -> pa.Array:
+    """The final id map: distinct ids in sorted order (numeric when ``as_int``), index = position."""
+    if as_int:
+        values = np.unique(pc.cast(ids, pa.int64()).to_numpy(zero_copy_only=False))
+        return pa.array(values, type=pa.int64())
+    ids = _as_strings(ids)
+    return pc.take(ids, pc.sort_indices(ids))
+
+
+def _lookup(values: pa.Array, ids: pa.Array) -> np.ndarray:
+    if pa.types.is_integer(ids.type):
+        wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
+        return np.searchsorted(ids.to_numpy(), wanted).astype(np.int32)
+    return pc.index_in(_as_strings(values), value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
+
+
+def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array, n_buckets: int,
+                 buckets_dir: str) -> list[int]:
+    """Map a staged chunk's raw ids to dense indices and split its rows into user-range buckets.
+
+    Returns the row count written to each bucket.
+    """
+    table = pq.read_table(staged)
+    users = _lookup(table["user"].combine_chunks(), user_ids)
+    items = _lookup(table["item"].combine_chunks(), item_ids)
+    bucket = (users.astype(np.int64) * n_buckets // max(len(user_ids), 1)).astype(np.int32)
+    order = np.argsort(bucket, kind="stable")
+    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+    encoded = pa.table({"user": users, "item": items, "rating": table["rating"], "time": table["time"],
+                        "pos": table["line"]})
+    counts = []
+    for b in range(n_buckets):
+        take = order[bounds[b]:bounds[b + 1]]
+        counts.append(int(take.shape[0]))
+        if take.shape[0]:
+            out = Path(buckets_dir) / f"bucket-{b:05d}"
+            out.mkdir(parents=True, exist_ok=True)
+            write_parquet(encoded.take(take), out / f"chunk-{index:05d}.parquet")
+    return counts
+
+
+def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_time: bool) -> dict[str, Any]:
+    """Resolve duplicate (user, item) pairs of one bucket by ``policy``; write it sorted by (user, item).
+
+    ``keep_last`` keeps the latest rating by time, then by source position;
+    ``keep_first`` the earliest; ``mean`` averages the ratings (and keeps the
+    latest time); ``error`` keeps all and reports the first duplicate pair.
+    """
+    folder = Path(buckets_dir) / f"bucket-{bucket:05d}"
+    files = sorted(folder.glob("chunk-*.parquet")) if folder.exists() else []
+    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    if table is None or table.num_rows == 0:
+        return {"n_ratings": 0, "pairs": 0, "dropped": 0, "first_duplicate": None, "path": None}
+    users = table["user"].to_numpy()
+    items = table["item"].to_numpy()
+    ratings = table["rating"].to_numpy()
+    times = pc.fill_null(table["time"], np.iinfo(np.int64).min).to_numpy()
+    pos = table["pos"].to_numpy()
+    order = np.lexsort((pos, times, items, users))
+    users, items, ratings, times, pos = users[order], items[order], ratings[order], times[order], pos[order]
+    new_pair = np.ones(users.shape[0], dtype=bool)
+    new_pair[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
+    starts = np.flatnonzero(new_pair)
+    sizes = np.diff(np.append(starts, users.shape[0]))
+    duplicated = sizes > 1
+    result = {"pairs": int(duplicated.sum()), "dropped": int((sizes - 1).sum()), "first_duplicate": None}
+    if duplicated.any():
+        where = starts[duplicated]
+        first = int(np.argmin(pos[where]))  # report the pair whose first row comes first in the sources
+        group = slice(where[first], where[first] + sizes[duplicated][first])
+        result["first_duplicate"] = sorted(int(p) for p in pos[group][:2])
+    if policy == "keep_first":
+        pick = starts
+    else:
+        pick = np.append(starts[1:], users.shape[0]) - 1  # the last row of each pair: latest time, then position
+    kept_ratings = ratings[pick]
+    if policy == "mean":
+        kept_ratings = (np.add.reduceat(ratings.astype(np.float64), starts) / sizes).astype(np.float32)
+    columns = {"user": users[pick].astype(np.int32), "item": items[pick].astype(np.int32),
+               "rating": kept_ratings.astype(np.float32)}
+    if has_time:
+        columns["time"] = pa.array(times[pick], mask=times[pick] == np.iinfo(np.int64).min)
+    write_parquet(pa.table(columns), out)
+    result.update(n_ratings=int(pick.shape[0]), path=out, sha256=file_sha256(out),
+                  rating_sum=float(kept_ratings.astype(np.float64).sum()))
+    if policy == "error":
+        result["dropped"] = 0
+    return result

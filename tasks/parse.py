@@ -1,0 +1,495 @@
+"""Parse rating text into typed columns, line by line exact, with a reason for every rejected line.
+
+Pure functions over bytes and Arrow arrays; the ingest tasks in
+:mod:`tasks.ingest` feed them pieces of a source that end at a line boundary.
+A line either becomes a row or is rejected with a reason; empty lines are not
+rows. Validity never depends on a line's neighbours (apart from the Netflix
+``MovieID:`` header above it), so it does not depend on how a source is cut
+into pieces.
+
+Vectorised with Arrow compute: one regular expression per layout matches the
+well-formed lines and captures their fields; only the lines it does not match
+are looked at one by one, to name their fault.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+# Reasons a line is rejected: stable codes (in dataset.json and the rejects file).
+FIELD_COUNT = "field_count"
+MISSING_FIELD = "missing_field"
+NON_NUMERIC = "non_numeric"
+RATING_NAN = "rating_nan"
+RATING_OUT_OF_SCALE = "rating_out_of_scale"
+ID_OVERFLOW = "id_overflow"
+BAD_TIME = "bad_time"
+HEADER_MISSING = "movie_header_missing"
+HEADER_MALFORMED = "movie_header_malformed"
+BAD_ENCODING = "bad_encoding"
+
+INT64_MAX = str(np.iinfo(np.int64).max)
+_NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
+_NUMBER_RE = re.compile(rf"^{_NUMBER}$")
+_DIGITS_RE = re.compile(r"^[0-9]+$")
+_DATE = r"[0-9]{4}-[0-9]{2}-[0-9]{2}"
+_TIME_FORMATS = ("%Y-%m-%d", "%Y-%m-%dT%H:%M:%S", "%Y-%m-%d %H:%M:%S")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the lines of a text source map to fields.
+
+    ``kind``: ``"netflix"`` (``MovieID:`` sections of ``CustomerID,Rating,Date``),
+    ``"netflix_pairs"`` (probe / qualifying: ``CustomerID[,Date]``) or
+    ``"delimited"``. For delimited text, ``delimiter`` (one or more characters),
+    ``n_fields`` per line, the 0-based ``columns`` of user, item, rating and
+    time (None: absent), and ``header`` (the first line of the source names the
+    columns). ``int_ids``: ids must be integers (else they may be strings).
+    ``time_kind``: ``"unix"`` seconds, ``"date"`` (YYYY-MM-DD) or ``"auto"``.
+    """
+
+    kind: str
+    delimiter: str = ","
+    n_fields: int = 3
+    columns: dict[str, int | None] = field(default_factory=dict)
+    header: bool = False
+    int_ids: bool = False
+    time_kind: str = "auto"
+
+
+@dataclass
+class Parsed:
+    """The rows and the rejected lines of one piece."""
+
+    rows: pa.Table                     # user, item, rating (float32), time (int64, nullable), line (int64)
+    reject_lines: np.ndarray           # int64 line numbers
+    reject_reasons: list[str]
+    reject_details: list[str]
+    reject_texts: list[str]
+    context: tuple[str, int] | None = None  # netflix: (last header line's text, its line number)
+
+
+def split_lines(data: bytes) -> tuple[pa.StringArray, np.ndarray]:
+    """The lines of ``data`` (without ``\\n``; a final line without one counts) and the bad-UTF-8 mask."""
+    buf = np.frombuffer(data, dtype=np.uint8)
+    ends = np.flatnonzero(buf == 10)
+    if buf.shape[0] and (ends.shape[0] == 0 or ends[-1] != buf.shape[0] - 1):
+        ends = np.append(ends, buf.shape[0])  # the last line has no newline
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    # One string per line that includes its newline; the patterns allow for the "\r\n" and "\n".
+    offsets = np.concatenate((starts, [buf.shape[0]])).astype(np.int64)
+    lines = pa.LargeStringArray.from_buffers(ends.shape[0], pa.py_buffer(offsets), pa.py_buffer(data))
+    bad = np.zeros(ends.shape[0], dtype=bool)
+    try:
+        lines.validate(full=True)
+    except pa.ArrowInvalid:
+        texts = []
+        for i, (s, e) in enumerate(zip(starts, ends)):
+            try:
+                texts.append(data[s:e + 1].decode("utf-8"))
+            except UnicodeDecodeError:
+                texts.append("\n")
+                bad[i] = True
+        lines = pa.array(texts, type=pa.large_string())
+    return lines, bad
+
+
+def strip_lines(lines: pa.Array) -> pa.Array:
+    return pc.utf8_rtrim(lines, characters="\r\n")
+
+
+def int_like(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+    """Masks over ``values`` (strings): integer-looking, and integer-looking but past int64."""
+    digits = pc.fill_null(pc.match_substring_regex(values, r"^[0-9]+$"), False).to_numpy(zero_copy_only=False)
+    lengths = pc.utf8_length(values).to_numpy(zero_copy_only=False)
+    overflow = digits & ((lengths > 19) | ((lengths == 19) & pc.fill_null(
+        pc.greater(values, INT64_MAX), False).to_numpy(zero_copy_only=False)))
+    return digits, overflow
+
+
+def _seconds(values: pa.Array, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """Times as int64 Unix seconds and a validity mask; strict (2005-02-30 is invalid)."""
+    n = len(values)
+    out = np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    if kind in ("unix", "auto"):
+        digits = pc.fill_null(pc.match_substring_regex(values, r"^-?[0-9]{1,18}$"), False).to_numpy(
+            zero_copy_only=False)
+        if digits.any():
+            out[digits] = pc.cast(pc.filter(values, pa.array(digits)), pa.int64()).to_numpy()
+            ok |= digits
+    if kind in ("date", "auto"):
+        for fmt in _TIME_FORMATS if kind == "auto" else _TIME_FORMATS[:1]:
+            todo = ~ok
+            if not todo.any():
+                break
+            subset = pc.filter(values, pa.array(todo))
+            parsed = pc.strptime(subset, format=fmt, unit="s", error_is_null=True)
+            # strptime rolls 2005-02-30 over to March: a date must print back as it was written.
+            exact = pc.fill_null(pc.equal(pc.strftime(parsed, format=fmt), subset), False)
+            exact = exact.to_numpy(zero_copy_only=False)
+            where = np.flatnonzero(todo)[exact]
+            out[where] = pc.cast(pc.filter(parsed, exact), pa.int64()).to_numpy()
+            ok[where] = True
+    return out, ok
+
+
+def _ratings(values: pa.Array, scale: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Ratings as float32 and a reason (None = fine) per value, for well-formed numbers."""
+    ratings = pc.cast(values, pa.float64()).to_numpy(zero_copy_only=False)
+    low, high = scale
+    outside = ~((ratings >= low) & (ratings <= high))  # NaN is outside too, but named apart below
+    return ratings.astype(np.float32), outside
+
+
+def describe_field(value: str, what: str, numeric: bool) -> tuple[str, str] | None:
+    """The reason and detail of a bad field value, or None when it is fine (used on rejected lines only)."""
+    if value.strip() == "":
+        return MISSING_FIELD, f"missing {what}"
+    if what == "rating":
+        if value.strip().lower() in ("nan", "+nan", "-nan"):
+            return RATING_NAN, "rating is NaN"
+        if not _NUMBER_RE.match(value):
+            return NON_NUMERIC, f"non-numeric rating {value!r}"
+    elif numeric and not _DIGITS_RE.match(value):
+        return NON_NUMERIC, f"non-numeric {what} {value!r}"
+    return None
+
+
+class _Rejects:
+    def __init__(self) -> None:
+        self.lines: list[int] = []
+        self.reasons: list[str] = []
+        self.details: list[str] = []
+        self.texts: list[str] = []
+
+    def add(self, line: int, reason: str, detail: str, text: str) -> None:
+        self.lines.append(line)
+        self.reasons.append(reason)
+        self.details.append(detail)
+        self.texts.append(text)
+
+    def sorted(self) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+        order = np.argsort(np.array(self.lines, dtype=np.int64), kind="stable")
+        return (np.array(self.lines, dtype=np.int64)[order], [self.reasons[i] for i in order],
+                [self.details[i] for i in order], [self.texts[i] for i in order])
+
+
+def _rows(users: pa.Array, items: pa.Array, ratings: np.ndarray, times: np.ndarray | None,
+          lines: np.ndarray) -> pa.Table:
+    time = pa.array(times, type=pa.int64()) if times is not None else pa.nulls(len(lines), type=pa.int64())
+    return pa.table({"user": users, "item": items, "rating": pa.array(ratings, type=pa.float32()), "time": time,
+                     "line": pa.array(lines, type=pa.int64())})
+
+
+def _finish(rows: pa.Table, rejects: _Rejects, context: tuple[str, int] | None = None) -> Parsed:
+    lines, reasons, details, texts = rejects.sorted()
+    return Parsed(rows, lines, reasons, details, texts, context)
+
+
+def _check_values(ids: dict[str, pa.Array], rating: pa.Array | None, time: pa.Array | None, line_no: np.ndarray,
+                  texts: pa.Array, layout: Layout, scale: tuple[float, float], rejects: _Rejects,
+                  ) -> tuple[np.ndarray, dict[str, pa.Array], np.ndarray, np.ndarray | None]:
+    """Value checks on well-formed lines; returns the keep mask, typed ids, ratings, times."""
+    n = len(line_no)
+    keep = np.ones(n, dtype=bool)
+    reason = np.full(n, None, dtype=object)
+    detail = np.full(n, None, dtype=object)
+
+    def fail(mask: np.ndarray, why: str, message) -> None:
+        new = mask & keep
+        for i in np.flatnonzero(new):
+            reason[i], detail[i] = why, message(i)
+        keep[new] = False
+
+    typed: dict[str, pa.Array] = {}
+    for what, values in ids.items():
+        empty = (pc.utf8_length(values).to_numpy(zero_copy_only=False) == 0)
+        fail(empty, MISSING_FIELD, lambda i, w=what: f"missing {w} id")
+        digits, overflow = int_like(values)
+        fail(overflow, ID_OVERFLOW, lambda i, w=what, v=values: f"{w} id {v[i].as_py()} overflows int64")
+        if layout.int_ids:
+            fail(~digits, NON_NUMERIC, lambda i, w=what, v=values: f"non-numeric {w} id {v[i].as_py()!r}")
+        typed[what] = values
+    ratings, outside = _ratings(rating, scale)
+    nan = np.isnan(ratings)
+    fail(nan, RATING_NAN, lambda i: "rating is NaN")
+    low, high = scale
+    fail(outside, RATING_OUT_OF_SCALE, lambda i: f"rating {rating[i].as_py()} outside [{low:g}, {high:g}]")
+    times = None
+    if time is not None:
+        empty = (pc.utf8_length(time).to_numpy(zero_copy_only=False) == 0)
+        fail(empty, MISSING_FIELD, lambda i: "missing time")
+        times, ok = _seconds(time, "date" if layout.kind == "netflix" else layout.time_kind)
+        fail(~ok, BAD_TIME, lambda i: f"invalid time {time[i].as_py()!r}")
+    for i in np.flatnonzero(~keep):
+        rejects.add(int(line_no[i]), reason[i], detail[i], texts[i].as_py())
+    return keep, typed, ratings, times
+
+
+def header_mask(lines: pa.Array, bad_utf8: np.ndarray, pairs: bool) -> np.ndarray:
+    """Which (stripped) lines are ``MovieID:`` headers, well-formed or not.
+
+    A line with a colon is one; in training files (not ``pairs``) so is a
+    non-empty line without a comma: a header that lost its colon.
+    """
+    header = pc.match_substring(lines, ":").to_numpy(zero_copy_only=False)
+    if not pairs:
+        empty = pc.utf8_length(lines).to_numpy(zero_copy_only=False) == 0
+        header |= ~pc.match_substring(lines, ",").to_numpy(zero_copy_only=False) & ~empty
+    return header & ~bad_utf8
+
+
+def parse_netflix(data: bytes, first_line: int, context: tuple[str, int] | None, scale: tuple[float, float],
+                  pairs: bool = False) -> Parsed:
+    """Parse a piece of Netflix Prize text: ``MovieID:`` sections of ``CustomerID,Rating,YYYY-MM-DD``.
+
+    ``context`` is the last header line above the piece (text, line number), or
+    None at the start of a file. With ``pairs``, lines are ``CustomerID[,Date]``
+    (probe and qualifying files) and the ratings are NaN.
+    A line with a colon is a header; in training files a non-empty line without
+    a comma is a header that lost its colon. Rows under a malformed header, or
+    above the first header, are rejected: they cannot be given a movie.
+    """
+    raw, bad_utf8 = split_lines(data)
+    lines = strip_lines(raw)
+    n = len(lines)
+    line_no = np.arange(first_line, first_line + n, dtype=np.int64)
+    empty = pc.utf8_length(lines).to_numpy(zero_copy_only=False) == 0
+    header = header_mask(lines, bad_utf8, pairs)
+    rejects = _Rejects()
+
+    # Each line's section: the index of the header above it in this piece, or -1 for the context.
+    idx = np.where(header, np.arange(n), -1)
+    section = np.maximum.accumulate(idx) if n else idx
+    header_texts = [lines[int(i)].as_py() for i in np.flatnonzero(header)]
+    movie_of_header: dict[int, int | None] = {}
+    for i, text in zip(np.flatnonzero(header), header_texts):
+        ok = re.fullmatch(r"[0-9]{1,19}:", text) and (len(text) < 20 or text[:-1] <= INT64_MAX)
+        movie_of_header[int(i)] = int(text[:-1]) if ok else None
+        if not ok:
+            rejects.add(int(line_no[i]), HEADER_MALFORMED, f"malformed MovieID header {text!r}", text)
+    context_movie: int | None = None
+    if context is not None:
+        text, _ = context
+        ok = re.fullmatch(r"[0-9]{1,19}:", text) and (len(text) < 20 or text[:-1] <= INT64_MAX)
+        context_movie = int(text[:-1]) if ok else None
+
+    pattern = (rf"^(?P<user>[0-9]+)(?:,(?P<time>{_DATE}))?\r?\n?$" if pairs
+               else rf"^(?P<user>[0-9]+),(?P<rating>{_NUMBER}),(?P<time>{_DATE})\r?\n?$")
+    data_line = ~header & ~empty & ~bad_utf8
+    for i in np.flatnonzero(bad_utf8):
+        rejects.add(int(line_no[i]), BAD_ENCODING, "not UTF-8", "")
+    match = pc.extract_regex(raw, pattern)
+    matched = match.is_valid().to_numpy(zero_copy_only=False) & data_line
+
+    # Lines that belong to no valid section.
+    sectionless = data_line & (section < 0) & (context_movie is None)
+    under_bad = data_line & (section >= 0) & np.array([movie_of_header.get(int(s)) is None for s in section])
+    for i in np.flatnonzero(sectionless | under_bad):
+        if section[i] >= 0:
+            why, where = HEADER_MALFORMED, f"under the malformed MovieID header at line {line_no[section[i]]}"
+        elif context is not None:
+            why, where = HEADER_MALFORMED, f"under the malformed MovieID header at line {context[1]}"
+        else:
+            why, where = HEADER_MISSING, "no MovieID: header above this line"
+        rejects.add(int(line_no[i]), why, where, lines[int(i)].as_py())
+    placed = data_line & ~sectionless & ~under_bad
+
+    # Well-formed lines get value checks; the others are told apart one by one.
+    for i in np.flatnonzero(placed & ~matched):
+        text = lines[int(i)].as_py()
+        fields = text.split(",")
+        if (len(fields) not in (1, 2)) if pairs else len(fields) != 3:
+            want = "1 or 2" if pairs else "3"
+            rejects.add(int(line_no[i]), FIELD_COUNT, f"expected {want} fields, got {len(fields)}", text)
+            continue
+        named = zip(("user", "time") if pairs else ("user", "rating", "time"), fields)
+        found = None
+        for what, value in named:
+            found = (describe_field(value, what, numeric=what != "time")
+                     or (what == "time" and not re.fullmatch(_DATE, value) and (BAD_TIME, f"invalid date {value!r}"))
+                     or None)
+            if found:
+                break
+        why, message = found or (NON_NUMERIC, "malformed line")
+        rejects.add(int(line_no[i]), why, message, text)
+    good = placed & matched
+    take = pa.array(good)
+    movies = np.array([movie_of_header[int(s)] if s >= 0 else context_movie for s in section[good]],
+                      dtype=np.int64) if good.any() else np.zeros(0, dtype=np.int64)
+    fields = pc.filter(match, take)
+    users = fields.field("user")
+    times_text = fields.field("time")
+    if pairs:
+        ratings_text = pa.array(["nan"] * len(users)) if len(users) else pa.array([], pa.string())
+    else:
+        ratings_text = fields.field("rating")
+    if pairs:
+        keep, typed, _, _ = _check_values({"user": users}, pa.array(["1"] * len(users), pa.string()), None,
+                                          line_no[good], pc.filter(lines, take), Layout("netflix", int_ids=True),
+                                          (1.0, 1.0), rejects)
+        has_time = pc.utf8_length(times_text).to_numpy(zero_copy_only=False) > 0
+        times = np.zeros(len(users), dtype=np.int64)
+        if has_time.any():
+            seconds, ok = _seconds(pc.filter(times_text, pa.array(has_time)), "date")
+            times[has_time] = seconds
+        ratings = np.full(len(users), np.nan, dtype=np.float32)
+        time_column = pa.array(times, mask=~has_time)
+    else:
+        keep, typed, ratings, times = _check_values({"user": users}, ratings_text, times_text, line_no[good],
+                                                    pc.filter(lines, take), Layout("netflix", int_ids=True),
+                                                    scale, rejects)
+        time_column = pa.array(times)
+    keep_mask = pa.array(keep)
+    users_int = pc.cast(pc.filter(typed["user"], keep_mask), pa.int64())
+    rows = pa.table({"user": users_int, "item": pa.array(movies[keep], type=pa.int64()),
+                     "rating": pa.array(ratings[keep], type=pa.float32()),
+                     "time": pc.filter(time_column, keep_mask),
+                     "line": pa.array(line_no[good][keep], type=pa.int64())})
+
+    last = np.flatnonzero(header)
+    new_context = (header_texts[-1], int(line_no[last[-1]])) if last.shape[0] else context
+    return _finish(rows, rejects, new_context)
+
+
+def _field_pattern(delimiter: str) -> str:
+    if len(delimiter) == 1:
+        d = re.escape(delimiter)
+        # A field is quoted ("a,b" with "" for a quote) or free of delimiters and quotes.
+        return rf'("(?:[^"]|"")*"|[^{d}"\r\n]*)'
+    return r"(.*?)"
+
+
+def _unquote(values: pa.Array) -> pa.Array:
+    quoted = pc.fill_null(pc.match_substring_regex(values, r'^".*"$'), False)
+    if not pc.any(quoted).as_py():
+        return values
+    inner = pc.replace_substring(pc.utf8_slice_codeunits(values, 1, -1), '""', '"')
+    return pc.if_else(quoted, inner, values)
+
+
+def parse_delimited(data: bytes, first_line: int, layout: Layout, scale: tuple[float, float]) -> Parsed:
+    """Parse a piece of delimited text (CSV, TSV, MovieLens ``::``) with ``layout``'s columns.
+
+    The header line (line 1 when ``layout.header``) is not a row.
+    """
+    raw, bad_utf8 = split_lines(data)
+    lines = strip_lines(raw)
+    n = len(lines)
+    line_no = np.arange(first_line, first_line + n, dtype=np.int64)
+    empty = pc.utf8_length(lines).to_numpy(zero_copy_only=False) == 0
+    skip = empty.copy()
+    if layout.header and first_line == 1 and n:
+        skip[0] = True
+    rejects = _Rejects()
+    for i in np.flatnonzero(bad_utf8):
+        rejects.add(int(line_no[i]), BAD_ENCODING, "not UTF-8", "")
+    candidate = ~skip & ~bad_utf8
+
+    field = _field_pattern(layout.delimiter)
+    pattern = "^" + re.escape(layout.delimiter).join([field] * layout.n_fields) + r"\r?\n?$"
+    names = [f"f{j}" for j in range(layout.n_fields)]
+    match = pc.extract_regex(raw, _name_groups(pattern, field, names))
+    matched = match.is_valid().to_numpy(zero_copy_only=False) & candidate
+
+    columns = layout.columns
+    for i in np.flatnonzero(candidate & ~matched):
+        text = lines[int(i)].as_py()
+        fields = _split_fields(text, layout.delimiter)
+        if len(fields) != layout.n_fields:
+            rejects.add(int(line_no[i]), FIELD_COUNT, f"expected {layout.n_fields} fields, got {len(fields)}",
+                        text)
+        else:
+            rejects.add(int(line_no[i]), NON_NUMERIC, "malformed line", text)
+    take = pa.array(matched)
+    fields = pc.filter(match, take)
+
+    def col(what: str) -> pa.Array | None:
+        j = columns.get(what)
+        return None if j is None else _unquote(fields.field(names[j]))
+
+    rating_text = col("rating")
+    # Ratings that are not numbers are named here; _check_values sees only numbers.
+    number = pc.fill_null(pc.match_substring_regex(pc.utf8_trim_whitespace(rating_text), rf"^{_NUMBER}$"),
+                          False).to_numpy(zero_copy_only=False)
+    matched_lines = line_no[matched]
+    matched_texts = pc.filter(lines, take)
+    for i in np.flatnonzero(~number):
+        value = rating_text[int(i)].as_py()
+        why, message = describe_field(value, "rating", numeric=True) or (NON_NUMERIC, f"non-numeric rating {value!r}")
+        rejects.add(int(matched_lines[i]), why, message, matched_texts[int(i)].as_py())
+    ok = pa.array(number)
+    ids = {"user": pc.filter(col("user"), ok), "item": pc.filter(col("item"), ok)}
+    time_text = col("time")
+    keep, typed, ratings, times = _check_values(
+        ids, pc.utf8_trim_whitespace(pc.filter(rating_text, ok)),
+        None if time_text is None else pc.filter(time_text, ok), matched_lines[number],
+        pc.filter(matched_texts, ok), layout, scale, rejects)
+    keep_mask = pa.array(keep)
+    rows = _rows(pc.filter(typed["user"], keep_mask), pc.filter(typed["item"], keep_mask), ratings[keep],
+                 None if times is None else times[keep], matched_lines[number][keep])
+    return _finish(rows, rejects)
+
+
+def _name_groups(pattern: str, field: str, names: list[str]) -> str:
+    """``pattern`` with its field groups named ``names`` in order (extract_regex needs names)."""
+    out = pattern
+    for name in names:
+        out = out.replace(field, f"(?P<{name}>" + field[1:], 1)
+    return out
+
+
+def _split_fields(text: str, delimiter: str) -> list[str]:
+    if len(delimiter) == 1:
+        import csv
+
+        return next(csv.reader([text], delimiter=delimiter), [""])
+    return text.split(delimiter)
+
+
+def _as_text(column: pa.ChunkedArray, name: str) -> pa.Array:
+    """A typed Parquet column as the text the same value would have in a CSV file ('' for null)."""
+    column = column.combine_chunks()
+    kind = column.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        column = pc.cast(pc.cast(column, pa.timestamp("s")), pa.int64())
+    elif not (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_string(kind)
+              or pa.types.is_large_string(kind)):
+        raise ValueError(f"column {name!r} has type {kind}; expected integers, floats, strings or timestamps")
+    return pc.fill_null(pc.cast(column, pa.large_string()), "")
+
+
+def parse_table(table: pa.Table, columns: dict[str, str], first_row: int, scale: tuple[float, float]) -> Parsed:
+    """Check the rows of a Parquet table (``columns``: role → column name) as text lines would be.
+
+    Values go through their text form, so a Parquet file and a CSV file of the
+    same ratings are accepted and rejected alike; ``line`` is the row number.
+    """
+    text = {role: _as_text(table[name], name) for role, name in columns.items()}
+    n = table.num_rows
+    line_no = np.arange(first_row, first_row + n, dtype=np.int64)
+    rows_text = pc.binary_join_element_wise(*text.values(), pa.scalar(",", pa.large_string()))
+    rejects = _Rejects()
+    rating = pc.utf8_trim_whitespace(text["rating"])
+    number = pc.fill_null(pc.match_substring_regex(rating, rf"^{_NUMBER}$"), False).to_numpy(zero_copy_only=False)
+    for i in np.flatnonzero(~number):
+        value = rating[int(i)].as_py()
+        why, message = describe_field(value, "rating", numeric=True) or (NON_NUMERIC, f"non-numeric rating {value!r}")
+        rejects.add(int(line_no[i]), why, message, rows_text[int(i)].as_py())
+    ok = pa.array(number)
+    layout = Layout("delimited", time_kind="auto")
+    keep, typed, ratings, times = _check_values(
+        {"user": pc.filter(text["user"], ok), "item": pc.filter(text["item"], ok)}, pc.filter(rating, ok),
+        pc.filter(text["time"], ok) if "time" in text else None, line_no[number], pc.filter(rows_text, ok),
+        layout, scale, rejects)
+    keep_mask = pa.array(keep)
+    rows = _rows(pc.filter(typed["user"], keep_mask), pc.filter(typed["item"], keep_mask), ratings[keep],
+                 None if times is None else times[keep], line_no[number][keep])
+    return _finish(rows, rejects)

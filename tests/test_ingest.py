@@ -1,0 +1,261 @@
+"""Ingest: every format from files the tests write, every bad-line case in strict and rejects mode,
+and a property: corrupting a valid file never yields a silently wrong dataset."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pipeline.cli import main
+from pipeline.cluster import InProcessExecutor
+from pipeline.dataset import open_dataset
+from pipeline.errors import DataError
+from pipeline.ingest import IngestOptions, ingest
+
+
+def _run(tmp_path: Path, sources: list[Path | str], fmt: str, *extra: str, out: str = "out") -> int:
+    return main(["ingest", *map(str, sources), "--format", fmt, "--out", str(tmp_path / out),
+                 "--scheduler", "inprocess", *extra])
+
+
+def _ratings(out: Path) -> list[tuple]:
+    """(raw user, raw item, rating, time) of a canonical dataset, sorted."""
+    dataset = open_dataset(out)
+    users = pq.read_table(out / "users.parquet")["id"].to_pylist()
+    items = pq.read_table(out / "items.parquet")["id"].to_pylist()
+    rows = []
+    for part in dataset.parts:
+        t = pq.read_table(part).to_pylist()
+        rows += [(users[r["user"]], items[r["item"]], r["rating"], r.get("time")) for r in t]
+    return sorted(rows, key=repr)
+
+
+NETFLIX_1 = "1:\n1488844,3,2005-09-06\n822109,5,2005-05-13\n"
+NETFLIX_2 = "2:\n1488844,4,2005-10-01\n30878,1,2004-12-28\n"
+
+
+def test_netflix_training_files_in_a_directory(tmp_path):
+    folder = tmp_path / "training_set"
+    folder.mkdir()
+    (folder / "mv_0000001.txt").write_text(NETFLIX_1)
+    (folder / "mv_0000002.txt").write_text(NETFLIX_2)
+    assert _run(tmp_path, [folder], "netflix") == 0
+    rows = _ratings(tmp_path / "out")
+    assert sorted((u, i, r) for u, i, r, _ in rows) == sorted([
+        (1488844, 1, 3.0), (822109, 1, 5.0), (1488844, 2, 4.0), (30878, 2, 1.0)])
+    times = {(u, i): t for u, i, _, t in rows}
+    assert times[(30878, 2)] == int(np.datetime64("2004-12-28", "s").astype(np.int64))
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert (meta["n_users"], meta["n_items"], meta["n_ratings"]) == (3, 2, 4)
+    assert meta["id_types"] == {"user": "int64", "item": "int64"}
+    # Dense indices follow the sorted raw ids.
+    assert pq.read_table(tmp_path / "out" / "users.parquet")["id"].to_pylist() == [30878, 822109, 1488844]
+
+
+def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path):
+    rng = np.random.default_rng(3)
+    sections = []
+    for movie in range(1, 41):
+        users = rng.choice(5000, size=rng.integers(1, 30), replace=False) + 1
+        sections.append(f"{movie}:\n" + "".join(f"{u},{rng.integers(1, 6)},2005-0{rng.integers(1, 10)}-1{rng.integers(0, 10)}\n"
+                                                for u in users))
+    (tmp_path / "combined_data_1.txt").write_text("".join(sections))
+    executor = InProcessExecutor()
+    whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions("netflix"), tmp_path / "whole")
+    cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions("netflix", chunk_bytes=97),
+                 tmp_path / "cut")
+    assert _ratings(tmp_path / "whole") == _ratings(tmp_path / "cut")
+    assert whole.fingerprint == cut.fingerprint
+    assert whole.n_items == 40
+
+
+@pytest.mark.parametrize("name,text,scale", [
+    ("u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n", (1, 5)),
+    ("ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n", (1, 5)),
+    ("ratings.csv", "userId,movieId,rating,timestamp\n1,1,4.0,964982703\n1,3,4.5,964981247\n", (0.5, 5)),
+])
+def test_movielens_layouts_by_name(tmp_path, name, text, scale):
+    (tmp_path / name).write_text(text)
+    assert _run(tmp_path, [tmp_path / name], "movielens") == 0
+    rows = _ratings(tmp_path / "out")
+    expected = []
+    for line in text.strip().splitlines()[1 if name.endswith(".csv") else 0:]:
+        u, i, r, t = line.replace("::", "\t").replace(",", "\t").split("\t")
+        expected.append((int(u), int(i), float(r), int(t)))
+    assert rows == sorted(expected, key=repr)
+
+
+def test_movielens_layout_by_content_and_gzip(tmp_path):
+    (tmp_path / "export.gz").write_bytes(gzip.compress(b"1::1193::5::978300760\n2::661::3::978302109\n"))
+    assert _run(tmp_path, [tmp_path / "export.gz"], "movielens") == 0
+    assert _ratings(tmp_path / "out") == [(1, 1193, 5.0, 978300760), (2, 661, 3.0, 978302109)]
+
+
+def test_csv_with_string_ids_named_columns_and_detected_delimiter(tmp_path):
+    (tmp_path / "r.csv").write_text('when;who;what;stars\n2020-01-02;alice;"The Matrix; Reloaded";4\n'
+                                    '2020-01-03T10:00:00;bob;Heat;3.5\n')
+    assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--user-col", "who", "--item-col", "what",
+                "--rating-col", "stars", "--time-col", "when", "--rating-scale", "0.5,5") == 0
+    rows = _ratings(tmp_path / "out")
+    assert rows == sorted([("alice", "The Matrix; Reloaded", 4.0, 1577923200), ("bob", "Heat", 3.5, 1578045600)],
+                          key=repr)
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["id_types"] == {"user": "large_string", "item": "large_string"}
+
+
+def test_parquet_directory_with_string_ids(tmp_path):
+    folder = tmp_path / "export"
+    folder.mkdir()
+    pq.write_table(pa.table({"u": ["x", "y"], "i": [10, 11], "r": [4.0, 2.0]}), folder / "a.parquet")
+    pq.write_table(pa.table({"u": ["z"], "i": [10], "r": [5.0]}), folder / "b.parquet")
+    assert _run(tmp_path, [folder], "parquet", "--user-col", "u", "--item-col", "i", "--rating-col", "r",
+                "--rating-scale", "1,5") == 0
+    assert _ratings(tmp_path / "out") == sorted([("x", 10, 4.0, None), ("y", 11, 2.0, None), ("z", 10, 5.0, None)],
+                                                key=repr)
+
+
+BAD_LINES = [
+    # (file text, line number of the bad line, reason)
+    ("1:\n10,3,2005-01-02\n11,,2005-01-02\n", 3, "missing_field"),
+    ("1:\n10,3,2005-01-02\n1x,3,2005-01-02\n", 3, "non_numeric"),
+    ("1:\n10,3,2005-01-02\n11,7,2005-01-02\n", 3, "rating_out_of_scale"),
+    ("1:\n10,3,2005-01-02\n11,NaN,2005-01-02\n", 3, "rating_nan"),
+    ("1:\n10,3,2005-01-02\n99999999999999999999,3,2005-01-02\n", 3, "id_overflow"),
+    ("10,3,2005-01-02\n1:\n11,3,2005-01-02\n", 1, "movie_header_missing"),
+    ("1:\n10,3,2005-01-02\n2a:\n11,3,2005-01-02\n", 3, "movie_header_malformed"),
+    ("1:\n10,3,2005-01-02\n11,3,2005-02-30\n", 3, "bad_time"),
+    ("1:\n10,3,2005-01-02\n11,3\n", 3, "field_count"),
+]
+
+
+@pytest.mark.parametrize("text,line,reason", BAD_LINES)
+def test_bad_line_strict_exits_65_naming_file_line_and_reason(tmp_path, capsys, text, line, reason):
+    (tmp_path / "mv.txt").write_text(text)
+    assert _run(tmp_path, [tmp_path / "mv.txt"], "netflix") == 65
+    err = capsys.readouterr().err
+    assert f"mv.txt:{line}: " in err and f"({reason})" in err
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+@pytest.mark.parametrize("text,line,reason", BAD_LINES)
+def test_bad_line_goes_to_the_rejects_file(tmp_path, text, line, reason):
+    (tmp_path / "mv.txt").write_text(text)
+    assert _run(tmp_path, [tmp_path / "mv.txt"], "netflix", "--rejects", str(tmp_path / "bad.csv")) == 0
+    rejects = pacsv.read_csv(tmp_path / "bad.csv").to_pylist()
+    assert (rejects[0]["line"], rejects[0]["reason"]) == (line, reason)
+    assert rejects[0]["source"].endswith("mv.txt")
+    meta = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert meta["rejects"]["by_reason"][reason] >= 1
+    assert meta["n_ratings"] + len(rejects) == sum(1 for t in text.splitlines() if not re.fullmatch(r"[0-9]+:", t))
+
+
+def test_duplicate_policies(tmp_path, capsys):
+    text = "userId,movieId,rating,timestamp\n1,10,4,200\n1,10,2,100\n2,10,5,1\n1,10,3,200\n"
+    (tmp_path / "ratings.csv").write_text(text)
+    expected = {"keep_last": 3.0, "keep_first": 2.0, "mean": 3.0}
+    for policy, rating in expected.items():
+        assert _run(tmp_path, [tmp_path / "ratings.csv"], "movielens", "--duplicates", policy, out=policy) == 0
+        rows = {(u, i): r for u, i, r, _ in _ratings(tmp_path / policy)}
+        assert rows == {(1, 10): rating, (2, 10): 5.0}
+        meta = json.loads((tmp_path / policy / "dataset.json").read_text())
+        assert meta["duplicates"] == {"policy": policy, "pairs": 1, "rows_dropped": 2}
+    assert _run(tmp_path, [tmp_path / "ratings.csv"], "movielens", "--duplicates", "error", out="error") == 65
+    err = capsys.readouterr().err
+    assert "ratings.csv:3: duplicate of the (user, item) pair at" in err and "ratings.csv:2" in err
+
+
+def test_empty_input_exits_65(tmp_path, capsys):
+    (tmp_path / "empty.csv").write_text("")
+    assert _run(tmp_path, [tmp_path / "empty.csv"], "csv", "--rating-scale", "1,5") == 65
+    assert "no ratings found" in capsys.readouterr().err
+
+
+def test_truncated_gzip_and_parquet_exit_65_naming_the_file(tmp_path, capsys):
+    whole = gzip.compress(("1:\n" + "".join(f"{u},3,2005-01-02\n" for u in range(1, 5000))).encode())
+    (tmp_path / "mv.txt.gz").write_bytes(whole[: len(whole) // 2])
+    assert _run(tmp_path, [tmp_path / "mv.txt.gz"], "netflix") == 65
+    assert "mv.txt.gz: unreadable, truncated or corrupt" in capsys.readouterr().err
+    pq.write_table(pa.table({"user": [1, 2], "item": [1, 2], "rating": [3.0, 4.0]}), tmp_path / "r.parquet")
+    data = (tmp_path / "r.parquet").read_bytes()
+    (tmp_path / "r.parquet").write_bytes(data[: len(data) - 20])
+    assert _run(tmp_path, [tmp_path / "r.parquet"], "parquet", "--rating-scale", "1,5", out="p") == 65
+    assert "r.parquet: not a readable Parquet file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
+
+
+def test_missing_source_and_unknown_column_are_data_errors(tmp_path, capsys):
+    assert _run(tmp_path, [tmp_path / "nowhere.csv"], "csv", "--rating-scale", "1,5") == 65
+    assert "nowhere.csv: no such file or directory" in capsys.readouterr().err
+    (tmp_path / "r.csv").write_text("a,b,c\n1,2,3\n")
+    assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--user-col", "who", "--rating-scale", "1,5") == 65
+    assert "no user column named 'who' (columns: a, b, c)" in capsys.readouterr().err
+
+
+VALID = [f"{u},{(u * 7 + m) % 5 + 1},2005-0{(u + m) % 9 + 1}-1{u % 10}" for m in (1, 2) for u in range(1, 40)]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.integers(0, len(VALID) + 1), st.sampled_from(
+    ["drop_char", "insert_char", "swap_digit", "empty_field", "garbage"])), max_size=6),
+    st.integers(0, 2**32 - 1))
+def test_corruption_never_yields_a_silently_wrong_dataset(tmp_path_factory, corruptions, seed):
+    """Every input line is either a kept row equal to its source, or a rejected line."""
+    rng = np.random.default_rng(seed)
+    lines = ["1:", *VALID[:39], "2:", *VALID[39:]]
+    for index, kind in corruptions:
+        j = index % len(lines)
+        text = lines[j]
+        pos = int(rng.integers(0, max(len(text), 1)))
+        if kind == "drop_char" and text:
+            text = text[:pos] + text[pos + 1:]
+        elif kind == "insert_char":
+            text = text[:pos] + str(rng.choice(list("0123456789,:-x. "))) + text[pos:]
+        elif kind == "swap_digit":
+            text = "".join(str(rng.integers(0, 10)) if ch.isdigit() and rng.random() < 0.3 else ch for ch in text)
+        elif kind == "empty_field":
+            text = ",".join("" if k == pos % 3 else f for k, f in enumerate(text.split(",")))
+        else:
+            text = "".join(rng.choice(list("abc,:;1")) for _ in range(pos % 12))
+        lines[j] = text
+    tmp = tmp_path_factory.mktemp("corrupt")
+    (tmp / "mv.txt").write_text("\n".join(lines) + "\n")
+    try:
+        ingest(InProcessExecutor(), [str(tmp / "mv.txt")], IngestOptions("netflix", rejects=tmp / "bad.csv",
+                                                                         duplicates="error"), tmp / "out")
+    except DataError as exc:
+        assert "no ratings found" in str(exc) or "duplicate" in str(exc)
+        return
+    rejected = {r["line"] for r in pacsv.read_csv(tmp / "bad.csv").to_pylist()} if (tmp / "bad.csv").exists() else set()
+    kept = _ratings(tmp / "out")
+    # What each line means if read by hand: its movie is the last well-formed header above it.
+    movie, truth = None, {}
+    for n, text in enumerate(lines, start=1):
+        if ":" in text or ("," not in text and text):
+            movie = int(text[:-1]) if text[:-1].isdigit() and text.endswith(":") else None
+            continue
+        parts = text.split(",")
+        if (movie is not None and len(parts) == 3 and parts[0].isdigit() and len(parts[0]) < 19
+                and parts[1].replace(".", "", 1).isdigit() and 1 <= float(parts[1]) <= 5
+                and re.fullmatch(r"[0-9]{4}-[0-9]{2}-[0-9]{2}", parts[2])):
+            try:
+                day = np.datetime64(parts[2], "D")
+            except ValueError:
+                continue
+            if str(day) == parts[2]:
+                truth[n] = (int(parts[0]), movie, float(np.float32(float(parts[1]))),
+                            int(day.astype("datetime64[s]").astype(np.int64)))
+    non_empty = {n for n, text in enumerate(lines, start=1) if text}
+    headers = {n for n, text in enumerate(lines, start=1) if ":" in text or ("," not in text and text)}
+    good_headers = {n for n in headers if lines[n - 1].endswith(":") and lines[n - 1][:-1].isdigit()}
+    assert sorted(kept, key=repr) == sorted(truth.values(), key=repr)
+    assert len(kept) + len(rejected - good_headers) == len(non_empty - good_headers)
