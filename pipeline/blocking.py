@@ -19,7 +19,7 @@ from pipeline.config import SplitConfig
 from pipeline.dataset import Dataset
 from pipeline.errors import DataError
 from pipeline.rundir import swap_in, temporary_dir
-from tasks.blocks import SPLIT_NAMES, TRAIN, split_part
+from tasks.blocks import SPLIT_NAMES, TRAIN, SplitRule, split_part
 from tasks.io import read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,17 @@ def open_blocks(root: Path) -> Blocks:
 
 def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split: SplitConfig, seed: int) -> Blocks:
     """Split ``dataset`` and write its ``d`` row blocks to ``out``."""
+    if split.method == "per_user" and not dataset.meta.get("user_partitioned"):
+        raise DataError(f"{dataset.root}: split.method per_user needs every user's ratings in one part, as "
+                        "`funkflow ingest` and `funkflow generate` write them")
+    if split.method == "time" and not dataset.meta.get("has_time"):
+        raise DataError(f"{dataset.root}: split.method time needs rating times, and this dataset has none")
+    rule = SplitRule(split.method, split.test_fraction, split.validation_fraction, split.seed, split.test_per_user,
+                     split.validation_per_user, split.cutoff_seconds())
     tmp = temporary_dir(out)
     try:
         futures = [
-            executor.submit(split_part, str(part), j, str(tmp), d, dataset.n_users, split.test_fraction,
-                            split.validation_fraction, split.seed, seed, name="split_part")
+            executor.submit(split_part, str(part), j, str(tmp), d, dataset.n_users, rule, seed, name="split_part")
             for j, part in enumerate(dataset.parts)
         ]
         results = executor.gather(futures)

@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -51,16 +52,32 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    method: Literal["hash"] = "hash"
+    method: Literal["hash", "per_user", "time"] = "hash"
     test_fraction: float = Field(0.1, gt=0, lt=1)
     validation_fraction: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
+    test_per_user: int = Field(2, ge=1)
+    validation_per_user: int = Field(1, ge=0)
+    cutoff: str | int | None = None
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
         if self.test_fraction + self.validation_fraction >= 1:
             raise ValueError("split.test_fraction + split.validation_fraction must be < 1 to leave training data")
+        if self.method == "time":
+            if self.cutoff is None:
+                raise ValueError("split.method time needs split.cutoff (a date such as 2005-06-01, or Unix seconds)")
+            self.cutoff_seconds()
         return self
+
+    def cutoff_seconds(self) -> int | None:
+        """``cutoff`` as Unix seconds (an ISO date or date-time is read as UTC)."""
+        if self.cutoff is None or isinstance(self.cutoff, int):
+            return self.cutoff
+        try:
+            return int(np.datetime64(self.cutoff, "s").astype(np.int64))
+        except ValueError:
+            raise ValueError(f"split.cutoff: {self.cutoff!r} is not a date (YYYY-MM-DD[THH:MM:SS])") from None
 
 
 class ModelConfig(_Section):

@@ -121,6 +121,8 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
             "n_ratings": sum(r["n_ratings"] for r in results),
             "rating_scale": [RATING_MIN, RATING_MAX],
             "has_expected": True,
+            "has_time": False,
+            "user_partitioned": True,  # each part holds whole users (chunks of users)
             "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
                        "sha256": r["sha256"]} for r in results],
             "fingerprint": digest.hexdigest(),

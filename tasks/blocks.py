@@ -38,8 +38,57 @@ def split_codes(users: np.ndarray, items: np.ndarray, test_fraction: float, vali
     return codes
 
 
-def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users: int, test_fraction: float,
-               validation_fraction: float, split_seed: int, block_seed: int) -> dict:
+@dataclass(frozen=True)
+class SplitRule:
+    """How ratings are split (plain values, cheap to ship; see ``split`` in the config).
+
+    ``hash``: by a seeded hash of (user, item) with the given fractions.
+    ``per_user``: each user's latest ``test_per_user`` ratings (by time, ties and
+    untimed data by the hash) are test, the ``validation_per_user`` before them
+    validation; every user keeps at least one training rating.
+    ``time``: ratings at or after ``cutoff`` (Unix seconds) are test, the rest
+    split into validation and training by the hash.
+    """
+
+    method: str = "hash"
+    test_fraction: float = 0.1
+    validation_fraction: float = 0.05
+    seed: int = 0
+    test_per_user: int = 2
+    validation_per_user: int = 1
+    cutoff: int | None = None
+
+
+def assign_splits(users: np.ndarray, items: np.ndarray, times: np.ndarray | None, rule: SplitRule) -> np.ndarray:
+    """Split code of each rating under ``rule``, int8. ``per_user`` needs every rating of a user here."""
+    u = pair_uniform(users, items, rule.seed)
+    if rule.method == "hash":
+        return split_codes(users, items, rule.test_fraction, rule.validation_fraction, rule.seed)
+    if rule.method == "time":
+        codes = np.full(users.shape[0], TRAIN, dtype=np.int8)
+        codes[u < rule.validation_fraction] = VALIDATION
+        codes[times >= rule.cutoff] = TEST
+        return codes
+    # per_user: rank each user's ratings from the latest.
+    when = np.zeros(users.shape[0], dtype=np.int64) if times is None else times
+    order = np.lexsort((u, when, users))
+    sorted_users = users[order]
+    starts = np.flatnonzero(np.diff(sorted_users, prepend=sorted_users[:1] - 1))
+    sizes = np.diff(np.append(starts, users.shape[0]))
+    size = np.repeat(sizes, sizes)
+    from_end = np.repeat(starts + sizes, sizes) - np.arange(users.shape[0]) - 1
+    n_test = np.minimum(rule.test_per_user, size - 1)
+    n_validation = np.minimum(rule.validation_per_user, size - 1 - n_test)
+    sorted_codes = np.full(users.shape[0], TRAIN, dtype=np.int8)
+    sorted_codes[(from_end >= n_test) & (from_end < n_test + n_validation)] = VALIDATION
+    sorted_codes[from_end < n_test] = TEST
+    codes = np.empty_like(sorted_codes)
+    codes[order] = sorted_codes
+    return codes
+
+
+def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users: int, rule: SplitRule,
+               block_seed: int) -> dict:
     """Assign one part's ratings to splits and row blocks; write one file per row block.
 
     Returns
@@ -52,10 +101,14 @@ def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users
     schema_names = pq.read_schema(part_path).names
     if "expected" in schema_names:
         columns.append("expected")
-    table = pq.read_table(part_path, columns=columns)
+    table = pq.read_table(part_path, columns=columns + (["time"] if "time" in schema_names else []))
     users = table["user"].to_numpy()
     items = table["item"].to_numpy()
-    codes = split_codes(users, items, test_fraction, validation_fraction, split_seed)
+    times = None
+    if "time" in schema_names:
+        times = table["time"].fill_null(np.iinfo(np.int64).min).to_numpy()
+        table = table.drop_columns(["time"])
+    codes = assign_splits(users, items, times, rule)
     row_of_user, _, _ = block_layout(n_users, d, block_seed, SALT_ROWS)
     rows = row_of_user[users]
     order = np.argsort(rows, kind="stable")

@@ -6,7 +6,17 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.blocks import SPLIT_NAMES, load_row_block, split_codes, split_part
+from tasks.blocks import (
+    SPLIT_NAMES,
+    TEST,
+    TRAIN,
+    VALIDATION,
+    SplitRule,
+    assign_splits,
+    load_row_block,
+    split_codes,
+    split_part,
+)
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 
 
@@ -19,7 +29,7 @@ def test_blocks_hold_every_rating_once(planted_low_rank, tmp_path, d):
     ratings = np.concatenate([t["rating"].to_numpy() for t in tables])
     n_users, n_items = 120, 80
     out = tmp_path / "blocks"
-    results = [split_part(str(p), j, str(out), d, n_users, 0.2, 0.1, 3, 9) for j, p in enumerate(parts)]
+    results = [split_part(str(p), j, str(out), d, n_users, SplitRule("hash", 0.2, 0.1, 3), 9) for j, p in enumerate(parts)]
     counts = sum(r["counts"] for r in results)
     assert counts.sum() == users.shape[0]
 
@@ -56,6 +66,30 @@ def test_split_fractions_and_independence_from_partitioning():
 
 def test_row_block_of_another_layout_is_refused(planted_low_rank, tmp_path):
     part = sorted((planted_low_rank / "ratings").glob("*.parquet"))[0]
-    split_part(str(part), 0, str(tmp_path), 2, 120, 0.1, 0.1, 0, 1)
+    split_part(str(part), 0, str(tmp_path), 2, 120, SplitRule("hash", 0.1, 0.1, 0), 1)
     with pytest.raises(ValueError, match="another row block"):
         load_row_block(str(tmp_path), 0, 2, 120, 80, block_seed=2)
+
+
+def test_per_user_split_holds_out_each_users_latest_and_keeps_one_for_training():
+    # user 0: 5 ratings at times 50..10; user 1: 2 ratings; user 2: 1 rating. Shuffled input order.
+    users = np.array([0, 0, 0, 0, 0, 1, 1, 2])
+    items = np.array([1, 2, 3, 4, 5, 1, 2, 3])
+    times = np.array([50, 40, 30, 20, 10, 7, 9, 1])
+    shuffle = np.random.default_rng(0).permutation(8)
+    codes = np.empty(8, dtype=np.int8)
+    codes[shuffle] = assign_splits(users[shuffle], items[shuffle], times[shuffle],
+                                   SplitRule("per_user", test_per_user=2, validation_per_user=1))
+    assert codes.tolist() == [TEST, TEST, VALIDATION, TRAIN, TRAIN,  # latest two, then the one before
+                              TRAIN, TEST,                             # two ratings: one stays in training
+                              TRAIN]                                   # a lone rating is never held out
+
+
+def test_time_split_puts_everything_from_the_cutoff_in_test():
+    rng = np.random.default_rng(1)
+    users, items = rng.integers(0, 100, 5000), rng.integers(0, 50, 5000)
+    times = rng.integers(0, 1000, 5000)
+    codes = assign_splits(users, items, times, SplitRule("time", validation_fraction=0.1, cutoff=800))
+    assert (codes[times >= 800] == TEST).all()
+    assert not (codes[times < 800] == TEST).any()
+    assert 0.05 < (codes[times < 800] == VALIDATION).mean() < 0.15
