@@ -18,6 +18,7 @@ from pipeline.config import GenerateConfig, load_config
 from pipeline.dataset import generate_dataset
 from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.ingest import FORMATS, IngestOptions, ingest
+from pipeline.predict import predict
 from pipeline.stages import run_pipeline, synthetic_spec
 from tasks.ingest import DUPLICATE_POLICIES
 
@@ -80,6 +81,15 @@ def build_parser() -> argparse.ArgumentParser:
                              "the first, the mean, or stop with an error")
     ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB")
     ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
+
+    predict = verbs.add_parser("predict", help="predict ratings for (user, item) pairs of raw ids",
+                               description="Predict ratings for pairs (CSV/TSV, Parquet, or the Netflix probe / "
+                                           "qualifying layout); unknown ids fall back to biases and are counted.")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    predict.add_argument("--pairs", required=True, metavar="FILE", help="the pairs to predict")
+    predict.add_argument("--out", type=Path, required=True, metavar="FILE", help=".parquet, .csv or .tsv")
+    predict.add_argument("--user-col", metavar="NAME|N", help="user column of the pairs (default: first / 'user')")
+    predict.add_argument("--item-col", metavar="NAME|N", help="item column of the pairs (default: second / 'item')")
     return parser
 
 
@@ -160,6 +170,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "ingest":
             _ingest(args)
+            return EXIT_OK
+        if args.verb == "predict":
+            report = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
+            print(f"{report.n_pairs:,} predictions in {report.out} ({report.unknown_users:,} unknown users, "
+                  f"{report.unknown_items:,} unknown items)")
             return EXIT_OK
         last = STAGE_VERBS[args.verb][0]
         config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])

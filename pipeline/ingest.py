@@ -102,7 +102,7 @@ def expand_sources(sources: list[str]) -> list[str]:
     return urls
 
 
-def _first_line(url: str) -> str:
+def first_line(url: str) -> str:
     try:
         with fsspec.open(url, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
             return f.readline().rstrip("\r\n")
@@ -123,7 +123,7 @@ def _column_index(spec: str | None, default: int | None, names: list[str] | None
 
 
 def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
-    first = _first_line(url)
+    first = first_line(url)
     if not first.strip():
         # Nothing to detect from: an empty file yields no rows (and alone, "no ratings found").
         return parse.Layout("delimited", options.delimiter or ",", 3, {"user": 0, "item": 1, "rating": 2})
@@ -152,7 +152,7 @@ def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
 
 def _movielens_layout(url: str) -> parse.Layout:
     name = Path(url.split("::")[0]).name.removesuffix(".gz")
-    first = _first_line(url)
+    first = first_line(url)
     four = {"user": 0, "item": 1, "rating": 2, "time": 3}
     if name == "ratings.dat" or "::" in first:
         return parse.Layout("delimited", "::", 4, four, int_ids=True, time_kind="unix")
@@ -304,6 +304,7 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
             "n_ratings": sum(r["n_ratings"] for r in parts),
             "rating_scale": list(options.scale()),
             "has_time": has_time,
+            "user_partitioned": True,  # parts are user-range buckets
             "id_types": {"user": str(users.type), "item": str(items.type)},
             "rejects": {"total": n_rejected, "by_reason": dict(sorted(reasons.items())),
                         "file": str(options.rejects) if options.rejects else None},

@@ -155,7 +155,8 @@ class Pipeline:
                            self.config.train, progress, store, checkpoint)
             info = {"k": self.config.model.k, "use_bias": self.config.model.use_bias, "d": blocks.d,
                     "epochs": len(result.history), "best_epoch": result.best_epoch,
-                    "dataset_fingerprint": dataset.fingerprint, "config": self.config.to_dict()}
+                    "dataset_fingerprint": dataset.fingerprint, "rating_scale": dataset.meta.get("rating_scale"),
+                    "config": self.config.to_dict()}
             write_model(self.run.model, result.factors, info, dataset.root)
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 

@@ -63,7 +63,7 @@ class Chunk:
     row_groups: tuple[int, ...] = ()
 
 
-def _pieces(url: str, start: int, end: int | None, piece_bytes: int) -> Iterator[tuple[bytes, int]]:
+def read_pieces(url: str, start: int, end: int | None, piece_bytes: int) -> Iterator[tuple[bytes, int]]:
     """Pieces of ``url`` from ``start`` to ``end`` that end at a line boundary, with the count of lines before.
 
     Compressed sources (by extension) are decompressed on the fly; a stream cut
@@ -117,7 +117,7 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
     chunks: list[Chunk] = []
     start, first_line, context = 0, 1, None
     offset = 0
-    for data, lines_before in _pieces(source.url, 0, None, PIECE_BYTES):
+    for data, lines_before in read_pieces(source.url, 0, None, PIECE_BYTES):
         if netflix:
             raw, bad = parse.split_lines(data)
             header = parse.header_mask(parse.strip_lines(raw), bad, source.layout.kind == "netflix_pairs")
@@ -219,7 +219,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     else:
         def text_pieces() -> Iterator[parse.Parsed]:
             nonlocal context
-            for data, lines_before in _pieces(source.url, chunk.start, chunk.end, PIECE_BYTES):
+            for data, lines_before in read_pieces(source.url, chunk.start, chunk.end, PIECE_BYTES):
                 first = chunk.first_line + lines_before
                 if source.layout.kind == "delimited":
                     yield parse.parse_delimited(data, first, source.layout, scale)

@@ -214,9 +214,9 @@ class _Rejects:
                 [self.details[i] for i in order], [self.texts[i] for i in order])
 
 
-def _rows(users: pa.Array, items: pa.Array, ratings: np.ndarray, times: np.ndarray | None,
+def _rows(users: pa.Array, items: pa.Array, ratings: np.ndarray, times: pa.Array | None,
           lines: np.ndarray) -> pa.Table:
-    time = pa.array(times, type=pa.int64()) if times is not None else pa.nulls(len(lines), type=pa.int64())
+    time = times if times is not None else pa.nulls(len(lines), type=pa.int64())
     return pa.table({"user": users, "item": items, "rating": pa.array(ratings, type=pa.float32()), "time": time,
                      "line": pa.array(lines, type=pa.int64())})
 
@@ -228,8 +228,11 @@ def _finish(rows: pa.Table, rejects: _Rejects, context: tuple[str, int] | None =
 
 def _check_values(ids: dict[str, pa.Array], rating: pa.Array | None, time: pa.Array | None, line_no: np.ndarray,
                   texts: pa.Array, layout: Layout, scale: tuple[float, float], rejects: _Rejects,
-                  ) -> tuple[np.ndarray, dict[str, pa.Array], np.ndarray, np.ndarray | None]:
-    """Value checks on well-formed lines; returns the keep mask, typed ids, ratings, times."""
+                  time_optional: bool = False) -> tuple[np.ndarray, dict[str, pa.Array], np.ndarray, pa.Array | None]:
+    """Value checks on well-formed lines; returns the keep mask, ids, ratings (NaN without ``rating``), times.
+
+    ``times`` are Unix seconds, null where an optional time is empty.
+    """
     n = len(line_no)
     keep = np.ones(n, dtype=bool)
     reason = np.full(n, None, dtype=object)
@@ -250,17 +253,21 @@ def _check_values(ids: dict[str, pa.Array], rating: pa.Array | None, time: pa.Ar
         if layout.int_ids:
             fail(~digits, NON_NUMERIC, lambda i, w=what, v=values: f"non-numeric {w} id {v[i].as_py()!r}")
         typed[what] = values
-    ratings, outside = _ratings(rating, scale)
-    nan = np.isnan(ratings)
-    fail(nan, RATING_NAN, lambda i: "rating is NaN")
-    low, high = scale
-    fail(outside, RATING_OUT_OF_SCALE, lambda i: f"rating {rating[i].as_py()} outside [{low:g}, {high:g}]")
+    if rating is None:  # pairs to predict
+        ratings = np.full(n, np.nan, dtype=np.float32)
+    else:
+        ratings, outside = _ratings(rating, scale)
+        fail(np.isnan(ratings), RATING_NAN, lambda i: "rating is NaN")
+        low, high = scale
+        fail(outside, RATING_OUT_OF_SCALE, lambda i: f"rating {rating[i].as_py()} outside [{low:g}, {high:g}]")
     times = None
     if time is not None:
         empty = (pc.utf8_length(time).to_numpy(zero_copy_only=False) == 0)
-        fail(empty, MISSING_FIELD, lambda i: "missing time")
-        times, ok = _seconds(time, "date" if layout.kind == "netflix" else layout.time_kind)
-        fail(~ok, BAD_TIME, lambda i: f"invalid time {time[i].as_py()!r}")
+        if not time_optional:
+            fail(empty, MISSING_FIELD, lambda i: "missing time")
+        seconds, ok = _seconds(time, "date" if layout.kind.startswith("netflix") else layout.time_kind)
+        fail(~ok & ~empty, BAD_TIME, lambda i: f"invalid time {time[i].as_py()!r}")
+        times = pa.array(seconds, type=pa.int64(), mask=empty)
     for i in np.flatnonzero(~keep):
         rejects.add(int(line_no[i]), reason[i], detail[i], texts[i].as_py())
     return keep, typed, ratings, times
@@ -366,36 +373,33 @@ def parse_netflix(data: bytes, first_line: int, context: tuple[str, int] | None,
     fields = pc.filter(match, take)
     users = fields.field("user")
     times_text = fields.field("time")
-    if pairs:
-        ratings_text = pa.array(["nan"] * len(users)) if len(users) else pa.array([], pa.string())
-    else:
-        ratings_text = fields.field("rating")
-    if pairs:
-        keep, typed, _, _ = _check_values({"user": users}, pa.array(["1"] * len(users), pa.string()), None,
-                                          line_no[good], pc.filter(lines, take), Layout("netflix", int_ids=True),
-                                          (1.0, 1.0), rejects)
-        has_time = pc.utf8_length(times_text).to_numpy(zero_copy_only=False) > 0
-        times = np.zeros(len(users), dtype=np.int64)
-        if has_time.any():
-            seconds, ok = _seconds(pc.filter(times_text, pa.array(has_time)), "date")
-            times[has_time] = seconds
-        ratings = np.full(len(users), np.nan, dtype=np.float32)
-        time_column = pa.array(times, mask=~has_time)
-    else:
-        keep, typed, ratings, times = _check_values({"user": users}, ratings_text, times_text, line_no[good],
-                                                    pc.filter(lines, take), Layout("netflix", int_ids=True),
-                                                    scale, rejects)
-        time_column = pa.array(times)
+    keep, typed, ratings, times = _check_values(
+        {"user": users}, None if pairs else fields.field("rating"), times_text, line_no[good],
+        pc.filter(lines, take), Layout("netflix", int_ids=True), scale, rejects, time_optional=pairs)
     keep_mask = pa.array(keep)
     users_int = pc.cast(pc.filter(typed["user"], keep_mask), pa.int64())
     rows = pa.table({"user": users_int, "item": pa.array(movies[keep], type=pa.int64()),
                      "rating": pa.array(ratings[keep], type=pa.float32()),
-                     "time": pc.filter(time_column, keep_mask),
+                     "time": pc.filter(times, keep_mask),
                      "line": pa.array(line_no[good][keep], type=pa.int64())})
 
     last = np.flatnonzero(header)
     new_context = (header_texts[-1], int(line_no[last[-1]])) if last.shape[0] else context
     return _finish(rows, rejects, new_context)
+
+
+def _numeric(rating_text: pa.Array | None, line_no: np.ndarray, texts: pa.Array, rejects: _Rejects) -> np.ndarray:
+    """Mask of ratings that are numbers; the others are rejected here with their fault, so that
+    :func:`_check_values` sees only numbers. All true without a rating column (pairs)."""
+    if rating_text is None:
+        return np.ones(len(line_no), dtype=bool)
+    number = pc.fill_null(pc.match_substring_regex(rating_text, rf"^{_NUMBER}$"), False).to_numpy(
+        zero_copy_only=False)
+    for i in np.flatnonzero(~number):
+        value = rating_text[int(i)].as_py()
+        why, message = describe_field(value, "rating", numeric=True) or (NON_NUMERIC, f"non-numeric rating {value!r}")
+        rejects.add(int(line_no[i]), why, message, texts[int(i)].as_py())
+    return number
 
 
 def _field_pattern(delimiter: str) -> str:
@@ -452,28 +456,23 @@ def parse_delimited(data: bytes, first_line: int, layout: Layout, scale: tuple[f
 
     def col(what: str) -> pa.Array | None:
         j = columns.get(what)
-        return None if j is None else _unquote(fields.field(names[j]))
+        # Spaces around a field ("1, 2, 4.5") are not part of it.
+        return None if j is None else _unquote(pc.utf8_trim_whitespace(fields.field(names[j])))
 
     rating_text = col("rating")
-    # Ratings that are not numbers are named here; _check_values sees only numbers.
-    number = pc.fill_null(pc.match_substring_regex(pc.utf8_trim_whitespace(rating_text), rf"^{_NUMBER}$"),
-                          False).to_numpy(zero_copy_only=False)
     matched_lines = line_no[matched]
     matched_texts = pc.filter(lines, take)
-    for i in np.flatnonzero(~number):
-        value = rating_text[int(i)].as_py()
-        why, message = describe_field(value, "rating", numeric=True) or (NON_NUMERIC, f"non-numeric rating {value!r}")
-        rejects.add(int(matched_lines[i]), why, message, matched_texts[int(i)].as_py())
+    number = _numeric(rating_text, matched_lines, matched_texts, rejects)
     ok = pa.array(number)
     ids = {"user": pc.filter(col("user"), ok), "item": pc.filter(col("item"), ok)}
     time_text = col("time")
     keep, typed, ratings, times = _check_values(
-        ids, pc.utf8_trim_whitespace(pc.filter(rating_text, ok)),
+        ids, None if rating_text is None else pc.filter(rating_text, ok),
         None if time_text is None else pc.filter(time_text, ok), matched_lines[number],
         pc.filter(matched_texts, ok), layout, scale, rejects)
     keep_mask = pa.array(keep)
     rows = _rows(pc.filter(typed["user"], keep_mask), pc.filter(typed["item"], keep_mask), ratings[keep],
-                 None if times is None else times[keep], matched_lines[number][keep])
+                 None if times is None else pc.filter(times, keep_mask), matched_lines[number][keep])
     return _finish(rows, rejects)
 
 
@@ -516,19 +515,16 @@ def parse_table(table: pa.Table, columns: dict[str, str], first_row: int, scale:
     line_no = np.arange(first_row, first_row + n, dtype=np.int64)
     rows_text = pc.binary_join_element_wise(*text.values(), pa.scalar(",", pa.large_string()))
     rejects = _Rejects()
-    rating = pc.utf8_trim_whitespace(text["rating"])
-    number = pc.fill_null(pc.match_substring_regex(rating, rf"^{_NUMBER}$"), False).to_numpy(zero_copy_only=False)
-    for i in np.flatnonzero(~number):
-        value = rating[int(i)].as_py()
-        why, message = describe_field(value, "rating", numeric=True) or (NON_NUMERIC, f"non-numeric rating {value!r}")
-        rejects.add(int(line_no[i]), why, message, rows_text[int(i)].as_py())
+    rating = text.get("rating")
+    number = _numeric(rating, line_no, rows_text, rejects)
     ok = pa.array(number)
     layout = Layout("delimited", time_kind="auto")
     keep, typed, ratings, times = _check_values(
-        {"user": pc.filter(text["user"], ok), "item": pc.filter(text["item"], ok)}, pc.filter(rating, ok),
+        {"user": pc.filter(text["user"], ok), "item": pc.filter(text["item"], ok)},
+        None if rating is None else pc.filter(rating, ok),
         pc.filter(text["time"], ok) if "time" in text else None, line_no[number], pc.filter(rows_text, ok),
         layout, scale, rejects)
     keep_mask = pa.array(keep)
     rows = _rows(pc.filter(typed["user"], keep_mask), pc.filter(typed["item"], keep_mask), ratings[keep],
-                 None if times is None else times[keep], line_no[number][keep])
+                 None if times is None else pc.filter(times, keep_mask), line_no[number][keep])
     return _finish(rows, rejects)

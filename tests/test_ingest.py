@@ -259,3 +259,48 @@ def test_corruption_never_yields_a_silently_wrong_dataset(tmp_path_factory, corr
     good_headers = {n for n in headers if lines[n - 1].endswith(":") and lines[n - 1][:-1].isdigit()}
     assert sorted(kept, key=repr) == sorted(truth.values(), key=repr)
     assert len(kept) + len(rejected - good_headers) == len(non_empty - good_headers)
+
+
+@pytest.fixture(scope="module")
+def ingested_movielens(tmp_path_factory) -> Path:
+    """A MovieLens-like ratings.csv from a planted model (300 users × 80 items), ingested."""
+    tmp = tmp_path_factory.mktemp("ml")
+    rng = np.random.default_rng(5)
+    P, Q = rng.normal(0, 0.5, (300, 3)), rng.normal(0, 0.5, (80, 3))
+    lines = ["userId,movieId,rating,timestamp"]
+    for u in range(300):
+        for i in rng.choice(80, size=rng.integers(5, 40), replace=False):
+            rating = float(np.clip(np.round(2 * (3.5 + P[u] @ Q[i] + rng.normal(0, 0.3))) / 2, 0.5, 5))
+            lines.append(f"{u + 1},{i + 101},{rating},{int(9e8 + rng.integers(0, 10**8))}")
+    (tmp / "ratings.csv").write_text("\n".join(lines) + "\n")
+    assert _run(tmp, [tmp / "ratings.csv"], "movielens", out="data") == 0
+    return tmp / "data"
+
+
+@pytest.mark.parametrize("split", [["split.method=per_user"], ["split.method=time", "split.cutoff=1960-01-01"]])
+def test_ingested_dataset_trains_with_each_split(ingested_movielens, tmp_path, split):
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+
+    if "split.cutoff=1960-01-01" in split:  # a cutoff that leaves a tenth of the ratings for test
+        times = np.concatenate([pq.read_table(p)["time"].to_numpy() for p in open_dataset(ingested_movielens).parts])
+        split = ["split.method=time", f"split.cutoff={int(np.quantile(times, 0.9))}"]
+    summary = run_pipeline(load_config(None, [
+        f"data.source={ingested_movielens}", "data.generate=null", *split, "model.k=4", "train.epochs=40", "train.lr=0.03",
+        "train.d=2", "cluster.scheduler=inprocess", f"output.run_dir={tmp_path / 'run'}"]))
+    blocks = json.loads((tmp_path / "run" / "blocks" / "blocks.json").read_text())
+    counts = np.array(blocks["counts"]).sum(axis=0)
+    assert counts[2] == summary["n_test"] > 0 and counts[0] > 0
+    if split[0] == "split.method=per_user":
+        assert counts[2] == 2 * 300  # every user has at least 5 ratings: 2 held out each
+    assert summary["test_rmse"] < summary["baselines"]["global_mean"]["rmse"]
+
+
+def test_per_user_split_refuses_a_dataset_without_whole_users_per_part(tmp_path, planted_low_rank):
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+
+    with pytest.raises(DataError, match="per_user needs every user's ratings in one part"):
+        run_pipeline(load_config(None, [f"data.source={planted_low_rank}", "data.generate=null",
+                                        "split.method=per_user", "cluster.scheduler=inprocess",
+                                        f"output.run_dir={tmp_path / 'run'}"]))

@@ -1,0 +1,165 @@
+"""``funkflow predict``: ratings for (user, item) pairs of raw ids, from a trained run.
+
+Pairs come as CSV/TSV (a header is recognised by its column names), Parquet,
+or the Netflix probe / qualifying layout (``MovieID:`` then
+``CustomerID[,Date]``). They are read in bounded pieces and answered in input
+order. An unknown user or item falls back to what the model knows (the item's
+or user's bias over the global mean, or the global mean alone) and is counted;
+every prediction is clipped to the rating scale.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from pipeline.errors import DataError, UsageError
+from pipeline.ingest import expand_sources, first_line
+from pipeline.model import read_model
+from tasks import parse
+from tasks.ingest import PIECE_BYTES, SourceError, read_pieces
+
+log = logging.getLogger(__name__)
+
+_HEADER_NAMES = {"user", "item", "userid", "movieid", "itemid", "user_id", "item_id", "movie_id", "customerid"}
+
+
+@dataclass(frozen=True)
+class PredictReport:
+    n_pairs: int
+    unknown_users: int
+    unknown_items: int
+    out: Path
+
+
+def _pair_layout(url: str, user_col: str | None, item_col: str | None) -> parse.Layout:
+    first = first_line(url)
+    if re.fullmatch(r"\s*[0-9]+:\s*", first):
+        return parse.Layout("netflix_pairs", int_ids=True)
+    delimiter = next((d for d in ("::", "\t", ",", ";", "|") if d in first), ",")
+    fields = [f.strip().strip('"') for f in first.split(delimiter)]
+    header = user_col is not None or item_col is not None or any(f.lower() in _HEADER_NAMES for f in fields)
+
+    def position(spec: str | None, default: int, role: str) -> int:
+        if spec is None:
+            return default
+        if spec.isdigit():
+            return int(spec)
+        if spec not in fields:
+            raise DataError(f"{url}: no {role} column named {spec!r} (line 1: {', '.join(fields)})")
+        return fields.index(spec)
+
+    columns = {"user": position(user_col, 0, "user"), "item": position(item_col, 1, "item"), "rating": None,
+               "time": None}
+    return parse.Layout("delimited", delimiter, len(fields), columns, header=header)
+
+
+def _parsed_pairs(url: str, user_col: str | None, item_col: str | None) -> Iterator[parse.Parsed]:
+    if url.endswith(".parquet"):
+        try:
+            with fsspec.open(url, "rb") as f:
+                file = pq.ParquetFile(f)
+                first = 1
+                for g in range(file.num_row_groups):
+                    table = file.read_row_group(g)
+                    yield parse.parse_table(table, {"user": user_col or "user", "item": item_col or "item"},
+                                            first, (0.0, 0.0))
+                    first += table.num_rows
+        except (OSError, pa.ArrowException, KeyError) as exc:
+            raise DataError(f"{url}: cannot read the pairs: {exc}") from None
+        return
+    layout = _pair_layout(url, user_col, item_col)
+    context = None
+    for data, lines_before in read_pieces(url, 0, None, PIECE_BYTES):
+        if layout.kind == "netflix_pairs":
+            parsed = parse.parse_netflix(data, 1 + lines_before, context, (0.0, 0.0), pairs=True)
+            context = parsed.context
+        else:
+            parsed = parse.parse_delimited(data, 1 + lines_before, layout, (0.0, 0.0))
+        yield parsed
+
+
+def _index(values: pa.Array, ids: pa.Array) -> np.ndarray:
+    """Position of each raw id in the model's sorted id map, or -1 when the model does not know it."""
+    if pa.types.is_integer(ids.type):
+        if not pa.types.is_integer(values.type):
+            digits, overflow = parse.int_like(values)
+            wanted = np.full(len(values), -1, dtype=np.int64)
+            good = digits & ~overflow
+            wanted[good] = pc.cast(pc.filter(values, pa.array(good)), pa.int64()).to_numpy()
+        else:
+            good = np.ones(len(values), dtype=bool)
+            wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
+        sorted_ids = ids.to_numpy()
+        pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
+        return np.where(good & (sorted_ids[pos] == wanted), pos, -1)
+    found = pc.index_in(pc.cast(values, ids.type), value_set=ids)
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
+            item_col: str | None = None) -> PredictReport:
+    """Predict the ratings of the pairs in ``pairs`` with the model of ``run_dir``; write ``out``."""
+    if out.suffix not in (".parquet", ".csv", ".tsv"):
+        raise UsageError(f"--out must end in .parquet, .csv or .tsv, got {out}")
+    model_dir = run_dir / "model"
+    if not (model_dir / "model.json").is_file():
+        raise DataError(f"{run_dir}: no trained model (model/model.json); run `funkflow train` first")
+    factors, info = read_model(model_dir)
+    user_ids = pq.read_table(model_dir / "users.parquet")["id"].combine_chunks()
+    item_ids = pq.read_table(model_dir / "items.parquet")["id"].combine_chunks()
+    low, high = info.get("rating_scale") or (-np.inf, np.inf)
+    (url,) = expand_sources([pairs])
+
+    tmp = out.with_name(f".{out.name}.tmp")
+    writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
+    n = unknown_users = unknown_items = 0
+    try:  # written to a temporary name, moved into place only when every pair is answered
+        for parsed in _parsed_pairs(url, user_col, item_col):
+            if parsed.reject_lines.shape[0]:
+                raise DataError(f"{url}:{parsed.reject_lines[0]}: {parsed.reject_details[0]} "
+                                f"({parsed.reject_reasons[0]})")
+            rows = parsed.rows
+            u = _index(rows["user"].combine_chunks(), user_ids)
+            i = _index(rows["item"].combine_chunks(), item_ids)
+            known_u, known_i = u >= 0, i >= 0
+            score = np.full(u.shape[0], factors.global_mean, dtype=np.float64)
+            score[known_u] += factors.user_bias[u[known_u]]
+            score[known_i] += factors.item_bias[i[known_i]]
+            both = known_u & known_i
+            score[both] += np.einsum("nk,nk->n", factors.P[u[both]], factors.Q[i[both]], dtype=np.float64)
+            table = pa.table({"user": rows["user"], "item": rows["item"],
+                              "prediction": pa.array(np.clip(score, low, high).astype(np.float32))})
+            if writer is None:
+                writer = (pq.ParquetWriter(tmp, table.schema) if out.suffix == ".parquet" else
+                          pacsv.CSVWriter(tmp, table.schema, write_options=pacsv.WriteOptions(
+                              delimiter="\t" if out.suffix == ".tsv" else ",")))
+            writer.write_table(table)
+            n += table.num_rows
+            unknown_users += int((~known_u).sum())
+            unknown_items += int((~known_i).sum())
+        if writer is None:
+            raise DataError(f"{url}: no pairs found")
+        writer.close()
+        writer = None
+        tmp.replace(out)
+    except SourceError as exc:
+        raise DataError(str(exc)) from None
+    finally:
+        if writer is not None:
+            writer.close()
+        tmp.unlink(missing_ok=True)
+    if unknown_users or unknown_items:
+        log.warning("%s pairs: %s with an unknown user, %s with an unknown item (predicted from biases and the "
+                    "global mean)", f"{n:,}", f"{unknown_users:,}", f"{unknown_items:,}")
+    return PredictReport(n, unknown_users, unknown_items, out)
