@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.cluster import Executor
 from pipeline.config import SplitConfig
-from pipeline.dataset import Dataset
+from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import DataError
 from pipeline.rundir import swap_in, temporary_dir
 from tasks.blocks import SPLIT_NAMES, TRAIN, SplitRule, split_part
@@ -67,6 +67,15 @@ def open_blocks(root: Path) -> Blocks:
     return Blocks(root, read_json(root / BLOCKS_JSON))
 
 
+def given_test_set(split: SplitConfig, dataset: Dataset) -> Dataset:
+    """The test set of ``split.method: given``, checked to be indexed like ``dataset``."""
+    test_set = open_dataset(split.test_source)
+    if test_set.meta.get("id_maps_of") != dataset.fingerprint:
+        raise DataError(f"{split.test_source}: not indexed like {dataset.root}; ingest it with "
+                        f"`funkflow ingest ... --id-maps {dataset.root}`")
+    return test_set
+
+
 def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split: SplitConfig, seed: int) -> Blocks:
     """Split ``dataset`` and write its ``d`` row blocks to ``out``."""
     if split.method == "per_user" and not dataset.meta.get("user_partitioned"):
@@ -76,11 +85,16 @@ def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split
         raise DataError(f"{dataset.root}: split.method time needs rating times, and this dataset has none")
     rule = SplitRule(split.method, split.test_fraction, split.validation_fraction, split.seed, split.test_per_user,
                      split.validation_per_user, split.cutoff_seconds())
+    parts = [(part, rule) for part in dataset.parts]
+    if split.method == "given":
+        test_set = given_test_set(split, dataset)
+        parts += [(part, SplitRule("test_set")) for part in test_set.parts]
     tmp = temporary_dir(out)
     try:
         futures = [
-            executor.submit(split_part, str(part), j, str(tmp), d, dataset.n_users, rule, seed, name="split_part")
-            for j, part in enumerate(dataset.parts)
+            executor.submit(split_part, str(part), j, str(tmp), d, dataset.n_users, part_rule, seed,
+                            name="split_part")
+            for j, (part, part_rule) in enumerate(parts)
         ]
         results = executor.gather(futures)
         counts = np.sum([r["counts"] for r in results], axis=0)

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="keep_last",
                         help="a (user, item) pair rated twice: keep the latest (by time, then position), "
                              "the first, the mean, or stop with an error")
+    ingest.add_argument("--id-maps", type=Path, metavar="DATASET",
+                        help="index users and items as DATASET does (a test set for split.method given); rows "
+                             "with ids it lacks are left out and counted")
     ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB")
     ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
 
@@ -144,7 +147,7 @@ def _ingest(args: argparse.Namespace) -> None:
     options = IngestOptions(format=args.format, rating_scale=_rating_scale(args.rating_scale),
                             user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
                             time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
-                            rejects=args.rejects, chunk_bytes=args.chunk_mb << 20)
+                            rejects=args.rejects, chunk_bytes=args.chunk_mb << 20, id_maps=args.id_maps)
     cluster = load_config(None, _cluster_overrides(args)).cluster
     with open_executor(cluster) as executor:
         dataset = ingest(executor, args.sources, options, args.out)

@@ -52,18 +52,22 @@ class DataConfig(_Section):
 
 
 class SplitConfig(_Section):
-    method: Literal["hash", "per_user", "time"] = "hash"
+    method: Literal["hash", "per_user", "time", "given"] = "hash"
     test_fraction: float = Field(0.1, gt=0, lt=1)
     validation_fraction: float = Field(0.05, ge=0, lt=1)
     seed: int = 0
     test_per_user: int = Field(2, ge=1)
     validation_per_user: int = Field(1, ge=0)
     cutoff: str | int | None = None
+    test_source: str | None = None
 
     @model_validator(mode="after")
     def _fractions(self) -> SplitConfig:
         if self.test_fraction + self.validation_fraction >= 1:
             raise ValueError("split.test_fraction + split.validation_fraction must be < 1 to leave training data")
+        if self.method == "given" and self.test_source is None:
+            raise ValueError("split.method given needs split.test_source: a dataset ingested with "
+                             "--id-maps of the training data")
         if self.method == "time":
             if self.cutoff is None:
                 raise ValueError("split.method time needs split.cutoff (a date such as 2005-06-01, or Unix seconds)")

@@ -28,7 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.cluster import Executor
-from pipeline.dataset import DATASET_JSON, Dataset
+from pipeline.dataset import DATASET_JSON, Dataset, open_dataset
 from pipeline.errors import DataError, UsageError
 from pipeline.rundir import swap_in, temporary_dir
 from tasks import parse
@@ -43,6 +43,7 @@ from tasks.ingest import (
     merge_ids,
     parquet_chunks,
     parse_chunk,
+    read_ids,
     resolve_bucket,
     scan_text,
     sorted_ids,
@@ -71,6 +72,7 @@ class IngestOptions:
     duplicates: str = "keep_last"
     rejects: Path | None = None
     chunk_bytes: int = 64 << 20
+    id_maps: Path | None = None
 
     def scale(self) -> tuple[float, float]:
         if self.rating_scale is not None:
@@ -231,6 +233,7 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
     if options.duplicates not in DUPLICATE_POLICIES:
         raise UsageError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
     options.scale()
+    maps_of = None if options.id_maps is None else open_dataset(options.id_maps)
     sources = make_sources(expand_sources(srcs), options)
     tmp = temporary_dir(out)
     try:
@@ -254,15 +257,21 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
         user_int = all(s["int_like"]["user"] for s in stats if s["rows"])
         item_int = all(s["int_like"]["item"] for s in stats if s["rows"])
 
-        user_ids = executor.submit(sorted_ids, _merge_tree(executor, user_sets, "merge_user_ids"), user_int,
-                                   name="sorted_user_ids")
-        item_ids = executor.submit(sorted_ids, _merge_tree(executor, item_sets, "merge_item_ids"), item_int,
-                                   name="sorted_item_ids")
+        if options.id_maps is None:
+            user_ids = executor.submit(sorted_ids, _merge_tree(executor, user_sets, "merge_user_ids"), user_int,
+                                       name="sorted_user_ids")
+            item_ids = executor.submit(sorted_ids, _merge_tree(executor, item_sets, "merge_item_ids"), item_int,
+                                       name="sorted_item_ids")
+        else:  # a test set, say, indexed like the training data it goes with
+            user_ids, item_ids = (executor.submit(read_ids, str(options.id_maps / f"{name}.parquet"),
+                                                  name=f"read_{name}") for name in ("users", "items"))
         n_buckets = max(1, math.ceil(n_rows / ROWS_PER_BUCKET))
         buckets = staging / "buckets"
         encoded = [executor.submit(encode_chunk, s["staged"], j, user_ids, item_ids, n_buckets, str(buckets),
                                    name="encode_chunk") for j, s in enumerate(stats) if s["staged"]]
-        executor.gather(encoded)
+        encoded = executor.gather(encoded)
+        unseen = {"rows_with_unseen_user": sum(e["unseen_users"] for e in encoded),
+                  "rows_with_unseen_item": sum(e["unseen_items"] for e in encoded)}
         (tmp / "ratings").mkdir()
         resolved = executor.gather([
             executor.submit(resolve_bucket, str(buckets), b, options.duplicates,
@@ -309,6 +318,8 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
             "rejects": {"total": n_rejected, "by_reason": dict(sorted(reasons.items())),
                         "file": str(options.rejects) if options.rejects else None},
             "duplicates": duplicates,
+            "id_maps_of": None if maps_of is None else maps_of.fingerprint,
+            "unseen": unseen,
             "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
                        "sha256": r["sha256"]} for r in parts],
             "fingerprint": digest.hexdigest(),
@@ -324,6 +335,9 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
     if n_rejected:
         log.warning("%s lines rejected (%s), written to %s", f"{n_rejected:,}",
                     ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())), options.rejects)
+    if any(unseen.values()):
+        log.warning("left out %s rows with a user and %s rows with an item that %s does not know",
+                    f"{unseen['rows_with_unseen_user']:,}", f"{unseen['rows_with_unseen_item']:,}", options.id_maps)
     if duplicates["pairs"]:
         log.info("%s duplicated (user, item) pairs resolved by %s (%s rows dropped)", f"{duplicates['pairs']:,}",
                  options.duplicates, f"{duplicates['rows_dropped']:,}")

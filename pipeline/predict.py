@@ -19,7 +19,6 @@ from pathlib import Path
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -27,7 +26,7 @@ from pipeline.errors import DataError, UsageError
 from pipeline.ingest import expand_sources, first_line
 from pipeline.model import read_model
 from tasks import parse
-from tasks.ingest import PIECE_BYTES, SourceError, read_pieces
+from tasks.ingest import PIECE_BYTES, SourceError, index_of, read_ids, read_pieces
 
 log = logging.getLogger(__name__)
 
@@ -89,24 +88,6 @@ def _parsed_pairs(url: str, user_col: str | None, item_col: str | None) -> Itera
         yield parsed
 
 
-def _index(values: pa.Array, ids: pa.Array) -> np.ndarray:
-    """Position of each raw id in the model's sorted id map, or -1 when the model does not know it."""
-    if pa.types.is_integer(ids.type):
-        if not pa.types.is_integer(values.type):
-            digits, overflow = parse.int_like(values)
-            wanted = np.full(len(values), -1, dtype=np.int64)
-            good = digits & ~overflow
-            wanted[good] = pc.cast(pc.filter(values, pa.array(good)), pa.int64()).to_numpy()
-        else:
-            good = np.ones(len(values), dtype=bool)
-            wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
-        sorted_ids = ids.to_numpy()
-        pos = np.minimum(np.searchsorted(sorted_ids, wanted), len(sorted_ids) - 1)
-        return np.where(good & (sorted_ids[pos] == wanted), pos, -1)
-    found = pc.index_in(pc.cast(values, ids.type), value_set=ids)
-    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
 def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
             item_col: str | None = None) -> PredictReport:
     """Predict the ratings of the pairs in ``pairs`` with the model of ``run_dir``; write ``out``."""
@@ -116,8 +97,7 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
     if not (model_dir / "model.json").is_file():
         raise DataError(f"{run_dir}: no trained model (model/model.json); run `funkflow train` first")
     factors, info = read_model(model_dir)
-    user_ids = pq.read_table(model_dir / "users.parquet")["id"].combine_chunks()
-    item_ids = pq.read_table(model_dir / "items.parquet")["id"].combine_chunks()
+    user_ids, item_ids = read_ids(str(model_dir / "users.parquet")), read_ids(str(model_dir / "items.parquet"))
     low, high = info.get("rating_scale") or (-np.inf, np.inf)
     (url,) = expand_sources([pairs])
 
@@ -130,8 +110,8 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
                 raise DataError(f"{url}:{parsed.reject_lines[0]}: {parsed.reject_details[0]} "
                                 f"({parsed.reject_reasons[0]})")
             rows = parsed.rows
-            u = _index(rows["user"].combine_chunks(), user_ids)
-            i = _index(rows["item"].combine_chunks(), item_ids)
+            u = index_of(rows["user"].combine_chunks(), user_ids)
+            i = index_of(rows["item"].combine_chunks(), item_ids)
             known_u, known_i = u >= 0, i >= 0
             score = np.full(u.shape[0], factors.global_mean, dtype=np.float64)
             score[known_u] += factors.user_bias[u[known_u]]

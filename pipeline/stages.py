@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.blocking import Blocks, block_dataset, open_blocks
+from pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
 from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from pipeline.cluster import IN_PROCESS, Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
@@ -110,7 +110,9 @@ class Pipeline:
 
     def blocks(self, dataset: Dataset, upstream: str) -> tuple[Blocks, str]:
         t = self.config.train
-        fingerprint = _chain(upstream, dataset.fingerprint, self.config.fingerprint("split"), str(t.d), str(t.seed))
+        test_set = given_test_set(self.config.split, dataset).fingerprint if self.config.split.method == "given" else ""
+        fingerprint = _chain(upstream, dataset.fingerprint, test_set, self.config.fingerprint("split"), str(t.d),
+                             str(t.seed))
 
         def work() -> None:
             block_dataset(self.executor, dataset, self.run.blocks, t.d, self.config.split, t.seed)

@@ -47,7 +47,8 @@ class SplitRule:
     untimed data by the hash) are test, the ``validation_per_user`` before them
     validation; every user keeps at least one training rating.
     ``time``: ratings at or after ``cutoff`` (Unix seconds) are test, the rest
-    split into validation and training by the hash.
+    split into validation and training by the hash. ``given``: the test set is
+    another dataset (whose parts use ``test_set``); the hash picks validation.
     """
 
     method: str = "hash"
@@ -64,10 +65,13 @@ def assign_splits(users: np.ndarray, items: np.ndarray, times: np.ndarray | None
     u = pair_uniform(users, items, rule.seed)
     if rule.method == "hash":
         return split_codes(users, items, rule.test_fraction, rule.validation_fraction, rule.seed)
-    if rule.method == "time":
+    if rule.method == "test_set":  # the given test set's own parts
+        return np.full(users.shape[0], TEST, dtype=np.int8)
+    if rule.method in ("time", "given"):
         codes = np.full(users.shape[0], TRAIN, dtype=np.int8)
         codes[u < rule.validation_fraction] = VALIDATION
-        codes[times >= rule.cutoff] = TEST
+        if rule.method == "time":
+            codes[times >= rule.cutoff] = TEST
         return codes
     # per_user: rank each user's ratings from the latest.
     when = np.zeros(users.shape[0], dtype=np.int64) if times is None else times

@@ -297,22 +297,55 @@ def sorted_ids(ids: pa.Array, as_int: bool) -> pa.Array:
     return pc.take(ids, pc.sort_indices(ids))
 
 
-def _lookup(values: pa.Array, ids: pa.Array) -> np.ndarray:
+def index_of(values: pa.Array, ids: pa.Array) -> np.ndarray:
+    """Position of each raw id in the sorted id map ``ids``, int64, or -1 when the map lacks it.
+
+    Integer maps match integer-looking strings by value; string maps match
+    integers by their decimal text.
+    """
     if pa.types.is_integer(ids.type):
-        wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
-        return np.searchsorted(ids.to_numpy(), wanted).astype(np.int32)
-    return pc.index_in(_as_strings(values), value_set=ids).to_numpy(zero_copy_only=False).astype(np.int32)
+        if pa.types.is_integer(values.type):
+            good = np.ones(len(values), dtype=bool)
+            wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
+        else:
+            digits, overflow = parse.int_like(values)
+            good = digits & ~overflow
+            wanted = np.full(len(values), -1, dtype=np.int64)
+            wanted[good] = pc.cast(pc.filter(values, pa.array(good)), pa.int64()).to_numpy()
+        sorted_ids = ids.to_numpy()
+        if sorted_ids.shape[0] == 0:
+            return np.full(len(values), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(sorted_ids, wanted), sorted_ids.shape[0] - 1)
+        return np.where(good & (sorted_ids[pos] == wanted), pos, -1)
+    found = pc.index_in(_as_strings(values), value_set=_as_strings(ids))
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def read_ids(path: str) -> pa.Array:
+    """The ``id`` column of an id map (``users.parquet`` / ``items.parquet``), in index order."""
+    return pq.read_table(path, columns=["id"])["id"].combine_chunks()
 
 
 def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array, n_buckets: int,
-                 buckets_dir: str) -> list[int]:
+                 buckets_dir: str) -> dict[str, Any]:
     """Map a staged chunk's raw ids to dense indices and split its rows into user-range buckets.
 
-    Returns the row count written to each bucket.
+    Rows whose user or item the maps lack (possible only with given maps) are
+    left out and counted.
+
+    Returns
+    -------
+    dict with the row ``counts`` written to each bucket, and ``unseen_users`` /
+    ``unseen_items``: rows left out for an unknown user / item.
     """
     table = pq.read_table(staged)
-    users = _lookup(table["user"].combine_chunks(), user_ids)
-    items = _lookup(table["item"].combine_chunks(), item_ids)
+    users = index_of(table["user"].combine_chunks(), user_ids)
+    items = index_of(table["item"].combine_chunks(), item_ids)
+    unseen_users, unseen_items = int((users < 0).sum()), int((items < 0).sum())
+    known = (users >= 0) & (items >= 0)
+    if not known.all():
+        table, users, items = table.filter(pa.array(known)), users[known], items[known]
+    users, items = users.astype(np.int32), items.astype(np.int32)
     bucket = (users.astype(np.int64) * n_buckets // max(len(user_ids), 1)).astype(np.int32)
     order = np.argsort(bucket, kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
@@ -326,7 +359,7 @@ def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array
             out = Path(buckets_dir) / f"bucket-{b:05d}"
             out.mkdir(parents=True, exist_ok=True)
             write_parquet(encoded.take(take), out / f"chunk-{index:05d}.parquet")
-    return counts
+    return {"counts": counts, "unseen_users": unseen_users, "unseen_items": unseen_items}
 
 
 def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_time: bool) -> dict[str, Any]:

@@ -304,3 +304,30 @@ def test_per_user_split_refuses_a_dataset_without_whole_users_per_part(tmp_path,
         run_pipeline(load_config(None, [f"data.source={planted_low_rank}", "data.generate=null",
                                         "split.method=per_user", "cluster.scheduler=inprocess",
                                         f"output.run_dir={tmp_path / 'run'}"]))
+
+
+def test_given_test_set_indexed_with_the_training_maps(ingested_movielens, tmp_path, capsys):
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+
+    # Test pairs of known users and items, one unseen user and one unseen item.
+    (tmp_path / "test.csv").write_text("userId,movieId,rating,timestamp\n1,101,4,1\n2,102,3,1\n"
+                                       "5000,101,4,1\n1,9999,2,1\n")
+    assert main(["ingest", str(tmp_path / "test.csv"), "--format", "movielens", "--out", str(tmp_path / "test"),
+                 "--id-maps", str(ingested_movielens), "--scheduler", "inprocess"]) == 0
+    meta = json.loads((tmp_path / "test" / "dataset.json").read_text())
+    assert meta["unseen"] == {"rows_with_unseen_user": 1, "rows_with_unseen_item": 1}
+    assert meta["n_ratings"] == 2 and meta["id_maps_of"] == open_dataset(ingested_movielens).fingerprint
+    assert (pq.read_table(tmp_path / "test" / "users.parquet").equals(
+        pq.read_table(ingested_movielens / "users.parquet")))
+    summary = run_pipeline(load_config(None, [
+        f"data.source={ingested_movielens}", "data.generate=null", "split.method=given",
+        f"split.test_source={tmp_path / 'test'}", "model.k=4", "train.epochs=3", "train.d=2",
+        "cluster.scheduler=inprocess", f"output.run_dir={tmp_path / 'run'}"]))
+    assert summary["n_test"] == 2
+    # A test set indexed like another dataset is refused.
+    with pytest.raises(DataError, match="not indexed like"):
+        run_pipeline(load_config(None, [
+            f"data.source={tmp_path / 'test'}", "data.generate=null", "split.method=given",
+            f"split.test_source={tmp_path / 'test'}", "cluster.scheduler=inprocess",
+            f"output.run_dir={tmp_path / 'run2'}"]))
