@@ -39,16 +39,36 @@ class GenerateConfig(_Section):
     ratings_per_part: int = Field(2_000_000, ge=1000)
 
 
+class IngestConfig(_Section):
+    """How ``data.source`` is read when ``data.format`` is not canonical (as ``funkflow ingest``'s flags)."""
+
+    rating_scale: tuple[float, float] | None = None
+    user_col: str | None = None
+    item_col: str | None = None
+    rating_col: str | None = None
+    time_col: str | None = None
+    delimiter: str | None = None
+    duplicates: Literal["keep_last", "keep_first", "mean", "error"] = "keep_last"
+    rejects: str | None = None
+
+
 class DataConfig(_Section):
-    source: str | None = None
-    format: Literal["canonical"] = "canonical"
+    source: str | list[str] | None = None
+    format: Literal["canonical", "netflix", "movielens", "csv", "parquet"] = "canonical"
+    ingest: IngestConfig = IngestConfig()
     generate: GenerateConfig | None = None
 
     @model_validator(mode="after")
     def _one_source(self) -> DataConfig:
         if (self.source is None) == (self.generate is None):
-            raise ValueError("set exactly one of data.source (a canonical dataset directory) and data.generate")
+            raise ValueError("set exactly one of data.source (a dataset directory, or files to ingest with "
+                             "data.format) and data.generate")
+        if self.format == "canonical" and isinstance(self.source, list):
+            raise ValueError("data.source: a canonical dataset is one directory; a list needs data.format")
         return self
+
+    def sources(self) -> list[str]:
+        return [self.source] if isinstance(self.source, str) else list(self.source or [])
 
 
 class SplitConfig(_Section):

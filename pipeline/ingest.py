@@ -28,6 +28,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.cluster import Executor
+from pipeline.config import DataConfig
 from pipeline.dataset import DATASET_JSON, Dataset, open_dataset
 from pipeline.errors import DataError, UsageError
 from pipeline.rundir import swap_in, temporary_dir
@@ -83,6 +84,21 @@ class IngestOptions:
         if self.format in DEFAULT_SCALES:
             return DEFAULT_SCALES[self.format]
         raise UsageError(f"--format {self.format} needs the rating scale, e.g. --rating-scale 1,5")
+
+
+def ingest_options(data: DataConfig) -> IngestOptions:
+    """The ingest options of a config's ``data`` section (``data.format`` and ``data.ingest``)."""
+    i = data.ingest
+    return IngestOptions(format=data.format, rating_scale=i.rating_scale, user_col=i.user_col, item_col=i.item_col,
+                         rating_col=i.rating_col, time_col=i.time_col, delimiter=i.delimiter,
+                         duplicates=i.duplicates, rejects=Path(i.rejects) if i.rejects else None)
+
+
+def source_stamp(url: str) -> str:
+    """Size and modification stamp of a source file, for the ingest stage's up-to-date check."""
+    fs, path = fsspec.core.url_to_fs(url)
+    info = fs.info(path)
+    return f"{url}|{info.get('size')}|{info.get('mtime') or info.get('LastModified') or info.get('ETag')}"
 
 
 def expand_sources(sources: list[str]) -> list[str]:

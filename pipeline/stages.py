@@ -21,6 +21,7 @@ from pipeline.config import Config, GenerateConfig, dump_config
 from pipeline.dataset import Dataset, generate_dataset, open_dataset
 from pipeline.errors import ConfigError, UsageError
 from pipeline.evaluate import evaluate
+from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.model import write_model
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, train
@@ -29,7 +30,7 @@ from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "block", "train", "evaluate")
+STAGES = ("generate", "ingest", "block", "train", "evaluate")
 
 
 def synthetic_spec(cfg: GenerateConfig) -> SyntheticSpec:
@@ -96,9 +97,20 @@ class Pipeline:
 
     def dataset(self) -> tuple[Dataset, str]:
         data = self.config.data
-        if data.generate is None:
+        if data.generate is None and data.format == "canonical":
             dataset = open_dataset(data.source)
             return dataset, dataset.fingerprint
+        if data.generate is None:
+            files = expand_sources(data.sources())
+            # The sources' sizes and modification stamps stand for their content: a new export re-ingests.
+            fingerprint = _chain(self.config.fingerprint("data"), *(source_stamp(f) for f in files))
+
+            def ingest_work() -> dict[str, Any]:
+                meta = ingest(self.executor, files, ingest_options(data), self.run.data).meta
+                return {"n_ratings": meta["n_ratings"], "rejects": meta["rejects"]["total"]}
+
+            self._stage("ingest", fingerprint, ingest_work, self.run.data / "dataset.json")
+            return open_dataset(self.run.data), fingerprint
         fingerprint = self.config.fingerprint("data")
 
         def work() -> None:
@@ -221,8 +233,11 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
     # Everything that can be checked without the cluster is checked before it starts.
     if config.data.generate is not None:
         synthetic_spec(config.data.generate)
-    else:
+    elif config.data.format == "canonical":
         open_dataset(config.data.source)
+    else:
+        expand_sources(config.data.sources())
+        ingest_options(config.data).scale()
     _check_checkpoint_storage(config)
     if force and not resume:
         raise UsageError("--force only applies with --resume")

@@ -331,3 +331,25 @@ def test_given_test_set_indexed_with_the_training_maps(ingested_movielens, tmp_p
             f"data.source={tmp_path / 'test'}", "data.generate=null", "split.method=given",
             f"split.test_source={tmp_path / 'test'}", "cluster.scheduler=inprocess",
             f"output.run_dir={tmp_path / 'run2'}"]))
+
+
+def test_run_ingests_raw_files_as_a_stage_and_only_again_when_they_change(tmp_path, caplog):
+    import logging
+
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+
+    caplog.set_level(logging.INFO, logger="pipeline")
+    rng = np.random.default_rng(2)
+    lines = ["userId,movieId,rating,timestamp"] + [
+        f"{u},{i},{rng.integers(1, 6)},{1000 + u}" for u in range(1, 120) for i in rng.choice(60, 15, replace=False)]
+    (tmp_path / "ratings.csv").write_text("\n".join(lines) + "\n")
+    sets = [f"data.source={tmp_path / 'ratings.csv'}", "data.format=movielens", "data.generate=null", "model.k=4",
+            "train.epochs=2", "train.d=2", "cluster.scheduler=inprocess", f"output.run_dir={tmp_path / 'run'}"]
+    first = run_pipeline(load_config(None, sets))
+    assert first["n_ratings"] == 119 * 15 and "ingest: done" in caplog.text
+    caplog.clear()
+    assert run_pipeline(load_config(None, sets)) == first
+    assert "ingest: up to date" in caplog.text
+    (tmp_path / "ratings.csv").write_text("\n".join(lines[:-15]) + "\n")
+    assert run_pipeline(load_config(None, sets))["n_ratings"] == 118 * 15
