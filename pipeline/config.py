@@ -49,7 +49,7 @@ class IngestConfig(_Section):
     time_col: str | None = None
     delimiter: str | None = None
     duplicates: Literal["keep_last", "keep_first", "mean", "error"] = "keep_last"
-    rejects: str | None = None
+    rejects: Path | None = None
 
 
 class DataConfig(_Section):

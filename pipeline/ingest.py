@@ -18,7 +18,6 @@ import operator
 import re
 import shutil
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.cluster import Executor
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, IngestConfig
 from pipeline.dataset import DATASET_JSON, Dataset, open_dataset
 from pipeline.errors import DataError, UsageError
 from pipeline.rundir import swap_in, temporary_dir
@@ -59,19 +58,10 @@ ROWS_PER_BUCKET = 4_000_000
 _DELIMITERS = ("::", "\t", ",", ";", "|")
 
 
-@dataclass(frozen=True)
-class IngestOptions:
-    """What ``funkflow ingest`` was asked: format, columns, scale, duplicate policy, rejects file."""
+class IngestOptions(IngestConfig):
+    """What ``funkflow ingest`` was asked: the ``data.ingest`` keys, the format, and how to run."""
 
     format: str
-    rating_scale: tuple[float, float] | None = None
-    user_col: str | None = None
-    item_col: str | None = None
-    rating_col: str | None = None
-    time_col: str | None = None
-    delimiter: str | None = None
-    duplicates: str = "keep_last"
-    rejects: Path | None = None
     chunk_bytes: int = 64 << 20
     id_maps: Path | None = None
 
@@ -79,19 +69,17 @@ class IngestOptions:
         if self.rating_scale is not None:
             low, high = self.rating_scale
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
-                raise UsageError(f"--rating-scale needs MIN < MAX, got {low:g},{high:g}")
+                raise UsageError(f"--rating-scale (data.ingest.rating_scale) needs MIN < MAX, got {low:g},{high:g}")
             return self.rating_scale
         if self.format in DEFAULT_SCALES:
             return DEFAULT_SCALES[self.format]
-        raise UsageError(f"--format {self.format} needs the rating scale, e.g. --rating-scale 1,5")
+        raise UsageError(f"--format {self.format} needs the rating scale: --rating-scale 1,5 "
+                         "(data.ingest.rating_scale: [1, 5])")
 
 
 def ingest_options(data: DataConfig) -> IngestOptions:
     """The ingest options of a config's ``data`` section (``data.format`` and ``data.ingest``)."""
-    i = data.ingest
-    return IngestOptions(format=data.format, rating_scale=i.rating_scale, user_col=i.user_col, item_col=i.item_col,
-                         rating_col=i.rating_col, time_col=i.time_col, delimiter=i.delimiter,
-                         duplicates=i.duplicates, rejects=Path(i.rejects) if i.rejects else None)
+    return IngestOptions(format=data.format, **data.ingest.model_dump())
 
 
 def source_stamp(url: str) -> str:

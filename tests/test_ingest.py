@@ -71,8 +71,8 @@ def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path):
                                                 for u in users))
     (tmp_path / "combined_data_1.txt").write_text("".join(sections))
     executor = InProcessExecutor()
-    whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions("netflix"), tmp_path / "whole")
-    cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions("netflix", chunk_bytes=97),
+    whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix"), tmp_path / "whole")
+    cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix", chunk_bytes=97),
                  tmp_path / "cut")
     assert _ratings(tmp_path / "whole") == _ratings(tmp_path / "cut")
     assert whole.fingerprint == cut.fingerprint
@@ -230,7 +230,7 @@ def test_corruption_never_yields_a_silently_wrong_dataset(tmp_path_factory, corr
     tmp = tmp_path_factory.mktemp("corrupt")
     (tmp / "mv.txt").write_text("\n".join(lines) + "\n")
     try:
-        ingest(InProcessExecutor(), [str(tmp / "mv.txt")], IngestOptions("netflix", rejects=tmp / "bad.csv",
+        ingest(InProcessExecutor(), [str(tmp / "mv.txt")], IngestOptions(format="netflix", rejects=tmp / "bad.csv",
                                                                          duplicates="error"), tmp / "out")
     except DataError as exc:
         assert "no ratings found" in str(exc) or "duplicate" in str(exc)
