@@ -7,12 +7,19 @@ of its inputs. A stage whose record matches is up to date and is skipped.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import os
 import shutil
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import ClusterError
 from tasks.io import read_json, write_json
 
 
@@ -61,6 +68,35 @@ class RunDir:
     @property
     def summary(self) -> Path:
         return self.root / "summary.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".funkflow.lock"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the run directory for this process; another holder makes it a :class:`ClusterError` (exit 75).
+
+        An advisory ``flock``: the kernel releases it when the process dies, so a
+        run killed with SIGKILL leaves no stale lock behind.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise ClusterError(f"run directory {self.root} is in use by {holder}; wait for it to finish, "
+                               "or use another --run-dir") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                          f"{time.strftime('%Y-%m-%dT%H:%M:%S%z')}\n".encode(), 0)
+            yield
+        finally:
+            os.ftruncate(fd, 0)
+            os.close(fd)  # closing the descriptor releases the lock
 
     def stage_record(self, stage: str) -> Path:
         return self.root / "stages" / f"{stage}.json"

@@ -25,7 +25,7 @@ from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.model import write_model
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, train
-from tasks.io import write_json, write_text
+from tasks.io import update_text, write_text
 from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ class Pipeline:
             "seconds": dict(self.seconds),
             "run_dir": str(self.run.root),
         }
-        write_json(summary, self.run.summary)
+        update_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", self.run.summary)
         return summary
 
     def run_until(self, last: str) -> dict[str, Any] | None:
@@ -242,9 +242,8 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
     if force and not resume:
         raise UsageError("--force only applies with --resume")
     run = RunDir(Path(config.output.run_dir))
-    run.root.mkdir(parents=True, exist_ok=True)
-    write_text(dump_config(config), run.root / "config.yaml")
-    with open_executor(config.cluster) as executor:
+    with run.locked(), open_executor(config.cluster) as executor:
+        update_text(dump_config(config), run.root / "config.yaml")
         if executor.dashboard_link:
             log.info("Dask dashboard: %s", executor.dashboard_link)
         if config.train.d < executor.total_threads:

@@ -73,6 +73,13 @@ def write_json(obj: Any, path: str | os.PathLike) -> None:
     write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", path)
 
 
+def update_text(text: str, path: str | os.PathLike) -> None:
+    """:func:`write_text`, unless ``path`` already holds ``text``: an up-to-date re-run touches nothing."""
+    path = Path(path)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        write_text(text, path)
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

@@ -1,0 +1,62 @@
+"""Scheduled batch runs: a re-run of a finished run touches nothing, and one run per run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli import main
+
+TINY = ["--set", "data.generate.n_users=300", "--set", "data.generate.n_items=120",
+        "--set", "data.generate.n_ratings=12000", "--set", "data.generate.max_user_fraction=0.5",
+        "--set", "model.k=8", "--set", "train.epochs=4", "--set", "train.d=3", "--set", "cluster.scheduler=inprocess"]
+
+
+def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """Every file under ``root`` but the lock, with its mtime and checksum."""
+    return {str(p.relative_to(root)): (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".funkflow.lock"}
+
+
+def test_rerunning_a_finished_run_changes_no_file(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline")
+    run_dir = tmp_path / "run"
+    assert main(["run", "--run-dir", str(run_dir), *TINY]) == 0
+    before = _snapshot(run_dir)
+    assert {"summary.json", "metrics.jsonl", "config.yaml", "model/P.npy"} <= set(before)
+    caplog.clear()
+    assert main(["run", "--run-dir", str(run_dir), *TINY]) == 0
+    assert _snapshot(run_dir) == before
+    for stage in ("generate", "block", "train", "evaluate"):
+        assert f"{stage}: up to date" in caplog.text
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_lock(tmp_path):
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "pipeline", "run", "--run-dir", str(run_dir), *TINY,
+               "--set", "train.epochs=400", "--set", "train.checkpoint_every=0"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    holder = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = run_dir / ".funkflow.lock"
+        deadline = time.monotonic() + 60
+        while not (lock.exists() and f"pid {holder.pid}" in lock.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert holder.poll() is None, "the first run must still hold the directory"
+        second = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+        assert second.returncode == 75
+        assert f"is in use by pid {holder.pid}" in second.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    third = subprocess.run([*command[:-4]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0, third.stderr
