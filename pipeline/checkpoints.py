@@ -117,7 +117,7 @@ class CheckpointStore:
                 self.fs.rm(old, recursive=True)
         return Checkpoint(url, epoch, state)
 
-    def _verified(self, path: str) -> Checkpoint | None:
+    def _verified(self, path: str, strict: bool = True) -> Checkpoint | None:
         url = self._url(path)
         try:
             manifest = json.loads(self.fs.cat_file(f"{path}/{MANIFEST}"))
@@ -137,10 +137,13 @@ class CheckpointStore:
             log.warning("skipping checkpoint %s: malformed manifest (%r)", url, exc)
             return None
         layout = _differences(saved_layout, self.layout)
+        differences = _differences(saved_identity, self.identity)
+        if not strict and (layout or differences):
+            log.info("checkpoint %s belongs to another run configuration; not resuming from it", url)
+            return None
         if layout:
             raise ConfigError(f"cannot resume from {url}: its arrays have another shape:\n  " + "\n  ".join(layout)
                               + "\nrun without --resume to start afresh")
-        differences = _differences(saved_identity, self.identity)
         if differences and not self.force:
             raise ConfigError(f"cannot resume from {url}: the run has changed since it was written:\n  "
                               + "\n  ".join(differences)
@@ -149,10 +152,16 @@ class CheckpointStore:
             log.warning("--force: resuming from %s despite:\n  %s", url, "\n  ".join(differences))
         return Checkpoint(url, int(manifest["epoch"]), json.loads(self.fs.cat_file(f"{path}/{STATE}")))
 
-    def latest(self) -> Checkpoint | None:
-        """The newest checkpoint that verifies, or None."""
+    def latest(self, max_epoch: int | None = None, strict: bool = True) -> Checkpoint | None:
+        """The newest checkpoint that verifies (up to ``max_epoch``), or None.
+
+        ``strict``: a checkpoint of another configuration is an error (``--resume``);
+        otherwise it is passed over.
+        """
         for path in self._epoch_dirs():
-            checkpoint = self._verified(path)
+            if max_epoch is not None and int(_EPOCH_DIR.search(path.rstrip("/"))[1]) > max_epoch:
+                continue
+            checkpoint = self._verified(path, strict)
             if checkpoint is not None:
                 return checkpoint
         return None

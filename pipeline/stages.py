@@ -145,12 +145,13 @@ class Pipeline:
         layout = {"model.k": self.config.model.k, "train.d": blocks.d, "train.seed": blocks.seed,
                   "n_users": blocks.n_users, "n_items": blocks.n_items}
         store = CheckpointStore(self.checkpoint_url, identity, layout, t.keep_checkpoints, self.force)
-        if not self.resume:
-            store.clear()  # a fresh start must never be resumed into from an older attempt
-            return store, None
-        checkpoint = store.latest()
+        # Without --resume, a checkpoint of exactly this run (an attempt that died, or a shorter
+        # run being extended) is still taken up; any other is cleared, never resumed into.
+        checkpoint = store.latest(max_epoch=t.epochs, strict=self.resume)
         if checkpoint is None:
-            log.warning("--resume: no valid checkpoint in %s; training from the start", self.checkpoint_url)
+            if self.resume:
+                log.warning("--resume: no valid checkpoint in %s; training from the start", self.checkpoint_url)
+            store.clear()
         return store, checkpoint
 
     def row_blocks(self, placement: BlockPlacement) -> list[Any]:

@@ -60,3 +60,52 @@ def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_
         holder.wait(timeout=30)
     third = subprocess.run([*command[:-4]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr
+
+
+def _model_bytes(run_dir: Path) -> dict[str, bytes]:
+    return {name: (run_dir / "model" / name).read_bytes() for name in ("P.npy", "Q.npy", "user_bias.npy",
+                                                                       "item_bias.npy")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["ingest", "training"])
+def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_path, moment):
+    """SIGKILL `funkflow run` mid-ingest or mid-training; the same command, re-run, finishes the job."""
+    import numpy as np
+
+    rng = np.random.default_rng(4)
+    users, items = rng.integers(1, 3000, 150_000), rng.integers(1, 400, 150_000)
+    lines = [f"{u},{i},{r},{t}" for u, i, r, t in zip(users, items, rng.integers(1, 6, 150_000),
+                                                       rng.integers(0, 10**9, 150_000))]
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(lines) + "\n")
+    sets = [f"data.source={tmp_path / 'ratings.csv'}", "data.format=movielens", "data.generate=null",
+            "model.k=8", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
+    command = [sys.executable, "-m", "pipeline", "run", *(a for s in sets for a in ("--set", s))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
+                   capture_output=True, timeout=300)
+
+    run_dir = tmp_path / "killed"
+    victim = subprocess.Popen([*command, "--run-dir", str(run_dir)], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+
+    def reached() -> bool:
+        if moment == "ingest":
+            return any(run_dir.glob(".data.tmp-*/_staging/chunk-*.parquet"))
+        return (run_dir / "checkpoints" / "epoch-000003" / "manifest.json").exists()
+
+    while not reached() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)
+    assert not (run_dir / "model").exists(), "the run must die before it has a model"
+    if moment == "ingest":
+        assert not (run_dir / "data").exists(), "a killed ingest leaves no dataset that looks valid"
+
+    again = subprocess.run([*command, "--run-dir", str(run_dir)], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    if moment == "training":
+        assert "resuming after epoch 3" in again.stderr and "ingest: up to date" in again.stderr
+    assert _model_bytes(run_dir) == _model_bytes(tmp_path / "whole")
