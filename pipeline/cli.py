@@ -18,6 +18,7 @@ from pipeline.config import GenerateConfig, load_config
 from pipeline.dataset import generate_dataset
 from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.ingest import FORMATS, IngestOptions, ingest
+from pipeline.logs import configure
 from pipeline.predict import predict
 from pipeline.stages import run_pipeline, synthetic_spec
 from tasks.ingest import DUPLICATE_POLICIES
@@ -49,6 +50,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funkflow", description="Funk-SVD by DSGD on Dask.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
+    parser.add_argument("--log-format", choices=("text", "json"), default="text",
+                        help="json: one JSON object per log line (time, level, stage, epoch, message, metrics)")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in STAGE_VERBS.items():
         _add_run_flags(verbs.add_parser(verb, help=help_text, description=help_text))
@@ -162,11 +165,7 @@ def _ingest(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("pipeline").setLevel(logging.WARNING if args.quiet else logging.INFO)
-    import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
-
-    logging.getLogger("distributed").setLevel(logging.WARNING)
+    configure(args.log_format, args.quiet)
     try:
         if args.verb == "generate":
             _generate(args)

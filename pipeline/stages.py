@@ -10,6 +10,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import platform
+import socket
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -19,13 +23,20 @@ from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from pipeline.cluster import IN_PROCESS, Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
 from pipeline.dataset import Dataset, generate_dataset, open_dataset
-from pipeline.errors import ConfigError, UsageError
+from pipeline.errors import (
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    ConfigError,
+    FunkflowError,
+    UsageError,
+)
 from pipeline.evaluate import evaluate
 from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
+from pipeline.logs import stage_context
 from pipeline.model import write_model
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, train
-from tasks.io import update_text, write_text
+from tasks.io import update_text, write_json, write_text
 from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
@@ -65,7 +76,8 @@ class _Progress:
         eta = mean_seconds * (self.epochs - report.epoch)
         val = f"  val {report.val_rmse:.4f}" if report.val_rmse is not None else ""
         log.info("epoch %d/%d  train RMSE %.4f%s  lr %.4g  %s ratings/s  ETA %.0fs", report.epoch, self.epochs,
-                 report.train_rmse, val, report.lr, _format_rate(report.ratings_per_second), eta)
+                 report.train_rmse, val, report.lr, _format_rate(report.ratings_per_second), eta,
+                 extra={"epoch": report.epoch, "metrics": report.row()})
 
 
 class Pipeline:
@@ -79,19 +91,23 @@ class Pipeline:
         self.run = RunDir(Path(config.output.run_dir))
         self.checkpoint_url = config.output.checkpoints or str(self.run.checkpoints)
         self.seconds: dict[str, float] = {}
+        self.ran: list[str] = []  # the stages this invocation ran (not up to date)
+        self.data_fingerprint: str | None = None
         self._row_blocks: list[Any] | None = None
 
     def _stage(self, name: str, fingerprint: str, work, output: Path) -> dict[str, Any]:
         """Run ``work`` unless the stage's record matches ``fingerprint`` and its ``output`` exists."""
-        record = self.run.completed(name, fingerprint) if output.exists() else None
-        if record is not None:
-            log.info("%s: up to date", name)
-        else:
-            began = time.perf_counter()
-            facts = work() or {}
-            self.run.mark_complete(name, fingerprint, time.perf_counter() - began, **facts)
-            record = self.run.completed(name, fingerprint)
-            log.info("%s: done in %.1fs", name, record["seconds"])
+        with stage_context(name):
+            record = self.run.completed(name, fingerprint) if output.exists() else None
+            if record is not None:
+                log.info("%s: up to date", name)
+            else:
+                began = time.perf_counter()
+                facts = work() or {}
+                self.run.mark_complete(name, fingerprint, time.perf_counter() - began, **facts)
+                record = self.run.completed(name, fingerprint)
+                self.ran.append(name)
+                log.info("%s: done in %.1fs", name, record["seconds"])
         self.seconds[name] = record["seconds"]
         return record
 
@@ -201,6 +217,7 @@ class Pipeline:
 
     def run_until(self, last: str) -> dict[str, Any] | None:
         dataset, fingerprint = self.dataset()
+        self.data_fingerprint = dataset.fingerprint
         if last == "generate":
             return None
         blocks, fingerprint = self.blocks(dataset, fingerprint)
@@ -243,11 +260,65 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
     if force and not resume:
         raise UsageError("--force only applies with --resume")
     run = RunDir(Path(config.output.run_dir))
-    with run.locked(), open_executor(config.cluster) as executor:
-        update_text(dump_config(config), run.root / "config.yaml")
-        if executor.dashboard_link:
-            log.info("Dask dashboard: %s", executor.dashboard_link)
-        if config.train.d < executor.total_threads:
-            log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise train.d",
-                        config.train.d, executor.total_threads)
-        return Pipeline(config, executor, resume, force).run_until(last)
+    with run.locked():
+        started = time.time()
+        pipeline: Pipeline | None = None
+        try:
+            with open_executor(config.cluster) as executor:
+                update_text(dump_config(config), run.root / "config.yaml")
+                if executor.dashboard_link:
+                    log.info("Dask dashboard: %s", executor.dashboard_link)
+                if config.train.d < executor.total_threads:
+                    log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise "
+                                "train.d", config.train.d, executor.total_threads)
+                pipeline = Pipeline(config, executor, resume, force)
+                result = pipeline.run_until(last)
+        except BaseException as exc:
+            _write_run_manifest(run, config, pipeline, started, exc)
+            raise
+        if pipeline.ran:  # an up-to-date re-run leaves every file, this one too, as it was
+            _write_run_manifest(run, config, pipeline, started, None)
+        return result
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for name in ("funkflow", "dask", "distributed", "numba", "numpy", "pyarrow"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def _write_run_manifest(run: RunDir, config: Config, pipeline: Pipeline | None, started: float,
+                        error: BaseException | None) -> None:
+    """``run.json``: when, with what, on which data, how it ended, and the time of each stage."""
+    if error is None:
+        status, code = "ok", EXIT_OK
+    elif isinstance(error, FunkflowError):
+        status, code = "failed", error.exit_code
+    elif isinstance(error, KeyboardInterrupt):
+        status, code = "interrupted", 130
+    else:
+        status, code = "failed", EXIT_SOFTWARE
+    stamp = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+    manifest = {
+        "status": status,
+        "exit_code": code,
+        "error": None if error is None else f"{type(error).__name__}: {error}",
+        "started": stamp(started),
+        "ended": stamp(time.time()),
+        "seconds": round(time.time() - started, 3),
+        "command": sys.argv,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "versions": _versions(),
+        "config_hash": config.fingerprint(),
+        "data_fingerprint": None if pipeline is None else pipeline.data_fingerprint,
+        "stages_run": [] if pipeline is None else pipeline.ran,
+        "stage_seconds": {} if pipeline is None else pipeline.seconds,
+    }
+    write_json(manifest, run.root / "run.json")

@@ -109,3 +109,27 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
     if moment == "training":
         assert "resuming after epoch 3" in again.stderr and "ingest: up to date" in again.stderr
     assert _model_bytes(run_dir) == _model_bytes(tmp_path / "whole")
+
+
+def test_json_logs_and_the_run_manifest(tmp_path, capsys):
+    import json
+
+    run_dir = tmp_path / "run"
+    assert main(["--log-format", "json", "run", "--run-dir", str(run_dir), *TINY]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    epochs = [line for line in lines if "epoch" in line]
+    assert [line["epoch"] for line in epochs] == [1, 2, 3, 4]
+    assert all(line["stage"] == "train" and line["level"] == "info" for line in epochs)
+    assert epochs[-1]["metrics"]["train_rmse"] > 0 and epochs[-1]["time"].endswith("Z")
+    assert {line["stage"] for line in lines} >= {"generate", "block", "train", "evaluate"}
+
+    manifest = json.loads((run_dir / "run.json").read_text())
+    assert manifest["status"] == "ok" and manifest["exit_code"] == 0
+    assert manifest["stages_run"] == ["generate", "block", "train", "evaluate"]
+    assert set(manifest["versions"]) >= {"funkflow", "dask", "distributed", "numba", "numpy", "pyarrow", "python"}
+    assert manifest["data_fingerprint"] == json.loads((run_dir / "data" / "dataset.json").read_text())["fingerprint"]
+
+    assert main(["run", "--run-dir", str(run_dir), *TINY, "--set", "train.lr=80", "--set", "train.max_rollbacks=0"]) == 70
+    failed = json.loads((run_dir / "run.json").read_text())
+    assert (failed["status"], failed["exit_code"], failed["stages_run"]) == ("failed", 70, [])
+    assert "TrainingDiverged: training diverged" in failed["error"]
