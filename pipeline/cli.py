@@ -39,6 +39,10 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--scheduler", metavar="ADDR",
                         help="Dask scheduler address (tcp://host:8786); default: start a LocalCluster")
+    parser.add_argument("--scheduler-file", metavar="FILE",
+                        help="JSON file with the scheduler address, as `dask scheduler --scheduler-file` writes")
+    parser.add_argument("--report", type=Path, metavar="FILE.html",
+                        help="write Dask's performance report of the run (needs funkflow[report])")
     parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run directory (output.run_dir)")
     parser.add_argument("--resume", action="store_true",
                         help="continue training from the newest valid checkpoint of the run directory")
@@ -103,6 +107,8 @@ def _cluster_overrides(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.scheduler:
         extra.append(f"cluster.scheduler={args.scheduler}")
+    if getattr(args, "scheduler_file", None):
+        extra.append(f"cluster.scheduler_file={args.scheduler_file}")
     if getattr(args, "run_dir", None):
         extra.append(f"output.run_dir={args.run_dir}")
     return extra
@@ -180,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         last = STAGE_VERBS[args.verb][0]
         config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])
-        summary = run_pipeline(config, last, resume=args.resume, force=args.force)
+        summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report)
         if summary is not None:
             _print_summary(summary)
         else:

@@ -7,14 +7,16 @@ soft worker preference, ``gather``, the worker list, and the dashboard link.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import ClusterConfig
-from pipeline.errors import ClusterError
+from pipeline.errors import ClusterError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +101,7 @@ def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
     import dask
     from distributed import Client, LocalCluster
 
-    if cfg.scheduler is None:
+    if cfg.scheduler is None and cfg.scheduler_file is None:
         n_workers = cfg.n_workers or os.cpu_count() or 1
         # Tasks that no worker can run for cluster.timeout fail, and the run exits 75, rather than
         # hang; so does a task whose workers keep dying under it.
@@ -112,16 +114,67 @@ def open_executor(cfg: ClusterConfig) -> Iterator[Executor]:
             yield DaskExecutor(client)
         return
 
+    address = cfg.scheduler if cfg.scheduler_file is None else _address_in(cfg.scheduler_file)
+    security = _security(cfg, address)
     try:
-        client = Client(cfg.scheduler, timeout=f"{cfg.timeout}s")
+        client = Client(address, timeout=f"{cfg.timeout}s", security=security)
     except (OSError, TimeoutError) as exc:
-        raise ClusterError(f"cannot reach the Dask scheduler at {cfg.scheduler} within cluster.timeout="
+        raise ClusterError(f"cannot reach the Dask scheduler at {address} within cluster.timeout="
                            f"{cfg.timeout:g}s: {exc}") from exc
     with client:
         wanted = cfg.n_workers or 1
         try:
             client.wait_for_workers(wanted, timeout=cfg.timeout)
         except TimeoutError as exc:
-            raise ClusterError(f"the scheduler at {cfg.scheduler} has fewer than {wanted} workers after "
+            raise ClusterError(f"the scheduler at {address} has fewer than {wanted} workers after "
                                f"cluster.timeout={cfg.timeout:g}s") from exc
+        if cfg.check_versions:
+            _check_versions(client)
         yield DaskExecutor(client)
+
+
+def _address_in(scheduler_file: str) -> str:
+    """The scheduler address in a ``--scheduler-file`` (as ``dask scheduler --scheduler-file`` writes)."""
+    try:
+        with open(scheduler_file, encoding="utf-8") as f:
+            return str(json.load(f)["address"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"cluster.scheduler_file: cannot read a scheduler address from {scheduler_file}: "
+                          f"{exc}") from None
+
+
+def _security(cfg: ClusterConfig, address: str) -> Any:
+    """distributed's ``Security`` from ``cluster.tls``; a ``tls://`` address without it is a config error."""
+    from distributed.security import Security
+
+    tls = cfg.tls
+    if tls.ca_file is None:
+        if address.startswith("tls://"):
+            raise ConfigError(f"the scheduler at {address} speaks TLS: set cluster.tls.ca_file, cluster.tls.cert "
+                              "and cluster.tls.key (the CA and this client's certificate and key)")
+        return None
+    for key in ("ca_file", "cert", "key"):
+        if not Path(getattr(tls, key)).is_file():
+            raise ConfigError(f"cluster.tls.{key}: no such file {getattr(tls, key)}")
+    return Security(tls_ca_file=tls.ca_file, tls_client_cert=tls.cert, tls_client_key=tls.key,
+                    require_encryption=True)
+
+
+CHECKED_PACKAGES = ("funkflow", "dask", "numba")
+
+
+def _check_versions(client: Any) -> None:
+    """Workers must run the funkflow, dask and numba this client runs: a mismatch is a config error."""
+    from importlib.metadata import version
+
+    mismatches = []
+    for package in CHECKED_PACKAGES:
+        here = version(package)
+        theirs = client.run(version, package, on_error="return")
+        for worker, found in sorted(theirs.items()):
+            found = found if isinstance(found, str) else "not installed"
+            if found != here:
+                mismatches.append(f"{worker}: {package} {found}, this client {here}")
+    if mismatches:
+        raise ConfigError("the workers run other versions than this client:\n  " + "\n  ".join(mismatches)
+                          + "\ninstall the same versions on every worker (or set cluster.check_versions: false)")

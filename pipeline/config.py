@@ -127,12 +127,34 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(2, ge=1)
 
 
+class TLSConfig(_Section):
+    ca_file: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TLSConfig:
+        given = [k for k in ("ca_file", "cert", "key") if getattr(self, k) is not None]
+        if given and len(given) < 3:
+            raise ValueError("cluster.tls needs ca_file, cert and key together")
+        return self
+
+
 class ClusterConfig(_Section):
     scheduler: str | None = None
+    scheduler_file: str | None = None
+    tls: TLSConfig = TLSConfig()
+    check_versions: bool = True
     n_workers: int | None = Field(None, ge=1)
     threads_per_worker: int = Field(1, ge=1)
     timeout: float = Field(30.0, gt=0)
     allowed_failures: int = Field(3, ge=0)
+
+    @model_validator(mode="after")
+    def _one_scheduler(self) -> ClusterConfig:
+        if self.scheduler is not None and self.scheduler_file is not None:
+            raise ValueError("set at most one of cluster.scheduler and cluster.scheduler_file")
+        return self
 
 
 class OutputConfig(_Section):

@@ -7,6 +7,7 @@ stage that did not finish, and a re-run after success does nothing.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import platform
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -241,12 +243,13 @@ def _check_checkpoint_storage(config: Config) -> None:
                           "writes cannot be seen; use it only with cluster.scheduler=inprocess")
 
 
-def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
-                 force: bool = False) -> dict[str, Any] | None:
+def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, force: bool = False,
+                 report: Path | None = None) -> dict[str, Any] | None:
     """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate.
 
     With ``resume``, training continues from the newest valid checkpoint; with
-    ``force`` as well, even one written under a different config.
+    ``force`` as well, even one written under a different config. ``report``:
+    an HTML file for Dask's performance report of the run.
     """
     # Everything that can be checked without the cluster is checked before it starts.
     if config.data.generate is not None:
@@ -259,12 +262,19 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
     _check_checkpoint_storage(config)
     if force and not resume:
         raise UsageError("--force only applies with --resume")
+    if report is not None:
+        if config.cluster.scheduler == IN_PROCESS:
+            raise UsageError("--report needs a Dask cluster, not cluster.scheduler=inprocess")
+        try:
+            import bokeh  # noqa: F401  (Dask's report is drawn with it)
+        except ImportError:
+            raise UsageError("--report needs bokeh: pip install 'funkflow[report]'") from None
     run = RunDir(Path(config.output.run_dir))
     with run.locked():
         started = time.time()
         pipeline: Pipeline | None = None
         try:
-            with open_executor(config.cluster) as executor:
+            with open_executor(config.cluster) as executor, _performance_report(report):
                 update_text(dump_config(config), run.root / "config.yaml")
                 if executor.dashboard_link:
                     log.info("Dask dashboard: %s", executor.dashboard_link)
@@ -279,6 +289,18 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False,
         if pipeline.ran:  # an up-to-date re-run leaves every file, this one too, as it was
             _write_run_manifest(run, config, pipeline, started, None)
         return result
+
+
+@contextlib.contextmanager
+def _performance_report(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    from distributed import performance_report
+
+    with performance_report(filename=str(path)):
+        yield
+    log.info("Dask performance report: %s", path)
 
 
 def _versions() -> dict[str, str]:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -61,37 +62,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture
-def dask_cli_cluster(tmp_path):
-    """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
+@contextlib.contextmanager
+def _dask_cli_cluster(tmp_path: Path, protocol: str = "tcp", tls: list[str] = (),
+                      security=None) -> Iterator[tuple[str, Path]]:
+    """Start `dask scheduler` and two `dask worker` processes on 127.0.0.1; yield the address and the
+    scheduler file."""
     from distributed import Client
 
     dask = str(Path(sys.executable).parent / "dask")
     port = str(_free_port())
-    address = f"tcp://127.0.0.1:{port}"
-    commands = {"scheduler": [dask, "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard"]}
+    address = f"{protocol}://127.0.0.1:{port}"
+    scheduler_file = tmp_path / "scheduler.json"
+    commands = {"scheduler": [dask, "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard",
+                              "--protocol", protocol, "--scheduler-file", str(scheduler_file), *tls]}
     for i in range(2):
         commands[f"worker{i}"] = [dask, "worker", address, "--nthreads", "1", "--host", "127.0.0.1",
-                                  "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}")]
+                                  "--no-dashboard", "--name", f"w{i}", "--local-directory", str(tmp_path / f"w{i}"),
+                                  *tls]
     with contextlib.ExitStack() as stack:
-        procs = []
         for name, command in commands.items():
             log = stack.enter_context(open(tmp_path / f"{name}.log", "w"))
             env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "False"}  # as README says
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
             stack.callback(proc.wait, timeout=30)
             stack.callback(proc.terminate)
-            procs.append(proc)
         deadline = time.monotonic() + 60
         while True:
             try:
-                with Client(address, timeout="5s") as client:
+                with Client(address, timeout="5s", security=security) as client:
                     client.wait_for_workers(2, timeout=60)
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        yield address, scheduler_file
+
+
+@pytest.fixture
+def dask_cli_cluster(tmp_path):
+    """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
+    with _dask_cli_cluster(tmp_path) as (address, _):
         yield address
 
 
@@ -207,3 +218,85 @@ def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
         # The cluster itself survives: the nanny restarted the worker.
         assert executor.gather([executor.submit(sum, [1, 2], name="still_alive")]) == [3]
     assert caught.value.exit_code == EXIT_TEMPFAIL
+
+
+def _certificates(folder: Path) -> dict[str, Path]:
+    """A throw-away CA and one certificate for 127.0.0.1 signed by it (scheduler, workers and client share it)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "funkflow test CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(days=1))
+          .not_valid_after(now + datetime.timedelta(days=1))
+          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True).sign(ca_key, hashes.SHA256()))
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+            .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1)).not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False).sign(ca_key, hashes.SHA256()))
+    paths = {"ca": folder / "ca.pem", "cert": folder / "cert.pem", "key": folder / "key.pem"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+    return paths
+
+
+TINY_SETS = ["data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+             "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=2", "train.d=2"]
+
+
+def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path):
+    from distributed.security import Security
+
+    certs = _certificates(tmp_path)
+    tls = ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
+    security = Security(tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["cert"]),
+                        tls_client_key=str(certs["key"]), require_encryption=True)
+    base = [sys.executable, "-m", "pipeline", "run", *(a for s in TINY_SETS for a in ("--set", s))]
+    with _dask_cli_cluster(tmp_path, "tls", tls, security) as (address, scheduler_file):
+        bare = subprocess.run([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "bare")],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert bare.returncode == 78
+        assert f"the scheduler at {address} speaks TLS: set cluster.tls.ca_file" in bare.stderr
+        secured = subprocess.run([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "ok"),
+                                  "--set", f"cluster.tls.ca_file={certs['ca']}",
+                                  "--set", f"cluster.tls.cert={certs['cert']}",
+                                  "--set", f"cluster.tls.key={certs['key']}"],
+                                 cwd=tmp_path, capture_output=True, text=True, timeout=240)
+        assert secured.returncode == 0, secured.stderr
+        assert "test RMSE" in secured.stdout
+
+
+def test_workers_with_other_versions_are_refused_naming_the_package(tiny_config, tmp_path):
+    import importlib.metadata
+
+    from distributed import Client, LocalCluster
+
+    from pipeline.errors import ConfigError
+
+    def pretend_old_numba() -> None:
+        real = importlib.metadata.version
+        importlib.metadata.version = lambda name: "0.1.0" if name == "numba" else real(name)
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as c:
+        c.run(pretend_old_numba)
+        config = tiny_config(tmp_path / "run", f"cluster.scheduler={cluster.scheduler_address}")
+        with pytest.raises(ConfigError, match=r"numba 0\.1\.0, this client \d"):
+            run_pipeline(config)
+
+
+def test_report_writes_dasks_performance_report(tiny_config, local_cluster, tmp_path):
+    report = tmp_path / "report.html"
+    run_pipeline(tiny_config(tmp_path / "run", f"cluster.scheduler={local_cluster.scheduler_address}"),
+                 report=report)
+    html = report.read_text()
+    assert "<html" in html.lower() and "Dask Performance Report" in html
