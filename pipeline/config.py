@@ -125,6 +125,7 @@ class TrainConfig(_Section):
     max_rollbacks: int = Field(3, ge=0)
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
+    init_from: str | None = None
 
 
 class TLSConfig(_Section):

@@ -37,8 +37,9 @@ from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.logs import stage_context
 from pipeline.model import write_model
 from pipeline.rundir import RunDir
-from pipeline.train import BlockPlacement, EpochReport, train
-from tasks.io import update_text, write_json, write_text
+from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
+from tasks.ingest import index_of, read_ids
+from tasks.io import read_json, update_text, write_json, write_text
 from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
@@ -177,15 +178,38 @@ class Pipeline:
             self._row_blocks = placement.load_row_blocks()
         return self._row_blocks
 
+    def _warm_start(self, dataset: Dataset) -> tuple[WarmStart | None, str]:
+        """The previous model of ``train.init_from`` mapped onto this dataset's ids, and its content stamp."""
+        source = self.config.train.init_from
+        if source is None:
+            return None, ""
+        model_dir = Path(source) / "model" if (Path(source) / "model" / "model.json").is_file() else Path(source)
+        if not (model_dir / "model.json").is_file():
+            raise ConfigError(f"train.init_from: no model in {source} (neither {source}/model/model.json nor "
+                              f"{source}/model.json)")
+        info = read_json(model_dir / "model.json")
+        if info["k"] != self.config.model.k:
+            raise ConfigError(f"train.init_from: {source} has k={info['k']}, this run model.k={self.config.model.k}")
+        maps = {}
+        for name in ("users", "items"):
+            new_ids, old_ids = read_ids(str(dataset.root / f"{name}.parquet")), read_ids(str(model_dir / f"{name}.parquet"))
+            maps[name] = index_of(new_ids, old_ids)
+            known = int((maps[name] >= 0).sum())
+            log.info("warm start: %s of %s %s known to %s (%s new, %s dropped)", f"{known:,}", f"{len(new_ids):,}",
+                     name, source, f"{len(new_ids) - known:,}", f"{len(old_ids) - known:,}")
+        stamp = _chain(*(source_stamp(str(model_dir / f)) for f in ("model.json", "P.npy", "Q.npy")))
+        return WarmStart(model_dir, maps["users"], maps["items"]), stamp
+
     def train(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> str:
-        fingerprint = _chain(upstream, self.config.fingerprint("model", "train"))
+        warm, warm_stamp = self._warm_start(dataset)
+        fingerprint = _chain(upstream, self.config.fingerprint("model", "train"), warm_stamp)
 
         def work() -> dict[str, Any]:
             store, checkpoint = self._checkpoints(blocks, upstream)
             progress = _Progress(self.run, self.config.train.epochs,
                                  [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [])
             result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
-                           self.config.train, progress, store, checkpoint)
+                           self.config.train, progress, store, checkpoint, warm)
             info = {"k": self.config.model.k, "use_bias": self.config.model.use_bias, "d": blocks.d,
                     "epochs": len(result.history), "best_epoch": result.best_epoch,
                     "dataset_fingerprint": dataset.fingerprint, "rating_scale": dataset.meta.get("rating_scale"),

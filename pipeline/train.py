@@ -17,6 +17,7 @@ import operator
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from pipeline.schedule import (
 )
 from tasks.blocks import TRAIN, VALIDATION, load_row_block
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
-from tasks.training import Hyper, init_factors, row_errors, sgd_update
+from tasks.training import Hyper, init_factors, row_errors, sgd_update, warm_factors
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,15 @@ class Factors:
     user_bias: np.ndarray
     item_bias: np.ndarray
     global_mean: float
+
+
+@dataclass(frozen=True)
+class WarmStart:
+    """A previous model to start from: ``user_previous[u]`` is new user u's row in it, or -1; items alike."""
+
+    model_dir: Path
+    user_previous: np.ndarray
+    item_previous: np.ndarray
 
 
 @dataclass(frozen=True)
@@ -153,13 +163,15 @@ def _next_lr(lr: float, cfg: TrainConfig, train_rmse: float, previous: float | N
 
 def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
           cfg: TrainConfig, on_epoch: Callable[[EpochReport], None] = lambda report: None,
-          checkpoints: CheckpointStore | None = None, resume: Checkpoint | None = None) -> TrainResult:
+          checkpoints: CheckpointStore | None = None, resume: Checkpoint | None = None,
+          warm: WarmStart | None = None) -> TrainResult:
     """Run DSGD epochs up to ``cfg.epochs``; return the final (or, with early stopping, the best) factors.
 
     With ``checkpoints``, every ``cfg.checkpoint_every`` epochs the state is written
     and the next epoch starts from the checkpoint's arrays, so the task graph
     never holds more than the epochs since. ``resume`` continues from a
-    checkpoint exactly where the run that wrote it was.
+    checkpoint exactly where the run that wrote it was. ``warm`` starts known
+    users and items from a previous model's factors instead of random ones.
     """
     blocks = placement.blocks
     d, k = blocks.d, model.k
@@ -170,13 +182,19 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
 
     best: tuple[float, int, list[Any], list[Any]] | None = None
     if resume is None:
-        def init(side: int, r: int, n: int) -> Any:
-            return executor.submit(init_factors, n, k, model.init_std, init_seed(root, side, r),
-                                   name="init_user_factors" if side == STREAM_USER_INIT else "init_item_factors",
+        def init(side: int, r: int, members: np.ndarray) -> Any:
+            name = "init_user_factors" if side == STREAM_USER_INIT else "init_item_factors"
+            seed = init_seed(root, side, r)
+            if warm is None:
+                return executor.submit(init_factors, len(members), k, model.init_std, seed, name=name,
+                                       worker=owners[r])
+            previous = (warm.user_previous if side == STREAM_USER_INIT else warm.item_previous)[members]
+            return executor.submit(warm_factors, len(members), k, model.init_std, seed, str(warm.model_dir),
+                                   "user" if side == STREAM_USER_INIT else "item", previous, name=name,
                                    worker=owners[r])
 
-        user_states = [init(STREAM_USER_INIT, r, len(m)) for r, m in enumerate(placement.user_members)]
-        item_states = [init(STREAM_ITEM_INIT, c, len(m)) for c, m in enumerate(placement.item_members)]
+        user_states = [init(STREAM_USER_INIT, r, m) for r, m in enumerate(placement.user_members)]
+        item_states = [init(STREAM_ITEM_INIT, c, m) for c, m in enumerate(placement.item_members)]
         start = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean, (TRAIN,))
         exploded_at = _EXPLODED_FACTOR * (rmse(start, TRAIN) or 1.0)
         lr, epoch, rollbacks = cfg.lr, 0, 0

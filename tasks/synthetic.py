@@ -10,6 +10,7 @@ predictor can do; the RMSE of ``expected`` against the ratings is the floor.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -216,3 +217,29 @@ def generate_chunk(spec: SyntheticSpec, model: dict[str, np.ndarray], chunk: int
     })
     write_parquet(table, path)
     return {"n_ratings": int(table.num_rows), "sha256": file_sha256(path), "path": path}
+
+
+def write_daily_csvs(folder: Path, seed: int = 11) -> tuple[Path, Path]:
+    """Two days of a nightly retrain, as MovieLens-style CSV: ``day1.csv`` from a planted rank-4 model
+    (1,200 users × 300 items, ~55k ratings) and ``day2.csv``: day 1 plus 5% more ratings, some of 60 new
+    users and 10 new items."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items = 1200, 300
+    P, Q = rng.normal(0, 0.5, (n_users + 60, 4)), rng.normal(0, 0.5, (n_items + 10, 4))
+    bu, bi = rng.normal(0, 0.3, n_users + 60), rng.normal(0, 0.3, n_items + 10)
+
+    def ratings(users: np.ndarray, items: np.ndarray) -> list[str]:
+        r = np.clip(np.rint(3.6 + bu[users] + bi[items] + np.einsum("nk,nk->n", P[users], Q[items])
+                            + rng.normal(0, 0.5, users.shape[0])), 1, 5)
+        return [f"{u + 1},{i + 1},{int(x)},{1000 + j}" for j, (u, i, x) in enumerate(zip(users, items, r))]
+
+    pairs = np.unique(np.stack([rng.integers(0, n_users, 60_000), rng.integers(0, n_items, 60_000)], axis=1), axis=0)
+    day1 = ratings(pairs[:, 0], pairs[:, 1])
+    extra = np.unique(np.stack([rng.integers(0, n_users + 60, 6000), rng.integers(0, n_items + 10, 6000)], axis=1),
+                      axis=0)
+    seen = {tuple(p) for p in pairs}
+    extra = np.array([p for p in extra if tuple(p) not in seen][: len(day1) // 20])
+    header = "userId,movieId,rating,timestamp\n"
+    (folder / "day1.csv").write_text(header + "\n".join(day1) + "\n")
+    (folder / "day2.csv").write_text(header + "\n".join(day1 + ratings(extra[:, 0], extra[:, 1])) + "\n")
+    return folder / "day1.csv", folder / "day2.csv"

@@ -71,6 +71,21 @@ def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
     return factors, np.zeros(n, dtype=np.float32)
 
 
+def warm_factors(n: int, k: int, init_std: float, seed: int, model_dir: str, side: str,
+                 previous: np.ndarray) -> FactorState:
+    """Initial state of one block from a previous model: row j takes that model's row ``previous[j]``
+    (factors and bias), or, where ``previous[j]`` is -1 (new since), the seeded ``N(0, init_std²)`` start."""
+    factors, bias = init_factors(n, k, init_std, seed)
+    known = previous >= 0
+    if known.any():
+        factors_file, bias_file, _ = MODEL_FILES[side]
+        old_factors = np.load(Path(model_dir) / factors_file, mmap_mode="r", allow_pickle=False)
+        old_bias = np.load(Path(model_dir) / bias_file, mmap_mode="r", allow_pickle=False)
+        factors[known] = old_factors[previous[known]]
+        bias[known] = old_bias[previous[known]]
+    return factors, bias
+
+
 def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
                order_seed: int, label: str) -> tuple[FactorState, FactorState, float]:
     """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``.

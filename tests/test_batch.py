@@ -133,3 +133,22 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
     failed = json.loads((run_dir / "run.json").read_text())
     assert (failed["status"], failed["exit_code"], failed["stages_run"]) == ("failed", 70, [])
     assert "TrainingDiverged: training diverged" in failed["error"]
+
+
+def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, caplog):
+    from pipeline.config import load_config
+    from pipeline.stages import run_pipeline
+    from tasks.synthetic import write_daily_csvs
+
+    caplog.set_level(logging.INFO, logger="pipeline")
+    day1, day2 = write_daily_csvs(tmp_path)
+    common = ["data.format=movielens", "data.generate=null", "model.k=8", "train.d=3", "cluster.scheduler=inprocess"]
+    run_pipeline(load_config(None, [f"data.source={day1}", *common, "train.epochs=20",
+                                    f"output.run_dir={tmp_path / 'day1'}"]))
+    cold = run_pipeline(load_config(None, [f"data.source={day2}", *common, "train.epochs=20",
+                                           f"output.run_dir={tmp_path / 'cold'}"]))
+    warm = run_pipeline(load_config(None, [f"data.source={day2}", *common, "train.epochs=3",
+                                           f"train.init_from={tmp_path / 'day1'}",
+                                           f"output.run_dir={tmp_path / 'warm'}"]))
+    assert warm["test_rmse"] <= 1.02 * cold["test_rmse"], (warm["test_rmse"], cold["test_rmse"])
+    assert "warm start: 1,200 of 1,2" in caplog.text and "users known to" in caplog.text
