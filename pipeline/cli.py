@@ -20,6 +20,7 @@ from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
 from pipeline.predict import predict
+from pipeline.recommend import recommend
 from pipeline.stages import run_pipeline, synthetic_spec
 from tasks.ingest import DUPLICATE_POLICIES
 
@@ -100,6 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--out", type=Path, required=True, metavar="FILE", help=".parquet, .csv or .tsv")
     predict.add_argument("--user-col", metavar="NAME|N", help="user column of the pairs (default: first / 'user')")
     predict.add_argument("--item-col", metavar="NAME|N", help="item column of the pairs (default: second / 'item')")
+
+    rec = verbs.add_parser("recommend", help="top-N unseen items per user, computed on the workers",
+                           description="Top-N items per user, excluding those rated in training, computed by "
+                                       "user block on the workers; Parquet (user, rank, item, score) in raw ids.")
+    rec.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rec.add_argument("--top", type=int, required=True, metavar="N")
+    rec.add_argument("--users", type=Path, metavar="FILE", help="only these raw user ids (text lines or Parquet)")
+    rec.add_argument("--out", type=Path, required=True, metavar="FILE.parquet")
+    rec.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: the run's cluster config")
     return parser
 
 
@@ -123,6 +133,12 @@ def _print_summary(summary: dict) -> None:
     if base:
         line += "  baselines: " + ", ".join(f"{name} {m['rmse']:.4f}" for name, m in base.items())
     print(line)
+    ranking = summary.get("ranking")
+    if ranking and ranking["users"]:
+        k, model, popular = ranking["k"], ranking["model"], ranking["popularity"]
+        print(f"top-{k} over {ranking['users']:,} users: precision {model['precision']:.4f}  recall "
+              f"{model['recall']:.4f}  NDCG {model['ndcg']:.4f}  MAP {model['map']:.4f}  coverage "
+              f"{model['coverage']:.3f}  (popularity: NDCG {popular['ndcg']:.4f}, coverage {popular['coverage']:.3f})")
     print(f"run directory: {summary['run_dir']}")
 
 
@@ -178,6 +194,12 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "ingest":
             _ingest(args)
+            return EXIT_OK
+        if args.verb == "recommend":
+            cluster = load_config(None, _cluster_overrides(args)).cluster if args.scheduler else None
+            report = recommend(args.run_dir, args.top, args.out, args.users, cluster)
+            print(f"top {args.top} for {report.n_users:,} users ({report.n_rows:,} rows) in {report.out}, "
+                  f"computed in {report.seconds:.1f}s")
             return EXIT_OK
         if args.verb == "predict":
             report = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)

@@ -141,6 +141,12 @@ class TLSConfig(_Section):
         return self
 
 
+class EvaluateConfig(_Section):
+    ranking_k: int = Field(10, ge=1)
+    relevance_threshold: float = 4.0
+    ranking_users: int = Field(10_000, ge=0)
+
+
 class ClusterConfig(_Section):
     scheduler: str | None = None
     scheduler_file: str | None = None
@@ -168,6 +174,7 @@ class Config(_Section):
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     cluster: ClusterConfig = ClusterConfig()
     output: OutputConfig = OutputConfig()
 

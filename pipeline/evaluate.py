@@ -15,9 +15,11 @@ from typing import Any
 import numpy as np
 
 from pipeline.cluster import Executor
+from pipeline.config import EvaluateConfig
 from pipeline.train import BlockPlacement, rmse, sum_row_errors
 from tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
 from tasks.blocks import TEST, TRAIN
+from tasks.recommend import item_counts, ranking_row
 from tasks.training import read_factor_block
 
 
@@ -34,9 +36,37 @@ def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: 
     return [sums / (ITEM_DAMPING + count) for sums, count in totals]
 
 
+def ranking(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
+            cfg: EvaluateConfig, seed: int) -> dict[str, Any]:
+    """precision, recall, NDCG and MAP at ``cfg.ranking_k`` and catalogue coverage, for the model and for
+    the popularity baseline, over users with a relevant test rating (a sample of ``cfg.ranking_users``)."""
+    b = placement.blocks
+    counts = executor.gather([executor.submit(item_counts, row_blocks[r], b.n_items, b.d, b.seed,
+                                              name="item_counts", worker=placement.owner(r)) for r in range(b.d)])
+    popularity = np.sum(counts, axis=0).astype(np.float32)
+    wanted = None
+    if cfg.ranking_users and cfg.ranking_users < b.n_users:
+        wanted = np.sort(np.random.default_rng(seed).choice(b.n_users, cfg.ranking_users, replace=False))
+    parts = executor.gather([
+        executor.submit(ranking_row, row_blocks[r], str(model_dir), popularity, b.n_items, b.d, b.seed,
+                        cfg.ranking_k, cfg.relevance_threshold, wanted, name="ranking_row", worker=placement.owner(r))
+        for r in range(b.d)])
+    result: dict[str, Any] = {"k": cfg.ranking_k, "relevance_threshold": cfg.relevance_threshold}
+    for name in ("model", "popularity"):
+        sums = np.sum([p[name] for p in parts], axis=0)
+        covered = np.any([p[f"{name}_items"] for p in parts], axis=0)
+        users = int(sums[4])
+        result["users"] = users
+        result[name] = {metric: (float(sums[j] / users) if users else None)
+                        for j, metric in enumerate(("precision", "recall", "ndcg", "map"))}
+        result[name]["coverage"] = float(covered.sum() / b.n_items)
+    return result
+
+
 def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
-             global_mean: float, has_expected: bool) -> dict[str, Any]:
-    """Test metrics of the model in ``model_dir`` and of the baselines."""
+             global_mean: float, has_expected: bool, cfg: EvaluateConfig | None = None,
+             seed: int = 0) -> dict[str, Any]:
+    """Test metrics of the model in ``model_dir`` and of the baselines; ranking metrics with ``cfg``."""
     b = placement.blocks
 
     def state(side: str, n: int, block: int) -> Any:
@@ -67,4 +97,6 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
     }
     if has_expected and n:
         results["floor_rmse"] = metrics(base[BASELINES.index("floor")])["rmse"]
+    if cfg is not None and n:
+        results["ranking"] = ranking(executor, placement, row_blocks, model_dir, cfg, seed)
     return results

@@ -224,12 +224,14 @@ class Pipeline:
         def work() -> dict[str, Any]:
             global_mean = blocks.global_mean if self.config.model.use_bias else 0.0
             return evaluate(self.executor, placement, self.row_blocks(placement), self.run.model, global_mean,
-                            blocks.meta["has_expected"])
+                            blocks.meta["has_expected"], self.config.evaluate, self.config.split.seed)
 
-        record = self._stage("evaluate", upstream, work, self.run.stage_record("evaluate"))
+        fingerprint = _chain(upstream, self.config.fingerprint("evaluate"))
+        record = self._stage("evaluate", fingerprint, work, self.run.stage_record("evaluate"))
         c = self.config
         summary = {
             **{k: record[k] for k in ("test_rmse", "test_mae", "train_rmse", "baselines", "n_test")},
+            "ranking": record.get("ranking"),
             "floor_rmse": record.get("floor_rmse"),
             "epochs": self.run.completed("train", upstream)["epochs"],
             "k": c.model.k, "d": c.train.d, "seed": c.train.seed,

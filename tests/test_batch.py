@@ -68,9 +68,10 @@ def _model_bytes(run_dir: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["ingest", "training"])
+@pytest.mark.parametrize("moment", ["ingest", "training", "export"])
 def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_path, moment):
-    """SIGKILL `funkflow run` mid-ingest or mid-training; the same command, re-run, finishes the job."""
+    """SIGKILL `funkflow run` mid-ingest, mid-training or once the model is written but not yet evaluated;
+    the same command, re-run, finishes the job."""
     import numpy as np
 
     rng = np.random.default_rng(4)
@@ -93,13 +94,18 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
     def reached() -> bool:
         if moment == "ingest":
             return any(run_dir.glob(".data.tmp-*/_staging/chunk-*.parquet"))
+        if moment == "export":
+            return (run_dir / "stages" / "train.json").exists()
         return (run_dir / "checkpoints" / "epoch-000003" / "manifest.json").exists()
 
     while not reached() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.002)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
-    assert not (run_dir / "model").exists(), "the run must die before it has a model"
+    if moment == "export":
+        assert not (run_dir / "summary.json").exists(), "the run must die before its summary"
+    else:
+        assert not (run_dir / "model").exists(), "the run must die before it has a model"
     if moment == "ingest":
         assert not (run_dir / "data").exists(), "a killed ingest leaves no dataset that looks valid"
 
@@ -109,6 +115,9 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
     if moment == "training":
         assert "resuming after epoch 3" in again.stderr and "ingest: up to date" in again.stderr
     assert _model_bytes(run_dir) == _model_bytes(tmp_path / "whole")
+    if moment == "export":
+        assert "train: up to date" in again.stderr
+        assert (run_dir / "summary.json").read_text().count("test_rmse") == 1
 
 
 def test_json_logs_and_the_run_manifest(tmp_path, capsys):

@@ -1,0 +1,98 @@
+"""``funkflow recommend``: top-N unseen items for every user (or some), computed on the workers.
+
+Each row block's users are scored against all items by the worker that owns
+the block, a chunk of users at a time (:mod:`tasks.recommend`); items a user
+rated in training (or validation) are excluded. The lists, in raw ids, go to
+one Parquet file (``user``, ``rank``, ``item``, ``score``), written whole or not
+at all.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.blocking import open_blocks
+from pipeline.cluster import open_executor
+from pipeline.config import ClusterConfig, load_config
+from pipeline.errors import DataError, UsageError
+from pipeline.train import BlockPlacement
+from tasks.ingest import index_of, read_ids
+from tasks.io import write_parquet
+from tasks.recommend import recommend_row
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RecommendReport:
+    n_users: int
+    n_rows: int
+    unknown_users: int
+    seconds: float
+    out: Path
+
+
+def _wanted_users(path: Path, user_ids: pa.Array) -> tuple[np.ndarray, int]:
+    """Global indices of the raw user ids in ``path`` (Parquet ``user`` column, or the first field of each
+    text line, a header line allowed), and how many the model does not know."""
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        values = table["user" if "user" in table.column_names else table.column_names[0]].combine_chunks()
+    else:
+        fields = [line.replace("\t", ",").split(",")[0].strip() for line in path.read_text().splitlines()]
+        fields = [f for f in fields if f]
+        if fields and fields[0].lower() in ("user", "userid", "user_id", "customerid"):
+            fields = fields[1:]
+        values = pa.array(fields, pa.large_string())
+    if len(values) == 0:
+        raise DataError(f"{path}: no user ids")
+    found = index_of(values, user_ids)
+    return np.unique(found[found >= 0]), int((found < 0).sum())
+
+
+def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
+              cluster: ClusterConfig | None = None) -> RecommendReport:
+    """Write the top-``top`` unseen items of every user of ``run_dir`` (or those in ``users``) to ``out``."""
+    import time
+
+    if top < 1:
+        raise UsageError(f"--top must be at least 1, got {top}")
+    if out.suffix != ".parquet":
+        raise UsageError(f"--out must be a .parquet file, got {out}")
+    model_dir = run_dir / "model"
+    if not (model_dir / "model.json").is_file() or not (run_dir / "blocks" / "blocks.json").is_file():
+        raise DataError(f"{run_dir}: no trained model and blocks; run `funkflow train` first")
+    config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
+    cluster = cluster or (config.cluster if config else ClusterConfig())
+    blocks = open_blocks(run_dir / "blocks")
+    user_ids, item_ids = read_ids(str(model_dir / "users.parquet")), read_ids(str(model_dir / "items.parquet"))
+    wanted, unknown = (None, 0) if users is None else _wanted_users(users, user_ids)
+    began = time.perf_counter()
+    with open_executor(cluster) as executor:
+        placement = BlockPlacement(executor, blocks)
+        row_blocks = placement.load_row_blocks()
+        futures = [executor.submit(recommend_row, row_blocks[r], str(model_dir), blocks.n_items, blocks.d,
+                                   blocks.seed, top, wanted, name="recommend_row", worker=placement.owner(r))
+                   for r in range(blocks.d)]
+        parts = executor.gather(futures)
+    seconds = time.perf_counter() - began
+    u = np.concatenate([p[0] for p in parts])
+    i = np.concatenate([p[1] for p in parts])
+    s = np.concatenate([p[2] for p in parts])
+    order = np.lexsort((np.arange(u.shape[0]), u))  # by user index; each user's list stays best first
+    u, i, s = u[order], i[order], s[order]
+    starts = np.flatnonzero(np.diff(u, prepend=-1))
+    rank = np.arange(u.shape[0]) - np.repeat(starts, np.diff(np.append(starts, u.shape[0]))) + 1
+    table = pa.table({"user": user_ids.take(pa.array(u)), "rank": pa.array(rank, pa.int32()),
+                      "item": item_ids.take(pa.array(i)), "score": pa.array(s, pa.float32())})
+    write_parquet(table, out)
+    if unknown:
+        log.warning("%s user ids in %s are not in the model; fold them in first (funkflow fold-in)",
+                    f"{unknown:,}", users)
+    return RecommendReport(int(starts.shape[0]), int(u.shape[0]), unknown, seconds, out)

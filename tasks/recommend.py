@@ -1,0 +1,175 @@
+"""Worker side of top-N: score one row block's users against every item, in chunks, and keep the best.
+
+Never a users × items matrix in memory: a chunk of users at a time is scored
+by one matrix product, the items each user rated in training are masked out,
+and a partial selection keeps the top N. Ties are broken by the lower item
+index, so the lists are exact and deterministic.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from tasks.blocks import TRAIN, VALIDATION, RowBlock
+from tasks.hashing import SALT_COLUMNS, block_layout
+
+CHUNK_USERS = 1024
+
+
+def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The best ``n`` columns of each row of ``scores`` (-inf = excluded), ties to the lower column.
+
+    Returns
+    -------
+    (rows, columns) : int64 arrays, row by row, best first; a row with fewer
+    than ``n`` finite scores gets fewer.
+    """
+    m, width = scores.shape
+    n = min(n, width)
+    if n == 0 or m == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    # Everything at or above each row's n-th best score is a candidate (more than n only on ties).
+    threshold = -np.partition(-scores, n - 1, axis=1)[:, n - 1]
+    rows, cols = np.nonzero((scores >= threshold[:, None]) & np.isfinite(scores))
+    order = np.lexsort((cols, -scores[rows, cols], rows))
+    rows, cols = rows[order], cols[order]
+    starts = np.flatnonzero(np.diff(rows, prepend=-1))
+    rank = np.arange(rows.shape[0]) - np.repeat(starts, np.diff(np.append(starts, rows.shape[0])))
+    keep = rank < n
+    return rows[keep], cols[keep]
+
+
+def seen_items(row_block: RowBlock, n_items: int, d: int, seed: int,
+               codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> tuple[np.ndarray, np.ndarray]:
+    """(local user, global item) of every rating of the row block in the splits ``codes``."""
+    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
+    users, items = [], []
+    for code in codes:
+        for col, block in enumerate(row_block.split(code)):
+            users.append(block.users)
+            items.append(item_members[col][block.items])
+    return (np.concatenate(users).astype(np.int64), np.concatenate(items).astype(np.int64)) if users else (
+        np.zeros(0, np.int64), np.zeros(0, np.int64))
+
+
+def _item_model(model_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
+    import json
+
+    Q = np.load(Path(model_dir) / "Q.npy", allow_pickle=False)
+    item_bias = np.load(Path(model_dir) / "item_bias.npy", allow_pickle=False)
+    global_mean = float(json.loads((Path(model_dir) / "model.json").read_text())["global_mean"])
+    return Q, item_bias, global_mean
+
+
+def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: int, seed: int, top: int,
+                  wanted: np.ndarray | None = None, chunk_users: int = CHUNK_USERS,
+                  popularity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``top`` unseen items of the row block's users (or of its ``wanted`` global user indices).
+
+    With ``popularity`` (one score per item) instead of a model, every user is
+    offered the most popular items they have not rated: the baseline.
+
+    Returns
+    -------
+    (users, items, scores) : global user and item indices (int64), predicted
+    ratings (float32; the popularity for the baseline); per user best first.
+    """
+    if popularity is None:
+        P = np.load(Path(model_dir) / "P.npy", mmap_mode="r", allow_pickle=False)
+        user_bias = np.load(Path(model_dir) / "user_bias.npy", mmap_mode="r", allow_pickle=False)
+        Q, item_bias, global_mean = _item_model(model_dir)
+    members = row_block.user_ids.astype(np.int64)
+    local = np.arange(members.shape[0]) if wanted is None else np.flatnonzero(np.isin(members, wanted))
+    seen_users, seen_item_ids = seen_items(row_block, n_items, d, seed)
+    order = np.argsort(seen_users, kind="stable")
+    seen_users, seen_item_ids = seen_users[order], seen_item_ids[order]
+    out_users, out_items, out_scores = [], [], []
+    for start in range(0, local.shape[0], chunk_users):
+        chunk = local[start:start + chunk_users]
+        users = members[chunk]
+        if popularity is None:
+            scores = np.asarray(P[users], dtype=np.float32) @ Q.T + item_bias[None, :]
+        else:
+            scores = np.repeat(popularity[None, :].astype(np.float32), chunk.shape[0], axis=0)
+        lo, hi = np.searchsorted(seen_users, chunk[0]), np.searchsorted(seen_users, chunk[-1], side="right")
+        mask = np.isin(seen_users[lo:hi], chunk)
+        rows = np.searchsorted(chunk, seen_users[lo:hi][mask])
+        scores[rows, seen_item_ids[lo:hi][mask]] = -np.inf
+        r, items = top_n(scores, top)
+        out_users.append(users[r])
+        out_items.append(items)
+        shift = 0.0 if popularity is not None else global_mean + np.asarray(user_bias)[users[r]]
+        out_scores.append((scores[r, items] + shift).astype(np.float32))
+    if not out_users:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(out_users), np.concatenate(out_items), np.concatenate(out_scores)
+
+
+def item_counts(row_block: RowBlock, n_items: int, d: int, seed: int) -> np.ndarray:
+    """Training ratings per item (global index) in one row block: the popularity baseline's scores."""
+    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
+    counts = np.zeros(n_items, dtype=np.int64)
+    for col, block in enumerate(row_block.split(TRAIN)):
+        counts += np.bincount(item_members[col][block.items], minlength=n_items)
+    return counts
+
+
+def ranking_sums(ranked: list[np.ndarray], relevant: list[set[int]], k: int) -> np.ndarray:
+    """Sums over users of precision@k, recall@k, NDCG@k and AP@k (binary relevance).
+
+    ``ranked[j]``: user j's recommended items, best first (at most ``k`` used);
+    ``relevant[j]``: user j's relevant items (non-empty). AP@k divides by
+    ``min(k, |relevant|)``, NDCG's ideal list holds ``min(k, |relevant|)`` hits.
+
+    Returns
+    -------
+    array [precision, recall, ndcg, ap, users]
+    """
+    discount = 1.0 / np.log2(np.arange(2, k + 2))
+    total = np.zeros(5)
+    for items, rel in zip(ranked, relevant):
+        hits = np.array([item in rel for item in items[:k]], dtype=bool)
+        n_hits = int(hits.sum())
+        ideal = min(k, len(rel))
+        precision_at = np.cumsum(hits) / np.arange(1, hits.shape[0] + 1)
+        total += (n_hits / k, n_hits / len(rel), float(discount[: hits.shape[0]][hits].sum() / discount[:ideal].sum()),
+                  float(precision_at[hits].sum() / ideal), 1)
+    return total
+
+
+def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_items: int, d: int, seed: int,
+                k: int, threshold: float, wanted: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Ranking metrics of one row block's users that have a relevant test rating (test rating >=
+    ``threshold``), for the model and for the popularity baseline: sums and the items recommended."""
+    from tasks.blocks import TEST
+
+    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
+    users, items = [], []
+    for col, block in enumerate(row_block.split(TEST)):
+        good = block.ratings >= threshold
+        users.append(row_block.user_ids[block.users[good]].astype(np.int64))
+        items.append(item_members[col][block.items[good]])
+    users = np.concatenate(users) if users else np.zeros(0, np.int64)
+    items = np.concatenate(items) if items else np.zeros(0, np.int64)
+    evaluated = np.unique(users)
+    if wanted is not None:
+        evaluated = evaluated[np.isin(evaluated, wanted)]
+    relevant = {u: set() for u in evaluated.tolist()}
+    for u, i in zip(users.tolist(), items.tolist()):
+        if u in relevant:
+            relevant[u].add(i)
+    out = {}
+    for name, source in (("model", {"model_dir": model_dir}), ("popularity", {"popularity": popularity,
+                                                                               "model_dir": None})):
+        rec_users, rec_items, _ = recommend_row(row_block, n_items=n_items, d=d, seed=seed, top=k,
+                                                wanted=evaluated, **source)
+        starts = np.flatnonzero(np.diff(rec_users, prepend=-1))
+        lists = dict(zip(rec_users[starts].tolist(), np.split(rec_items, starts[1:])))
+        ranked = [lists.get(u, np.zeros(0, np.int64)) for u in relevant]
+        recommended = np.zeros(n_items, dtype=bool)
+        recommended[rec_items] = True
+        out[name] = ranking_sums(ranked, list(relevant.values()), k)
+        out[f"{name}_items"] = recommended
+    return out

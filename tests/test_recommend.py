@@ -1,0 +1,118 @@
+"""Top-N: exact against a brute-force NumPy ranking, seen items excluded, ties to the lower item."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.cli import main
+from pipeline.config import load_config
+from pipeline.model import read_model
+from pipeline.stages import run_pipeline
+from tasks.recommend import top_n
+
+
+def test_top_n_breaks_ties_by_item_index_and_skips_excluded():
+    scores = np.array([[1.0, 3.0, 3.0, -np.inf, 2.0],
+                       [-np.inf, -np.inf, 0.5, -np.inf, -np.inf],
+                       [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
+    rows, cols = top_n(scores, 2)
+    assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (1, 2), (2, 0), (2, 1)]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    from conftest import write_canonical
+
+    tmp = tmp_path_factory.mktemp("rec")
+    rng = np.random.default_rng(7)
+    P, Q = rng.normal(0, 0.6, (120, 3)), rng.normal(0, 0.6, (80, 3))
+    mask = rng.random((120, 80)) < 0.3
+    users, items = np.nonzero(mask)
+    write_canonical(tmp / "data", users, items, 3.0 + np.einsum("nk,nk->n", P[users], Q[items]))
+    run_pipeline(load_config(None, [f"data.source={tmp / 'data'}", "data.generate=null", "model.k=3",
+                                    "train.epochs=10", "train.d=3", "cluster.scheduler=inprocess",
+                                    f"output.run_dir={tmp / 'run'}"]), last="train")
+    return tmp / "run"
+
+
+def _brute_force(run_dir: Path, top: int) -> list[tuple]:
+    """Every user × item score, seen (train and validation) items out, sorted by (-score, item)."""
+    from tasks.blocks import load_row_block
+    from tasks.recommend import seen_items
+
+    factors, _ = read_model(run_dir / "model")
+    scores = (factors.P @ factors.Q.T + factors.item_bias[None, :]).astype(np.float32)
+    blocks = json.loads((run_dir / "blocks" / "blocks.json").read_text())
+    for r in range(blocks["d"]):
+        row_block = load_row_block(str(run_dir / "blocks"), r, blocks["d"], blocks["n_users"], blocks["n_items"],
+                                   blocks["seed"])
+        local, items = seen_items(row_block, blocks["n_items"], blocks["d"], blocks["seed"])
+        scores[row_block.user_ids[local], items] = -np.inf
+    expected = []
+    for u in range(scores.shape[0]):
+        ranked = sorted((i for i in range(scores.shape[1]) if np.isfinite(scores[u, i])),
+                        key=lambda i: (-scores[u, i], i))[:top]
+        expected += [(u, rank + 1, i) for rank, i in enumerate(ranked)]
+    return expected
+
+
+def test_recommend_matches_brute_force_exactly(trained, tmp_path, capsys):
+    assert main(["recommend", str(trained), "--top", "7", "--out", str(tmp_path / "top.parquet"),
+                 "--scheduler", "inprocess"]) == 0
+    rows = pq.read_table(tmp_path / "top.parquet").to_pylist()
+    # The canonical test data's raw ids equal the indices.
+    assert [(r["user"], r["rank"], r["item"]) for r in rows] == _brute_force(trained, 7)
+    factors, _ = read_model(trained / "model")
+    first = rows[0]
+    expected_score = (factors.global_mean + factors.user_bias[first["user"]] + factors.item_bias[first["item"]]
+                      + float(factors.P[first["user"]] @ factors.Q[first["item"]]))
+    assert first["score"] == pytest.approx(expected_score, abs=1e-4)
+
+
+def test_recommend_for_some_users_on_a_cluster(trained, local_cluster, tmp_path):
+    (tmp_path / "users.txt").write_text("user\n5\n17\n99999\n")
+    assert main(["recommend", str(trained), "--top", "3", "--users", str(tmp_path / "users.txt"),
+                 "--out", str(tmp_path / "some.parquet"), "--scheduler", local_cluster.scheduler_address]) == 0
+    rows = pq.read_table(tmp_path / "some.parquet").to_pylist()
+    assert [(r["user"], r["rank"], r["item"]) for r in rows] == [
+        t for t in _brute_force(trained, 3) if t[0] in (5, 17)]
+
+
+def test_ranking_metrics_match_hand_computed_values():
+    from tasks.recommend import ranking_sums
+
+    # User A: hit at rank 2 of 3, two relevant items; user B: hit at rank 1, one relevant item.
+    sums = ranking_sums([np.array([1, 2, 3]), np.array([7, 8, 9])], [{2, 5}, {7}], k=3)
+    log3 = 1 / np.log2(3)
+    precision, recall, ndcg, ap, users = sums
+    assert users == 2
+    assert precision == pytest.approx(1 / 3 + 1 / 3)
+    assert recall == pytest.approx(1 / 2 + 1)
+    assert ndcg == pytest.approx(log3 / (1 + log3) + 1)
+    assert ap == pytest.approx((1 / 2) / 2 + 1)
+
+
+def test_evaluate_reports_ranking_beside_popularity(tiny_config, tmp_path):
+    summary = run_pipeline(tiny_config(tmp_path / "run", "evaluate.ranking_k=5", "evaluate.relevance_threshold=4"))
+    ranking = summary["ranking"]
+    assert ranking["k"] == 5 and 0 < ranking["users"] <= 300
+    for name in ("model", "popularity"):
+        assert set(ranking[name]) == {"precision", "recall", "ndcg", "map", "coverage"}
+        assert all(0 <= v <= 1 for v in ranking[name].values())
+    assert ranking["model"] != ranking["popularity"]
+    # Only users with a test rating of 4 or more are ranked.
+    from tasks.blocks import TEST, load_row_block
+
+    blocks = json.loads((tmp_path / "run" / "blocks" / "blocks.json").read_text())
+    relevant_users = set()
+    for r in range(blocks["d"]):
+        row_block = load_row_block(str(tmp_path / "run" / "blocks"), r, blocks["d"], blocks["n_users"],
+                                   blocks["n_items"], blocks["seed"])
+        for block in row_block.split(TEST):
+            relevant_users |= set(row_block.user_ids[block.users[block.ratings >= 4]].tolist())
+    assert ranking["users"] == len(relevant_users)
