@@ -17,6 +17,7 @@ from pipeline.cluster import open_executor
 from pipeline.config import GenerateConfig, load_config
 from pipeline.dataset import generate_dataset
 from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from pipeline.foldin import fold_in_run
 from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
 from pipeline.predict import predict
@@ -110,6 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--users", type=Path, metavar="FILE", help="only these raw user ids (text lines or Parquet)")
     rec.add_argument("--out", type=Path, required=True, metavar="FILE.parquet")
     rec.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: the run's cluster config")
+
+    fold = verbs.add_parser("fold-in", help="add users (or items) that arrived after training, without a retrain",
+                            description="Compute factors and biases of users (or items) absent from training "
+                                        "from their ratings against the fixed factors of the other side (closed-"
+                                        "form regularised least squares); write OUT/model for predict.")
+    fold.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    fold.add_argument("--ratings", required=True, metavar="FILE",
+                      help="raw (user, item, rating) ratings, CSV/TSV (header or positions 0,1,2) or Parquet")
+    fold.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/model")
+    fold.add_argument("--side", choices=("users", "items"), default="users")
+    fold.add_argument("--rating-scale", metavar="MIN,MAX", help="valid ratings (default: the model's)")
     return parser
 
 
@@ -194,6 +206,11 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "ingest":
             _ingest(args)
+            return EXIT_OK
+        if args.verb == "fold-in":
+            report = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
+            print(f"{report.added:,} {args.side} folded in from {report.ratings_used:,} ratings; model in "
+                  f"{args.out / 'model'}")
             return EXIT_OK
         if args.verb == "recommend":
             cluster = load_config(None, _cluster_overrides(args)).cluster if args.scheduler else None

@@ -39,6 +39,7 @@ from tasks.ingest import (
     Chunk,
     Source,
     SourceError,
+    chunk_pieces,
     encode_chunk,
     merge_ids,
     parquet_chunks,
@@ -188,6 +189,25 @@ def make_sources(urls: list[str], options: IngestOptions, pairs: bool = False) -
         else:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
     return sources
+
+
+def read_rating_rows(src: str, options: IngestOptions) -> pa.Table:
+    """All rows of one small rating file (raw ``user``, ``item``, ``rating``, ``time``), parsed in this
+    process; a bad line is a :class:`DataError` naming it."""
+    (url,) = expand_sources([src])
+    (source,) = make_sources([url], options)
+    tables = []
+    try:
+        for parsed in chunk_pieces(Chunk(source), options.scale()):
+            if parsed.reject_lines.shape[0]:
+                raise DataError(f"{url}:{parsed.reject_lines[0]}: {parsed.reject_details[0]} "
+                                f"({parsed.reject_reasons[0]})")
+            tables.append(parsed.rows)
+    except SourceError as exc:
+        raise DataError(str(exc)) from None
+    if not tables or sum(t.num_rows for t in tables) == 0:
+        raise DataError(f"{url}: no ratings found")
+    return pa.concat_tables(tables)
 
 
 def _position(pos: int, sources: list[Source]) -> str:

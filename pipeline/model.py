@@ -7,20 +7,21 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 
 from pipeline.rundir import swap_in, temporary_dir
 from pipeline.train import Factors
-from tasks.io import read_json, write_json, write_npy
+from tasks.io import read_json, write_json, write_npy, write_parquet
 
 ARRAYS = {"P": "P.npy", "Q": "Q.npy", "user_bias": "user_bias.npy", "item_bias": "item_bias.npy"}
 
 
-def write_model(out: Path, factors: Factors, info: dict[str, Any], id_maps: Path) -> None:
+def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.Array, item_ids: pa.Array) -> None:
     """Write the model directory whole, or not at all.
 
     ``info`` (k, config, epochs, ...) goes into ``model.json``; ``users.parquet``
-    and ``items.parquet`` are copied from the dataset ``id_maps`` so the model
-    answers in raw ids on its own.
+    and ``items.parquet`` map row index to raw id (sorted, as in the dataset),
+    so the model answers in raw ids on its own.
     """
     for name in ARRAYS:
         if not np.isfinite(getattr(factors, name)).all():
@@ -29,8 +30,8 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], id_maps: Path
     try:
         for name, filename in ARRAYS.items():
             write_npy(getattr(factors, name), tmp / filename)
-        for filename in ("users.parquet", "items.parquet"):
-            shutil.copyfile(id_maps / filename, tmp / filename)
+        for name, ids in (("users", user_ids), ("items", item_ids)):
+            write_parquet(pa.table({"index": pa.array(range(len(ids)), pa.int32()), "id": ids}), tmp / f"{name}.parquet")
         write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
         swap_in(tmp, out)
     except BaseException:

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -26,7 +25,7 @@ from pipeline.errors import DataError, UsageError
 from pipeline.ingest import expand_sources, first_line
 from pipeline.model import read_model
 from tasks import parse
-from tasks.ingest import PIECE_BYTES, SourceError, index_of, read_ids, read_pieces
+from tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of, read_ids
 
 log = logging.getLogger(__name__)
 
@@ -65,27 +64,10 @@ def _pair_layout(url: str, user_col: str | None, item_col: str | None) -> parse.
 
 def _parsed_pairs(url: str, user_col: str | None, item_col: str | None) -> Iterator[parse.Parsed]:
     if url.endswith(".parquet"):
-        try:
-            with fsspec.open(url, "rb") as f:
-                file = pq.ParquetFile(f)
-                first = 1
-                for g in range(file.num_row_groups):
-                    table = file.read_row_group(g)
-                    yield parse.parse_table(table, {"user": user_col or "user", "item": item_col or "item"},
-                                            first, (0.0, 0.0))
-                    first += table.num_rows
-        except (OSError, pa.ArrowException, KeyError) as exc:
-            raise DataError(f"{url}: cannot read the pairs: {exc}") from None
-        return
-    layout = _pair_layout(url, user_col, item_col)
-    context = None
-    for data, lines_before in read_pieces(url, 0, None, PIECE_BYTES):
-        if layout.kind == "netflix_pairs":
-            parsed = parse.parse_netflix(data, 1 + lines_before, context, (0.0, 0.0), pairs=True)
-            context = parsed.context
-        else:
-            parsed = parse.parse_delimited(data, 1 + lines_before, layout, (0.0, 0.0))
-        yield parsed
+        source = Source(0, url, None, {"user": user_col or "user", "item": item_col or "item"})
+    else:
+        source = Source(0, url, _pair_layout(url, user_col, item_col))
+    return chunk_pieces(Chunk(source), (0.0, 0.0))
 
 
 def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,

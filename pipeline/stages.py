@@ -214,7 +214,8 @@ class Pipeline:
                     "epochs": len(result.history), "best_epoch": result.best_epoch,
                     "dataset_fingerprint": dataset.fingerprint, "rating_scale": dataset.meta.get("rating_scale"),
                     "config": self.config.to_dict()}
-            write_model(self.run.model, result.factors, info, dataset.root)
+            write_model(self.run.model, result.factors, info, read_ids(str(dataset.root / "users.parquet")),
+                        read_ids(str(dataset.root / "items.parquet")))
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
         self._stage("train", fingerprint, work, self.run.model / "model.json")

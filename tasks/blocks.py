@@ -203,8 +203,13 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
         raise ValueError(f"{row_dir(blocks_dir, row)} holds users of another row block; rebuild the blocks")
     col_of_item, local_item, _ = block_layout(n_items, d, block_seed, SALT_COLUMNS)
     cols = col_of_item[items]
-    order = np.lexsort((items, users, cols, codes))
-    keys = codes[order].astype(np.int64) * d + cols[order]
+    group = codes.astype(np.int64) * d + cols
+    if 3 * d * n_users * n_items < 2**62:
+        # One int64 key (group, user, item) sorts like the four-key lexsort, several times faster.
+        order = np.argsort((group * n_users + users) * n_items + items, kind="stable")
+    else:
+        order = np.lexsort((items, users, group))
+    keys = group[order]
     bounds = np.searchsorted(keys, np.arange(3 * d + 1))
 
     def block(code: int, col: int) -> BlockRatings:

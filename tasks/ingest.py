@@ -53,7 +53,7 @@ class Source:
 @dataclass(frozen=True)
 class Chunk:
     """A part of a source to parse: bytes ``[start, end)`` (``end`` None: to the end) starting at
-    line ``first_line``, under the Netflix header ``context``; for Parquet, ``row_groups``."""
+    line ``first_line``, under the Netflix header ``context``; for Parquet, ``row_groups`` (none: all)."""
 
     source: Source
     start: int = 0
@@ -184,7 +184,7 @@ def _parquet_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.
                 raise SourceError(f"{source.url}: no column {', '.join(map(repr, missing))}; "
                                   f"the columns are {', '.join(file.schema_arrow.names)}")
             first = chunk.first_line
-            for g in chunk.row_groups:
+            for g in chunk.row_groups or range(file.num_row_groups):  # none named: the whole file
                 table = file.read_row_group(g, columns=list(dict.fromkeys(wanted.values())))
                 try:
                     yield parse.parse_table(table, wanted, first, scale)
@@ -195,6 +195,23 @@ def _parquet_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.
         raise
     except (OSError, pa.ArrowException) as exc:
         raise SourceError(f"{source.url}: unreadable or truncated Parquet: {exc}") from None
+
+
+def chunk_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.Parsed]:
+    """The parsed pieces of one chunk of a source, in order."""
+    source = chunk.source
+    if source.is_parquet:
+        yield from _parquet_pieces(chunk, scale)
+        return
+    context = chunk.context
+    for data, lines_before in read_pieces(source.url, chunk.start, chunk.end, PIECE_BYTES):
+        first = chunk.first_line + lines_before
+        if source.layout.kind == "delimited":
+            yield parse.parse_delimited(data, first, source.layout, scale)
+        else:
+            parsed = parse.parse_netflix(data, first, context, scale, pairs=source.layout.kind == "netflix_pairs")
+            context = parsed.context
+            yield parsed
 
 
 def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: int) -> dict[str, Any]:
@@ -213,22 +230,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     rejects: list[pa.Table] = []
     reasons: Counter[str] = Counter()
     rows = 0
-    context = chunk.context
-    if source.is_parquet:
-        pieces = _parquet_pieces(chunk, scale)
-    else:
-        def text_pieces() -> Iterator[parse.Parsed]:
-            nonlocal context
-            for data, lines_before in read_pieces(source.url, chunk.start, chunk.end, PIECE_BYTES):
-                first = chunk.first_line + lines_before
-                if source.layout.kind == "delimited":
-                    yield parse.parse_delimited(data, first, source.layout, scale)
-                else:
-                    parsed = parse.parse_netflix(data, first, context, scale,
-                                                 pairs=source.layout.kind == "netflix_pairs")
-                    context = parsed.context
-                    yield parsed
-        pieces = text_pieces()
+    pieces = chunk_pieces(chunk, scale)
     users: list[Any] = []
     items: list[Any] = []
     int_like = {"user": True, "item": True}

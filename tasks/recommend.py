@@ -31,8 +31,9 @@ def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     if n == 0 or m == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
     # Everything at or above each row's n-th best score is a candidate (more than n only on ties).
-    threshold = -np.partition(-scores, n - 1, axis=1)[:, n - 1]
-    rows, cols = np.nonzero((scores >= threshold[:, None]) & np.isfinite(scores))
+    threshold = np.partition(scores, width - n, axis=1)[:, width - n]
+    # -inf (excluded) never passes: a row whose n-th best is -inf keeps only its finite scores.
+    rows, cols = np.nonzero(scores >= np.maximum(threshold, np.finfo(scores.dtype).min)[:, None])
     order = np.lexsort((cols, -scores[rows, cols], rows))
     rows, cols = rows[order], cols[order]
     starts = np.flatnonzero(np.diff(rows, prepend=-1))
@@ -90,7 +91,8 @@ def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: i
         chunk = local[start:start + chunk_users]
         users = members[chunk]
         if popularity is None:
-            scores = np.asarray(P[users], dtype=np.float32) @ Q.T + item_bias[None, :]
+            scores = np.asarray(P[users], dtype=np.float32) @ Q.T
+            scores += item_bias[None, :]
         else:
             scores = np.repeat(popularity[None, :].astype(np.float32), chunk.shape[0], axis=0)
         lo, hi = np.searchsorted(seen_users, chunk[0]), np.searchsorted(seen_users, chunk[-1], side="right")

@@ -1,0 +1,110 @@
+"""``funkflow fold-in``: add users (or items) that arrived after training, without a retrain.
+
+Their factors and biases come from their ratings against the model's fixed
+item (or user) factors in closed form (:mod:`tasks.foldin`). The result is a
+new model directory with them merged into the id maps in sorted order, which
+``predict`` and the Python API use like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.errors import DataError, UsageError
+from pipeline.ingest import IngestOptions, read_rating_rows
+from pipeline.model import read_model, write_model
+from pipeline.train import Factors
+from tasks.foldin import fold_in
+from tasks.ingest import index_of, read_ids
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FoldInReport:
+    added: int
+    ratings_used: int
+    ratings_of_known: int
+    ratings_of_unknown_other_side: int
+
+
+def _sorted_merge(old_ids: pa.Array, new_ids: pa.Array) -> np.ndarray:
+    """Positions that put old then new ids in sorted order (ints by value, strings by text)."""
+    if pa.types.is_integer(old_ids.type) and pa.types.is_integer(new_ids.type):
+        both = np.concatenate([old_ids.to_numpy(), new_ids.to_numpy()])
+        return np.argsort(both, kind="stable")
+    both = pa.concat_arrays([pc.cast(old_ids, pa.large_string()), pc.cast(new_ids, pa.large_string())])
+    return pc.sort_indices(both).to_numpy()
+
+
+def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users") -> tuple[Factors, dict, pa.Array, pa.Array,
+                                                                                   FoldInReport]:
+    """The model of ``model_dir`` with the ``side`` entities of ``rows`` (raw ``user``, ``item``, ``rating``)
+    that it does not know folded in. Returns factors, info and the two id maps, in sorted id order."""
+    if side not in ("users", "items"):
+        raise UsageError(f"--side must be users or items, got {side!r}")
+    factors, info = read_model(model_dir)
+    model_cfg = info["config"]["model"]
+    user_ids, item_ids = read_ids(str(model_dir / "users.parquet")), read_ids(str(model_dir / "items.parquet"))
+    mine, other = ("user", "item") if side == "users" else ("item", "user")
+    my_ids, other_ids = (user_ids, item_ids) if side == "users" else (item_ids, user_ids)
+    my_values = rows[mine].combine_chunks()
+    known_mine = index_of(my_values, my_ids) >= 0
+    other_index = index_of(rows[other].combine_chunks(), other_ids)
+    use = ~known_mine & (other_index >= 0)
+    if not use.any():
+        raise DataError(f"no ratings of new {side} against known {other}s to fold in")
+    new_values = pc.filter(my_values, pa.array(use))
+    new_ids = pc.unique(new_values)
+    new_ids = new_ids.take(pc.sort_indices(new_ids))
+    new_index = index_of(new_values, new_ids)
+    fixed_factors, fixed_bias = (factors.Q, factors.item_bias) if side == "users" else (factors.P, factors.user_bias)
+    added_factors, added_bias = fold_in(new_index, other_index[use], rows["rating"].to_numpy()[use], fixed_factors,
+                                        fixed_bias, factors.global_mean, model_cfg["reg"], model_cfg["bias_reg"],
+                                        len(new_ids), info["use_bias"])
+    if not info["use_bias"]:
+        added_bias = np.zeros_like(added_bias)
+    old_factors, old_bias = (factors.P, factors.user_bias) if side == "users" else (factors.Q, factors.item_bias)
+    order = _sorted_merge(my_ids, new_ids)
+    merged_ids = pa.concat_arrays([my_ids.cast(new_ids.type) if my_ids.type != new_ids.type else my_ids,
+                                   new_ids]).take(pa.array(order))
+    merged_factors = np.vstack([old_factors, added_factors])[order]
+    merged_bias = np.concatenate([old_bias, added_bias])[order]
+    if side == "users":
+        result = Factors(merged_factors, factors.Q, merged_bias, factors.item_bias, factors.global_mean)
+        user_ids = merged_ids
+    else:
+        result = Factors(factors.P, merged_factors, factors.user_bias, merged_bias, factors.global_mean)
+        item_ids = merged_ids
+    info = {**info, "folded_in": {**info.get("folded_in", {}), side: len(new_ids)}}
+    report = FoldInReport(len(new_ids), int(use.sum()), int(known_mine.sum()),
+                          int((~known_mine & (other_index < 0)).sum()))
+    return result, info, user_ids, item_ids, report
+
+
+def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
+                rating_scale: tuple[float, float] | None = None) -> FoldInReport:
+    """Fold the new ``side`` of the ratings file into the model of ``run_dir``; write ``out/model``."""
+    model_dir = run_dir / "model"
+    if not (model_dir / "model.json").is_file():
+        raise DataError(f"{run_dir}: no trained model (model/model.json)")
+    if (out / "model").exists():
+        raise UsageError(f"{out}/model exists; choose a new --out")
+    info_scale = read_model(model_dir)[1].get("rating_scale")
+    scale = rating_scale or (tuple(info_scale) if info_scale else None)
+    fmt = "parquet" if ratings.endswith(".parquet") else "csv"
+    rows = read_rating_rows(ratings, IngestOptions(format=fmt, rating_scale=scale))
+    factors, info, user_ids, item_ids, report = fold_in_model(model_dir, rows, side)
+    out.mkdir(parents=True, exist_ok=True)
+    write_model(out / "model", factors, info, user_ids, item_ids)
+    if report.ratings_of_known or report.ratings_of_unknown_other_side:
+        log.warning("fold-in left out %s ratings of %s the model knows and %s against unknown %s",
+                    f"{report.ratings_of_known:,}", side, f"{report.ratings_of_unknown_other_side:,}",
+                    "items" if side == "users" else "users")
+    return report
