@@ -44,3 +44,18 @@ def read_model(path: Path) -> tuple[Factors, dict[str, Any]]:
     info = read_json(path / "model.json")
     arrays = {name: np.load(path / filename, allow_pickle=False) for name, filename in ARRAYS.items()}
     return Factors(global_mean=float(info["global_mean"]), **arrays), info
+
+
+def score_pairs(factors: Factors, users: np.ndarray, items: np.ndarray,
+                rating_scale: tuple[float, float] | None = None) -> np.ndarray:
+    """Predicted ratings of (user, item) index pairs, float32; an index of -1 (unknown) drops its terms,
+    so an unknown user gets μ + b_i, an unknown item μ + b_u, both unknown μ. Clipped to the scale."""
+    known_u, known_i = users >= 0, items >= 0
+    score = np.full(users.shape[0], factors.global_mean, dtype=np.float64)
+    score[known_u] += factors.user_bias[users[known_u]]
+    score[known_i] += factors.item_bias[items[known_i]]
+    both = known_u & known_i
+    score[both] += np.einsum("nk,nk->n", factors.P[users[both]], factors.Q[items[both]], dtype=np.float64)
+    if rating_scale is not None:
+        score = np.clip(score, *rating_scale)
+    return score.astype(np.float32)

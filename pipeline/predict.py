@@ -16,14 +16,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, UsageError
 from pipeline.ingest import expand_sources, first_line
-from pipeline.model import read_model
+from pipeline.model import read_model, score_pairs
 from tasks import parse
 from tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of, read_ids
 
@@ -80,7 +79,7 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
         raise DataError(f"{run_dir}: no trained model (model/model.json); run `funkflow train` first")
     factors, info = read_model(model_dir)
     user_ids, item_ids = read_ids(str(model_dir / "users.parquet")), read_ids(str(model_dir / "items.parquet"))
-    low, high = info.get("rating_scale") or (-np.inf, np.inf)
+    scale = tuple(info["rating_scale"]) if info.get("rating_scale") else None
     (url,) = expand_sources([pairs])
 
     tmp = out.with_name(f".{out.name}.tmp")
@@ -95,13 +94,8 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
             u = index_of(rows["user"].combine_chunks(), user_ids)
             i = index_of(rows["item"].combine_chunks(), item_ids)
             known_u, known_i = u >= 0, i >= 0
-            score = np.full(u.shape[0], factors.global_mean, dtype=np.float64)
-            score[known_u] += factors.user_bias[u[known_u]]
-            score[known_i] += factors.item_bias[i[known_i]]
-            both = known_u & known_i
-            score[both] += np.einsum("nk,nk->n", factors.P[u[both]], factors.Q[i[both]], dtype=np.float64)
             table = pa.table({"user": rows["user"], "item": rows["item"],
-                              "prediction": pa.array(np.clip(score, low, high).astype(np.float32))})
+                              "prediction": pa.array(score_pairs(factors, u, i, scale))})
             if writer is None:
                 writer = (pq.ParquetWriter(tmp, table.schema) if out.suffix == ".parquet" else
                           pacsv.CSVWriter(tmp, table.schema, write_options=pacsv.WriteOptions(

@@ -16,7 +16,7 @@ import platform
 import socket
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -67,10 +67,12 @@ def _format_rate(per_second: float) -> str:
 class _Progress:
     """One terminal line per epoch, and ``metrics.jsonl`` rewritten whole after each."""
 
-    def __init__(self, run: RunDir, epochs: int, rows: list[dict[str, Any]]) -> None:
+    def __init__(self, run: RunDir, epochs: int, rows: list[dict[str, Any]],
+                 callbacks: Sequence[Callable[[EpochReport], None]] = ()) -> None:
         self.run = run
         self.epochs = epochs
         self.rows = list(rows)
+        self.callbacks = callbacks
 
     def __call__(self, report: EpochReport) -> None:
         self.rows.append(report.row())
@@ -81,13 +83,17 @@ class _Progress:
         log.info("epoch %d/%d  train RMSE %.4f%s  lr %.4g  %s ratings/s  ETA %.0fs", report.epoch, self.epochs,
                  report.train_rmse, val, report.lr, _format_rate(report.ratings_per_second), eta,
                  extra={"epoch": report.epoch, "metrics": report.row()})
+        for callback in self.callbacks:
+            callback(report)
 
 
 class Pipeline:
     """The stages of one run directory, run against one executor."""
 
-    def __init__(self, config: Config, executor: Executor, resume: bool = False, force: bool = False) -> None:
+    def __init__(self, config: Config, executor: Executor, resume: bool = False, force: bool = False,
+                 callbacks: Sequence[Callable[[EpochReport], None]] = ()) -> None:
         self.config = config
+        self.callbacks = callbacks
         self.executor = executor
         self.resume = resume
         self.force = force
@@ -207,7 +213,8 @@ class Pipeline:
         def work() -> dict[str, Any]:
             store, checkpoint = self._checkpoints(blocks, upstream)
             progress = _Progress(self.run, self.config.train.epochs,
-                                 [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [])
+                                 [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [],
+                                 self.callbacks)
             result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
                            self.config.train, progress, store, checkpoint, warm)
             info = {"k": self.config.model.k, "use_bias": self.config.model.use_bias, "d": blocks.d,
@@ -271,12 +278,15 @@ def _check_checkpoint_storage(config: Config) -> None:
 
 
 def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, force: bool = False,
-                 report: Path | None = None) -> dict[str, Any] | None:
+                 report: Path | None = None, callbacks: Sequence[Callable[[EpochReport], None]] = (),
+                 executor: Executor | None = None) -> dict[str, Any] | None:
     """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate.
 
     With ``resume``, training continues from the newest valid checkpoint; with
     ``force`` as well, even one written under a different config. ``report``:
-    an HTML file for Dask's performance report of the run.
+    an HTML file for Dask's performance report of the run. ``callbacks`` are
+    called with each epoch's report. ``executor``: run on this one (e.g. a
+    caller's Dask client) instead of opening one from ``config.cluster``.
     """
     # Everything that can be checked without the cluster is checked before it starts.
     if config.data.generate is not None:
@@ -301,14 +311,14 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
         started = time.time()
         pipeline: Pipeline | None = None
         try:
-            with open_executor(config.cluster) as executor, _performance_report(report):
+            with _executor(config, executor) as running, _performance_report(report):
                 update_text(dump_config(config), run.root / "config.yaml")
-                if executor.dashboard_link:
-                    log.info("Dask dashboard: %s", executor.dashboard_link)
-                if config.train.d < executor.total_threads:
+                if running.dashboard_link:
+                    log.info("Dask dashboard: %s", running.dashboard_link)
+                if config.train.d < running.total_threads:
                     log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise "
-                                "train.d", config.train.d, executor.total_threads)
-                pipeline = Pipeline(config, executor, resume, force)
+                                "train.d", config.train.d, running.total_threads)
+                pipeline = Pipeline(config, running, resume, force, callbacks)
                 result = pipeline.run_until(last)
         except BaseException as exc:
             _write_run_manifest(run, config, pipeline, started, exc)
@@ -316,6 +326,15 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
         if pipeline.ran:  # an up-to-date re-run leaves every file, this one too, as it was
             _write_run_manifest(run, config, pipeline, started, None)
         return result
+
+
+@contextlib.contextmanager
+def _executor(config: Config, given: Executor | None) -> Iterator[Executor]:
+    if given is not None:
+        yield given
+        return
+    with open_executor(config.cluster) as executor:
+        yield executor
 
 
 @contextlib.contextmanager

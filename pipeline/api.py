@@ -1,0 +1,213 @@
+"""The Python API: ``FunkSVD`` with the conventions of Surprise, implicit and scikit-learn.
+
+    from pipeline import FunkSVD
+    model = FunkSVD(k=50, epochs=20).fit("ratings.parquet")        # or a table, or a dataset directory
+    model.predict(["u1", "u2"], ["i9", "i3"])
+    model.recommend(["u1"], n=10)
+    model.save("models/today"); FunkSVD.load("models/today")
+
+It runs the same stages as the command line (ingest, block, train, evaluate)
+in a run directory, so everything the CLI guarantees holds here too; the
+fitted factors are then held in memory for predictions.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.config import load_config
+from pipeline.errors import DataError, UsageError
+from pipeline.model import read_model, score_pairs, write_model
+from pipeline.train import EpochReport, Factors
+from tasks.ingest import index_of, read_ids
+
+log = logging.getLogger(__name__)
+
+
+def _as_array(values: Any) -> pa.Array:
+    array = values if isinstance(values, pa.Array | pa.ChunkedArray) else pa.array(list(values))
+    return array.combine_chunks() if isinstance(array, pa.ChunkedArray) else array
+
+
+class FunkSVD:
+    """Biased Funk SVD trained by DSGD.
+
+    Parameters mirror the config's ``model`` and ``train`` keys; ``options``
+    takes any other dotted key (``{"split.method": "per_user"}``).
+    ``callbacks`` are called with each epoch's :class:`EpochReport`.
+    """
+
+    def __init__(self, k: int = 32, epochs: int = 20, lr: float = 0.01, reg: float = 0.05, bias_reg: float = 0.01,
+                 use_bias: bool = True, d: int = 4, seed: int = 0, run_dir: str | Path | None = None,
+                 callbacks: Sequence[Callable[[EpochReport], None]] = (), options: dict[str, Any] | None = None):
+        self.params = {"model.k": k, "train.epochs": epochs, "train.lr": lr, "model.reg": reg,
+                       "model.bias_reg": bias_reg, "model.use_bias": use_bias, "train.d": d, "train.seed": seed}
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.callbacks = callbacks
+        self.options = dict(options or {})
+        self.factors_: Factors | None = None
+        self.info_: dict[str, Any] = {}
+        self.summary_: dict[str, Any] | None = None
+
+    # -- fitting ---------------------------------------------------------------------------------------------
+
+    def _data_overrides(self, data: Any, run_dir: Path) -> list[str]:
+        if isinstance(data, str | Path) or hasattr(data, "root"):
+            source = str(getattr(data, "root", data))
+            fs, path = fsspec.core.url_to_fs(source)
+            if fs.isdir(path) and fs.isfile(f"{path}/dataset.json"):
+                return [f"data.source={source}", "data.format=canonical"]
+            fmt = "parquet" if source.endswith(".parquet") else "csv"
+            return [f"data.source={source}", f"data.format={fmt}"]
+        if not isinstance(data, pa.Table) and hasattr(data, "to_arrow"):  # polars
+            data = data.to_arrow()
+        elif not isinstance(data, pa.Table) and hasattr(data, "columns"):  # pandas
+            data = pa.Table.from_pandas(data, preserve_index=False)
+        if not isinstance(data, pa.Table):
+            raise UsageError(f"fit takes a path or URL, a pandas or pyarrow table, or a dataset; got {type(data)}")
+        missing = {"user", "item", "rating"} - set(data.column_names)
+        if missing:
+            raise DataError(f"the table lacks the columns {', '.join(sorted(missing))} (user, item, rating[, time])")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path = run_dir / "input.parquet"
+        pq.write_table(data, path)
+        low, high = (float(x) for x in (np.nanmin(data["rating"]), np.nanmax(data["rating"])))
+        overrides = [f"data.source={path}", "data.format=parquet", f"data.ingest.rating_scale=[{low}, {high}]"]
+        if "time" in data.column_names:
+            overrides.append("data.ingest.time_col=time")
+        return overrides
+
+    def fit(self, data: Any, client: Any = None) -> FunkSVD:
+        """Train on ``data``: a canonical dataset directory, a rating file or URL (Parquet, or CSV with a
+        ``user,item,rating`` header), a pandas or pyarrow table with those columns, or a ``Dataset``.
+        ``client``: a ``distributed.Client`` to run on; None starts a LocalCluster (or set
+        ``options={"cluster.scheduler": "inprocess"}``)."""
+        from pipeline.cluster import DaskExecutor
+        from pipeline.stages import run_pipeline
+
+        if self.run_dir is None:
+            self.run_dir = Path(tempfile.mkdtemp(prefix="funkflow-"))
+        overrides = [*self._data_overrides(data, self.run_dir), "data.generate=null",
+                     f"output.run_dir={self.run_dir}", *(f"{k}={v}" for k, v in self.params.items()),
+                     *(f"{k}={v}" for k, v in self.options.items())]
+        config = load_config(None, overrides)
+        executor = DaskExecutor(client) if client is not None else None
+        self.summary_ = run_pipeline(config, callbacks=self.callbacks, executor=executor)
+        self._load(self.run_dir / "model")
+        return self
+
+    def _load(self, model_dir: Path) -> None:
+        self.factors_, self.info_ = read_model(model_dir)
+        self.user_ids_ = read_ids(str(model_dir / "users.parquet"))
+        self.item_ids_ = read_ids(str(model_dir / "items.parquet"))
+        self.model_dir_ = model_dir
+
+    def _fitted(self) -> Factors:
+        if self.factors_ is None:
+            raise UsageError("call fit() or FunkSVD.load() first")
+        return self.factors_
+
+    # -- using the model --------------------------------------------------------------------------------------
+
+    def predict(self, users: Any, items: Any) -> np.ndarray:
+        """Predicted ratings of the (user, item) pairs of raw ids; unknown ids fall back to the biases."""
+        factors = self._fitted()
+        u, i = index_of(_as_array(users), self.user_ids_), index_of(_as_array(items), self.item_ids_)
+        scale = tuple(self.info_["rating_scale"]) if self.info_.get("rating_scale") else None
+        return score_pairs(factors, u, i, scale)
+
+    def recommend(self, users: Any, n: int = 10, exclude_seen: bool = True) -> pa.Table:
+        """Top-``n`` items for each raw user id: a table of ``user``, ``rank``, ``item``, ``score``.
+
+        ``exclude_seen`` leaves out what each user rated in training, read from
+        the run's blocks on the workers' code path (:mod:`tasks.recommend`).
+        """
+        from tasks.blocks import load_row_block
+        from tasks.recommend import recommend_row, top_n
+
+        factors = self._fitted()
+        wanted = index_of(_as_array(users), self.user_ids_)
+        if (wanted < 0).any():
+            raise DataError(f"{int((wanted < 0).sum())} of the users are not in the model; fold_in() them first")
+        blocks_dir = self.run_dir / "blocks" if self.run_dir is not None else None
+        if exclude_seen and blocks_dir is not None and (blocks_dir / "blocks.json").is_file() \
+                and not self.info_.get("folded_in"):
+            from pipeline.blocking import open_blocks
+
+            b = open_blocks(blocks_dir)
+            parts = [recommend_row(load_row_block(str(blocks_dir), r, b.d, b.n_users, b.n_items, b.seed),
+                                   str(self.model_dir_), b.n_items, b.d, b.seed, n, np.unique(wanted))
+                     for r in range(b.d)]
+            u, i, s = (np.concatenate(x) for x in zip(*parts))
+        elif exclude_seen:
+            raise UsageError("exclude_seen needs the training data: fit() in this process, or pass "
+                             "exclude_seen=False for a loaded or folded-in model")
+        else:
+            scores = factors.P[np.unique(wanted)] @ factors.Q.T + factors.item_bias[None, :]
+            rows, i = top_n(scores.astype(np.float32), n)
+            u = np.unique(wanted)[rows]
+            s = scores[rows, i] + factors.global_mean + factors.user_bias[u]
+        order = np.lexsort((np.arange(u.shape[0]), u))
+        u, i, s = u[order], i[order], s[order]
+        starts = np.flatnonzero(np.diff(u, prepend=-1))
+        rank = np.arange(u.shape[0]) - np.repeat(starts, np.diff(np.append(starts, u.shape[0]))) + 1
+        return pa.table({"user": self.user_ids_.take(pa.array(u)), "rank": pa.array(rank, pa.int32()),
+                         "item": self.item_ids_.take(pa.array(i)), "score": pa.array(s, pa.float32())})
+
+    def fold_in(self, ratings: Any, side: str = "users") -> FunkSVD:
+        """Add the users (or items) of ``ratings`` (a table with ``user``, ``item``, ``rating``) that the
+        model does not know, from their ratings against the fixed other side; in place."""
+        from pipeline.foldin import fold_in_model
+
+        self._fitted()
+        table = ratings if isinstance(ratings, pa.Table) else pa.Table.from_pandas(ratings, preserve_index=False)
+        factors, info, user_ids, item_ids, _ = fold_in_model(self.model_dir_, table, side)
+        self.factors_, self.info_, self.user_ids_, self.item_ids_ = factors, info, user_ids, item_ids
+        saved = Path(tempfile.mkdtemp(prefix="funkflow-folded-")) / "model"
+        write_model(saved, factors, info, user_ids, item_ids)
+        self.model_dir_ = saved
+        return self
+
+    # -- persistence ------------------------------------------------------------------------------------------
+
+    def save(self, url: str | Path) -> None:
+        """Write the model (npy, Parquet, JSON; no pickle) to a directory or fsspec URL."""
+        factors = self._fitted()
+        fs, path = fsspec.core.url_to_fs(str(url))
+        if "file" in fs.protocol or fs.protocol == "local":
+            write_model(Path(path), factors, self.info_, self.user_ids_, self.item_ids_)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            write_model(Path(tmp) / "model", factors, self.info_, self.user_ids_, self.item_ids_)
+            fs.put(str(Path(tmp) / "model") + "/", path, recursive=True)
+
+    @classmethod
+    def load(cls, url: str | Path) -> FunkSVD:
+        """A model written by :meth:`save` (or a run's ``model/``); a file holding a pickle is refused."""
+        fs, path = fsspec.core.url_to_fs(str(url))
+        if "file" in fs.protocol or fs.protocol == "local":
+            local, keep = Path(path), None
+        else:
+            keep = tempfile.TemporaryDirectory()
+            fs.get(path + "/", keep.name, recursive=True)
+            local = Path(keep.name)
+        try:
+            model = cls()
+            model._load(local)
+        except ValueError as exc:
+            if "pickle" in str(exc):
+                raise DataError(f"{url}: refusing to load a file that holds a pickle") from None
+            raise
+        cfg = model.info_.get("config", {})
+        model.params.update({f"model.{k}": v for k, v in cfg.get("model", {}).items() if f"model.{k}" in model.params})
+        model._keep = keep  # a remote model's local copy lives as long as the model
+        return model

@@ -1,0 +1,88 @@
+"""The Python API: fit on a table, predict, recommend, fold in, save and load (no pickle)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import FunkSVD
+from pipeline.errors import DataError
+from pipeline.model import read_model
+
+
+def _table(seed: int = 0, n_users: int = 200, n_items: int = 60) -> pa.Table:
+    rng = np.random.default_rng(seed)
+    P, Q = rng.normal(0, 0.5, (n_users, 3)), rng.normal(0, 0.5, (n_items, 3))
+    users, items = np.nonzero(rng.random((n_users, n_items)) < 0.3)
+    ratings = np.clip(np.rint(3.2 + np.einsum("nk,nk->n", P[users], Q[items]) + rng.normal(0, 0.3, users.shape[0])),
+                      1, 5)
+    return pa.table({"user": [f"u{u}" for u in users], "item": [f"i{i}" for i in items], "rating": ratings})
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> FunkSVD:
+    seen = []
+    model = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path_factory.mktemp("api") / "run", callbacks=[seen.append],
+                    options={"cluster.scheduler": "inprocess"})
+    model.fit(_table())
+    model.epochs_seen = [report.epoch for report in seen]
+    return model
+
+
+def test_fit_runs_the_pipeline_and_calls_back_each_epoch(fitted):
+    assert fitted.epochs_seen == [1, 2, 3, 4, 5, 6]
+    assert fitted.summary_["test_rmse"] < fitted.summary_["baselines"]["global_mean"]["rmse"]
+
+
+def test_predict_is_the_models_formula_with_fallbacks(fitted):
+    factors, info = read_model(fitted.run_dir / "model")
+    users = pq.read_table(fitted.run_dir / "model" / "users.parquet")["id"].to_pylist()
+    items = pq.read_table(fitted.run_dir / "model" / "items.parquet")["id"].to_pylist()
+    u, i = users.index("u7"), items.index("i3")
+    got = fitted.predict(["u7", "nobody", "u7"], ["i3", "i3", "nothing"])
+    expected = [factors.global_mean + factors.user_bias[u] + factors.item_bias[i] + factors.P[u] @ factors.Q[i],
+                factors.global_mean + factors.item_bias[i], factors.global_mean + factors.user_bias[u]]
+    np.testing.assert_allclose(got, np.clip(expected, 1, 5), rtol=1e-5)
+
+
+def test_recommend_leaves_out_what_the_user_rated(fitted):
+    top = fitted.recommend(["u1", "u2"], n=5).to_pylist()
+    rated = {(r["user"], r["item"]) for r in _table().to_pylist()}
+    assert [r["rank"] for r in top] == [1, 2, 3, 4, 5] * 2
+    # Only test-split ratings may show up: training and validation ones are excluded.
+    blocks_rated = sum((r["user"], r["item"]) in rated for r in top)
+    assert blocks_rated <= 2
+    scores = [r["score"] for r in top[:5]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_save_then_load_predicts_identically_and_a_pickle_is_refused(fitted, tmp_path):
+    fitted.save(tmp_path / "saved")
+    loaded = FunkSVD.load(tmp_path / "saved")
+    users, items = ["u1", "u5", "x"], ["i2", "i9", "i1"]
+    np.testing.assert_array_equal(loaded.predict(users, items), fitted.predict(users, items))
+    np.save(tmp_path / "saved" / "P.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="refusing to load a file that holds a pickle"):
+        FunkSVD.load(tmp_path / "saved")
+
+
+def test_fold_in_a_new_user(fitted, tmp_path):
+    model = FunkSVD.load(fitted.run_dir / "model")
+    ratings = pa.table({"user": ["newbie"] * 6, "item": [f"i{j}" for j in range(6)],
+                        "rating": [5.0, 5.0, 4.0, 1.0, 1.0, 2.0]})
+    before = model.predict(["newbie"], ["i0"])[0]
+    model.fold_in(ratings)
+    after = model.predict(["newbie", "newbie"], ["i0", "i3"])
+    assert after[0] != before and after[0] > after[1]  # likes what it rated high
+    assert model.recommend(["newbie"], n=3, exclude_seen=False).num_rows == 3
+
+
+def test_fit_on_a_callers_client_gives_the_in_process_bits(fitted, local_cluster, tmp_path):
+    from distributed import Client
+
+    with Client(local_cluster) as client:
+        on_cluster = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run").fit(_table(), client=client)
+    np.testing.assert_array_equal(on_cluster.factors_.P, fitted.factors_.P)
+    np.testing.assert_array_equal(on_cluster.factors_.Q, fitted.factors_.Q)
