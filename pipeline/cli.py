@@ -22,6 +22,7 @@ from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
 from pipeline.predict import predict
 from pipeline.recommend import recommend
+from pipeline.report import report as write_report
 from pipeline.stages import run_pipeline, synthetic_spec
 from tasks.ingest import DUPLICATE_POLICIES
 
@@ -122,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/model")
     fold.add_argument("--side", choices=("users", "items"), default="users")
     fold.add_argument("--rating-scale", metavar="MIN,MAX", help="valid ratings (default: the model's)")
+
+    rep = verbs.add_parser("report", help="learning curves (PNG) and a self-contained HTML page of a run",
+                           description="Write learning_curves.png and report.html (summary, curves, config).")
+    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rep.add_argument("--out", type=Path, metavar="DIR", help="where to write them (default: RUN_DIR)")
     return parser
 
 
@@ -206,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "ingest":
             _ingest(args)
+            return EXIT_OK
+        if args.verb == "report":
+            png, page = write_report(args.run_dir, args.out)
+            print(f"{png}\n{page}")
             return EXIT_OK
         if args.verb == "fold-in":
             report = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
