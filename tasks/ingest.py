@@ -115,13 +115,22 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
         return [Chunk(source)]
     netflix = source.layout.kind.startswith("netflix")
     chunks: list[Chunk] = []
-    start, first_line, context = 0, 1, None
+    # ``opened``: the header above the chunk being cut; ``seen``: the last header read so far.
+    start, first_line, opened, seen = 0, 1, None, None
     offset = 0
     for data, lines_before in read_pieces(source.url, 0, None, PIECE_BYTES):
         if netflix:
             raw, bad = parse.split_lines(data)
             header = parse.header_mask(parse.strip_lines(raw), bad, source.layout.kind == "netflix_pairs")
             line_starts = np.concatenate(([0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10)[:-1] + 1))
+
+            def header_before(position: int) -> tuple[str, int] | None:
+                above = np.flatnonzero(header[: np.searchsorted(line_starts, position)])
+                if not above.shape[0]:
+                    return seen  # none in this piece before it: the last of the earlier pieces
+                h = int(above[-1])
+                return parse.strip_lines(raw[h:h + 1])[0].as_py(), lines_before + h + 1
+
         # Boundaries inside this piece: the first line start at or after each multiple of chunk_bytes.
         while offset + len(data) > start + chunk_bytes:
             target = start + chunk_bytes - offset
@@ -129,24 +138,13 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
             if nl < 0 or nl + 1 >= len(data):
                 break
             boundary = nl + 1
-            line = lines_before + data.count(b"\n", 0, boundary) + 1
-            if netflix:
-                above = np.flatnonzero(header[: np.searchsorted(line_starts, boundary)])
-                if above.shape[0]:
-                    h = int(above[-1])
-                    context_here = (parse.strip_lines(raw[h:h + 1])[0].as_py(), lines_before + h + 1)
-                else:
-                    context_here = context
-            chunks.append(Chunk(source, start, offset + boundary, first_line, context))
-            start, first_line = offset + boundary, line
-            context = context_here if netflix else None
+            chunks.append(Chunk(source, start, offset + boundary, first_line, opened))
+            start, first_line = offset + boundary, lines_before + data.count(b"\n", 0, boundary) + 1
+            opened = header_before(boundary) if netflix else None
         if netflix:
-            last = np.flatnonzero(header)
-            if last.shape[0]:
-                h = int(last[-1])
-                context = (parse.strip_lines(raw[h:h + 1])[0].as_py(), lines_before + h + 1)
+            seen = header_before(len(data))
         offset += len(data)
-    chunks.append(Chunk(source, start, None, first_line, context))
+    chunks.append(Chunk(source, start, None, first_line, opened))
     return chunks
 
 

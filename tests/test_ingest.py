@@ -62,21 +62,30 @@ def test_netflix_training_files_in_a_directory(tmp_path):
     assert pq.read_table(tmp_path / "out" / "users.parquet")["id"].to_pylist() == [30878, 822109, 1488844]
 
 
-def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path):
+@pytest.mark.parametrize("chunk_bytes", [97, 1000, 7000, 20000])
+def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path, chunk_bytes, monkeypatch):
+    """Chunks (and the pieces a scan reads) may start anywhere in a section: their rows keep their movie."""
+    import tasks.ingest
+
     rng = np.random.default_rng(3)
     sections = []
     for movie in range(1, 41):
-        users = rng.choice(5000, size=rng.integers(1, 30), replace=False) + 1
+        users = rng.choice(5000, size=rng.integers(1, 60), replace=False) + 1
         sections.append(f"{movie}:\n" + "".join(f"{u},{rng.integers(1, 6)},2005-0{rng.integers(1, 10)}-1{rng.integers(0, 10)}\n"
                                                 for u in users))
-    (tmp_path / "combined_data_1.txt").write_text("".join(sections))
+    text = "".join(sections)
+    (tmp_path / "combined_data_1.txt").write_text(text)
+    expected = sorted(((int(line.split(",")[0]), movie, float(line.split(",")[1])) for movie, section in
+                       enumerate(sections, start=1) for line in section.splitlines()[1:]), key=repr)
     executor = InProcessExecutor()
     whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix"), tmp_path / "whole")
-    cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix", chunk_bytes=97),
-                 tmp_path / "cut")
-    assert _ratings(tmp_path / "whole") == _ratings(tmp_path / "cut")
+    monkeypatch.setattr(tasks.ingest, "PIECE_BYTES", 3000)  # scans and parses read several pieces
+    cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")],
+                 IngestOptions(format="netflix", chunk_bytes=chunk_bytes), tmp_path / "cut")
+    for dataset in (whole, cut):
+        assert sorted(((u, i, r) for u, i, r, _ in _ratings(dataset.root)), key=repr) == expected
+        assert dataset.meta["duplicates"]["pairs"] == 0
     assert whole.fingerprint == cut.fingerprint
-    assert whole.n_items == 40
 
 
 @pytest.mark.parametrize("name,text,scale", [
@@ -353,3 +362,16 @@ def test_run_ingests_raw_files_as_a_stage_and_only_again_when_they_change(tmp_pa
     assert "ingest: up to date" in caplog.text
     (tmp_path / "ratings.csv").write_text("\n".join(lines[:-15]) + "\n")
     assert run_pipeline(load_config(None, sets))["n_ratings"] == 118 * 15
+
+
+def test_typed_parquet_rejects_like_text(tmp_path):
+    """Integer ids and float ratings are checked as numbers; the reasons are those of the text path."""
+    table = pa.table({"user": pa.array([1, None, 3, 4, 5], pa.int64()), "item": pa.array([7, 7, 7, 7, 7], pa.int32()),
+                      "rating": pa.array([4.0, 3.0, float("nan"), 9.0, None]),
+                      "time": pa.array([10, 11, 12, 13, 14], pa.int64())})
+    pq.write_table(table, tmp_path / "r.parquet")
+    assert _run(tmp_path, [tmp_path / "r.parquet"], "parquet", "--rating-scale", "1,5", "--time-col", "time",
+                "--rejects", str(tmp_path / "bad.csv")) == 0
+    assert _ratings(tmp_path / "out") == [(1, 7, 4.0, 10)]
+    rejects = [(r["line"], r["reason"]) for r in pacsv.read_csv(tmp_path / "bad.csv").to_pylist()]
+    assert rejects == [(2, "missing_field"), (3, "rating_nan"), (4, "rating_out_of_scale"), (5, "missing_field")]
