@@ -20,6 +20,7 @@ from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.foldin import fold_in_run
 from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
+from pipeline.plan import Plan, calibrate
 from pipeline.predict import predict
 from pipeline.recommend import recommend
 from pipeline.report import report as write_report
@@ -128,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Write learning_curves.png and report.html (summary, curves, config).")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
     rep.add_argument("--out", type=Path, metavar="DIR", help="where to write them (default: RUN_DIR)")
+
+    plan = verbs.add_parser("plan", help="memory per worker, bytes moved and epoch time for a given problem",
+                            description="Size a cluster: memory per worker, bytes moved per epoch and an "
+                                        "estimated epoch time from this machine's measured kernel throughput.")
+    plan.add_argument("--ratings", type=float, required=True, help="number of ratings (1e10 is fine)")
+    plan.add_argument("--users", type=float, required=True)
+    plan.add_argument("--items", type=float, required=True)
+    plan.add_argument("--k", type=int, default=50)
+    plan.add_argument("--d", type=int, default=4)
+    plan.add_argument("--workers", type=int, default=2)
+    plan.add_argument("--threads-per-worker", type=int, default=1)
+    plan.add_argument("--train-fraction", type=float, default=0.85)
+    plan.add_argument("--rate", type=float, help="kernel ratings/s per thread (default: measure it here)")
     return parser
 
 
@@ -212,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "ingest":
             _ingest(args)
+            return EXIT_OK
+        if args.verb == "plan":
+            rate = args.rate or calibrate(args.k)
+            sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, args.d, args.workers,
+                         args.threads_per_worker, args.train_fraction, rate)
+            for label, value in sized.rows():
+                print(f"{label:<40} {value}")
             return EXIT_OK
         if args.verb == "report":
             png, page = write_report(args.run_dir, args.out)

@@ -504,12 +504,65 @@ def _as_text(column: pa.ChunkedArray, name: str) -> pa.Array:
     return pc.fill_null(pc.cast(column, pa.large_string()), "")
 
 
+def _numeric_table(table: pa.Table, columns: dict[str, str], first_row: int, scale: tuple[float, float]) -> Parsed:
+    """:func:`parse_table` for integer ids, numeric ratings and integer or timestamp times, without text."""
+    n = table.num_rows
+    line_no = np.arange(first_row, first_row + n, dtype=np.int64)
+    keep = np.ones(n, dtype=bool)
+    reasons: list[tuple[np.ndarray, str, str]] = []
+
+    def fail(mask: np.ndarray, why: str, detail: str) -> None:
+        reasons.append((mask & keep, why, detail))
+        keep[mask] = False
+
+    ids = {}
+    for role in ("user", "item"):
+        column = table[columns[role]].combine_chunks()
+        fail(~column.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, f"missing {role} id")
+        ids[role] = pc.cast(pc.fill_null(column, 0), pa.int64()).to_numpy()
+    if "rating" in columns:
+        rating = table[columns["rating"]].combine_chunks()
+        fail(~rating.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, "missing rating")
+        ratings = pc.cast(pc.fill_null(rating, 0), pa.float64()).to_numpy()
+        fail(np.isnan(ratings), RATING_NAN, "rating is NaN")
+        fail(~((ratings >= scale[0]) & (ratings <= scale[1])), RATING_OUT_OF_SCALE,
+             f"rating outside [{scale[0]:g}, {scale[1]:g}]")
+        ratings = ratings.astype(np.float32)
+    else:
+        ratings = np.full(n, np.nan, dtype=np.float32)
+    times = None
+    if "time" in columns:
+        time = table[columns["time"]].combine_chunks()
+        if pa.types.is_timestamp(time.type) or pa.types.is_date(time.type):
+            time = pc.cast(pc.cast(time, pa.timestamp("s")), pa.int64())
+        fail(~time.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, "missing time")
+        times = pc.cast(pc.fill_null(time, 0), pa.int64())
+    rejects = _Rejects()
+    for mask, why, detail in reasons:
+        for i in np.flatnonzero(mask):
+            values = ",".join("" if not table[name][int(i)].is_valid else str(table[name][int(i)].as_py())
+                              for name in columns.values())
+            rejects.add(int(line_no[i]), why, detail, values)
+    take = pa.array(keep)
+    rows = _rows(pa.array(ids["user"][keep]), pa.array(ids["item"][keep]), ratings[keep],
+                 None if times is None else pc.filter(times, take), line_no[keep])
+    return _finish(rows, rejects)
+
+
 def parse_table(table: pa.Table, columns: dict[str, str], first_row: int, scale: tuple[float, float]) -> Parsed:
     """Check the rows of a Parquet table (``columns``: role → column name) as text lines would be.
 
-    Values go through their text form, so a Parquet file and a CSV file of the
-    same ratings are accepted and rejected alike; ``line`` is the row number.
+    Values of other types go through their text form, so a Parquet file and a
+    CSV file of the same ratings are accepted and rejected alike; integer ids
+    with numeric ratings (a typical export) are checked as numbers, faster.
+    ``line`` is the row number.
     """
+    kinds = {role: table.schema.field(name).type for role, name in columns.items()}
+    if (all(pa.types.is_integer(kinds[role]) for role in ("user", "item"))
+            and ("rating" not in kinds or pa.types.is_integer(kinds["rating"]) or pa.types.is_floating(kinds["rating"]))
+            and ("time" not in kinds or pa.types.is_integer(kinds["time"]) or pa.types.is_timestamp(kinds["time"])
+                 or pa.types.is_date(kinds["time"]))):
+        return _numeric_table(table, columns, first_row, scale)
     text = {role: _as_text(table[name], name) for role, name in columns.items()}
     n = table.num_rows
     line_no = np.arange(first_row, first_row + n, dtype=np.int64)

@@ -1,0 +1,111 @@
+"""``funkflow plan``: size a cluster before renting it.
+
+For a number of ratings, users and items, k, d and workers it prints the
+memory each worker needs (its rating blocks, its user factors, the item
+factors in flight), the bytes that move per epoch (item factors between
+workers, a checkpoint to storage) and an estimated epoch time from the SGD
+kernel's throughput measured on this machine (a two-second calibration; pass
+``--rate`` to use a figure measured elsewhere). The model behind it:
+
+    epoch ≈ train ratings / (rate × min(workers × threads, d) × balance)
+            + d² × per-task overhead + a validation pass at 4× the SGD rate
+
+where ``balance`` is the mean over the max of the d blocks a stratum runs in
+parallel (DSGD waits for its slowest block).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
+LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
+TASK_OVERHEAD_S = 0.004      # scheduler + hand-off per block task, measured on a LocalCluster
+BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
+
+
+@dataclass(frozen=True)
+class Plan:
+    ratings: int
+    users: int
+    items: int
+    k: int
+    d: int
+    workers: int
+    threads: int
+    train_fraction: float
+    rate: float              # SGD ratings per second per thread at this k
+
+    @property
+    def parallel(self) -> int:
+        return min(self.workers * self.threads, self.d)
+
+    def rows(self) -> list[tuple[str, str]]:
+        state = (self.k + 1) * 4
+        blocks_per_worker = math.ceil(self.d / self.workers)
+        ratings_bytes = self.ratings / self.d * blocks_per_worker * BYTES_PER_RATING
+        users_bytes = self.users / self.d * blocks_per_worker * state * 2       # old and new copy per update
+        items_bytes = self.items / self.d * state * 2 * self.threads             # a block and its copy per thread
+        moved = self.d * self.items * state * (self.workers - 1) / self.workers if self.workers > 1 else 0
+        checkpoint = (self.users + self.items) * state
+        sgd, overhead, validation = self.epoch_parts()
+        return [
+            ("ratings per worker (loaded blocks)", _bytes(ratings_bytes)),
+            ("  peak while a row block loads", _bytes(ratings_bytes + self.ratings / self.d * BYTES_PER_RATING
+                                                      * (LOAD_PEAK - 1))),
+            ("user factors per worker", _bytes(users_bytes)),
+            ("item factors in flight per worker", _bytes(items_bytes)),
+            ("item factors moved per epoch", _bytes(moved)),
+            ("checkpoint per epoch", _bytes(checkpoint)),
+            ("kernel rate per thread (this machine)", f"{self.rate / 1e6:.1f}M ratings/s"),
+            ("parallel block tasks", f"{self.parallel} (d={self.d}, {self.workers}×{self.threads} threads)"),
+            ("estimated epoch time",
+             f"{sgd + overhead + validation:.2f} s (SGD {sgd:.2f}, tasks {overhead:.2f}, validation {validation:.2f})"),
+        ]
+
+    def epoch_parts(self) -> tuple[float, float, float]:
+        """Estimated seconds of an epoch's SGD, task overhead and validation pass."""
+        sgd = self.ratings * self.train_fraction / (self.rate * self.parallel * BALANCE)
+        overhead = self.d * self.d * TASK_OVERHEAD_S * (1 if self.workers > 1 else 0.5)
+        validation = self.ratings * (1 - self.train_fraction) / (4 * self.rate * self.parallel)
+        return sgd, overhead, validation
+
+    def epoch_seconds(self) -> float:
+        return sum(self.epoch_parts())
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:,.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def calibrate(k: int, seconds: float = 2.0) -> float:
+    """This machine's SGD ratings per second per thread at ``k`` (runs of 32 users, as training does)."""
+    from tasks import kernels
+
+    rng = np.random.default_rng(0)
+    n, n_users, n_items = 1_000_000, 20_000, 4_000
+    users = np.sort(rng.integers(0, n_users, n)).astype(np.int32)
+    items = rng.integers(0, n_items, n).astype(np.int32)
+    ratings = rng.integers(1, 6, n).astype(np.float32)
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(users)) + 1))[::32]
+    run_starts = np.append(starts, n).astype(np.int64)
+    run_order = rng.permutation(run_starts.shape[0] - 1).astype(np.int64)
+    P = rng.normal(0, 0.1, (n_users, k)).astype(np.float32)
+    Q = rng.normal(0, 0.1, (n_items, k)).astype(np.float32)
+    bu, bi = np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
+    args = (users, items, ratings, run_starts, run_order, P, Q, bu, bi, np.float32(3.6), np.float32(0.005),
+            np.float32(0.05), np.float32(0.01))
+    kernels.sgd_block_biased(*args)  # compile, or load the cache
+    done, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        kernels.sgd_block_biased(*args)
+        done += n
+    return done / (time.perf_counter() - began)

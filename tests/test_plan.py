@@ -1,0 +1,32 @@
+"""funkflow plan: the sizing arithmetic, the calibration, the command."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.cli import main
+from pipeline.plan import BALANCE, Plan, calibrate
+
+
+def test_plan_arithmetic_for_netflix_on_two_workers():
+    plan = Plan(ratings=100_000_000, users=480_000, items=17_770, k=49, d=4, workers=2, threads=1,
+                train_fraction=0.85, rate=20e6)
+    rows = dict(plan.rows())
+    assert rows["ratings per worker (loaded blocks)"] == "572.2 MiB"        # 2 of 4 blocks × 25M × 12 B
+    assert rows["user factors per worker"] == "91.6 MiB"                    # 240k users × 50 floats × 2 copies
+    assert rows["item factors moved per epoch"] == "6.8 MiB"                # d × 17,770 × 200 B × 1/2
+    sgd, overhead, validation = plan.epoch_parts()
+    assert sgd == pytest.approx(85e6 / (20e6 * 2 * BALANCE))
+    assert validation == pytest.approx(15e6 / (4 * 20e6 * 2))
+    assert plan.epoch_seconds() == pytest.approx(sgd + overhead + validation)
+
+
+def test_calibration_measures_a_plausible_rate():
+    assert 1e5 < calibrate(8, seconds=0.2) < 1e10
+
+
+def test_plan_command_prints_the_estimate(capsys):
+    assert main(["plan", "--ratings", "1e10", "--users", "5e7", "--items", "1e6", "--k", "64", "--d", "64",
+                 "--workers", "32", "--rate", "2e7"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated epoch time" in out and "parallel block tasks" in out and "32 (d=64, 32×1 threads)" in out
