@@ -23,6 +23,7 @@ TINY = ["--scale", "0.0005"]
     ("bench_scheduler_memory.py", ["--epochs", "2"], "| 2 |"),
     ("bench_checkpoint.py", [*TINY, "--epochs", "2"], "| 2 |"),
     ("bench_warm_start.py", ["--epochs", "2", "--upto", "1"], "| 1 |"),
+    ("bench_peers.py", [*TINY, "--epochs", "2", "--threads", "1", "--peers", "funkflow", "LIBMF"], "| funkflow |"),
 ])
 def test_benchmark_script_runs_at_tiny_scale(script, args, row, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPTS / script), "--cache", str(tmp_path), *args],

@@ -1,0 +1,181 @@
+"""funkflow against its peers on one data set, one split, the same k, epochs and threads, in one run.
+
+Peers, each where installed (``pip install 'funkflow[bench]'``; Spark also needs Java):
+LIBMF (PyPI ``libmf``), Surprise's SVD (``scikit-surprise``) and Spark ALS
+(``pyspark``, ``local[threads]``). A peer that is not installed is reported as
+such. Each runs in its own process, whose process tree is sampled for its peak
+RSS. The table gives the epoch time, training ratings per second, test RMSE on
+the same test ratings, the training time if the final model is within 2% of
+the floor (the synthetic data's best possible RMSE), the peak RSS, and each
+peer's epoch time over funkflow's measured in the same run.
+
+    python scripts/bench_peers.py [--scale 0.1] [--k 32] [--epochs 10] [--threads 2] [--out peers.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from _bench_data import dataset_at
+from bench_libmf import split_arrays, time_funkflow, time_libmf
+from peak_rss import _tree_rss
+
+PEERS = {"funkflow": "pipeline", "LIBMF": "libmf", "Surprise": "surprise", "Spark ALS": "pyspark"}
+PIP_NAMES = {"LIBMF": "libmf", "Surprise": "scikit-surprise", "Spark ALS": "pyspark"}
+
+
+def _arrays(cache: Path, scale: float) -> tuple[np.ndarray, np.ndarray]:
+    train_file, test_file = cache / f"peers-{scale:g}-train.npy", cache / f"peers-{scale:g}-test.npy"
+    if not train_file.exists():
+        train, test = split_arrays(dataset_at(scale, cache))
+        np.save(train_file, train, allow_pickle=False)
+        np.save(test_file, test, allow_pickle=False)
+    return np.load(train_file, allow_pickle=False), np.load(test_file, allow_pickle=False)
+
+
+def _rmse(predicted: np.ndarray, actual: np.ndarray) -> float:
+    return float(np.sqrt(np.mean((np.clip(predicted, 1, 5) - actual) ** 2)))
+
+
+def time_surprise(train: np.ndarray, test: np.ndarray, k: int, epochs: int) -> dict:
+    import pandas as pd
+    from surprise import SVD, Dataset, Reader
+
+    frame = pd.DataFrame({"user": train[:, 0].astype(np.int64), "item": train[:, 1].astype(np.int64),
+                          "rating": train[:, 2]})
+    trainset = Dataset.load_from_df(frame, Reader(rating_scale=(1, 5))).build_full_trainset()
+    algo = SVD(n_factors=k, n_epochs=epochs, lr_all=0.005, reg_all=0.05, random_state=0)
+    began = time.perf_counter()
+    algo.fit(trainset)
+    seconds = time.perf_counter() - began
+    users = {raw: inner for raw, inner in trainset._raw2inner_id_users.items()}
+    items = {raw: inner for raw, inner in trainset._raw2inner_id_items.items()}
+    u = np.array([users.get(int(x), -1) for x in test[:, 0]])
+    i = np.array([items.get(int(x), -1) for x in test[:, 1]])
+    predicted = np.full(test.shape[0], trainset.global_mean)
+    predicted[u >= 0] += algo.bu[u[u >= 0]]
+    predicted[i >= 0] += algo.bi[i[i >= 0]]
+    both = (u >= 0) & (i >= 0)
+    predicted[both] += np.einsum("nk,nk->n", algo.pu[u[both]], algo.qi[i[both]])
+    return {"epoch_seconds": seconds / epochs, "test_rmse": _rmse(predicted, test[:, 2])}
+
+
+def time_spark(train: np.ndarray, test: np.ndarray, k: int, epochs: int, threads: int, cache: Path) -> dict:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyspark.ml.recommendation import ALS
+    from pyspark.sql import SparkSession
+
+    for name, rows in (("train", train), ("test", test)):
+        pq.write_table(pa.table({"user": rows[:, 0].astype(np.int32), "item": rows[:, 1].astype(np.int32),
+                                 "rating": rows[:, 2]}), cache / f"spark-{name}.parquet")
+    spark = (SparkSession.builder.master(f"local[{threads}]").config("spark.driver.memory", "8g")
+             .config("spark.ui.enabled", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    spark.sparkContext.setCheckpointDir(str(cache / "spark-checkpoints"))
+    train_df = spark.read.parquet(str(cache / "spark-train.parquet")).cache()
+    train_df.count()
+    als = ALS(rank=k, maxIter=epochs, regParam=0.05, userCol="user", itemCol="item", ratingCol="rating",
+              coldStartStrategy="nan", seed=0)
+    began = time.perf_counter()
+    model = als.fit(train_df)
+    model.userFactors.count()
+    seconds = time.perf_counter() - began
+    scored = model.transform(spark.read.parquet(str(cache / "spark-test.parquet"))).toPandas()
+    spark.stop()
+    predicted = scored["prediction"].fillna(float(train[:, 2].mean())).to_numpy()
+    return {"epoch_seconds": seconds / epochs, "test_rmse": _rmse(predicted, scored["rating"].to_numpy())}
+
+
+def run_one(peer: str, args: argparse.Namespace) -> dict:
+    if peer == "funkflow":
+        result = time_funkflow(dataset_at(args.scale, args.cache), args.cache, args.k, args.epochs, args.threads,
+                               args.threads)
+        return {k: result[k] for k in ("epoch_seconds", "test_rmse", "floor_rmse")}
+    train, test = _arrays(args.cache, args.scale)
+    if peer == "LIBMF":
+        return time_libmf(train, test, args.k, args.epochs, args.threads)
+    if peer == "Surprise":
+        return time_surprise(train, test, args.k, args.epochs)  # Surprise is single-threaded
+    return time_spark(train, test, args.k, args.epochs, args.threads, args.cache)
+
+
+def _measured(peer: str, args: argparse.Namespace) -> dict:
+    """Run one peer in a child process; its JSON result plus the peak RSS of its process tree."""
+    command = [sys.executable, __file__, "--run", peer, "--scale", str(args.scale), "--k", str(args.k),
+               "--epochs", str(args.epochs), "--threads", str(args.threads), "--cache", str(args.cache)]
+    log_file = args.cache / f"peers-{peer.replace(' ', '_')}.log"
+    with open(log_file, "w") as log:
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        peak = 0
+        while child.poll() is None:
+            peak = max(peak, sum(_tree_rss(child.pid)))
+            time.sleep(0.2)
+        out = child.stdout.read()
+    if child.returncode != 0:
+        return {"error": f"failed (exit {child.returncode}; see {log_file})"}
+    return {**json.loads(out.strip().splitlines()[-1]), "peak_rss": peak}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=list(PEERS))
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/funkflow-bench"))
+    parser.add_argument("--run", choices=list(PEERS), help=argparse.SUPPRESS)  # the child's side
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.run:
+        print(json.dumps(run_one(args.run, args)))
+        return
+
+    dataset = dataset_at(args.scale, args.cache)
+    n_train = _arrays(args.cache, args.scale)[0].shape[0]
+    results = {}
+    for peer in args.peers:
+        installed = importlib.util.find_spec(PEERS[peer]) is not None
+        if peer == "Spark ALS" and installed and shutil.which("java") is None:
+            results[peer] = {"error": "not runnable: no java on PATH"}
+        elif not installed:
+            results[peer] = {"error": f"not installed (pip install {PIP_NAMES[peer]})"}
+        else:
+            results[peer] = _measured(peer, args)
+    ours = results["funkflow"]
+    floor = ours.get("floor_rmse")
+    lines = [f"scale {args.scale:g} ({dataset.n_ratings:,} ratings, {n_train:,} for training), k={args.k}, "
+             f"{args.epochs} epochs, {args.threads} threads; one run",
+             "", "| | epoch s | train ratings/s | test RMSE | within 2% of floor | peak RSS | epoch time / funkflow's |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for peer, r in results.items():
+        if "error" in r:
+            lines.append(f"| {peer} | {r['error']} | | | | | |")
+            continue
+        reached = (f"{r['epoch_seconds'] * args.epochs:.1f} s" if floor and r["test_rmse"] <= 1.02 * floor
+                   else f"not after {args.epochs} epochs")
+        ratio = f"{r['epoch_seconds'] / ours['epoch_seconds']:.2f}" if "epoch_seconds" in ours else "-"
+        lines.append(f"| {peer} | {r['epoch_seconds']:.3f} | {n_train / r['epoch_seconds']:,.0f} | "
+                     f"{r['test_rmse']:.4f} | {reached} | {r['peak_rss'] / 1024**3:.2f} GiB | {ratio} |")
+    if floor:
+        lines.append(f"\nfloor (RMSE of the true expected rating on the test ratings): {floor:.4f}")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
