@@ -131,6 +131,7 @@ class FunkSVD:
         ``exclude_seen`` leaves out what each user rated in training, read from
         the run's blocks on the workers' code path (:mod:`tasks.recommend`).
         """
+        from pipeline.recommend import recommendation_table
         from tasks.blocks import load_row_block
         from tasks.recommend import recommend_row, top_n
 
@@ -156,12 +157,7 @@ class FunkSVD:
             rows, i = top_n(scores.astype(np.float32), n)
             u = np.unique(wanted)[rows]
             s = scores[rows, i] + factors.global_mean + factors.user_bias[u]
-        order = np.lexsort((np.arange(u.shape[0]), u))
-        u, i, s = u[order], i[order], s[order]
-        starts = np.flatnonzero(np.diff(u, prepend=-1))
-        rank = np.arange(u.shape[0]) - np.repeat(starts, np.diff(np.append(starts, u.shape[0]))) + 1
-        return pa.table({"user": self.user_ids_.take(pa.array(u)), "rank": pa.array(rank, pa.int32()),
-                         "item": self.item_ids_.take(pa.array(i)), "score": pa.array(s, pa.float32())})
+        return recommendation_table(u, i, s, self.user_ids_, self.item_ids_)
 
     def fold_in(self, ratings: Any, side: str = "users") -> FunkSVD:
         """Add the users (or items) of ``ratings`` (a table with ``user``, ``item``, ``rating``) that the

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.blocking import open_blocks
@@ -24,7 +25,7 @@ from pipeline.errors import DataError, UsageError
 from pipeline.train import BlockPlacement
 from tasks.ingest import index_of, read_ids
 from tasks.io import write_parquet
-from tasks.recommend import recommend_row
+from tasks.recommend import positions_in_runs, recommend_row
 
 log = logging.getLogger(__name__)
 
@@ -82,17 +83,20 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
                    for r in range(blocks.d)]
         parts = executor.gather(futures)
     seconds = time.perf_counter() - began
-    u = np.concatenate([p[0] for p in parts])
-    i = np.concatenate([p[1] for p in parts])
-    s = np.concatenate([p[2] for p in parts])
-    order = np.lexsort((np.arange(u.shape[0]), u))  # by user index; each user's list stays best first
-    u, i, s = u[order], i[order], s[order]
-    starts = np.flatnonzero(np.diff(u, prepend=-1))
-    rank = np.arange(u.shape[0]) - np.repeat(starts, np.diff(np.append(starts, u.shape[0]))) + 1
-    table = pa.table({"user": user_ids.take(pa.array(u)), "rank": pa.array(rank, pa.int32()),
-                      "item": item_ids.take(pa.array(i)), "score": pa.array(s, pa.float32())})
+    table = recommendation_table(*(np.concatenate(x) for x in zip(*parts)), user_ids, item_ids)
     write_parquet(table, out)
     if unknown:
         log.warning("%s user ids in %s are not in the model; fold them in first (funkflow fold-in)",
                     f"{unknown:,}", users)
-    return RecommendReport(int(starts.shape[0]), int(u.shape[0]), unknown, seconds, out)
+    return RecommendReport(len(pc.unique(table["user"])), table.num_rows, unknown, seconds, out)
+
+
+def recommendation_table(users: np.ndarray, items: np.ndarray, scores: np.ndarray, user_ids: pa.Array,
+                         item_ids: pa.Array) -> pa.Table:
+    """Lists of (user, item, score) index rows, each user's best first, as ``user``, ``rank``, ``item``,
+    ``score`` in raw ids, ordered by user index."""
+    order = np.lexsort((np.arange(users.shape[0]), users))  # stable: each list stays best first
+    users, items, scores = users[order], items[order], scores[order]
+    return pa.table({"user": user_ids.take(pa.array(users)),
+                     "rank": pa.array(positions_in_runs(users) + 1, pa.int32()),
+                     "item": item_ids.take(pa.array(items)), "score": pa.array(scores, pa.float32())})

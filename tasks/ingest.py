@@ -103,6 +103,24 @@ def _is_compressed(url: str) -> bool:
     return fsspec.utils.infer_compression(url) is not None
 
 
+class _HeaderIndex:
+    """Where the ``MovieID:`` headers of one piece of Netflix text are."""
+
+    def __init__(self, data: bytes, lines_before: int, pairs: bool) -> None:
+        self.raw, bad = parse.split_lines(data)
+        self.header = parse.header_mask(parse.strip_lines(self.raw), bad, pairs)
+        self.line_starts = np.concatenate(([0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10)[:-1] + 1))
+        self.lines_before = lines_before
+
+    def header_before(self, position: int, earlier: tuple[str, int] | None) -> tuple[str, int] | None:
+        """The last header line above byte ``position`` (text, line number), or ``earlier`` if none here."""
+        above = np.flatnonzero(self.header[: np.searchsorted(self.line_starts, position)])
+        if not above.shape[0]:
+            return earlier
+        h = int(above[-1])
+        return parse.strip_lines(self.raw[h:h + 1])[0].as_py(), self.lines_before + h + 1
+
+
 def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
     """Cut a plain-text source into chunks of about ``chunk_bytes``, each starting at a line.
 
@@ -120,16 +138,7 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
     offset = 0
     for data, lines_before in read_pieces(source.url, 0, None, PIECE_BYTES):
         if netflix:
-            raw, bad = parse.split_lines(data)
-            header = parse.header_mask(parse.strip_lines(raw), bad, source.layout.kind == "netflix_pairs")
-            line_starts = np.concatenate(([0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10)[:-1] + 1))
-
-            def header_before(position: int) -> tuple[str, int] | None:
-                above = np.flatnonzero(header[: np.searchsorted(line_starts, position)])
-                if not above.shape[0]:
-                    return seen  # none in this piece before it: the last of the earlier pieces
-                h = int(above[-1])
-                return parse.strip_lines(raw[h:h + 1])[0].as_py(), lines_before + h + 1
+            piece = _HeaderIndex(data, lines_before, source.layout.kind == "netflix_pairs")
 
         # Boundaries inside this piece: the first line start at or after each multiple of chunk_bytes.
         while offset + len(data) > start + chunk_bytes:
@@ -140,9 +149,9 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
             boundary = nl + 1
             chunks.append(Chunk(source, start, offset + boundary, first_line, opened))
             start, first_line = offset + boundary, lines_before + data.count(b"\n", 0, boundary) + 1
-            opened = header_before(boundary) if netflix else None
+            opened = piece.header_before(boundary, seen) if netflix else None
         if netflix:
-            seen = header_before(len(data))
+            seen = piece.header_before(len(data), seen)
         offset += len(data)
     chunks.append(Chunk(source, start, None, first_line, opened))
     return chunks

@@ -18,6 +18,12 @@ from tasks.hashing import SALT_COLUMNS, block_layout
 CHUNK_USERS = 1024
 
 
+def positions_in_runs(keys: np.ndarray) -> np.ndarray:
+    """0-based position of each element within its run of equal consecutive ``keys``."""
+    starts = np.flatnonzero(np.diff(keys, prepend=keys[:1] - 1)) if keys.shape[0] else np.zeros(0, np.int64)
+    return np.arange(keys.shape[0]) - np.repeat(starts, np.diff(np.append(starts, keys.shape[0])))
+
+
 def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The best ``n`` columns of each row of ``scores`` (-inf = excluded), ties to the lower column.
 
@@ -36,9 +42,7 @@ def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     rows, cols = np.nonzero(scores >= np.maximum(threshold, np.finfo(scores.dtype).min)[:, None])
     order = np.lexsort((cols, -scores[rows, cols], rows))
     rows, cols = rows[order], cols[order]
-    starts = np.flatnonzero(np.diff(rows, prepend=-1))
-    rank = np.arange(rows.shape[0]) - np.repeat(starts, np.diff(np.append(starts, rows.shape[0])))
-    keep = rank < n
+    keep = positions_in_runs(rows) < n
     return rows[keep], cols[keep]
 
 

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +85,19 @@ def local_cluster():
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                                          dashboard_address=":0") as cluster:
         yield cluster
+
+
+def cli_env() -> dict[str, str]:
+    """The environment for a `funkflow` subprocess, without pytest's variables."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+
+
+def kill_when(command: list[str], cwd: Path, reached: Callable[[], bool], timeout: float = 240) -> None:
+    """Start ``command``, SIGKILL it as soon as ``reached()`` (or when it ends, or at ``timeout``)."""
+    victim = subprocess.Popen(command, cwd=cwd, env=cli_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    while not reached() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.002)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=30)

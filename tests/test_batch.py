@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import cli_env, kill_when
 
 from pipeline.cli import main
 
@@ -44,7 +45,7 @@ def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "pipeline", "run", "--run-dir", str(run_dir), *TINY,
                "--set", "train.epochs=400", "--set", "train.checkpoint_every=0"]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env = cli_env()
     holder = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         lock = run_dir / ".funkflow.lock"
@@ -82,14 +83,11 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
     sets = [f"data.source={tmp_path / 'ratings.csv'}", "data.format=movielens", "data.generate=null",
             "model.k=8", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
     command = [sys.executable, "-m", "pipeline", "run", *(a for s in sets for a in ("--set", s))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env = cli_env()
     subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
                    capture_output=True, timeout=300)
 
     run_dir = tmp_path / "killed"
-    victim = subprocess.Popen([*command, "--run-dir", str(run_dir)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 240
 
     def reached() -> bool:
         if moment == "ingest":
@@ -98,10 +96,7 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
             return (run_dir / "stages" / "train.json").exists()
         return (run_dir / "checkpoints" / "epoch-000003" / "manifest.json").exists()
 
-    while not reached() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.002)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    kill_when([*command, "--run-dir", str(run_dir)], tmp_path, reached)
     if moment == "export":
         assert not (run_dir / "summary.json").exists(), "the run must die before its summary"
     else:

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_env, kill_when
 
 from pipeline.cli import main
 from pipeline.stages import run_pipeline
@@ -103,20 +101,14 @@ def test_driver_killed_after_third_checkpoint_resumes_to_the_same_bits(tmp_path)
             "model.k=16", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
     args = [a for s in sets for a in ("--set", s)]
     command = [sys.executable, "-m", "pipeline", "run", *args]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env = cli_env()
 
     subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
                    capture_output=True, timeout=300)
 
     run_dir = tmp_path / "killed"
-    victim = subprocess.Popen([*command, "--run-dir", str(run_dir)], cwd=tmp_path, env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     third = run_dir / "checkpoints" / "epoch-000003" / "manifest.json"
-    deadline = time.monotonic() + 240
-    while not third.exists() and victim.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.005)
-    victim.send_signal(signal.SIGKILL)
-    victim.wait(timeout=30)
+    kill_when([*command, "--run-dir", str(run_dir)], tmp_path, third.exists)
     assert third.exists() and not (run_dir / "model").exists(), "the run must die mid-training"
 
     done = subprocess.run([*command, "--run-dir", str(run_dir), "--resume"], cwd=tmp_path, env=env,

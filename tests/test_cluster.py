@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import cli_env
 
 from pipeline.stages import run_pipeline
 
@@ -124,7 +125,7 @@ def test_cli_on_dask_scheduler_and_workers_matches_in_process(in_process_run, da
 
 def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):
     """README's first command: `funkflow run` with no arguments, from a fresh directory."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST")}
+    env = cli_env()
     done = subprocess.run([sys.executable, "-m", "pipeline", "run"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr
