@@ -90,7 +90,9 @@ class FunkSVD:
         """Train on ``data``: a canonical dataset directory, a rating file or URL (Parquet, or CSV with a
         ``user,item,rating`` header), a pandas or pyarrow table with those columns, or a ``Dataset``.
         ``client``: a ``distributed.Client`` to run on; None starts a LocalCluster (or set
-        ``options={"cluster.scheduler": "inprocess"}``)."""
+        ``options={"cluster.scheduler": "inprocess"}``). A rating file is ingested with the ``data.ingest``
+        options (a CSV needs its scale: ``options={"data.ingest.rating_scale": [1, 5]}``); a table's
+        scale is taken from its smallest and largest rating."""
         from pipeline.cluster import DaskExecutor
         from pipeline.stages import run_pipeline
 
