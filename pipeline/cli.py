@@ -33,6 +33,7 @@ STAGE_VERBS = {
     "run": ("evaluate", "run the whole chain: data, block, train, evaluate"),
     "train": ("train", "run the chain up to training (earlier stages only if out of date)"),
     "evaluate": ("evaluate", "evaluate the trained model (earlier stages only if out of date)"),
+    "export": ("export", "write the trained factors with their raw ids as Parquet to RUN_DIR/export/"),
 }
 
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.rundir import swap_in, temporary_dir
 from pipeline.train import Factors
@@ -59,3 +60,24 @@ def score_pairs(factors: Factors, users: np.ndarray, items: np.ndarray,
     if rating_scale is not None:
         score = np.clip(score, *rating_scale)
     return score.astype(np.float32)
+
+
+def export_model(model_dir: Path, out: Path) -> dict[str, Any]:
+    """The model as two Parquet tables for other systems: ``users.parquet`` and ``items.parquet`` with the
+    raw ``id``, its ``bias`` and its ``factors`` (a fixed-size list of k float32), plus ``model.json``.
+    Written whole or not at all."""
+    factors, info = read_model(model_dir)
+    tmp = temporary_dir(out)
+    try:
+        for name, vectors, bias in (("users", factors.P, factors.user_bias), ("items", factors.Q, factors.item_bias)):
+            ids = pq.read_table(model_dir / f"{name}.parquet", columns=["id"])["id"]
+            k = vectors.shape[1]
+            lists = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), k)
+            write_parquet(pa.table({"id": ids, "bias": pa.array(bias, pa.float32()), "factors": lists}),
+                          tmp / f"{name}.parquet")
+        write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
+        swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"users": int(factors.P.shape[0]), "items": int(factors.Q.shape[0])}

@@ -58,6 +58,10 @@ class RunDir:
         return self.root / "model"
 
     @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -35,7 +35,7 @@ from pipeline.errors import (
 from pipeline.evaluate import evaluate
 from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.logs import stage_context
-from pipeline.model import write_model
+from pipeline.model import export_model, write_model
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
 from tasks.ingest import index_of, read_ids
@@ -44,7 +44,7 @@ from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "ingest", "block", "train", "evaluate")
+STAGES = ("generate", "ingest", "block", "train", "evaluate", "export")
 
 
 def synthetic_spec(cfg: GenerateConfig) -> SyntheticSpec:
@@ -262,6 +262,10 @@ class Pipeline:
         placement = BlockPlacement(self.executor, blocks)
         fingerprint = self.train(dataset, blocks, placement, fingerprint)
         if last == "train":
+            return None
+        if last == "export":
+            self._stage("export", fingerprint, lambda: export_model(self.run.model, self.run.export),
+                        self.run.export / "users.parquet")
             return None
         return self.evaluate(dataset, blocks, placement, fingerprint)
 

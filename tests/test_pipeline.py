@@ -192,3 +192,21 @@ def test_a_block_whose_factors_overflow_reports_an_infinite_error():
                  users_per_run=4)
     assert np.isfinite(sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), sane,
                                   7, "test block")[2])
+
+
+def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, capsys):
+    import pyarrow.parquet as pq
+
+    run_dir = tmp_path / "run"
+    assert main(["export", "--run-dir", str(run_dir), *sum((["--set", s] for s in [
+        "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+        "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=2", "train.d=3",
+        "cluster.scheduler=inprocess"]), [])]) == 0
+    factors, _ = read_model(run_dir / "model")
+    users = pq.read_table(run_dir / "export" / "users.parquet")
+    assert users["id"].to_pylist() == list(range(1, 301))  # synthetic raw ids are 1-based
+    np.testing.assert_array_equal(np.array(users["factors"].to_pylist(), dtype=np.float32), factors.P)
+    np.testing.assert_array_equal(users["bias"].to_numpy(), factors.user_bias)
+    items = pq.read_table(run_dir / "export" / "items.parquet")
+    np.testing.assert_array_equal(np.array(items["factors"].to_pylist(), dtype=np.float32), factors.Q)
+    assert not (run_dir / "summary.json").exists()  # export needs a model, not an evaluation
