@@ -147,3 +147,31 @@ def test_visiting_order_covers_each_rating_once(order, users_per_run):
     empty = BlockRatings(users[:0], users[:0], np.ones(0, np.float32))
     starts, runs = visiting_order(empty, order, users_per_run, seed=3)
     assert starts.tolist()[0] == 0 and starts.tolist()[-1] == 0 and runs.shape[0] == starts.shape[0] - 1
+
+
+def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
+    """sgd_update pads rows to 16 floats for speed; the zero columns stay zero and the result matches the
+    unpadded update to float32 rounding."""
+    from tasks import training
+    from tasks.blocks import BlockRatings, RowBlock
+
+    rng = np.random.default_rng(0)
+    users = np.sort(rng.integers(0, 40, 600)).astype(np.int32)
+    items = rng.integers(0, 30, 600).astype(np.int32)
+    ratings = rng.integers(1, 6, 600).astype(np.float32)
+    empty = BlockRatings(*(np.empty(0, dtype=t) for t in (np.int32, np.int32, np.float32)))
+    row = RowBlock(0, np.arange(40, dtype=np.int32), ((BlockRatings(users, items, ratings),), (empty,), (empty,)))
+    hyper = training.Hyper(lr=0.01, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0, order="user_runs",
+                           users_per_run=4)
+    user, item = training.init_factors(40, 50, 0.1, 1), training.init_factors(30, 50, 0.1, 2)
+    padded = training.sgd_update(row, 0, user, item, hyper, 7, "padded")
+    assert training._padded(user[0]).shape == (40, 64) and padded[0][0].shape == (40, 50)
+    original = training.ALIGN_FLOATS
+    try:
+        training.ALIGN_FLOATS = 1
+        plain = training.sgd_update(row, 0, user, item, hyper, 7, "plain")
+    finally:
+        training.ALIGN_FLOATS = original
+    for a, b in zip((*padded[0], *padded[1]), (*plain[0], *plain[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    assert padded[2] == pytest.approx(plain[2], rel=1e-5)
