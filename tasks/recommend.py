@@ -159,13 +159,13 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
         items.append(item_members[col][block.items[good]])
     users = np.concatenate(users) if users else np.zeros(0, np.int64)
     items = np.concatenate(items) if items else np.zeros(0, np.int64)
-    evaluated = np.unique(users)
     if wanted is not None:
-        evaluated = evaluated[np.isin(evaluated, wanted)]
-    relevant = {u: set() for u in evaluated.tolist()}
-    for u, i in zip(users.tolist(), items.tolist()):
-        if u in relevant:
-            relevant[u].add(i)
+        keep = np.isin(users, wanted)
+        users, items = users[keep], items[keep]
+    order = np.lexsort((items, users))
+    users, items = users[order], items[order]
+    evaluated, starts = np.unique(users, return_index=True)
+    relevant = {int(u): set(group.tolist()) for u, group in zip(evaluated, np.split(items, starts[1:]))}
     out = {}
     for name, source in (("model", {"model_dir": model_dir}), ("popularity", {"popularity": popularity,
                                                                                "model_dir": None})):
