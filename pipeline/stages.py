@@ -44,9 +44,6 @@ from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
-STAGES = ("generate", "ingest", "block", "train", "evaluate", "export")
-
-
 def synthetic_spec(cfg: GenerateConfig) -> SyntheticSpec:
     """The generator's spec for ``data.generate``; an impossible shape is a config error."""
     overrides = cfg.model_dump(exclude={"scale", "ratings_per_part"})
