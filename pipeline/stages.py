@@ -1,8 +1,9 @@
-"""The chain of stages behind ``funkflow run``: generate → block → train → evaluate.
+"""The chain of stages behind ``funkflow run``: generate or ingest → block → train → evaluate (or export).
 
 Each stage records the fingerprint of its inputs when it completes; a stage
 whose record matches is skipped, so a re-run after a crash starts at the first
-stage that did not finish, and a re-run after success does nothing.
+stage that did not finish (training takes up its own checkpoint), and a re-run
+after success does nothing and rewrites no file.
 """
 
 from __future__ import annotations
