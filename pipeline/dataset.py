@@ -21,7 +21,8 @@ import pyarrow as pa
 from pipeline.cluster import Executor
 from pipeline.errors import DataError
 from pipeline.rundir import swap_in, temporary_dir
-from tasks.io import read_json, write_json, write_parquet
+from tasks.ingest import write_ids
+from tasks.io import read_json, write_json
 from tasks.synthetic import (
     RATING_MAX,
     RATING_MIN,
@@ -85,9 +86,9 @@ def open_dataset(root: str | Path) -> Dataset:
     return dataset
 
 
-def _id_table(n: int) -> pa.Table:
+def _synthetic_ids(n: int) -> pa.Array:
     # Synthetic raw ids are 1-based, like Netflix's.
-    return pa.table({"index": np.arange(n, dtype=np.int32), "id": np.arange(1, n + 1, dtype=np.int64)})
+    return pa.array(np.arange(1, n + 1, dtype=np.int64))
 
 
 def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings_per_part: int) -> Dataset:
@@ -108,8 +109,8 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
         ]
         results = executor.gather(parts)
         del model, parts
-        write_parquet(_id_table(spec.n_users), tmp / "users.parquet")
-        write_parquet(_id_table(spec.n_items), tmp / "items.parquet")
+        write_ids(_synthetic_ids(spec.n_users), tmp / "users.parquet")
+        write_ids(_synthetic_ids(spec.n_items), tmp / "items.parquet")
         digest = hashlib.sha256()
         for result in results:
             digest.update(result["sha256"].encode())

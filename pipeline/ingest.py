@@ -12,6 +12,7 @@ each bad line goes there and the counts by reason go to ``dataset.json``.
 from __future__ import annotations
 
 import hashlib
+import io
 import logging
 import math
 import operator
@@ -33,7 +34,6 @@ from pipeline.errors import DataError, UsageError
 from pipeline.rundir import swap_in, temporary_dir
 from tasks import parse
 from tasks.ingest import (
-    DUPLICATE_POLICIES,
     LINE_BITS,
     REJECT_SCHEMA,
     Chunk,
@@ -48,8 +48,9 @@ from tasks.ingest import (
     resolve_bucket,
     scan_text,
     sorted_ids,
+    write_ids,
 )
-from tasks.io import file_sha256, write_json, write_parquet
+from tasks.io import file_sha256, write_bytes, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -228,12 +229,9 @@ def _write_rejects(parts: list[Path], out: Path) -> None:
     if out.suffix == ".parquet":
         write_parquet(table, out)
         return
-    tmp = out.with_name(f".{out.name}.tmp")
-    try:
-        pacsv.write_csv(table, tmp)
-        tmp.replace(out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    buffer = io.BytesIO()
+    pacsv.write_csv(table, buffer)
+    write_bytes(buffer.getvalue(), out)
 
 
 def stage_sources(executor: Executor, sources: list[Source], options: IngestOptions,
@@ -254,8 +252,6 @@ def stage_sources(executor: Executor, sources: list[Source], options: IngestOpti
 
 def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Path) -> Dataset:
     """Ingest ``srcs`` into the canonical dataset ``out`` (written whole or not at all)."""
-    if options.duplicates not in DUPLICATE_POLICIES:
-        raise UsageError(f"--duplicates must be one of {', '.join(DUPLICATE_POLICIES)}")
     options.scale()
     maps_of = None if options.id_maps is None else open_dataset(options.id_maps)
     sources = make_sources(expand_sources(srcs), options)
@@ -313,8 +309,7 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
         for name, ids in (("users", users), ("items", items)):
             if len(ids) >= 2**31:
                 raise DataError(f"{len(ids):,} distinct {name}: more than int32 indices can hold")
-            write_parquet(pa.table({"index": pa.array(range(len(ids)), pa.int32()), "id": ids}),
-                          tmp / f"{name}.parquet")
+            write_ids(ids, tmp / f"{name}.parquet")
         if options.rejects is not None:
             _write_rejects(sorted(staging.glob("rejects-*.parquet")), options.rejects)
         shutil.rmtree(staging)

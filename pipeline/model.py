@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.rundir import swap_in, temporary_dir
 from pipeline.train import Factors
+from tasks.ingest import write_ids
 from tasks.io import read_json, write_json, write_npy, write_parquet
 
 ARRAYS = {"P": "P.npy", "Q": "Q.npy", "user_bias": "user_bias.npy", "item_bias": "item_bias.npy"}
@@ -32,7 +33,7 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
         for name, filename in ARRAYS.items():
             write_npy(getattr(factors, name), tmp / filename)
         for name, ids in (("users", user_ids), ("items", item_ids)):
-            write_parquet(pa.table({"index": pa.array(range(len(ids)), pa.int32()), "id": ids}), tmp / f"{name}.parquet")
+            write_ids(ids, tmp / f"{name}.parquet")
         write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
         swap_in(tmp, out)
     except BaseException:

@@ -330,6 +330,11 @@ def index_of(values: pa.Array, ids: pa.Array) -> np.ndarray:
     return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
 
 
+def write_ids(ids: pa.Array, path: str | Path) -> None:
+    """Write an id map: ``index`` (int32, the dense index) and the raw ``id`` at that index."""
+    write_parquet(pa.table({"index": pa.array(np.arange(len(ids), dtype=np.int32)), "id": ids}), path)
+
+
 def read_ids(path: str) -> pa.Array:
     """The ``id`` column of an id map (``users.parquet`` / ``items.parquet``), in index order."""
     return pq.read_table(path, columns=["id"])["id"].combine_chunks()
