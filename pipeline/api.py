@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 
 from pipeline.config import load_config
 from pipeline.errors import DataError, UsageError
-from pipeline.model import read_model, score_pairs, write_model
+from pipeline.model import read_id_maps, read_model, score_pairs, write_model
 from pipeline.train import EpochReport, Factors
-from tasks.ingest import index_of, read_ids
+from tasks.ingest import index_of
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,7 @@ class FunkSVD:
 
     def _load(self, model_dir: Path) -> None:
         self.factors_, self.info_ = read_model(model_dir)
-        self.user_ids_ = read_ids(str(model_dir / "users.parquet"))
-        self.item_ids_ = read_ids(str(model_dir / "items.parquet"))
+        self.user_ids_, self.item_ids_ = read_id_maps(model_dir)
         self.model_dir_ = model_dir
 
     def _fitted(self) -> Factors:

@@ -18,10 +18,11 @@ import pyarrow.compute as pc
 
 from pipeline.errors import DataError, UsageError
 from pipeline.ingest import IngestOptions, read_rating_rows
-from pipeline.model import read_model, write_model
+from pipeline.model import read_id_maps, read_model, write_model
 from pipeline.train import Factors
 from tasks.foldin import fold_in
-from tasks.ingest import index_of, read_ids
+from tasks.ingest import index_of
+from tasks.io import read_json
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users") -> tuple
         raise UsageError(f"--side must be users or items, got {side!r}")
     factors, info = read_model(model_dir)
     model_cfg = info["config"]["model"]
-    user_ids, item_ids = read_ids(str(model_dir / "users.parquet")), read_ids(str(model_dir / "items.parquet"))
+    user_ids, item_ids = read_id_maps(model_dir)
     mine, other = ("user", "item") if side == "users" else ("item", "user")
     my_ids, other_ids = (user_ids, item_ids) if side == "users" else (item_ids, user_ids)
     my_values = rows[mine].combine_chunks()
@@ -96,7 +97,7 @@ def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
         raise DataError(f"{run_dir}: no trained model (model/model.json)")
     if (out / "model").exists():
         raise UsageError(f"{out}/model exists; choose a new --out")
-    info_scale = read_model(model_dir)[1].get("rating_scale")
+    info_scale = read_json(model_dir / "model.json").get("rating_scale")
     scale = rating_scale or (tuple(info_scale) if info_scale else None)
     fmt = "parquet" if ratings.endswith(".parquet") else "csv"
     rows = read_rating_rows(ratings, IngestOptions(format=fmt, rating_scale=scale))

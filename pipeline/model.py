@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.rundir import swap_in, temporary_dir
 from pipeline.train import Factors
-from tasks.ingest import write_ids
+from tasks.ingest import read_ids, write_ids
 from tasks.io import read_json, write_json, write_npy, write_parquet
 
 ARRAYS = {"P": "P.npy", "Q": "Q.npy", "user_bias": "user_bias.npy", "item_bias": "item_bias.npy"}
@@ -39,6 +39,11 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_id_maps(path: Path) -> tuple[pa.Array, pa.Array]:
+    """The raw user and item ids of a model (or dataset) directory, in index order."""
+    return read_ids(str(path / "users.parquet")), read_ids(str(path / "items.parquet"))
 
 
 def read_model(path: Path) -> tuple[Factors, dict[str, Any]]:

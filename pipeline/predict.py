@@ -22,9 +22,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import DataError, UsageError
 from pipeline.ingest import expand_sources, first_line
-from pipeline.model import read_model, score_pairs
+from pipeline.model import read_id_maps, read_model, score_pairs
 from tasks import parse
-from tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of, read_ids
+from tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
     if not (model_dir / "model.json").is_file():
         raise DataError(f"{run_dir}: no trained model (model/model.json); run `funkflow train` first")
     factors, info = read_model(model_dir)
-    user_ids, item_ids = read_ids(str(model_dir / "users.parquet")), read_ids(str(model_dir / "items.parquet"))
+    user_ids, item_ids = read_id_maps(model_dir)
     scale = tuple(info["rating_scale"]) if info.get("rating_scale") else None
     (url,) = expand_sources([pairs])
 

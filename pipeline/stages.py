@@ -36,7 +36,7 @@ from pipeline.errors import (
 from pipeline.evaluate import evaluate
 from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.logs import stage_context
-from pipeline.model import export_model, write_model
+from pipeline.model import export_model, read_id_maps, write_model
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
 from tasks.ingest import index_of, read_ids
@@ -219,8 +219,7 @@ class Pipeline:
                     "epochs": len(result.history), "best_epoch": result.best_epoch,
                     "dataset_fingerprint": dataset.fingerprint, "rating_scale": dataset.meta.get("rating_scale"),
                     "config": self.config.to_dict()}
-            write_model(self.run.model, result.factors, info, read_ids(str(dataset.root / "users.parquet")),
-                        read_ids(str(dataset.root / "items.parquet")))
+            write_model(self.run.model, result.factors, info, *read_id_maps(dataset.root))
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
         self._stage("train", fingerprint, work, self.run.model / "model.json")
