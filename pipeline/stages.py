@@ -39,7 +39,7 @@ from pipeline.logs import stage_context
 from pipeline.model import export_model, read_id_maps, write_model
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
-from tasks.ingest import index_of, read_ids
+from tasks.ingest import index_of
 from tasks.io import read_json, update_text, write_json, write_text
 from tasks.synthetic import SyntheticSpec
 
@@ -195,8 +195,7 @@ class Pipeline:
         if info["k"] != self.config.model.k:
             raise ConfigError(f"train.init_from: {source} has k={info['k']}, this run model.k={self.config.model.k}")
         maps = {}
-        for name in ("users", "items"):
-            new_ids, old_ids = read_ids(str(dataset.root / f"{name}.parquet")), read_ids(str(model_dir / f"{name}.parquet"))
+        for name, new_ids, old_ids in zip(("users", "items"), read_id_maps(dataset.root), read_id_maps(model_dir)):
             maps[name] = index_of(new_ids, old_ids)
             known = int((maps[name] >= 0).sum())
             log.info("warm start: %s of %s %s known to %s (%s new, %s dropped)", f"{known:,}", f"{len(new_ids):,}",

@@ -271,7 +271,8 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         all_rejects = pa.concat_tables(rejects)
         write_parquet(all_rejects, Path(staging) / f"rejects-{index:05d}.parquet")
         first_reject = {k: all_rejects[k][0].as_py() for k in ("source", "line", "reason", "detail")}
-    stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject, "int_like": int_like,
+    stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject,
+             "int_like": int_like,
              "has_time": has_time, "staged": str(out) if rows else None}
     return {"stats": stats, "users": _union(users), "items": _union(items)}
 
