@@ -119,7 +119,8 @@ class TrainConfig(_Section):
     lr_decay: float = Field(0.95, gt=0, le=1)
     d: int = Field(4, ge=1)
     order: Literal["user_runs", "ratings", "sorted"] = "user_runs"
-    users_per_run: int = Field(32, ge=1)
+    users_per_run: int = Field(1024, ge=1)
+    tile_items: int = Field(1024, ge=0)
     seed: int = 0
     early_stopping_patience: int = Field(0, ge=0)
     max_rollbacks: int = Field(3, ge=0)

@@ -215,7 +215,8 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
     while epoch < cfg.epochs:
         began = time.perf_counter()
         hyper = Hyper(lr=lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
-                      global_mean=global_mean, order=cfg.order, users_per_run=cfg.users_per_run)
+                      global_mean=global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
+                      tile_items=cfg.tile_items)
         new_users, new_items = list(user_states), list(item_states)
         stratum_sse: list[list[Any]] = []
         bad_stratum = None

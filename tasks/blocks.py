@@ -153,12 +153,13 @@ class BlockRatings:
         return self.users.nbytes + self.items.nbytes + self.ratings.nbytes + extra
 
     @cached_property
-    def user_starts(self) -> np.ndarray:
-        """Positions where a new user's ratings begin (after position 0), int64.
+    def user_bounds(self) -> np.ndarray:
+        """Where each user's ratings begin, and ``n`` at the end: int64, one more than the block's users.
 
         Computed once per block on the worker that holds it, not once per epoch.
         """
-        return np.flatnonzero(np.diff(self.users)) + 1
+        starts = np.flatnonzero(np.diff(self.users)) + 1
+        return np.concatenate(([0] if self.n else [], starts, [self.n])).astype(np.int64)
 
 
 @dataclass(frozen=True)

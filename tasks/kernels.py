@@ -4,12 +4,16 @@ Pure functions over arrays and scalars: no I/O, no Dask, no config objects, no
 randomness (the visiting order comes in as arguments). Factors are float32,
 indices int32; sums of squared errors are accumulated in float64.
 
-An SGD pass visits a block as *runs*: ``run_starts`` cuts the block's positions
-into contiguous runs, and ``run_order`` says in which order the runs are taken;
-each run is walked front to back. Runs of one rating each in a random order give
-plain random-order SGD; runs of whole users (blocks are stored sorted by user)
-keep ``p_u`` in cache while its ratings are applied and read memory in streaks,
-much as LIBMF walks a block.
+An SGD pass visits a block through three arguments. ``segment_starts`` cuts the
+block's positions into *segments* (one user's ratings, or single ratings), each
+sorted by item. ``run_bounds`` groups consecutive segments into *runs*, and
+``run_order`` says in which order the runs are taken. Inside a run the items are
+taken in *tiles* of ``tile_items`` consecutive item indices: for each tile, every
+segment of the run in turn applies its ratings with items in that tile. So a run
+of a few thousand users reads one tile's item factors many times while they are
+in cache, as LIBMF's small blocks do, while each user's ratings still come as a
+streak. One tile as wide as the block gives plain runs of users; runs of one
+rating each in a random order give plain random-order SGD.
 
 The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
 ``e = r - r̂``::
@@ -36,12 +40,14 @@ _JIT = dict(nopython=True, nogil=True, cache=True, fastmath=_FASTMATH)
 
 
 @numba.jit(**_JIT)
-def sgd_block_biased(
+def sgd_block(
     users: np.ndarray,
     items: np.ndarray,
     ratings: np.ndarray,
-    run_starts: np.ndarray,
+    segment_starts: np.ndarray,
+    run_bounds: np.ndarray,
     run_order: np.ndarray,
+    tile_items: int,
     P: np.ndarray,
     Q: np.ndarray,
     user_bias: np.ndarray,
@@ -50,23 +56,31 @@ def sgd_block_biased(
     lr: np.float32,
     reg: np.float32,
     bias_reg: np.float32,
+    use_bias: bool,
 ) -> float:
-    """One SGD pass of biased Funk SVD over a block, run by run.
+    """One SGD pass of Funk SVD over a block, run by run and tile by tile.
 
     Parameters
     ----------
     users, items : arrays of shape (n,), int32
         Block-local row indices into ``P`` / ``user_bias`` and ``Q`` / ``item_bias``.
     ratings : array of shape (n,), float32
-    run_starts : array of shape (n_runs + 1,), int64
-        Run ``s`` is positions ``run_starts[s]`` to ``run_starts[s + 1] - 1``.
+    segment_starts : array of shape (n_segments + 1,), int64
+        Segment ``s`` is positions ``segment_starts[s]`` to ``segment_starts[s + 1] - 1``,
+        in ascending item order (otherwise the tiles take them in another order, but
+        every rating is still visited once: the last tile takes all that are left).
+    run_bounds : array of shape (n_runs + 1,), int64
+        Run ``r`` is segments ``run_bounds[r]`` to ``run_bounds[r + 1] - 1``.
     run_order : array of shape (n_runs,), int64
         The runs, in the order they are visited.
-    P : array of shape (n_users_block, k), float32, updated in place
-    Q : array of shape (n_items_block, k), float32, updated in place
+    tile_items : int
+        Width of an item tile; 0 for one tile over all items.
+    P : array of shape (n_users_block, k'), float32, updated in place
+    Q : array of shape (n_items_block, k'), float32, updated in place
     user_bias : array of shape (n_users_block,), float32, updated in place
     item_bias : array of shape (n_items_block,), float32, updated in place
     global_mean, lr, reg, bias_reg : float32 scalars
+    use_bias : False for k-only Funk SVD (``r̂ = p_u · q_i``): biases and mean unused
 
     Returns
     -------
@@ -75,59 +89,40 @@ def sgd_block_biased(
     """
     k = P.shape[1]
     sse = 0.0
+    longest = 0
+    for run in range(run_bounds.shape[0] - 1):
+        longest = max(longest, run_bounds[run + 1] - run_bounds[run])
+    cursor = np.empty(longest, dtype=np.int64)  # each segment's next position in the current run
+    tile = tile_items if tile_items > 0 else max(Q.shape[0], 1)
     for t in range(run_order.shape[0]):
-        run = run_order[t]
-        for j in range(run_starts[run], run_starts[run + 1]):
-            u = users[j]
-            i = items[j]
-            pred = global_mean + user_bias[u] + item_bias[i]
-            for f in range(k):
-                pred += P[u, f] * Q[i, f]
-            e = ratings[j] - pred
-            sse += np.float64(e) * np.float64(e)
-            user_bias[u] += lr * (e - bias_reg * user_bias[u])
-            item_bias[i] += lr * (e - bias_reg * item_bias[i])
-            for f in range(k):
-                p = P[u, f]
-                q = Q[i, f]
-                P[u, f] = p + lr * (e * q - reg * p)
-                Q[i, f] = q + lr * (e * p - reg * q)
-    return sse
-
-
-@numba.jit(**_JIT)
-def sgd_block(
-    users: np.ndarray,
-    items: np.ndarray,
-    ratings: np.ndarray,
-    run_starts: np.ndarray,
-    run_order: np.ndarray,
-    P: np.ndarray,
-    Q: np.ndarray,
-    lr: np.float32,
-    reg: np.float32,
-) -> float:
-    """One SGD pass of k-only Funk SVD (``r̂ = p_u · q_i``) over a block.
-
-    Same arrays as :func:`sgd_block_biased`, without biases or global mean.
-    """
-    k = P.shape[1]
-    sse = 0.0
-    for t in range(run_order.shape[0]):
-        run = run_order[t]
-        for j in range(run_starts[run], run_starts[run + 1]):
-            u = users[j]
-            i = items[j]
-            pred = np.float32(0.0)
-            for f in range(k):
-                pred += P[u, f] * Q[i, f]
-            e = ratings[j] - pred
-            sse += np.float64(e) * np.float64(e)
-            for f in range(k):
-                p = P[u, f]
-                q = Q[i, f]
-                P[u, f] = p + lr * (e * q - reg * p)
-                Q[i, f] = q + lr * (e * p - reg * q)
+        first = run_bounds[run_order[t]]
+        last = run_bounds[run_order[t] + 1]
+        for s in range(first, last):
+            cursor[s - first] = segment_starts[s]
+        for tile_end in range(tile, Q.shape[0] + tile, tile):
+            for s in range(first, last):
+                j = cursor[s - first]
+                end = segment_starts[s + 1]
+                while j < end and items[j] < tile_end:
+                    u = users[j]
+                    i = items[j]
+                    pred = np.float32(0.0)
+                    if use_bias:
+                        pred = global_mean + user_bias[u] + item_bias[i]
+                    for f in range(k):
+                        pred += P[u, f] * Q[i, f]
+                    e = ratings[j] - pred
+                    sse += np.float64(e) * np.float64(e)
+                    if use_bias:
+                        user_bias[u] += lr * (e - bias_reg * user_bias[u])
+                        item_bias[i] += lr * (e - bias_reg * item_bias[i])
+                    for f in range(k):
+                        p = P[u, f]
+                        q = Q[i, f]
+                        P[u, f] = p + lr * (e * q - reg * p)
+                        Q[i, f] = q + lr * (e * p - reg * q)
+                    j += 1
+                cursor[s - first] = j
     return sse
 
 

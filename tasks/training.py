@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -39,29 +40,37 @@ class Hyper:
     global_mean: float
     order: str
     users_per_run: int
+    tile_items: int
 
 
-def visiting_order(block: BlockRatings, order: str, users_per_run: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The runs of a block and the random order to visit them in (see :mod:`tasks.kernels`).
+class Visit(NamedTuple):
+    """A block's visiting order, as :func:`tasks.kernels.sgd_block` takes it."""
+
+    segment_starts: np.ndarray
+    run_bounds: np.ndarray
+    run_order: np.ndarray
+    tile_items: int
+
+
+def visiting_order(block: BlockRatings, order: str, users_per_run: int, tile_items: int, seed: int) -> Visit:
+    """The segments and runs of a block and the random order to visit the runs in (see :mod:`tasks.kernels`).
 
     ``"user_runs"``: runs of ``users_per_run`` consecutive users (blocks are stored
-    sorted by user, then item) in random order: each ``p_u`` stays in cache over its
-    ratings and memory is read in long streaks. ``"ratings"``: one run per rating,
-    in random order. ``"sorted"``: the block front to back, no randomness.
-
-    Returns
-    -------
-    run_starts : array of shape (n_runs + 1,), int64
-    run_order : array of shape (n_runs,), int64
+    sorted by user, then item) in random order, each taken in tiles of
+    ``tile_items`` items (0: one tile): each ``p_u`` stays in cache over its
+    ratings, each tile's ``q_i`` over the run's users, and memory is read in long
+    streaks. ``"ratings"``: one run per rating, in random order. ``"sorted"``: the
+    block front to back, no randomness. Only ``"user_runs"`` is tiled.
     """
+    if order == "ratings":
+        singles = np.arange(block.n + 1, dtype=np.int64)
+        return Visit(singles, singles, np.random.default_rng(seed).permutation(block.n), 0)
+    segments = block.user_bounds
+    n_users = segments.shape[0] - 1
     if order == "sorted":
-        return np.array([0, block.n], dtype=np.int64), np.zeros(1, dtype=np.int64)
-    if order == "user_runs":
-        run_starts = np.concatenate(([0], block.user_starts[users_per_run - 1::users_per_run], [block.n]))
-        run_starts = run_starts[: 1 if block.n == 0 else None].astype(np.int64)
-    else:
-        run_starts = np.arange(block.n + 1, dtype=np.int64)
-    return run_starts, np.random.default_rng(seed).permutation(run_starts.shape[0] - 1)
+        return Visit(segments, np.array([0, n_users], dtype=np.int64), np.zeros(1, dtype=np.int64), 0)
+    run_bounds = np.append(np.arange(0, n_users, users_per_run, dtype=np.int64), n_users)
+    return Visit(segments, run_bounds, np.random.default_rng(seed).permutation(run_bounds.shape[0] - 1), tile_items)
 
 
 def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
@@ -122,14 +131,11 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
         k = user_state[0].shape[1]
         P, Q = _padded(user_state[0]), _padded(item_state[0])
         user_bias, item_bias = user_state[1].copy(), item_state[1].copy()
-        run_starts, run_order = visiting_order(block, hyper.order, hyper.users_per_run, order_seed)
-        lr, reg = np.float32(hyper.lr), np.float32(hyper.reg)
-        if hyper.use_bias:
-            sse = kernels.sgd_block_biased(
-                block.users, block.items, block.ratings, run_starts, run_order, P, Q, user_bias, item_bias,
-                np.float32(hyper.global_mean), lr, reg, np.float32(hyper.bias_reg))
-        else:
-            sse = kernels.sgd_block(block.users, block.items, block.ratings, run_starts, run_order, P, Q, lr, reg)
+        visit = visiting_order(block, hyper.order, hyper.users_per_run, hyper.tile_items, order_seed)
+        sse = kernels.sgd_block(
+            block.users, block.items, block.ratings, *visit, P, Q, user_bias, item_bias,
+            np.float32(hyper.global_mean), np.float32(hyper.lr), np.float32(hyper.reg), np.float32(hyper.bias_reg),
+            hyper.use_bias)
     except Exception as exc:
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
     # A factor that overflowed in this block's last updates has not yet spoiled an

@@ -21,38 +21,58 @@ def _problem(seed: int, n_users: int = 7, n_items: int = 5, n: int = 25, k: int 
     return users, items, ratings, order, P, Q, user_bias, item_bias
 
 
-def _as_runs(order: np.ndarray, run_length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Cut positions 0..n-1 into runs of ``run_length`` visited in a shuffled order.
-
-    Returns the run arrays for the kernel and the flat position order they imply.
-    """
-    n = order.shape[0]
-    run_starts = np.append(np.arange(0, n, run_length), n).astype(np.int64)
-    run_order = np.random.default_rng(5).permutation(run_starts.shape[0] - 1)
-    flat = np.concatenate([np.arange(run_starts[s], run_starts[s + 1]) for s in run_order])
-    return run_starts, run_order, flat
+def _visit(users: np.ndarray, items: np.ndarray, users_per_run: int, tile_items: int, seed: int = 5):
+    """Segments (one per user), runs of ``users_per_run`` users in a shuffled order, and the flat
+    position order the kernel must follow: run by run, tile by tile, user by user, item by item.
+    Positions must be sorted by (user, item)."""
+    n = users.shape[0]
+    segments = np.append(np.flatnonzero(np.r_[True, np.diff(users) != 0]), n).astype(np.int64)
+    run_bounds = np.append(np.arange(0, segments.shape[0] - 1, users_per_run), segments.shape[0] - 1)
+    run_order = np.random.default_rng(seed).permutation(run_bounds.shape[0] - 1)
+    tile = tile_items or int(items.max()) + 1
+    flat = []
+    for run in run_order:
+        for lo in range(0, int(items.max()) + 1, tile):
+            for s in range(run_bounds[run], run_bounds[run + 1]):
+                flat += [j for j in range(segments[s], segments[s + 1]) if lo <= items[j] < lo + tile]
+    return segments, run_bounds.astype(np.int64), run_order, np.array(flat)
 
 
 @pytest.mark.parametrize("use_bias", [True, False])
-@pytest.mark.parametrize("run_length", [1, 4])
-def test_sgd_kernel_matches_reference(use_bias, run_length):
-    users, items, ratings, order, P, Q, ub, ib = _problem(0)
-    run_starts, run_order, order = _as_runs(order, run_length)
+@pytest.mark.parametrize("users_per_run,tile_items", [(1, 0), (3, 0), (3, 2), (7, 1)])
+def test_sgd_kernel_matches_reference(use_bias, users_per_run, tile_items):
+    users, items, ratings, _, P, Q, ub, ib = _problem(0)
+    by_user_item = np.lexsort((items, users))
+    users, items, ratings = users[by_user_item], items[by_user_item], ratings[by_user_item]
+    segments, run_bounds, run_order, order = _visit(users, items, users_per_run, tile_items)
+    assert sorted(order.tolist()) == list(range(users.shape[0]))
     mu, lr, reg, bias_reg = 3.5, 0.05, 0.02, 0.01
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, mu, lr, reg, bias_reg, use_bias=use_bias)
-    P0, Q0 = P.copy(), Q.copy()
-    if use_bias:
-        sse = kernels.sgd_block_biased(users, items, ratings, run_starts, run_order, P, Q, ub, ib,
-                                       np.float32(mu), np.float32(lr), np.float32(reg), np.float32(bias_reg))
-        np.testing.assert_allclose(ub, ref[2], rtol=1e-4, atol=1e-5)
-        np.testing.assert_allclose(ib, ref[3], rtol=1e-4, atol=1e-5)
-    else:
-        sse = kernels.sgd_block(users, items, ratings, run_starts, run_order, P, Q, np.float32(lr),
-                                np.float32(reg))
+    P0, Q0, ub0, ib0 = P.copy(), Q.copy(), ub.copy(), ib.copy()
+    sse = kernels.sgd_block(users, items, ratings, segments, run_bounds, run_order, tile_items, P, Q, ub, ib,
+                            np.float32(mu), np.float32(lr), np.float32(reg), np.float32(bias_reg), use_bias)
     assert not np.allclose(P, P0) and not np.allclose(Q, Q0)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Q, ref[1], rtol=1e-4, atol=1e-5)
+    if use_bias:
+        np.testing.assert_allclose(ub, ref[2], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(ib, ref[3], rtol=1e-4, atol=1e-5)
+    else:
+        np.testing.assert_array_equal(ub, ub0)
+        np.testing.assert_array_equal(ib, ib0)
+    assert sse == pytest.approx(sse_ref, rel=1e-4)
+
+
+def test_sgd_kernel_in_random_rating_order_matches_reference():
+    """Runs of one rating each: plain random-order SGD, in any position order."""
+    users, items, ratings, order, P, Q, ub, ib = _problem(4)
+    singles = np.arange(users.shape[0] + 1, dtype=np.int64)
+    ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
+    sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, 3.0, 0.05, 0.02, 0.01)
+    sse = kernels.sgd_block(users, items, ratings, singles, singles, order, 0, P, Q, ub, ib, np.float32(3.0),
+                            np.float32(0.05), np.float32(0.02), np.float32(0.01), True)
+    np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     assert sse == pytest.approx(sse_ref, rel=1e-4)
 
 
@@ -65,9 +85,9 @@ def test_kernel_uses_old_user_factors_in_item_step():
     e = 4.0 - (3.0 + float(P[0] @ Q[0]))
     p_new = P[0] + lr * (e * Q[0] - reg * P[0])
     q_new = Q[0] + lr * (e * P[0] - reg * Q[0])
-    kernels.sgd_block_biased(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32),
-                             np.array([0, 1]), np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr),
-                             np.float32(reg), np.float32(0.0))
+    kernels.sgd_block(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32), np.array([0, 1]),
+                      np.array([0, 1]), np.zeros(1, np.int64), 0, P, Q, ub, ib, np.float32(3.0), np.float32(lr),
+                      np.float32(reg), np.float32(0.0), True)
     np.testing.assert_allclose(P[0], p_new, rtol=1e-6)
     np.testing.assert_allclose(Q[0], q_new, rtol=1e-6)
     assert ub[0] == pytest.approx(lr * e, rel=1e-6)
@@ -120,8 +140,9 @@ def test_empty_block_is_a_no_op():
     users, items, ratings, _, P, Q, ub, ib = _problem(3)
     before = P.copy()
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    sse = kernels.sgd_block_biased(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64),
-                                   P, Q, ub, ib, np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1))
+    sse = kernels.sgd_block(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(1, np.int64),
+                            np.zeros(0, np.int64), 0, P, Q[:0], ub, ib[:0], np.float32(3), np.float32(0.1),
+                            np.float32(0.1), np.float32(0.1), True)
     assert sse == 0.0
     np.testing.assert_array_equal(P, before)
 
@@ -134,19 +155,47 @@ def test_visiting_order_covers_each_rating_once(order, users_per_run):
 
     users = np.array([0, 0, 0, 2, 2, 5, 7, 7, 7, 7], dtype=np.int32)
     block = BlockRatings(users, np.arange(10, dtype=np.int32), np.ones(10, np.float32))
-    run_starts, run_order = visiting_order(block, order, users_per_run, seed=3)
-    visited = np.concatenate([np.arange(run_starts[s], run_starts[s + 1]) for s in run_order])
+    segments, run_bounds, run_order, tile = visiting_order(block, order, users_per_run, 4, seed=3)
+    assert tile == (4 if order == "user_runs" else 0)  # only runs of users are tiled
+    assert sorted(run_order.tolist()) == list(range(run_bounds.shape[0] - 1))
+    runs = [np.arange(segments[run_bounds[r]], segments[run_bounds[r + 1]]) for r in run_order]
+    visited = np.concatenate(runs)
     assert sorted(visited.tolist()) == list(range(10))
     if order == "user_runs":
-        runs = [users[run_starts[s]:run_starts[s + 1]] for s in range(run_order.shape[0])]
         assert len(runs) == -(-4 // users_per_run)
-        assert all(len(set(run.tolist())) <= users_per_run for run in runs)
-        assert sorted(u for run in runs for u in set(run.tolist())) == [0, 2, 5, 7]  # no user split
+        assert all(len(set(users[run].tolist())) <= users_per_run for run in runs)
+        assert sorted(u for run in runs for u in set(users[run].tolist())) == [0, 2, 5, 7]  # no user split
     if order == "sorted":
         assert visited.tolist() == list(range(10))
     empty = BlockRatings(users[:0], users[:0], np.ones(0, np.float32))
-    starts, runs = visiting_order(empty, order, users_per_run, seed=3)
-    assert starts.tolist()[0] == 0 and starts.tolist()[-1] == 0 and runs.shape[0] == starts.shape[0] - 1
+    segments, run_bounds, run_order, _ = visiting_order(empty, order, users_per_run, 4, seed=3)
+    assert segments.tolist() == [0] and run_order.shape[0] == run_bounds.shape[0] - 1
+
+
+def test_tiles_reorder_only_updates_that_commute():
+    """Within a run, tiles change neither the order of one user's ratings nor the order of one item's users, so
+    the factors come out bit-identical to one tile; only the error sum is added in another order."""
+    from tasks import training
+    from tasks.blocks import BlockRatings, RowBlock
+
+    rng = np.random.default_rng(1)
+    pairs = np.unique(rng.integers(0, 60 * 40, 900))
+    users, items = (pairs // 40).astype(np.int32), (pairs % 40).astype(np.int32)
+    ratings = rng.integers(1, 6, users.shape[0]).astype(np.float32)
+    empty = BlockRatings(*(np.empty(0, dtype=t) for t in (np.int32, np.int32, np.float32)))
+    row = RowBlock(0, np.arange(60, dtype=np.int32), ((BlockRatings(users, items, ratings),), (empty,), (empty,)))
+
+    def update(users_per_run, tile_items):
+        hyper = training.Hyper(lr=0.02, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0,
+                               order="user_runs", users_per_run=users_per_run, tile_items=tile_items)
+        return training.sgd_update(row, 0, training.init_factors(60, 8, 0.1, 1), training.init_factors(40, 8, 0.1, 2),
+                                   hyper, 7, "test")
+
+    whole, tiled = update(16, 0), update(16, 8)
+    for a, b in zip((*whole[0], *whole[1]), (*tiled[0], *tiled[1])):
+        np.testing.assert_array_equal(a, b)
+    assert tiled[2] == pytest.approx(whole[2], rel=1e-9)
+    assert not np.array_equal(update(4, 8)[0][0], whole[0][0])  # the runs do change the model
 
 
 def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
@@ -162,7 +211,7 @@ def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
     empty = BlockRatings(*(np.empty(0, dtype=t) for t in (np.int32, np.int32, np.float32)))
     row = RowBlock(0, np.arange(40, dtype=np.int32), ((BlockRatings(users, items, ratings),), (empty,), (empty,)))
     hyper = training.Hyper(lr=0.01, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0, order="user_runs",
-                           users_per_run=4)
+                           users_per_run=4, tile_items=8)
     user, item = training.init_factors(40, 50, 0.1, 1), training.init_factors(30, 50, 0.1, 2)
     padded = training.sgd_update(row, 0, user, item, hyper, 7, "padded")
     assert training._padded(user[0]).shape == (40, 64) and padded[0][0].shape == (40, 50)

@@ -184,12 +184,12 @@ def test_a_block_whose_factors_overflow_reports_an_infinite_error():
     empty = BlockRatings(*(np.empty(0, dtype=t) for t in (np.int32, np.int32, np.float32)))
     row_block = RowBlock(0, np.arange(20, dtype=np.int32), ((BlockRatings(users, items, ratings),), (empty,), (empty,)))
     hyper = Hyper(lr=1e6, reg=0.0, bias_reg=0.0, use_bias=True, global_mean=3.0, order="user_runs",
-                  users_per_run=4)
+                  users_per_run=4, tile_items=0)
     users, items, sse = sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), hyper,
                                    7, "test block")
     assert sse == float("inf")
     sane = Hyper(lr=0.01, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0, order="user_runs",
-                 users_per_run=4)
+                 users_per_run=4, tile_items=0)
     assert np.isfinite(sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), sane,
                                   7, "test block")[2])
 
