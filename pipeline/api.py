@@ -47,7 +47,7 @@ class FunkSVD:
     """
 
     def __init__(self, k: int = 32, epochs: int = 20, lr: float = 0.01, reg: float = 0.05, bias_reg: float = 0.01,
-                 use_bias: bool = True, d: int = 4, seed: int = 0, run_dir: str | Path | None = None,
+                 use_bias: bool = True, d: int | str = "auto", seed: int = 0, run_dir: str | Path | None = None,
                  callbacks: Sequence[Callable[[EpochReport], None]] = (), options: dict[str, Any] | None = None):
         self.params = {"model.k": k, "train.epochs": epochs, "train.lr": lr, "model.reg": reg,
                        "model.bias_reg": bias_reg, "model.use_bias": use_bias, "train.d": d, "train.seed": seed}

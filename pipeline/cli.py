@@ -20,7 +20,7 @@ from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.foldin import fold_in_run
 from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
-from pipeline.plan import Plan, calibrate
+from pipeline.plan import Plan, auto_d, calibrate
 from pipeline.predict import predict
 from pipeline.recommend import recommend
 from pipeline.report import report as write_report
@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--users", type=float, required=True)
     plan.add_argument("--items", type=float, required=True)
     plan.add_argument("--k", type=int, default=50)
-    plan.add_argument("--d", type=int, default=4)
+    plan.add_argument("--d", type=int, default=None, help="blocks per side (default: what train.d: auto picks)")
     plan.add_argument("--workers", type=int, default=2)
     plan.add_argument("--threads-per-worker", type=int, default=1)
     plan.add_argument("--train-fraction", type=float, default=0.85)
@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "plan":
             rate = args.rate or calibrate(args.k)
-            sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, args.d, args.workers,
+            d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker)
+            sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
                          args.threads_per_worker, args.train_fraction, rate)
             for label, value in sized.rows():
                 print(f"{label:<40} {value}")

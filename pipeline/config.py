@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import ConfigError
 
@@ -117,7 +117,7 @@ class TrainConfig(_Section):
     lr: float = Field(0.01, gt=0)
     lr_schedule: Literal["bold_driver", "constant", "decay"] = "bold_driver"
     lr_decay: float = Field(0.95, gt=0, le=1)
-    d: int = Field(4, ge=1)
+    d: int | Literal["auto"] = "auto"
     order: Literal["user_runs", "ratings", "sorted"] = "user_runs"
     users_per_run: int = Field(1024, ge=1)
     tile_items: int = Field(1024, ge=0)
@@ -127,6 +127,13 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     init_from: str | None = None
+
+    @field_validator("d", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f"must be auto or a whole number >= 1, got {value!r}")
 
 
 class TLSConfig(_Section):

@@ -28,6 +28,22 @@ LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block
 # Fitted to a 10M-rating epoch on a 2-worker LocalCluster (0.47 s measured, 0.46 s estimated).
 TASK_OVERHEAD_S = 0.02
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
+# train.d: auto gives each thread two blocks per stratum while a block keeps this many ratings.
+# Measured on 2 workers: 100M ratings, d=4 (5.6M a block) 2.93 s an epoch, d=2 3.18 s, d=8 3.99 s;
+# at 10M ratings d=2 beat d=4, whose 0.56M-rating tasks are a third scheduler overhead.
+MIN_BLOCK_RATINGS = 4_000_000
+
+
+def auto_d(n_ratings: int, threads: int) -> int:
+    """The ``train.d`` that ``auto`` picks for ``n_ratings`` on ``threads`` worker threads.
+
+    Two blocks per thread and stratum even out unequal blocks, as long as each block
+    keeps ``MIN_BLOCK_RATINGS``; below that, one, so tasks stay well above the
+    scheduler's per-task cost. Never fewer blocks than threads: a thread without a
+    block idles.
+    """
+    threads = max(threads, 1)
+    return 2 * threads if n_ratings / (2 * threads) ** 2 >= MIN_BLOCK_RATINGS else threads
 
 
 @dataclass(frozen=True)
@@ -89,25 +105,27 @@ def _bytes(n: float) -> str:
 
 
 def calibrate(k: int, seconds: float = 2.0) -> float:
-    """This machine's SGD ratings per second per thread at ``k`` (runs of 32 users, as training does)."""
+    """This machine's SGD ratings per second per thread at ``k``, visiting a block as training does by default."""
+    from pipeline.config import TrainConfig
     from tasks import kernels
+    from tasks.blocks import BlockRatings
+    from tasks.training import _padded, visiting_order
 
     rng = np.random.default_rng(0)
     n, n_users, n_items = 1_000_000, 20_000, 4_000
-    users = np.sort(rng.integers(0, n_users, n)).astype(np.int32)
-    items = rng.integers(0, n_items, n).astype(np.int32)
-    ratings = rng.integers(1, 6, n).astype(np.float32)
-    starts = np.concatenate(([0], np.flatnonzero(np.diff(users)) + 1))[::32]
-    run_starts = np.append(starts, n).astype(np.int64)
-    run_order = rng.permutation(run_starts.shape[0] - 1).astype(np.int64)
-    P = rng.normal(0, 0.1, (n_users, k)).astype(np.float32)
-    Q = rng.normal(0, 0.1, (n_items, k)).astype(np.float32)
+    keys = np.unique(rng.integers(0, n_users * n_items, n))
+    block = BlockRatings((keys // n_items).astype(np.int32), (keys % n_items).astype(np.int32),
+                         rng.integers(1, 6, keys.shape[0]).astype(np.float32))
+    train = TrainConfig()
+    visit = visiting_order(block, train.order, train.users_per_run, train.tile_items, seed=0)
+    P = _padded(rng.normal(0, 0.1, (n_users, k)).astype(np.float32))
+    Q = _padded(rng.normal(0, 0.1, (n_items, k)).astype(np.float32))
     bu, bi = np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
-    args = (users, items, ratings, run_starts, run_order, P, Q, bu, bi, np.float32(3.6), np.float32(0.005),
-            np.float32(0.05), np.float32(0.01))
-    kernels.sgd_block_biased(*args)  # compile, or load the cache
+    args = (block.users, block.items, block.ratings, *visit, P, Q, bu, bi, np.float32(3.6), np.float32(0.005),
+            np.float32(0.05), np.float32(0.01), True)
+    kernels.sgd_block(*args)  # compile, or load the cache
     done, began = 0, time.perf_counter()
     while time.perf_counter() - began < seconds:
-        kernels.sgd_block_biased(*args)
-        done += n
+        kernels.sgd_block(*args)
+        done += block.n
     return done / (time.perf_counter() - began)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
+from pipeline.plan import auto_d
 from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from pipeline.cluster import IN_PROCESS, Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
@@ -146,11 +147,26 @@ class Pipeline:
     def blocks(self, dataset: Dataset, upstream: str) -> tuple[Blocks, str]:
         t = self.config.train
         test_set = given_test_set(self.config.split, dataset).fingerprint if self.config.split.method == "given" else ""
-        fingerprint = _chain(upstream, dataset.fingerprint, test_set, self.config.fingerprint("split"), str(t.d),
-                             str(t.seed))
+
+        def fingerprint_at(d: int) -> str:
+            return _chain(upstream, dataset.fingerprint, test_set, self.config.fingerprint("split"), str(d),
+                          str(t.seed))
+
+        d = t.d
+        if d == "auto":
+            d = auto_d(dataset.n_ratings, self.executor.total_threads)
+            # The run's own blocks keep their d, so a re-run or --resume on another cluster
+            # size continues the same model instead of starting over.
+            if (self.run.blocks / "blocks.json").exists():
+                built = open_blocks(self.run.blocks).d
+                if self.run.completed("block", fingerprint_at(built)) is not None:
+                    d = built
+            log.info("train.d: auto chose d=%d for %s ratings on %d worker threads",
+                     d, f"{dataset.n_ratings:,}", self.executor.total_threads)
+        fingerprint = fingerprint_at(d)
 
         def work() -> None:
-            block_dataset(self.executor, dataset, self.run.blocks, t.d, self.config.split, t.seed)
+            block_dataset(self.executor, dataset, self.run.blocks, d, self.config.split, t.seed)
 
         self._stage("block", fingerprint, work, self.run.blocks / "blocks.json")
         return open_blocks(self.run.blocks), fingerprint
@@ -238,7 +254,7 @@ class Pipeline:
             "ranking": record.get("ranking"),
             "floor_rmse": record.get("floor_rmse"),
             "epochs": self.run.completed("train", upstream)["epochs"],
-            "k": c.model.k, "d": c.train.d, "seed": c.train.seed,
+            "k": c.model.k, "d": blocks.d, "seed": c.train.seed,
             "n_ratings": dataset.n_ratings,
             "dataset_fingerprint": dataset.fingerprint,
             "seconds": dict(self.seconds),
@@ -315,7 +331,7 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
                 update_text(dump_config(config), run.root / "config.yaml")
                 if running.dashboard_link:
                     log.info("Dask dashboard: %s", running.dashboard_link)
-                if config.train.d < running.total_threads:
+                if config.train.d != "auto" and config.train.d < running.total_threads:
                     log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise "
                                 "train.d", config.train.d, running.total_threads)
                 pipeline = Pipeline(config, running, resume, force, callbacks)

@@ -210,3 +210,19 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
     items = pq.read_table(run_dir / "export" / "items.parquet")
     np.testing.assert_array_equal(np.array(items["factors"].to_pylist(), dtype=np.float32), factors.Q)
     assert not (run_dir / "summary.json").exists()  # export needs a model, not an evaluation
+
+
+def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_with(tiny_config, tmp_path):
+    from pipeline.cluster import InProcessExecutor
+
+    class ThreeThreads(InProcessExecutor):
+        total_threads = 3
+
+    first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"))
+    assert first["d"] == 1  # 12k ratings on the one in-process thread
+    blocks_json = tmp_path / "run" / "blocks" / "blocks.json"
+    built = blocks_json.stat().st_mtime_ns
+    again = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"), executor=ThreeThreads())
+    assert again["d"] == 1 and blocks_json.stat().st_mtime_ns == built
+    assert again["test_rmse"] == first["test_rmse"]
+    assert run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=ThreeThreads())["d"] == 3

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.cli import main
-from pipeline.plan import BALANCE, Plan, calibrate
+from pipeline.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
 
 
 def test_plan_arithmetic_for_netflix_on_two_workers():
@@ -30,3 +30,17 @@ def test_plan_command_prints_the_estimate(capsys):
                  "--workers", "32", "--rate", "2e7"]) == 0
     out = capsys.readouterr().out
     assert "estimated epoch time" in out and "parallel block tasks" in out and "32 (d=64, 32×1 threads)" in out
+
+
+def test_auto_d_gives_two_blocks_per_thread_only_while_blocks_stay_large():
+    assert auto_d(100_000_000, 2) == 4                     # Netflix on 2 threads: 6.25M ratings a block
+    assert auto_d(10_000_000, 2) == 2                      # 10M: 0.6M a block at d=4 would be overhead-bound
+    assert auto_d(16 * MIN_BLOCK_RATINGS, 2) == 4 and auto_d(16 * MIN_BLOCK_RATINGS - 1, 2) == 2
+    assert auto_d(10**11, 64) == 128 and auto_d(10**10, 64) == 64
+    assert auto_d(1_000, 1) == 1 and auto_d(1_000, 0) == 1  # never below one block, nor below the threads
+
+
+def test_plan_command_defaults_d_to_the_auto_choice(capsys):
+    assert main(["plan", "--ratings", "1e8", "--users", "480189", "--items", "17770", "--workers", "2",
+                 "--rate", "2e7"]) == 0
+    assert "2 (d=4, 2×1 threads)" in capsys.readouterr().out
