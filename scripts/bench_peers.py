@@ -15,6 +15,7 @@ peer's epoch time over funkflow's measured in the same run.
 from __future__ import annotations
 
 import argparse
+import os
 import importlib.util
 import json
 import logging
@@ -31,6 +32,9 @@ from peak_rss import _tree_rss
 
 PEERS = {"funkflow": "pipeline", "LIBMF": "libmf", "Surprise": "surprise", "Spark ALS": "pyspark"}
 PIP_NAMES = {"LIBMF": "libmf", "Surprise": "scikit-surprise", "Spark ALS": "pyspark"}
+# Surprise holds every rating as Python objects: 3.59 GiB of peak RSS for 8.5M training ratings
+# (scale 0.1), ~450 bytes each. At scale 1 that is ~38 GB; a peer that cannot fit is reported, not run.
+BYTES_PER_TRAIN_RATING = {"Surprise": 450}
 
 
 def _arrays(cache: Path, scale: float) -> tuple[np.ndarray, np.ndarray]:
@@ -78,7 +82,7 @@ def time_spark(train: np.ndarray, test: np.ndarray, k: int, epochs: int, threads
     for name, rows in (("train", train), ("test", test)):
         pq.write_table(pa.table({"user": rows[:, 0].astype(np.int32), "item": rows[:, 1].astype(np.int32),
                                  "rating": rows[:, 2]}), cache / f"spark-{name}.parquet")
-    spark = (SparkSession.builder.master(f"local[{threads}]").config("spark.driver.memory", "8g")
+    spark = (SparkSession.builder.master(f"local[{threads}]").config("spark.driver.memory", "16g")
              .config("spark.ui.enabled", "false").getOrCreate())
     spark.sparkContext.setLogLevel("ERROR")
     spark.sparkContext.setCheckpointDir(str(cache / "spark-checkpoints"))
@@ -146,10 +150,15 @@ def main() -> None:
     dataset = dataset_at(args.scale, args.cache)
     n_train = _arrays(args.cache, args.scale)[0].shape[0]
     results = {}
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for peer in args.peers:
         installed = importlib.util.find_spec(PEERS[peer]) is not None
+        needs = BYTES_PER_TRAIN_RATING.get(peer, 0) * n_train
         if peer == "Spark ALS" and installed and shutil.which("java") is None:
             results[peer] = {"error": "not runnable: no java on PATH"}
+        elif installed and needs > 0.8 * memory:
+            results[peer] = {"error": f"not run: needs about {needs / 1024**3:.0f} GiB "
+                                      f"(measured per rating at scale 0.1), this machine has {memory / 1024**3:.0f}"}
         elif not installed:
             results[peer] = {"error": f"not installed (pip install {PIP_NAMES[peer]})"}
         else:

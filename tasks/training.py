@@ -140,8 +140,9 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
     # A factor that overflowed in this block's last updates has not yet spoiled an
     # error; report it through the sum so the driver rolls back now, not an epoch later.
-    if not all(math.isfinite(a.sum(dtype=np.float64)) for a in (P, Q, user_bias, item_bias)):
-        sse = math.inf
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the sum is the finding, not a fault
+        if not all(math.isfinite(a.sum(dtype=np.float64)) for a in (P, Q, user_bias, item_bias)):
+            sse = math.inf
     if P.shape[1] != k:
         P, Q = np.ascontiguousarray(P[:, :k]), np.ascontiguousarray(Q[:, :k])
     return (P, user_bias), (Q, item_bias), float(sse)
