@@ -67,7 +67,7 @@ def time_libmf(train: np.ndarray, test: np.ndarray, k: int, epochs: int, threads
     return {"epoch_seconds": (total - setup) / epochs, "test_rmse": rmse}
 
 
-def time_funkflow(dataset, cache: Path, k: int, epochs: int, threads: int, d: int) -> dict:
+def time_funkflow(dataset, cache: Path, k: int, epochs: int, threads: int, d: int | str = "auto") -> dict:
     run_dir = cache / f"vs-libmf-{dataset.root.name}-k{k}-t{threads}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(None, [
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--d", type=int, help="blocks per side (default: the thread count, the fewest tasks)")
+    parser.add_argument("--d", type=int, help="blocks per side (default: what train.d: auto picks)")
     parser.add_argument("--libmf-obj", type=Path, help="a LIBMF shared object to use instead of the binding's")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/funkflow-bench"))
     args = parser.parse_args()
@@ -109,7 +109,7 @@ def main() -> None:
           "LIBMF test RMSE | floor |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for threads in args.threads:
-        ours = time_funkflow(dataset, args.cache, args.k, args.epochs, threads, args.d or threads)
+        ours = time_funkflow(dataset, args.cache, args.k, args.epochs, threads, args.d or "auto")
         if have_libmf:
             theirs = time_libmf(train, test, args.k, args.epochs, threads)
             cells = (f"{theirs['epoch_seconds']:.3f}", f"{theirs['epoch_seconds'] / ours['epoch_seconds']:.2f}",

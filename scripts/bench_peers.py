@@ -102,8 +102,7 @@ def time_spark(train: np.ndarray, test: np.ndarray, k: int, epochs: int, threads
 
 def run_one(peer: str, args: argparse.Namespace) -> dict:
     if peer == "funkflow":
-        result = time_funkflow(dataset_at(args.scale, args.cache), args.cache, args.k, args.epochs, args.threads,
-                               args.threads)
+        result = time_funkflow(dataset_at(args.scale, args.cache), args.cache, args.k, args.epochs, args.threads)
         return {k: result[k] for k in ("epoch_seconds", "test_rmse", "floor_rmse")}
     train, test = _arrays(args.cache, args.scale)
     if peer == "LIBMF":
