@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
-from pipeline.plan import auto_d
 from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from pipeline.cluster import IN_PROCESS, Executor, open_executor
 from pipeline.config import Config, GenerateConfig, dump_config
@@ -38,6 +37,7 @@ from pipeline.evaluate import evaluate
 from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.logs import stage_context
 from pipeline.model import export_model, read_id_maps, write_model
+from pipeline.plan import auto_d
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
 from tasks.ingest import index_of
