@@ -4,8 +4,9 @@ For a number of ratings, users and items, k, d and workers it prints the
 memory each worker needs (its rating blocks, its user factors, the item
 factors in flight), the bytes that move per epoch (item factors between
 workers, a checkpoint to storage) and an estimated epoch time from the SGD
-kernel's throughput measured on this machine (a two-second calibration; pass
-``--rate`` to use a figure measured elsewhere). The model behind it:
+kernel's throughput measured on this machine (a two-second calibration with
+one kernel per core at once, since threads that share a host slow each other;
+pass ``--rate`` to use a figure measured elsewhere). The model behind it:
 
     epoch ≈ train ratings / (rate × min(workers × threads, d) × balance)
             + d² × per-task overhead + a validation pass at 4× the SGD rate
@@ -17,6 +18,7 @@ parallel (DSGD waits for its slowest block).
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -104,8 +106,11 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
-def calibrate(k: int, seconds: float = 2.0) -> float:
-    """This machine's SGD ratings per second per thread at ``k``, visiting a block as training does by default."""
+def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float:
+    """This machine's SGD ratings per second per thread at ``k`` with ``threads`` kernels running at once
+    (default: one per core, as on a busy worker host), visiting a block as training does by default."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from pipeline.config import TrainConfig
     from tasks import kernels
     from tasks.blocks import BlockRatings
@@ -120,12 +125,23 @@ def calibrate(k: int, seconds: float = 2.0) -> float:
     visit = visiting_order(block, train.order, train.users_per_run, train.tile_items, seed=0)
     P = _padded(rng.normal(0, 0.1, (n_users, k)).astype(np.float32))
     Q = _padded(rng.normal(0, 0.1, (n_items, k)).astype(np.float32))
-    bu, bi = np.zeros(n_users, np.float32), np.zeros(n_items, np.float32)
-    args = (block.users, block.items, block.ratings, *visit, P, Q, bu, bi, np.float32(3.6), np.float32(0.005),
-            np.float32(0.05), np.float32(0.01), True)
-    kernels.sgd_block(*args)  # compile, or load the cache
-    done, began = 0, time.perf_counter()
-    while time.perf_counter() - began < seconds:
-        kernels.sgd_block(*args)
-        done += block.n
-    return done / (time.perf_counter() - began)
+
+    def private_args() -> tuple:
+        return (block.users, block.items, block.ratings, *visit, P.copy(), Q.copy(), np.zeros(n_users, np.float32),
+                np.zeros(n_items, np.float32), np.float32(3.6), np.float32(0.005), np.float32(0.05),
+                np.float32(0.01), True)
+
+    def passes(deadline: float) -> int:
+        """Kernel passes over private factors until ``deadline``; the kernel releases the GIL."""
+        args, done = private_args(), 0
+        while time.perf_counter() < deadline:
+            kernels.sgd_block(*args)
+            done += 1
+        return done
+
+    kernels.sgd_block(*private_args())  # compile, or load the cache
+    threads = threads or os.cpu_count() or 1
+    began = time.perf_counter()
+    with ThreadPoolExecutor(threads) as pool:
+        done = sum(pool.map(passes, [began + seconds] * threads))
+    return done * block.n / threads / (time.perf_counter() - began)

@@ -77,8 +77,10 @@ def time_funkflow(dataset, cache: Path, k: int, epochs: int, threads: int, d: in
     ])
     summary = run_pipeline(config)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    elapsed = np.cumsum([m["seconds"] for m in metrics])
     return {"epoch_seconds": statistics.median(m["seconds"] for m in metrics[1:]), "test_rmse": summary["test_rmse"],
-            "floor_rmse": summary["floor_rmse"]}
+            "floor_rmse": summary["floor_rmse"],
+            "curve": [[float(t), m["val_rmse"]] for t, m in zip(elapsed, metrics)]}
 
 
 def main() -> None:
