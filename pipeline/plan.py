@@ -114,7 +114,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     from pipeline.config import TrainConfig
     from tasks import kernels
     from tasks.blocks import BlockRatings
-    from tasks.training import _padded, visiting_order
+    from tasks.training import padded_rows, visiting_order
 
     rng = np.random.default_rng(0)
     n, n_users, n_items = 1_000_000, 20_000, 4_000
@@ -123,8 +123,8 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
                          rng.integers(1, 6, keys.shape[0]).astype(np.float32))
     train = TrainConfig()
     visit = visiting_order(block, train.order, train.users_per_run, train.tile_items, seed=0)
-    P = _padded(rng.normal(0, 0.1, (n_users, k)).astype(np.float32))
-    Q = _padded(rng.normal(0, 0.1, (n_items, k)).astype(np.float32))
+    P = padded_rows(rng.normal(0, 0.1, (n_users, k)).astype(np.float32))
+    Q = padded_rows(rng.normal(0, 0.1, (n_items, k)).astype(np.float32))
 
     def private_args() -> tuple:
         return (block.users, block.items, block.ratings, *visit, P.copy(), Q.copy(), np.zeros(n_users, np.float32),

@@ -98,7 +98,7 @@ def warm_factors(n: int, k: int, init_std: float, seed: int, model_dir: str, sid
 ALIGN_FLOATS = 16  # 64 bytes: a factor row that fills whole cache lines and AVX registers
 
 
-def _padded(factors: np.ndarray) -> np.ndarray:
+def padded_rows(factors: np.ndarray) -> np.ndarray:
     """A copy of ``factors`` whose rows are padded with zeros to a multiple of 16 floats.
 
     Rows of 50 floats straddle cache lines and leave the kernel a scalar tail;
@@ -129,7 +129,7 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
     try:
         block = row_block.split(0)[col]
         k = user_state[0].shape[1]
-        P, Q = _padded(user_state[0]), _padded(item_state[0])
+        P, Q = padded_rows(user_state[0]), padded_rows(item_state[0])
         user_bias, item_bias = user_state[1].copy(), item_state[1].copy()
         visit = visiting_order(block, hyper.order, hyper.users_per_run, hyper.tile_items, order_seed)
         sse = kernels.sgd_block(

@@ -214,7 +214,7 @@ def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
                            users_per_run=4, tile_items=8)
     user, item = training.init_factors(40, 50, 0.1, 1), training.init_factors(30, 50, 0.1, 2)
     padded = training.sgd_update(row, 0, user, item, hyper, 7, "padded")
-    assert training._padded(user[0]).shape == (40, 64) and padded[0][0].shape == (40, 50)
+    assert training.padded_rows(user[0]).shape == (40, 64) and padded[0][0].shape == (40, 50)
     original = training.ALIGN_FLOATS
     try:
         training.ALIGN_FLOATS = 1
