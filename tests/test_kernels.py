@@ -198,6 +198,20 @@ def test_tiles_reorder_only_updates_that_commute():
     assert not np.array_equal(update(4, 8)[0][0], whole[0][0])  # the runs do change the model
 
 
+def test_padded_rows_start_on_a_cache_line_and_keep_the_factors():
+    from tasks import training
+
+    rng = np.random.default_rng(0)
+    for n, k in [(1, 1), (7, 16), (1000, 50), (20_000, 64), (3, 128)]:
+        for _ in range(3):  # the allocator's offset varies from call to call
+            factors = rng.normal(size=(n, k)).astype(np.float32)
+            padded = training.padded_rows(factors)
+            assert padded.ctypes.data % training.CACHE_LINE == 0
+            assert padded.shape == (n, -(-k // 16) * 16) and padded.flags.c_contiguous
+            np.testing.assert_array_equal(padded[:, :k], factors)
+            assert not padded[:, k:].any()
+
+
 def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
     """sgd_update pads rows to 16 floats for speed; the zero columns stay zero and the result matches the
     unpadded update to float32 rounding."""
