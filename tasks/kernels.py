@@ -127,37 +127,6 @@ def sgd_block(
 
 
 @numba.jit(**_JIT)
-def predict_block(
-    users: np.ndarray,
-    items: np.ndarray,
-    P: np.ndarray,
-    Q: np.ndarray,
-    user_bias: np.ndarray,
-    item_bias: np.ndarray,
-    global_mean: np.float32,
-) -> np.ndarray:
-    """Predictions ``μ + b_u + b_i + p_u · q_i`` for index pairs.
-
-    For a k-only model pass zero biases and a zero mean.
-
-    Returns
-    -------
-    array of shape (n,), float32
-    """
-    n = users.shape[0]
-    k = P.shape[1]
-    out = np.empty(n, dtype=np.float32)
-    for j in range(n):
-        u = users[j]
-        i = items[j]
-        pred = global_mean + user_bias[u] + item_bias[i]
-        for f in range(k):
-            pred += P[u, f] * Q[i, f]
-        out[j] = pred
-    return out
-
-
-@numba.jit(**_JIT)
 def block_errors(
     users: np.ndarray,
     items: np.ndarray,
