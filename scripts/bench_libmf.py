@@ -5,8 +5,8 @@ PyPI's ``libmf`` binding; its per-iteration time is ``(T(1 + N) - T(1)) / N``
 over whole ``fit`` calls, so its set-up is left out. LIBMF is timed with
 ``quiet`` (no per-iteration loss); funkflow's epoch time includes its train and
 validation RMSE pass, without checkpoints (LIBMF has none). Both train on the
-same hash split and are scored on the same test ratings. funkflow's d defaults to the thread count: at this size the
-cost of a Dask task hand-off (a few ms) outweighs the balance more blocks give.
+same hash split and are scored on the same test ratings. funkflow's d is what
+``train.d: auto`` picks for the data and thread count unless ``--d`` says otherwise.
 
 The binding builds LIBMF without its SSE/AVX code paths; to compare with the
 official build, compile ``mf.cpp`` and ``libmf_interface.cpp`` from the binding's
