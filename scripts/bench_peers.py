@@ -18,10 +18,10 @@ fit in this machine (Surprise at scale 1) is reported, not run.
 from __future__ import annotations
 
 import argparse
-import os
 import importlib.util
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
