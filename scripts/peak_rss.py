@@ -1,13 +1,18 @@
 """Run a command and report the peak resident memory of its whole process tree.
 
 Samples /proc every 0.2 s: the peak of the tree's summed RSS, and the peak of
-its largest single process (a Dask worker, say). Linux only.
+its largest single process (a Dask worker, say). Linux only. ``--trace FILE``
+also writes every sample to FILE as CSV (seconds since start, local time, tree
+GiB, largest process GiB), to line up with the command's log and find the stage
+that holds the peak.
 
-    python scripts/peak_rss.py -- funkflow generate --scale 1 --out /tmp/netflix
+    python scripts/peak_rss.py [--trace rss.csv] -- funkflow generate --scale 1 --out /tmp/netflix
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -40,25 +45,31 @@ def _tree_rss(root: int) -> list[int]:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    if argv[:1] == ["--"]:
-        argv = argv[1:]
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trace", type=Path, metavar="FILE", help="write every sample to FILE as CSV")
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args()
+    argv = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not argv:
-        print(__doc__, file=sys.stderr)
-        return 2
+        parser.error("no command given")
+    gib = 1024**3
     began = time.perf_counter()
     proc = subprocess.Popen(argv)
     peak_total = peak_single = 0
-    while proc.poll() is None:
-        sizes = _tree_rss(proc.pid)
-        peak_total = max(peak_total, sum(sizes))
-        peak_single = max(peak_single, max(sizes, default=0))
-        time.sleep(0.2)
-    gib = 1024**3
+    with open(args.trace, "w") if args.trace else contextlib.nullcontext() as trace:
+        if trace:
+            trace.write("seconds,time,tree_gib,largest_gib\n")
+        while proc.poll() is None:
+            sizes = _tree_rss(proc.pid)
+            total, single = sum(sizes), max(sizes, default=0)
+            peak_total, peak_single = max(peak_total, total), max(peak_single, single)
+            if trace:
+                trace.write(f"{time.perf_counter() - began:.1f},{time.strftime('%H:%M:%S')},"
+                            f"{total / gib:.3f},{single / gib:.3f}\n")
+            time.sleep(0.2)
     print(f"exit {proc.returncode}; {time.perf_counter() - began:.1f}s; peak RSS of the process tree "
           f"{peak_total / gib:.2f} GiB, of its largest process {peak_single / gib:.2f} GiB", file=sys.stderr)
     return proc.returncode
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,8 +34,13 @@ def test_benchmark_script_runs_at_tiny_scale(script, args, row, tmp_path):
 
 def test_peak_rss_reports_a_command(tmp_path):
     hold_200_mib = "import time; x = b'x' * (200 * 1024 * 1024); time.sleep(1)"
-    done = subprocess.run([sys.executable, str(SCRIPTS / "peak_rss.py"), "--", sys.executable, "-c", hold_200_mib],
-                          capture_output=True, text=True, timeout=60)
+    trace = tmp_path / "rss.csv"
+    done = subprocess.run([sys.executable, str(SCRIPTS / "peak_rss.py"), "--trace", str(trace), "--",
+                           sys.executable, "-c", hold_200_mib], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert "peak RSS of the process tree" in done.stderr
-    assert float(done.stderr.split("process tree ")[1].split(" GiB")[0]) >= 0.15
+    peak = float(done.stderr.split("process tree ")[1].split(" GiB")[0])
+    assert peak >= 0.15
+    header, *samples = trace.read_text().splitlines()
+    assert header == "seconds,time,tree_gib,largest_gib" and len(samples) >= 4
+    assert max(float(row.split(",")[2]) for row in samples) == pytest.approx(peak, abs=0.01)
