@@ -46,17 +46,25 @@ def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[keep], cols[keep]
 
 
-def seen_items(row_block: RowBlock, n_items: int, d: int, seed: int,
-               codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> tuple[np.ndarray, np.ndarray]:
-    """(local user, global item) of every rating of the row block in the splits ``codes``."""
-    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
-    users, items = [], []
+def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_members: list[np.ndarray],
+              codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> None:
+    """Set ``scores[j, item]`` to -inf for every rating of local user ``chunk[j]`` in the splits ``codes``.
+
+    Each block is sorted by user, so every user's ratings are found by binary
+    search: the work and memory follow the chunk's ratings, not the row block's.
+    """
+    rows_of_chunk = np.arange(chunk.shape[0])
     for code in codes:
         for col, block in enumerate(row_block.split(code)):
-            users.append(block.users)
-            items.append(item_members[col][block.items])
-    return (np.concatenate(users).astype(np.int64), np.concatenate(items).astype(np.int64)) if users else (
-        np.zeros(0, np.int64), np.zeros(0, np.int64))
+            wanted = chunk.astype(block.users.dtype)  # same dtype: searchsorted would copy the block to cast it
+            starts = np.searchsorted(block.users, wanted)
+            counts = np.searchsorted(block.users, wanted, side="right") - starts
+            total = int(counts.sum())
+            if total == 0:
+                continue
+            first = np.repeat(starts - (np.cumsum(counts) - counts), counts)  # each run's start, shifted
+            positions = first + np.arange(total)
+            scores[np.repeat(rows_of_chunk, counts), item_members[col][block.items[positions]]] = -np.inf
 
 
 def _item_model(model_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
@@ -87,9 +95,7 @@ def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: i
         Q, item_bias, global_mean = _item_model(model_dir)
     members = row_block.user_ids.astype(np.int64)
     local = np.arange(members.shape[0]) if wanted is None else np.flatnonzero(np.isin(members, wanted))
-    seen_users, seen_item_ids = seen_items(row_block, n_items, d, seed)
-    order = np.argsort(seen_users, kind="stable")
-    seen_users, seen_item_ids = seen_users[order], seen_item_ids[order]
+    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
     out_users, out_items, out_scores = [], [], []
     for start in range(0, local.shape[0], chunk_users):
         chunk = local[start:start + chunk_users]
@@ -99,10 +105,7 @@ def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: i
             scores += item_bias[None, :]
         else:
             scores = np.repeat(popularity[None, :].astype(np.float32), chunk.shape[0], axis=0)
-        lo, hi = np.searchsorted(seen_users, chunk[0]), np.searchsorted(seen_users, chunk[-1], side="right")
-        mask = np.isin(seen_users[lo:hi], chunk)
-        rows = np.searchsorted(chunk, seen_users[lo:hi][mask])
-        scores[rows, seen_item_ids[lo:hi][mask]] = -np.inf
+        mask_seen(scores, chunk, row_block, item_members)
         r, items = top_n(scores, top)
         out_users.append(users[r])
         out_items.append(items)

@@ -41,18 +41,19 @@ def trained(tmp_path_factory) -> Path:
 
 
 def _brute_force(run_dir: Path, top: int) -> list[tuple]:
-    """Every user × item score, seen (train and validation) items out, sorted by (-score, item)."""
-    from tasks.blocks import load_row_block
-    from tasks.recommend import seen_items
+    """Every user × item score, seen (train and validation) items out, sorted by (-score, item).
+
+    The seen ratings come from the data and the hash split rule, not from the blocks."""
+    from pipeline.config import SplitConfig
+    from tasks.blocks import TEST, split_codes
 
     factors, _ = read_model(run_dir / "model")
     scores = (factors.P @ factors.Q.T + factors.item_bias[None, :]).astype(np.float32)
-    blocks = json.loads((run_dir / "blocks" / "blocks.json").read_text())
-    for r in range(blocks["d"]):
-        row_block = load_row_block(str(run_dir / "blocks"), r, blocks["d"], blocks["n_users"], blocks["n_items"],
-                                   blocks["seed"])
-        local, items = seen_items(row_block, blocks["n_items"], blocks["d"], blocks["seed"])
-        scores[row_block.user_ids[local], items] = -np.inf
+    ratings = pq.read_table(run_dir.parent / "data" / "ratings")  # raw ids equal the indices here
+    users, items = ratings["user"].to_numpy(), ratings["item"].to_numpy()
+    split = SplitConfig()
+    seen = split_codes(users, items, split.test_fraction, split.validation_fraction, split.seed) != TEST
+    scores[users[seen], items[seen]] = -np.inf
     expected = []
     for u in range(scores.shape[0]):
         ranked = sorted((i for i in range(scores.shape[1]) if np.isfinite(scores[u, i])),
