@@ -71,5 +71,6 @@ def main() -> int:
           f"{peak_total / gib:.2f} GiB, of its largest process {peak_single / gib:.2f} GiB", file=sys.stderr)
     return proc.returncode
 
+
 if __name__ == "__main__":
     sys.exit(main())
