@@ -113,21 +113,30 @@ class BlockPlacement:
         ]
 
 
-def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
-                   item_states: list[Any], global_mean: float, splits: tuple[int, ...]) -> np.ndarray:
-    """Error sums of all blocks over ``splits``, array of shape (3, d, 3): ``[split, col] = (Σe², Σ|e|, n)``.
+def submit_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
+                      item_states: list[Any], global_mean: float, splits: tuple[int, ...]) -> list[Any]:
+    """Futures of each row block's error sums over ``splits`` (see :func:`tasks.training.row_errors`)."""
+    return [executor.submit(row_errors, row_blocks[r], user_states[r], item_states, global_mean, splits,
+                            name="row_errors", worker=placement.owner(r))
+            for r in range(len(row_blocks))]
+
+
+def summed_row_errors(executor: Executor, futures: list[Any]) -> np.ndarray:
+    """The sum of :func:`submit_row_errors`' results, array of shape (3, d, 3): ``[split, col] = (Σe², Σ|e|, n)``.
 
     Row blocks are added in row order, never in the order results arrive.
     """
-    futures = [
-        executor.submit(row_errors, row_blocks[r], user_states[r], item_states, global_mean, splits,
-                        name="row_errors", worker=placement.owner(r))
-        for r in range(len(row_blocks))
-    ]
-    total = np.zeros((3, len(row_blocks), 3))
+    total = np.zeros((3, len(futures), 3))
     for per_row in executor.gather(futures):
         total += per_row
     return total
+
+
+def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
+                   item_states: list[Any], global_mean: float, splits: tuple[int, ...]) -> np.ndarray:
+    """Error sums of all blocks over ``splits`` (see :func:`summed_row_errors`)."""
+    return summed_row_errors(executor, submit_row_errors(executor, placement, row_blocks, user_states, item_states,
+                                                         global_mean, splits))
 
 
 def _all_finite(values: list[float]) -> bool:
@@ -236,14 +245,17 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
             if s > 0 and not _all_finite(executor.gather(stratum_sse[s - 1])):
                 bad_stratum = s - 1
                 break
+        # Queued behind the last stratum now, not after the driver has seen it finish: a
+        # round trip less per epoch. Dropped unread if that stratum turns out bad.
+        validation = (submit_row_errors(executor, placement, row_blocks, new_users, new_items, global_mean,
+                                        (VALIDATION,)) if bad_stratum is None else [])
         if bad_stratum is None and not _all_finite(executor.gather(stratum_sse[-1])):
             bad_stratum = len(stratum_sse) - 1
         if bad_stratum is None:
             # The training RMSE is the one the pass met (as LIBMF and Surprise report it): a
             # second pass over all training ratings would cost a fifth of the epoch.
             train_rmse = math.sqrt(sum(executor.gather([f for fs in stratum_sse for f in fs])) / n_train)
-            val_rmse = rmse(sum_row_errors(executor, placement, row_blocks, new_users, new_items, global_mean,
-                                           (VALIDATION,)), VALIDATION)
+            val_rmse = rmse(summed_row_errors(executor, validation), VALIDATION)
             where = f"epoch {epoch + 1} (train RMSE {train_rmse:.4g})"
         else:
             train_rmse, val_rmse = math.inf, None
