@@ -59,12 +59,9 @@ def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_m
             wanted = chunk.astype(block.users.dtype)  # same dtype: searchsorted would copy the block to cast it
             starts = np.searchsorted(block.users, wanted)
             counts = np.searchsorted(block.users, wanted, side="right") - starts
-            total = int(counts.sum())
-            if total == 0:
-                continue
-            first = np.repeat(starts - (np.cumsum(counts) - counts), counts)  # each run's start, shifted
-            positions = first + np.arange(total)
-            scores[np.repeat(rows_of_chunk, counts), item_members[col][block.items[positions]]] = -np.inf
+            rows = np.repeat(rows_of_chunk, counts)
+            positions = np.repeat(starts, counts) + positions_in_runs(rows)
+            scores[rows, item_members[col][block.items[positions]]] = -np.inf
 
 
 def _item_model(model_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
