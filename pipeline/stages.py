@@ -46,6 +46,7 @@ from tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 
+
 def synthetic_spec(cfg: GenerateConfig) -> SyntheticSpec:
     """The generator's spec for ``data.generate``; an impossible shape is a config error."""
     overrides = cfg.model_dump(exclude={"scale", "ratings_per_part"})

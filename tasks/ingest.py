@@ -272,8 +272,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         write_parquet(all_rejects, Path(staging) / f"rejects-{index:05d}.parquet")
         first_reject = {k: all_rejects[k][0].as_py() for k in ("source", "line", "reason", "detail")}
     stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject,
-             "int_like": int_like,
-             "has_time": has_time, "staged": str(out) if rows else None}
+             "int_like": int_like, "has_time": has_time, "staged": str(out) if rows else None}
     return {"stats": stats, "users": _union(users), "items": _union(items)}
 
 
