@@ -1,7 +1,8 @@
 """Checkpoints between epochs, at any fsspec URL: verified before use, or they do not exist.
 
 ``<url>/epoch-NNNNNN/`` holds one ``user-RRRR`` factor block per row block
-(written by the worker that owns it), one ``item-CCCC`` block per column block,
+(written by the worker that owns it), one ``item-CCCC`` block per column block
+(written by worker ``c mod W``),
 ``state.json`` (epoch, step size, history, early-stopping state) and, last,
 ``manifest.json`` with the SHA-256 of every file, the run's identity and the
 arrays' layout. Object stores have no rename, so nothing is moved into place:
@@ -19,9 +20,7 @@ from typing import Any
 
 import fsspec
 
-from pipeline.cluster import Executor
 from pipeline.errors import ConfigError
-from tasks.checkpoint_io import read_factor_state, write_factor_state
 
 log = logging.getLogger(__name__)
 
@@ -91,31 +90,29 @@ class CheckpointStore:
         if self.fs.exists(self.root):
             self.fs.rm(self.root, recursive=True)
 
-    def write(self, executor: Executor, owners: list[str | None], epoch: int, user_states: list[Any],
-              item_states: list[Any], state: dict[str, Any], protect: int | None = None) -> Checkpoint:
-        """Write epoch ``epoch``'s checkpoint; keep the newest ``keep`` and epoch ``protect``."""
+    def prepare(self, epoch: int) -> str:
+        """An empty directory for epoch ``epoch``'s checkpoint, whose URL the workers write their blocks to."""
         path = f"{self.root}/epoch-{epoch:06d}"
         if self.fs.exists(path):  # left by a crash before its manifest, or superseded
             self.fs.rm(path, recursive=True)
         self.fs.makedirs(path, exist_ok=True)
-        url = self._url(path)
-        futures = [executor.submit(write_factor_state, s, url, f"user-{r:04d}", name="write_user_block",
-                                   worker=owners[r]) for r, s in enumerate(user_states)]
-        futures += [executor.submit(write_factor_state, s, url, f"item-{c:04d}", name="write_item_block")
-                    for c, s in enumerate(item_states)]
-        files: dict[str, str] = {}
-        for sums in executor.gather(futures):
-            files.update(sums)
+        return self._url(path)
+
+    def commit(self, epoch: int, files: dict[str, str], state: dict[str, Any],
+               protect: int | None = None) -> Checkpoint:
+        """Finish epoch ``epoch``'s checkpoint, whose blocks the workers wrote (``files``: name → SHA-256):
+        ``state.json``, then the manifest that makes it exist. Keep the newest ``keep`` and epoch ``protect``."""
+        path = f"{self.root}/epoch-{epoch:06d}"
         state = {**state, "epoch": epoch}
         state_bytes = json.dumps(state, indent=2, sort_keys=True).encode()
         self.fs.pipe_file(f"{path}/{STATE}", state_bytes)
-        files[STATE] = hashlib.sha256(state_bytes).hexdigest()
+        files = {**files, STATE: hashlib.sha256(state_bytes).hexdigest()}
         manifest = {"epoch": epoch, "identity": self.identity, "layout": self.layout, "files": files}
         self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
         for old in self._epoch_dirs()[self.keep:]:
             if protect is None or not old.rstrip("/").endswith(f"epoch-{protect:06d}"):
                 self.fs.rm(old, recursive=True)
-        return Checkpoint(url, epoch, state)
+        return Checkpoint(self._url(path), epoch, state)
 
     def _verified(self, path: str, strict: bool = True) -> Checkpoint | None:
         url = self._url(path)
@@ -172,13 +169,3 @@ class CheckpointStore:
             raise ConfigError(f"the checkpoint of epoch {epoch} in {self._url(self.root)} is gone or damaged; "
                               "run without --resume to start afresh")
         return checkpoint
-
-    @staticmethod
-    def load(executor: Executor, owners: list[str | None], checkpoint: Checkpoint,
-             d: int) -> tuple[list[Any], list[Any]]:
-        """Futures of the checkpoint's user and item states, each read on the worker that owns it."""
-        users = [executor.submit(read_factor_state, checkpoint.url, f"user-{r:04d}", name="read_user_block",
-                                 worker=owners[r]) for r in range(d)]
-        items = [executor.submit(read_factor_state, checkpoint.url, f"item-{c:04d}", name="read_item_block",
-                                 worker=owners[c]) for c in range(d)]
-        return users, items

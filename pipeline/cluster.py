@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ClusterConfig
-from pipeline.errors import ClusterError, ConfigError
+from pipeline.errors import ClusterError, ConfigError, WorkersLost
+from tasks.epoch import ShareAborted
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ IN_PROCESS = "inprocess"
 # block task, and with it a row block and its user factors, to another worker;
 # DSGD keeps them put and balances load through d instead.
 SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
+# How often the driver looks for lost workers while an epoch runs.
+WATCH_SECONDS = 0.5
 
 
 class Done:
@@ -49,6 +52,7 @@ class InProcessExecutor:
     """Runs every task immediately in this process, in submission order."""
 
     workers: list[str | None] = [None]
+    threads: dict[str | None, int] = {None: 1}
     dashboard_link: str | None = None
     total_threads = 1
 
@@ -58,16 +62,49 @@ class InProcessExecutor:
     def gather(self, futures: Sequence[Done]) -> list[Any]:
         return [f.value for f in futures]
 
+    def gather_watching(self, futures: Sequence[Done]) -> list[Any]:
+        return self.gather(futures)
+
+    def cancel(self, futures: Sequence[Done]) -> None:
+        pass
+
+    def run_everywhere(self, fn: Callable, *args: Any) -> None:
+        fn(*args)
+
+    def refresh(self) -> None:
+        pass
+
+    def install_exchange(self) -> None:
+        pass
+
 
 class DaskExecutor:
     """Submits to a Dask ``Client``; row-block affinity is a soft preference."""
 
     def __init__(self, client: Any) -> None:
         self.client = client
-        info = client.scheduler_info()
-        self.workers: list[str | None] = sorted(info["workers"])
-        self.total_threads = sum(w["nthreads"] for w in info["workers"].values())
         self.dashboard_link: str | None = client.dashboard_link
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Read the workers again (after some were lost)."""
+        info = self.client.scheduler_info()["workers"]
+        self.workers: list[str | None] = sorted(info)
+        self.threads: dict[str | None, int] = {address: w["nthreads"] for address, w in info.items()}
+        self.total_threads = sum(self.threads.values())
+
+    def install_exchange(self) -> None:
+        from pipeline.exchange import install
+
+        install(self.client)
+
+    def run_everywhere(self, fn: Callable, *args: Any) -> None:
+        """``fn(*args, dask_worker=...)`` on every worker now, outside the task graph; a worker that
+        cannot answer (it is being lost) is passed over."""
+        self.client.run(fn, *args, on_error="return")
+
+    def cancel(self, futures: Sequence[Any]) -> None:
+        self.client.cancel(list(futures))
 
     def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any:
         # Unique keys: the same block is legitimately recomputed (e.g. after a rollback).
@@ -86,6 +123,34 @@ class DaskExecutor:
                                f"distributed.scheduler.allowed-failures): {exc}") from exc
         except NoValidWorkerError as exc:
             raise ClusterError(f"no worker was left to run the tasks: {exc}") from exc
+
+    def gather_watching(self, futures: Sequence[Any]) -> list[Any]:
+        """:meth:`gather` for tasks that wait on each other through the worker extension.
+
+        If one of them fails, or a worker leaves, the others would wait forever: raise at once,
+        :class:`WorkersLost` when workers were lost (the caller restarts the work), the task's
+        own error otherwise.
+        """
+        from distributed import wait
+
+        expected = set(self.workers)
+        pending = list(futures)
+        while pending:
+            try:
+                wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
+            except TimeoutError:
+                pass
+            failed = [f for f in futures if f.status == "error"]
+            lost = expected - set(self.client.scheduler_info()["workers"])
+            if lost:
+                raise WorkersLost(f"lost worker(s) {', '.join(sorted(lost))}")
+            if failed:
+                exc = failed[0].exception()
+                if isinstance(exc, ShareAborted):  # a task moved off a lost worker, or a peer unreachable
+                    raise WorkersLost(str(exc))
+                break
+            pending = [f for f in pending if f.status == "pending"]
+        return self.gather(futures)
 
 
 Executor = InProcessExecutor | DaskExecutor

@@ -44,3 +44,7 @@ class ClusterError(FunkflowError):
     """The Dask scheduler is unreachable or workers were lost past the retry budget."""
 
     exit_code = EXIT_TEMPFAIL
+
+
+class WorkersLost(ClusterError):
+    """Workers left while an epoch ran on them; the driver restarts from the newest checkpoint."""

@@ -1,22 +1,28 @@
-"""The DSGD driver: epochs of strata of block updates on the workers.
+"""The DSGD driver: the epoch loop, its step size, rollbacks, early stopping and checkpoints.
 
-Row block r (its ratings and its user state ``(P_r, b_r)``) lives on one worker
-for the whole run; item states ``(Q_c, b_c)`` travel between workers. Each
-block update is a task whose inputs are the futures of the latest ``P_r`` and
-``Q_c``, so the stratum barrier holds per block through data dependencies: a
-block of stratum s+1 starts as soon as the two blocks of stratum s it depends
-on are done, and no two running tasks ever share a factor block. The result is
-the same bits as with a global barrier, whatever the number of workers.
+Row block r (its ratings and its user state ``(P_r, b_r)``) lives on worker
+``r mod W`` for the whole run; item states ``(Q_c, b_c)`` travel between
+workers. The driver submits one task per worker and epoch: each runs the
+worker's share of every stratum and hands item blocks straight to the peer that
+needs them next (:mod:`tasks.epoch`, :mod:`pipeline.exchange`), so the scheduler
+sees W tasks an epoch, not d². Every block sees the same inputs as under a
+global stratum barrier, so the factors are the same bits whatever the number of
+workers and threads.
+
+The factors stay on the workers between epochs. When workers are lost mid-epoch,
+the driver calls the epoch off and starts again from the newest checkpoint (or
+the start) on the workers that are left; the epochs it replays give the same
+bits, so the run ends as if nothing happened.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import operator
 import time
+import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,22 +32,26 @@ from pipeline.blocking import Blocks
 from pipeline.checkpoints import Checkpoint, CheckpointStore
 from pipeline.cluster import Executor
 from pipeline.config import ModelConfig, TrainConfig
-from pipeline.errors import TrainingDiverged
-from pipeline.schedule import (
-    STREAM_ITEM_INIT,
-    STREAM_USER_INIT,
-    block_order_seed,
-    init_seed,
-    strata,
+from pipeline.errors import ClusterError, TrainingDiverged, WorkersLost
+from pipeline.exchange import (
+    abort_training,
+    collect_share,
+    epoch_share,
+    load_share,
+    release_training,
 )
 from tasks.blocks import TRAIN, VALIDATION, load_row_block
+from tasks.epoch import EpochPlan, StartFrom, rows_of
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
-from tasks.training import Hyper, init_factors, row_errors, sgd_update, warm_factors
+from tasks.schedule import stratum_shifts
+from tasks.training import Hyper, row_errors
 
 log = logging.getLogger(__name__)
 
 # SGD that ends an epoch this much worse than the random start has diverged.
 _EXPLODED_FACTOR = 2.0
+# Times training starts again on the workers that are left before the run gives up (exit 75).
+_MAX_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -139,27 +149,9 @@ def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: li
                                                          global_mean, splits))
 
 
-def _all_finite(values: list[float]) -> bool:
-    return all(math.isfinite(v) for v in values)
-
-
 def rmse(errors: np.ndarray, code: int) -> float | None:
     sse, _, n = errors[code].sum(axis=0)
     return math.sqrt(sse / n) if n else None
-
-
-def _gather_factors(executor: Executor, placement: BlockPlacement, user_states: list[Any], item_states: list[Any],
-                    k: int, global_mean: float) -> Factors:
-    b = placement.blocks
-    P = np.empty((b.n_users, k), dtype=np.float32)
-    Q = np.empty((b.n_items, k), dtype=np.float32)
-    user_bias = np.empty(b.n_users, dtype=np.float32)
-    item_bias = np.empty(b.n_items, dtype=np.float32)
-    for members, (factors, bias) in zip(placement.user_members, executor.gather(user_states)):
-        P[members], user_bias[members] = factors, bias
-    for members, (factors, bias) in zip(placement.item_members, executor.gather(item_states)):
-        Q[members], item_bias[members] = factors, bias
-    return Factors(P, Q, user_bias, item_bias, global_mean)
 
 
 def _next_lr(lr: float, cfg: TrainConfig, train_rmse: float, previous: float | None) -> float:
@@ -170,140 +162,251 @@ def _next_lr(lr: float, cfg: TrainConfig, train_rmse: float, previous: float | N
     return lr
 
 
+def _version(epoch: int) -> str:
+    """The name of the factors after ``epoch`` epochs in the workers' stores."""
+    return f"after-{epoch}"
+
+
+class _Session:
+    """Training on the workers there are now: the run's factor versions live in their exchanges."""
+
+    def __init__(self, executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
+                 cfg: TrainConfig, warm: WarmStart | None) -> None:
+        executor.install_exchange()
+        blocks = placement.blocks
+        self.executor, self.placement, self.blocks, self.row_blocks = executor, placement, blocks, row_blocks
+        self.cfg = cfg
+        self.train_id = uuid.uuid4().hex
+        self.workers = tuple(executor.workers)
+        self.global_mean = blocks.global_mean if model.use_bias else 0.0
+        self.validate = blocks.n_split(VALIDATION) > 0
+        self.root = np.random.SeedSequence(cfg.seed)
+        user_members, item_members = placement.user_members, placement.item_members
+        self.source = StartFrom(
+            k=model.k, init_std=model.init_std, seed=cfg.seed,
+            user_sizes=tuple(len(m) for m in user_members), item_sizes=tuple(len(m) for m in item_members),
+            warm_dir=None if warm is None else str(warm.model_dir),
+            user_previous=() if warm is None else tuple(warm.user_previous[m] for m in user_members),
+            item_previous=() if warm is None else tuple(warm.item_previous[m] for m in item_members))
+
+    def _rows(self, index: int) -> tuple[int, ...]:
+        return rows_of(index, self.blocks.d, len(self.workers))
+
+    def _submit_each(self, fn: Callable, name: str, *args: Any, row_blocks: bool = True) -> list[Any]:
+        """One task per worker: ``fn(*args(index), *its row blocks)``; ``args`` callables get the index."""
+        return [self.executor.submit(fn, *(a(index) if callable(a) else a for a in args),
+                                     *([self.row_blocks[r] for r in self._rows(index)] if row_blocks else []),
+                                     name=name, worker=address)
+                for index, address in enumerate(self.workers)]
+
+    def _gather(self, futures: list[Any]) -> list[Any]:
+        """The results of tasks that may wait on each other; if any fails, the others are called off."""
+        try:
+            return self.executor.gather_watching(futures)
+        except BaseException:
+            self.executor.run_everywhere(abort_training, self.train_id, "the driver called the epoch off")
+            self.executor.cancel(futures)
+            raise
+
+    def _by_row(self, per_worker: list[np.ndarray]) -> np.ndarray:
+        """Per-row results of each worker, array of shape (d, ...), in row order."""
+        out = np.empty((self.blocks.d, *per_worker[0].shape[1:]))
+        for index, part in enumerate(per_worker):
+            out[list(self._rows(index))] = part
+        return out
+
+    def load(self, version: str, checkpoint: str | None = None, measure: bool = False) -> np.ndarray:
+        """Put the starting factors (a checkpoint's, or the run's start) on the workers as ``version``.
+
+        Returns the training error sums under them when ``measure`` (see :func:`summed_row_errors`).
+        """
+        source = replace(self.source, checkpoint=checkpoint)
+        per_worker = self._gather(self._submit_each(load_share, "load_share", source, self.train_id, version,
+                                                    self._rows, lambda i: self.workers[i], self.global_mean,
+                                                    measure))
+        return _row_sum(self._by_row(per_worker))
+
+    def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...],
+              checkpoint: str | None) -> tuple[float, np.ndarray, dict[str, str]]:
+        """One epoch from version ``epoch`` to ``epoch + 1``.
+
+        Returns the training SSE the pass met (blocks added stratum by stratum, row by
+        row: never in the order results arrive), the validation error sums, the
+        checkpoint files written.
+        """
+        d = self.blocks.d
+        plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch,
+                         shifts=stratum_shifts(d, epoch, self.root), seed=self.cfg.seed, hyper=hyper,
+                         workers=self.workers, start=_version(epoch), end=_version(epoch + 1), keep=keep,
+                         validate=self.validate, checkpoint=checkpoint)
+        outcomes = self._gather(self._submit_each(epoch_share, "epoch_share", plan, lambda i: i,
+                                                  lambda i: self.executor.threads[self.workers[i]]))
+        sse = self._by_row([o.sse for o in outcomes])
+        files = {name: digest for o in outcomes for name, digest in o.files.items()}
+        train_sse = sum(float(sse[r, t]) for t in range(d) for r in range(d))
+        return train_sse, _row_sum(self._by_row([o.errors for o in outcomes])), files
+
+    def collect(self, version: str, k: int) -> Factors:
+        """The factors of ``version``, in global index order."""
+        b = self.blocks
+        P = np.empty((b.n_users, k), dtype=np.float32)
+        Q = np.empty((b.n_items, k), dtype=np.float32)
+        user_bias = np.empty(b.n_users, dtype=np.float32)
+        item_bias = np.empty(b.n_items, dtype=np.float32)
+        futures = self._submit_each(collect_share, "collect_share", self.train_id, version,
+                                    lambda i: self.workers[i], lambda i: i == 0, row_blocks=False)
+        for users, items in self._gather(futures):
+            for r, (factors, bias) in users.items():
+                P[self.placement.user_members[r]], user_bias[self.placement.user_members[r]] = factors, bias
+            for c, (factors, bias) in items.items():
+                Q[self.placement.item_members[c]], item_bias[self.placement.item_members[c]] = factors, bias
+        return Factors(P, Q, user_bias, item_bias, self.global_mean)
+
+    def close(self) -> None:
+        try:
+            self.executor.run_everywhere(release_training, self.train_id)
+        except Exception as exc:  # the cluster may be what failed; its workers drop the run with it
+            log.debug("could not release training %s: %r", self.train_id, exc)
+
+
+def _row_sum(by_row: np.ndarray) -> np.ndarray:
+    """Sum over the first axis, row after row."""
+    total = np.zeros(by_row.shape[1:])
+    for part in by_row:
+        total += part
+    return total
+
+
+@dataclass
+class _Loop:
+    """Where the epoch loop is: what a checkpoint's ``state.json`` keeps."""
+
+    epoch: int
+    lr: float
+    rollbacks: int
+    exploded_at: float
+    history: list[EpochReport]
+    best: tuple[float, int] | None = None  # (validation RMSE, epoch)
+
+    @classmethod
+    def resumed(cls, checkpoint: Checkpoint, cfg: TrainConfig) -> _Loop:
+        state = checkpoint.state
+        lr = state["lr"]
+        if state["train_lr"] != cfg.lr:  # a forced resume with a new train.lr starts the step size afresh
+            log.warning("train.lr changed from %g to %g: step size reset to %g", state["train_lr"], cfg.lr, cfg.lr)
+            lr = cfg.lr
+        best = None if state["best_epoch"] is None else (state["best_val"], state["best_epoch"])
+        return cls(checkpoint.epoch, lr, state["rollbacks"], state["exploded_at"],
+                   [EpochReport(**row) for row in state["history"]], best)
+
+    def state(self, cfg: TrainConfig) -> dict[str, Any]:
+        return {"lr": self.lr, "train_lr": cfg.lr, "rollbacks": self.rollbacks, "exploded_at": self.exploded_at,
+                "history": [asdict(r) for r in self.history],
+                "best_epoch": self.best[1] if self.best else None, "best_val": self.best[0] if self.best else None}
+
+    def stops_early(self, cfg: TrainConfig) -> bool:
+        return bool(cfg.early_stopping_patience and self.best is not None
+                    and self.epoch - self.best[1] >= cfg.early_stopping_patience)
+
+
 def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
           cfg: TrainConfig, on_epoch: Callable[[EpochReport], None] = lambda report: None,
           checkpoints: CheckpointStore | None = None, resume: Checkpoint | None = None,
           warm: WarmStart | None = None) -> TrainResult:
     """Run DSGD epochs up to ``cfg.epochs``; return the final (or, with early stopping, the best) factors.
 
-    With ``checkpoints``, every ``cfg.checkpoint_every`` epochs the state is written
-    and the next epoch starts from the checkpoint's arrays, so the task graph
-    never holds more than the epochs since. ``resume`` continues from a
-    checkpoint exactly where the run that wrote it was. ``warm`` starts known
-    users and items from a previous model's factors instead of random ones.
+    With ``checkpoints``, every ``cfg.checkpoint_every`` epochs the workers write
+    their factor blocks and the driver the state and manifest. ``resume``
+    continues from a checkpoint exactly where the run that wrote it was.
+    ``warm`` starts known users and items from a previous model's factors
+    instead of random ones. Workers lost mid-epoch: training starts again from
+    the newest checkpoint on the workers that are left, and ``on_epoch`` is not
+    called again for the epochs it replays.
     """
-    blocks = placement.blocks
-    d, k = blocks.d, model.k
-    root = np.random.SeedSequence(cfg.seed)
-    global_mean = blocks.global_mean if model.use_bias else 0.0
-    n_train = blocks.n_split(TRAIN)
-    owners = [placement.owner(r) for r in range(d)]
+    reported = 0
 
-    best: tuple[float, int, list[Any], list[Any]] | None = None
-    if resume is None:
-        def init(side: int, r: int, members: np.ndarray) -> Any:
-            name = "init_user_factors" if side == STREAM_USER_INIT else "init_item_factors"
-            seed = init_seed(root, side, r)
-            if warm is None:
-                return executor.submit(init_factors, len(members), k, model.init_std, seed, name=name,
-                                       worker=owners[r])
-            previous = (warm.user_previous if side == STREAM_USER_INIT else warm.item_previous)[members]
-            return executor.submit(warm_factors, len(members), k, model.init_std, seed, str(warm.model_dir),
-                                   "user" if side == STREAM_USER_INIT else "item", previous, name=name,
-                                   worker=owners[r])
+    def report_once(report: EpochReport) -> None:
+        nonlocal reported
+        if report.epoch > reported:
+            on_epoch(report)
+            reported = report.epoch
 
-        user_states = [init(STREAM_USER_INIT, r, m) for r, m in enumerate(placement.user_members)]
-        item_states = [init(STREAM_ITEM_INIT, c, m) for c, m in enumerate(placement.item_members)]
-        start = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean, (TRAIN,))
-        exploded_at = _EXPLODED_FACTOR * (rmse(start, TRAIN) or 1.0)
-        lr, epoch, rollbacks = cfg.lr, 0, 0
-        history: list[EpochReport] = []
+    start, restarts = resume, 0
+    while True:
+        session = _Session(executor, placement, row_blocks, model, cfg, warm)
+        try:
+            return _train(session, model, cfg, report_once, checkpoints, start)
+        except WorkersLost as exc:
+            restarts += 1
+            if restarts > _MAX_RESTARTS:
+                raise ClusterError(f"{exc}; training was restarted {_MAX_RESTARTS} times already") from exc
+            executor.refresh()
+            if not executor.workers:
+                raise ClusterError(f"{exc}; no worker is left") from exc
+            start = (checkpoints.latest(strict=False) if checkpoints is not None else None) or resume
+            log.warning("%s mid-epoch: training again from %s on %d workers", exc,
+                        f"the checkpoint of epoch {start.epoch}" if start else "the start", len(executor.workers))
+        finally:
+            session.close()
+
+
+def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Callable[[EpochReport], None],
+           checkpoints: CheckpointStore | None, start: Checkpoint | None) -> TrainResult:
+    n_train = session.blocks.n_split(TRAIN)
+    if start is None:
+        errors = session.load(_version(0), measure=True)
+        loop = _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (rmse(errors, TRAIN) or 1.0), [])
     else:
-        state = resume.state
-        user_states, item_states = CheckpointStore.load(executor, owners, resume, d)
-        exploded_at, lr, epoch, rollbacks = state["exploded_at"], state["lr"], resume.epoch, state["rollbacks"]
-        if state["train_lr"] != cfg.lr:  # a forced resume with a new train.lr starts the step size afresh
-            log.warning("train.lr changed from %g to %g: step size reset to %g", state["train_lr"], cfg.lr, cfg.lr)
-            lr = cfg.lr
-        history = [EpochReport(**row) for row in state["history"]]
-        if state["best_epoch"] is not None and checkpoints is not None:
-            best = (state["best_val"], state["best_epoch"],
-                    *CheckpointStore.load(executor, owners, checkpoints.at(state["best_epoch"]), d))
-        log.info("resuming after epoch %d from %s", epoch, resume.url)
+        loop = _Loop.resumed(start, cfg)
+        session.load(_version(loop.epoch), start.url)
+        if loop.best is not None and loop.best[1] != loop.epoch and checkpoints is not None:
+            session.load(_version(loop.best[1]), checkpoints.at(loop.best[1]).url)
+        log.info("resuming after epoch %d from %s", loop.epoch, start.url)
 
-    while epoch < cfg.epochs:
-        began = time.perf_counter()
-        hyper = Hyper(lr=lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
-                      global_mean=global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
+    while loop.epoch < cfg.epochs:
+        if loop.stops_early(cfg):
+            log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
+                     cfg.early_stopping_patience, loop.best[1])
+            break
+        epoch = loop.epoch
+        due = checkpoints is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
+        checkpoint = checkpoints.prepare(epoch + 1) if due else None
+        hyper = Hyper(lr=loop.lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
+                      global_mean=session.global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
                       tile_items=cfg.tile_items)
-        new_users, new_items = list(user_states), list(item_states)
-        stratum_sse: list[list[Any]] = []
-        bad_stratum = None
-        for s, stratum in enumerate(strata(d, epoch, root)):
-            stratum_sse.append([])
-            for r, c in stratum:
-                label = f"epoch {epoch} stratum {s} block {r},{c}"
-                result = executor.submit(sgd_update, row_blocks[r], c, new_users[r], new_items[c], hyper,
-                                         block_order_seed(root, epoch, s, r, c), label,
-                                         name="sgd_update", worker=owners[r])
-                new_users[r] = executor.submit(operator.getitem, result, 0, name="user_state", worker=owners[r])
-                new_items[c] = executor.submit(operator.getitem, result, 1, name="item_state", worker=owners[r])
-                stratum_sse[s].append(executor.submit(operator.getitem, result, 2, name="block_sse",
-                                                      worker=owners[r]))
-            # Check the stratum before this one: its blocks are done or nearly so, and the
-            # workers stay busy with this one meanwhile.
-            if s > 0 and not _all_finite(executor.gather(stratum_sse[s - 1])):
-                bad_stratum = s - 1
-                break
-        # Queued behind the last stratum now, not after the driver has seen it finish: a
-        # round trip less per epoch. Dropped unread if that stratum turns out bad.
-        validation = (submit_row_errors(executor, placement, row_blocks, new_users, new_items, global_mean,
-                                        (VALIDATION,)) if bad_stratum is None else [])
-        if bad_stratum is None and not _all_finite(executor.gather(stratum_sse[-1])):
-            bad_stratum = len(stratum_sse) - 1
-        if bad_stratum is None:
-            # The training RMSE is the one the pass met (as LIBMF and Surprise report it): a
-            # second pass over all training ratings would cost a fifth of the epoch.
-            train_rmse = math.sqrt(sum(executor.gather([f for fs in stratum_sse for f in fs])) / n_train)
-            val_rmse = rmse(summed_row_errors(executor, validation), VALIDATION)
-            where = f"epoch {epoch + 1} (train RMSE {train_rmse:.4g})"
-        else:
-            train_rmse, val_rmse = math.inf, None
-            where = f"epoch {epoch + 1} stratum {bad_stratum + 1} (non-finite factors)"
+        keep = (_version(loop.best[1]),) if loop.best else ()
+        began = time.perf_counter()
+        train_sse, errors, files = session.epoch(epoch, hyper, keep, checkpoint)
         seconds = time.perf_counter() - began
+        train_rmse = math.sqrt(train_sse / n_train)
+        val_rmse = rmse(errors, VALIDATION)
 
-        if not math.isfinite(train_rmse) or train_rmse > exploded_at or not math.isfinite(val_rmse or 0.0):
-            rollbacks += 1
-            if rollbacks > cfg.max_rollbacks:
+        if not math.isfinite(train_rmse) or train_rmse > loop.exploded_at or not math.isfinite(val_rmse or 0.0):
+            where = f"epoch {epoch + 1} (train RMSE {train_rmse:.4g})"
+            loop.rollbacks += 1
+            if loop.rollbacks > cfg.max_rollbacks:
                 raise TrainingDiverged(
-                    f"training diverged at {where} with train.lr {lr:.4g} after {cfg.max_rollbacks} "
-                    f"rollbacks; lower train.lr (e.g. --set train.lr={lr / 4:.3g}) or raise model.reg")
+                    f"training diverged at {where} with train.lr {loop.lr:.4g} after {cfg.max_rollbacks} "
+                    f"rollbacks; lower train.lr (e.g. --set train.lr={loop.lr / 4:.3g}) or raise model.reg")
             log.warning("%s diverged at lr %.4g: rolled back to the state after epoch %d, lr halved to %.4g",
-                        where, lr, epoch, lr / 2)
-            lr /= 2
+                        where, loop.lr, epoch, loop.lr / 2)
+            loop.lr /= 2
             continue
 
-        report = EpochReport(epoch=epoch + 1, train_rmse=train_rmse, val_rmse=val_rmse, lr=lr, seconds=seconds,
+        report = EpochReport(epoch=epoch + 1, train_rmse=train_rmse, val_rmse=val_rmse, lr=loop.lr, seconds=seconds,
                              ratings_per_second=n_train / seconds)
-        history.append(report)
+        loop.history.append(report)
         on_epoch(report)
-        previous = history[-2].train_rmse if len(history) > 1 else None
-        lr = _next_lr(lr, cfg, train_rmse, previous)
-        user_states, item_states = new_users, new_items
-        epoch += 1
-
-        if cfg.early_stopping_patience and val_rmse is not None:
-            if best is None or val_rmse < best[0]:
-                best = (val_rmse, epoch, user_states, item_states)
-            elif epoch - best[1] >= cfg.early_stopping_patience:
-                log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
-                         cfg.early_stopping_patience, best[1])
-                break
-
-        if checkpoints is not None and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs):
-            state = {"lr": lr, "train_lr": cfg.lr, "rollbacks": rollbacks, "exploded_at": exploded_at,
-                     "history": [asdict(r) for r in history],
-                     "best_epoch": best[1] if best else None, "best_val": best[0] if best else None}
+        previous = loop.history[-2].train_rmse if len(loop.history) > 1 else None
+        loop.lr = _next_lr(loop.lr, cfg, train_rmse, previous)
+        loop.epoch = epoch + 1
+        if cfg.early_stopping_patience and val_rmse is not None and (loop.best is None or val_rmse < loop.best[0]):
+            loop.best = (val_rmse, loop.epoch)
+        if checkpoint is not None:
             began = time.perf_counter()
-            written = checkpoints.write(executor, owners, epoch, user_states, item_states, state,
-                                        protect=best[1] if best else None)
-            log.debug("checkpoint of epoch %d written in %.3fs", epoch, time.perf_counter() - began)
-            # Start the next epoch from the files: the lineage ends here, and resuming
-            # from this checkpoint later starts from exactly the same arrays.
-            user_states, item_states = CheckpointStore.load(executor, owners, written, d)
+            checkpoints.commit(loop.epoch, files, loop.state(cfg), protect=loop.best[1] if loop.best else None)
+            log.debug("checkpoint of epoch %d committed in %.3fs", loop.epoch, time.perf_counter() - began)
 
-    best_epoch = epoch
-    if best is not None:
-        _, best_epoch, user_states, item_states = best
-    factors = _gather_factors(executor, placement, user_states, item_states, k, global_mean)
-    return TrainResult(factors=factors, history=history, best_epoch=best_epoch)
+    best_epoch = loop.best[1] if loop.best else loop.epoch
+    return TrainResult(factors=session.collect(_version(best_epoch), model.k), history=loop.history,
+                       best_epoch=best_epoch)

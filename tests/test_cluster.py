@@ -147,19 +147,37 @@ def test_scheduler_without_workers_exits_75(tmp_path, capsys):
     assert "fewer than 1 workers after cluster.timeout=2s" in capsys.readouterr().err
 
 
-def test_only_item_factors_travel_between_workers(tiny_config, local_cluster, tmp_path):
-    """Row blocks and user factors stay on their worker; item factors are all that moves."""
-    from distributed import Client
+def test_only_item_factors_travel_between_workers_and_tasks_grow_with_workers(tiny_config, local_cluster, tmp_path):
+    """Row blocks and user factors stay on their worker; item blocks go peer to peer through the
+    exchange, not through Dask; the scheduler sees one task per worker and epoch, not d²."""
+    from distributed import Client, get_task_stream
+
+    from pipeline.blocking import open_blocks
+    from pipeline.exchange import received_bytes
+    from tasks.hashing import SALT_COLUMNS, block_layout
 
     with Client(local_cluster) as client:
-        client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
         address = local_cluster.scheduler_address
-        run_pipeline(tiny_config(tmp_path / "run", "train.d=4", f"cluster.scheduler={address}"), last="train")
+        config = tiny_config(tmp_path / "run", "train.d=8", "train.epochs=3", f"cluster.scheduler={address}")
+        run_pipeline(config, last="block")
+        client.run(lambda dask_worker: dask_worker.transfer_incoming_log.clear())
+        before = {worker: len(entries) for worker, entries in client.run(received_bytes).items()}
+        with get_task_stream(client) as stream:
+            run_pipeline(config, last="train")
         logs = client.run(lambda dask_worker: list(dask_worker.transfer_incoming_log))
+        received = [entry for worker, entries in client.run(received_bytes).items()
+                    for entry in entries[before.get(worker, 0):]]
     moved = {key.split("-")[0] for log in logs.values() for entry in log for key in entry["keys"]}
-    assert "item_state" in moved
     # make_true_model is the generate stage's true model, read by every chunk task.
-    assert moved <= {"item_state", "init_item_factors", "read_item_block", "make_true_model"}, moved
+    assert moved <= {"make_true_model"}, moved
+
+    blocks = open_blocks(tmp_path / "run" / "blocks")
+    item_sizes = {len(m) * (8 + 1) * 4 for m in block_layout(blocks.n_items, 8, blocks.seed, SALT_COLUMNS)[2]}
+    assert received and {size for _, _, size in received} <= item_sizes
+
+    tasks = [t["key"].split("-")[0] for t in stream.data]
+    assert tasks.count("epoch_share") == 2 * 3
+    assert len(tasks) <= 2 * 3 + 4 * 2 + 8, tasks  # epochs, loading, collecting, the 8 row blocks
 
 
 def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.schedule import (
+from tasks.schedule import (
     STREAM_ITEM_INIT,
     STREAM_USER_INIT,
     block_order_seed,

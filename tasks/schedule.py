@@ -41,8 +41,16 @@ def strata(d: int, epoch: int, rng: np.random.SeedSequence) -> list[Stratum]:
     -------
     list of d strata, each a list of d ``(row, col)`` pairs ordered by row
     """
-    shifts = np.random.default_rng(_child(rng, STREAM_STRATA, epoch)).permutation(d)
-    return [[(r, (r + int(s)) % d) for r in range(d)] for s in shifts]
+    return [[(r, (r + s) % d) for r in range(d)] for s in stratum_shifts(d, epoch, rng)]
+
+
+def stratum_shifts(d: int, epoch: int, rng: np.random.SeedSequence) -> tuple[int, ...]:
+    """The shift ``s`` of each of the epoch's strata, in the order they run (see :func:`strata`).
+
+    Row block ``r`` takes column block ``(r + shifts[t]) mod d`` at step ``t``; so the
+    column block it hands on after step ``t`` goes to row ``(c - shifts[t + 1]) mod d``.
+    """
+    return tuple(int(s) for s in np.random.default_rng(_child(rng, STREAM_STRATA, epoch)).permutation(d))
 
 
 def block_order_seed(rng: np.random.SeedSequence, epoch: int, stratum: int, row: int, col: int) -> int:

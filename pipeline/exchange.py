@@ -1,0 +1,272 @@
+"""The worker extension that carries item blocks between workers, and the tasks the DSGD driver submits.
+
+Modelled on distributed's P2P shuffle (``distributed/shuffle/_worker_plugin.py``):
+a worker plugin adds a comm handler, ``funkflow_item_block``, through which a
+worker hands an item block straight to the peer that needs it next; the
+scheduler is out of the data path and sees one task per worker per epoch
+(:func:`epoch_share`), not one per block. Every epoch runs under a fresh run id,
+so data of an epoch that was called off never mixes with its re-run.
+
+Each worker's extension also keeps the run's factor *versions* (its rows' user
+states and every item state after an epoch): they stay on the worker between
+epochs, as the row blocks do, and only checkpoints, the final model and the
+driver's decisions cross the scheduler. A version lives in worker memory and is
+lost with the worker; the driver then restarts from the newest checkpoint on the
+workers that are left (``pipeline/train.py``).
+
+Without Dask (``cluster.scheduler: inprocess``) one extension in this process
+plays every role, with the same code.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections import deque
+from typing import Any
+
+import numpy as np
+from distributed.diagnostics.plugin import WorkerPlugin
+
+from tasks.blocks import TRAIN, RowBlock
+from tasks.epoch import (
+    EpochPlan,
+    Mailbox,
+    ShareAborted,
+    ShareOutcome,
+    StartFrom,
+    Version,
+    run_share,
+    start_version,
+)
+from tasks.training import FactorState, row_errors
+
+log = logging.getLogger(__name__)
+
+EXTENSION = "funkflow-dsgd"
+_RETIRED_RUNS = 1024  # run ids remembered after they end, so late blocks for them are dropped
+
+
+class DSGDExchange(WorkerPlugin):
+    """Per worker (or per process, in-process): factor versions by training run, and mailboxes by epoch run."""
+
+    idempotent = True  # registering again (a second run on the same cluster) keeps the running extension
+    name = EXTENSION
+
+    def __init__(self) -> None:
+        self.worker: Any = None
+        self.address: str | None = None
+        self.versions: dict[str, dict[str, Version]] = {}
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._run_of_training: dict[str, str] = {}
+        self._retired: deque[str] = deque(maxlen=_RETIRED_RUNS)
+        self._lock = threading.Lock()
+        # (run id, step, bytes) of the latest item blocks that came from peers.
+        self.received: deque[tuple[str, int, int]] = deque(maxlen=100_000)
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return DSGDExchange, ()  # what travels to the workers is a fresh extension, never this one's state
+
+    # Worker plugin hooks (distributed calls these on the worker's event loop).
+    def setup(self, worker: Any) -> None:
+        self.worker, self.address = worker, worker.address
+        worker.handlers["funkflow_item_block"] = self.receive
+        worker.extensions[EXTENSION] = self
+
+    def teardown(self, worker: Any) -> None:
+        with self._lock:
+            for mailbox in self._mailboxes.values():
+                mailbox.fail("the worker is closing")
+
+    async def receive(self, train_id: str, run_id: str, step: int, col: int, factors: np.ndarray,
+                      bias: np.ndarray) -> None:
+        """Handler: an item block from a peer, for ``step`` of epoch run ``run_id``."""
+        mailbox = self._mailbox(train_id, run_id)
+        if mailbox is not None:
+            self.received.append((run_id, step, factors.nbytes + bias.nbytes))
+            mailbox.put(step, col, (factors, bias))
+
+    def _mailbox(self, train_id: str, run_id: str) -> Mailbox | None:
+        """The mailbox of ``run_id`` (made on first use: a peer's block may come before the local task);
+        None once the run has ended."""
+        with self._lock:
+            if run_id in self._retired:
+                return None
+            if run_id not in self._mailboxes:
+                self._mailboxes[run_id] = Mailbox()
+            return self._mailboxes[run_id]
+
+    def begin(self, train_id: str, run_id: str) -> Mailbox:
+        """Start ``run_id`` here; an older epoch run of the same training is called off."""
+        with self._lock:
+            older = self._run_of_training.get(train_id)
+            self._run_of_training[train_id] = run_id
+        if older is not None and older != run_id:
+            self.end(older, "a newer epoch run of this training started")
+        mailbox = self._mailbox(train_id, run_id)
+        if mailbox is None:
+            raise ShareAborted(f"epoch run {run_id} was called off before it started here")
+        return mailbox
+
+    def end(self, run_id: str, reason: str | None = None) -> None:
+        with self._lock:
+            self._retired.append(run_id)
+            mailbox = self._mailboxes.pop(run_id, None)
+        if mailbox is not None and reason is not None:
+            mailbox.fail(reason)
+
+    def abort(self, train_id: str, reason: str) -> None:
+        """Call off the running epoch of ``train_id`` here: its waits raise :class:`ShareAborted`."""
+        with self._lock:
+            run_id = self._run_of_training.get(train_id)
+        if run_id is not None:
+            self.end(run_id, reason)
+
+    def release(self, train_id: str) -> None:
+        """Forget everything of ``train_id``: its versions and its running epoch, if any."""
+        self.abort(train_id, "the training ended")
+        with self._lock:
+            self.versions.pop(train_id, None)
+            self._run_of_training.pop(train_id, None)
+
+    def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, list[Any]]:
+        """``send`` for :func:`tasks.epoch.run_share`, and the list of sends still under way."""
+        pending: list[Any] = []
+
+        def send(index: int, step: int, col: int, state: FactorState) -> None:
+            address = plan.workers[index]
+            if address == self.address:
+                mailbox.put(step, col, state)
+                return
+            call = self.worker.rpc(address).funkflow_item_block(
+                train_id=plan.train_id, run_id=plan.run_id, step=step, col=col,
+                factors=_serialized(state[0]), bias=_serialized(state[1]))
+            sent = asyncio.run_coroutine_threadsafe(call, self.worker.loop.asyncio_loop)
+            sent.add_done_callback(lambda done: done.exception() is None or mailbox.fail(
+                f"cannot hand item block {col} to {address}: {done.exception()!r}"))
+            pending.append(sent)
+
+        return send, pending
+
+
+def _serialized(array: np.ndarray) -> Any:
+    from distributed.protocol import to_serialize
+
+    return to_serialize(array)
+
+
+IN_PROCESS = DSGDExchange()
+
+
+def _exchange(address: str | None) -> tuple[DSGDExchange, Any]:
+    """This process's extension and its worker (None in-process); a task that Dask moved off the worker it
+    was planned for raises, since the plan routes item blocks by address."""
+    from distributed import get_worker
+
+    if address is None:
+        return IN_PROCESS, None
+    worker = get_worker()
+    if worker.address != address:
+        raise ShareAborted(f"planned for worker {address}, which was lost; running on {worker.address}")
+    exchange = worker.extensions.get(EXTENSION)
+    if exchange is None:
+        raise RuntimeError(f"worker {worker.address} has no {EXTENSION} extension; the driver installs it")
+    return exchange, worker
+
+
+def _cancel_check(worker: Any) -> Any:
+    """A check that raises once Dask has cancelled the running task (its client went away)."""
+    if worker is None:
+        return lambda: None
+    from distributed.worker import thread_state
+
+    key = thread_state.key
+
+    def check() -> None:
+        task = worker.state.tasks.get(key)
+        if task is None or task.state in ("cancelled", "released", "forgotten"):
+            raise ShareAborted(f"task {key} was cancelled")
+
+    return check
+
+
+# Tasks. Each takes the address it was planned for and the row blocks of its worker as Dask futures, so
+# that Dask can rebuild a lost row block from Parquet.
+
+def load_share(source: StartFrom, train_id: str, version: str, rows: tuple[int, ...], address: str | None,
+               global_mean: float, measure: bool, *row_blocks: RowBlock) -> np.ndarray:
+    """Put the starting version of this worker's rows into its store.
+
+    Returns the training error sums of each row under it when ``measure``, array
+    of shape (n_rows, 3, d, 3), float64 (zeros otherwise).
+    """
+    exchange, _ = _exchange(address)
+    start = start_version(source, rows)
+    with exchange._lock:
+        exchange.versions.setdefault(train_id, {})[version] = start
+    errors = np.zeros((len(rows), 3, len(source.item_sizes), 3))
+    if measure:
+        items = [start.items[c] for c in range(len(source.item_sizes))]
+        for j, (r, block) in enumerate(zip(rows, row_blocks)):
+            errors[j] = row_errors(block, start.users[r], items, global_mean, (TRAIN,))
+    return errors
+
+
+def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock) -> ShareOutcome:
+    """Run worker ``index``'s share of the epoch (see :func:`tasks.epoch.run_share`) and store its version."""
+    exchange, worker = _exchange(plan.workers[index])
+    mailbox = exchange.begin(plan.train_id, plan.run_id)
+    try:
+        with exchange._lock:
+            store = exchange.versions.get(plan.train_id, {})
+            for name in [v for v in store if v not in (plan.start, *plan.keep)]:
+                del store[name]
+        if plan.start not in store:
+            raise ShareAborted(f"version {plan.start} of training {plan.train_id} is not on this worker")
+        send, pending = exchange.sender(plan, mailbox)
+        outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), store[plan.start],
+                                     mailbox, send, threads, _cancel_check(worker))
+        for sent in pending:  # a peer must not wait for a block that never left
+            sent.result()
+        store[plan.end] = version
+        return outcome
+    finally:
+        exchange.end(plan.run_id)
+
+
+def collect_share(train_id: str, version: str, address: str | None,
+                  with_items: bool) -> tuple[dict[int, FactorState], dict[int, FactorState]]:
+    """The user states of this worker's rows in ``version``, and every item state when ``with_items``."""
+    exchange, _ = _exchange(address)
+    found = exchange.versions[train_id][version]
+    return found.users, (found.items if with_items else {})
+
+
+def abort_training(train_id: str, reason: str, dask_worker: Any = None) -> None:
+    """Call off the running epoch of ``train_id`` on this worker (run through ``Client.run``)."""
+    _on(dask_worker).abort(train_id, reason)
+
+
+def release_training(train_id: str, dask_worker: Any = None) -> None:
+    """Drop ``train_id``'s versions on this worker (run through ``Client.run``)."""
+    _on(dask_worker).release(train_id)
+
+
+def received_bytes(dask_worker: Any = None) -> list[tuple[str, int, int]]:
+    """What came to this worker from peers: (run id, step, bytes) per item block."""
+    return list(_on(dask_worker).received)
+
+
+def _on(dask_worker: Any) -> DSGDExchange:
+    if dask_worker is None:
+        return IN_PROCESS
+    return dask_worker.extensions.get(EXTENSION) or DSGDExchange()
+
+
+def install(client: Any) -> None:
+    """Register the extension on every worker of ``client``'s cluster, now and on workers that join later.
+
+    A second registration (another run on the same cluster) keeps the running extensions (``idempotent``).
+    """
+    client.register_plugin(DSGDExchange(), name=EXTENSION)
