@@ -138,12 +138,11 @@ class DaskExecutor:
         while pending:
             try:
                 wait(pending, timeout=WATCH_SECONDS, return_when="FIRST_COMPLETED")
-            except TimeoutError:
-                pass
+            except TimeoutError:  # no progress for a while: are the workers still there?
+                lost = expected - set(self.client.scheduler_info()["workers"])
+                if lost:
+                    raise WorkersLost(f"lost worker(s) {', '.join(sorted(lost))}") from None
             failed = [f for f in futures if f.status == "error"]
-            lost = expected - set(self.client.scheduler_info()["workers"])
-            if lost:
-                raise WorkersLost(f"lost worker(s) {', '.join(sorted(lost))}")
             if failed:
                 exc = failed[0].exception()
                 if isinstance(exc, ShareAborted):  # a task moved off a lost worker, or a peer unreachable

@@ -1,7 +1,7 @@
 """The worker extension that carries item blocks between workers, and the tasks the DSGD driver submits.
 
 Modelled on distributed's P2P shuffle (``distributed/shuffle/_worker_plugin.py``):
-a worker plugin adds a comm handler, ``funkflow_item_block``, through which a
+a worker plugin adds a comm handler, ``funkflow_item_blocks``, through which a
 worker hands an item block straight to the peer that needs it next; the
 scheduler is out of the data path and sees one task per worker per epoch
 (:func:`epoch_share`), not one per block. Every epoch runs under a fresh run id,
@@ -71,7 +71,7 @@ class DSGDExchange(WorkerPlugin):
     # Worker plugin hooks (distributed calls these on the worker's event loop).
     def setup(self, worker: Any) -> None:
         self.worker, self.address = worker, worker.address
-        worker.handlers["funkflow_item_block"] = self.receive
+        worker.handlers["funkflow_item_blocks"] = self.receive
         worker.extensions[EXTENSION] = self
 
     def teardown(self, worker: Any) -> None:
@@ -79,13 +79,15 @@ class DSGDExchange(WorkerPlugin):
             for mailbox in self._mailboxes.values():
                 mailbox.fail("the worker is closing")
 
-    async def receive(self, train_id: str, run_id: str, step: int, col: int, factors: np.ndarray,
-                      bias: np.ndarray) -> None:
-        """Handler: an item block from a peer, for ``step`` of epoch run ``run_id``."""
+    async def receive(self, train_id: str, run_id: str, steps: list[int], cols: list[int],
+                      factors: list[np.ndarray], biases: list[np.ndarray]) -> None:
+        """Handler: item blocks from a peer, each for its step of epoch run ``run_id``."""
         mailbox = self._mailbox(train_id, run_id)
-        if mailbox is not None:
-            self.received.append((run_id, step, factors.nbytes + bias.nbytes))
-            mailbox.put(step, col, (factors, bias))
+        if mailbox is None:
+            return
+        for step, col, block, bias in zip(steps, cols, factors, biases):
+            self.received.append((run_id, step, block.nbytes + bias.nbytes))
+            mailbox.put(step, col, (block, bias))
 
     def _mailbox(self, train_id: str, run_id: str) -> Mailbox | None:
         """The mailbox of ``run_id`` (made on first use: a peer's block may come before the local task);
@@ -130,30 +132,69 @@ class DSGDExchange(WorkerPlugin):
             self.versions.pop(train_id, None)
             self._run_of_training.pop(train_id, None)
 
-    def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, list[Any]]:
-        """``send`` for :func:`tasks.epoch.run_share`, and the list of sends still under way."""
-        pending: list[Any] = []
+    def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, Any]:
+        """``send`` for :func:`tasks.epoch.run_share`, and a function that waits until all sent blocks are
+        delivered."""
+        outboxes: dict[str, _Outbox] = {}
 
         def send(index: int, step: int, col: int, state: FactorState) -> None:
             address = plan.workers[index]
             if address == self.address:
                 mailbox.put(step, col, state)
                 return
-            call = self.worker.rpc(address).funkflow_item_block(
-                train_id=plan.train_id, run_id=plan.run_id, step=step, col=col,
-                factors=_serialized(state[0]), bias=_serialized(state[1]))
-            sent = asyncio.run_coroutine_threadsafe(call, self.worker.loop.asyncio_loop)
-            sent.add_done_callback(lambda done: done.exception() is None or mailbox.fail(
-                f"cannot hand item block {col} to {address}: {done.exception()!r}"))
-            pending.append(sent)
+            if address not in outboxes:
+                outboxes[address] = _Outbox(self.worker, address, plan, mailbox)
+            outboxes[address].put(step, col, state)
 
-        return send, pending
+        def delivered() -> None:
+            for outbox in list(outboxes.values()):
+                outbox.wait()
+
+        return send, delivered
 
 
-def _serialized(array: np.ndarray) -> Any:
-    from distributed.protocol import to_serialize
+class _Outbox:
+    """Item blocks on their way to one peer. A block leaves at once; blocks that come while a send is
+    under way go together in the next one, so a busy worker sends fewer, larger messages and no block
+    waits for a batch to fill."""
 
-    return to_serialize(array)
+    def __init__(self, worker: Any, address: str, plan: EpochPlan, mailbox: Mailbox) -> None:
+        self.worker, self.address, self.plan, self.mailbox = worker, address, plan, mailbox
+        self._queue: list[tuple[int, int, FactorState]] = []
+        self._sending = False
+        self._lock = threading.Lock()
+        self._drains: list[Any] = []
+
+    def put(self, step: int, col: int, state: FactorState) -> None:
+        with self._lock:
+            self._queue.append((step, col, state))
+            if self._sending:
+                return
+            self._sending = True
+        self._drains.append(asyncio.run_coroutine_threadsafe(self._drain(), self.worker.loop.asyncio_loop))
+
+    async def _drain(self) -> None:
+        from distributed.protocol import to_serialize
+
+        while True:
+            with self._lock:
+                batch, self._queue = self._queue, []
+                if not batch:
+                    self._sending = False
+                    return
+            try:
+                await self.worker.rpc(self.address).funkflow_item_blocks(
+                    train_id=self.plan.train_id, run_id=self.plan.run_id, steps=[b[0] for b in batch],
+                    cols=[b[1] for b in batch], factors=[to_serialize(b[2][0]) for b in batch],
+                    biases=[to_serialize(b[2][1]) for b in batch])
+            except Exception as exc:
+                self.mailbox.fail(f"cannot hand item blocks {[b[1] for b in batch]} to {self.address}: {exc!r}")
+                raise
+
+    def wait(self) -> None:
+        """Until every block put so far has been delivered; raises if a send failed."""
+        for drain in list(self._drains):
+            drain.result()
 
 
 IN_PROCESS = DSGDExchange()
@@ -224,11 +265,10 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
                 del store[name]
         if plan.start not in store:
             raise ShareAborted(f"version {plan.start} of training {plan.train_id} is not on this worker")
-        send, pending = exchange.sender(plan, mailbox)
+        send, delivered = exchange.sender(plan, mailbox)
         outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), store[plan.start],
                                      mailbox, send, threads, _cancel_check(worker))
-        for sent in pending:  # a peer must not wait for a block that never left
-            sent.result()
+        delivered()  # a peer must not wait for a block that never left
         store[plan.end] = version
         return outcome
     finally:

@@ -51,6 +51,13 @@ def test_one_worker_local_cluster_matches_in_process(tiny_config, in_process_run
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 
+def test_a_worker_with_two_threads_matches_in_process(tiny_config, in_process_run, tmp_path):
+    """`dask worker` gives one process all cores by default: its blocks of a stratum run on its threads."""
+    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=null", "cluster.n_workers=1",
+                             "cluster.threads_per_worker=2"))
+    _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
+
+
 def test_different_d_gives_different_factors(tiny_config, in_process_run, tmp_path):
     """The bit-identity above is not vacuous: the schedule does change the result."""
     run_pipeline(tiny_config(tmp_path / "run", "train.d=2"))
@@ -222,6 +229,62 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8
     _assert_bit_identical(_factors(run_dir), _factors(tmp_path / "whole"))
+
+
+def test_a_driver_killed_mid_epoch_frees_the_workers_of_an_existing_cluster(tiny_config, local_cluster, tmp_path):
+    """kill -9 of the driver on a cluster that outlives it: the re-run on the same workers resumes from the
+    last checkpoint to the same bits."""
+    from conftest import kill_when
+
+    sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
+            "model.k=16", "train.epochs=8", "train.d=4"]
+    run_pipeline(tiny_config(tmp_path / "whole", *sets))
+    run_dir = tmp_path / "killed"
+    command = [sys.executable, "-m", "pipeline", "run", "--scheduler", local_cluster.scheduler_address,
+               "--run-dir", str(run_dir)]
+    for s in sets:
+        command += ["--set", s]
+    kill_when(command, tmp_path, lambda: (run_dir / "checkpoints" / "epoch-000002" / "manifest.json").exists())
+    assert not (run_dir / "model").exists(), "the driver must die mid-training"
+    run_pipeline(tiny_config(run_dir, *sets, f"cluster.scheduler={local_cluster.scheduler_address}"))
+    _assert_bit_identical(_factors(run_dir), _factors(tmp_path / "whole"))
+
+
+def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancelled(planted_low_rank, local_cluster,
+                                                                                  tmp_path):
+    """A share waits for item blocks from its peers; if its client goes (the scheduler cancels the task)
+    before a peer's share started, the wait notices and the worker's only thread is free again."""
+    from distributed import Client
+
+    from pipeline.blocking import block_dataset
+    from pipeline.cluster import DaskExecutor, InProcessExecutor
+    from pipeline.config import SplitConfig
+    from pipeline.dataset import open_dataset
+    from pipeline.exchange import epoch_share, load_share
+    from tasks.blocks import load_row_block
+    from tasks.epoch import EpochPlan, StartFrom
+    from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+    from tasks.training import Hyper
+
+    blocks = block_dataset(InProcessExecutor(), open_dataset(planted_low_rank), tmp_path / "blocks", 2, SplitConfig(),
+                           seed=3)
+    with Client(local_cluster) as client:
+        executor = DaskExecutor(client)
+        executor.install_exchange()
+        first, second = executor.workers
+        row = client.submit(load_row_block, str(blocks.root), 0, 2, blocks.n_users, blocks.n_items, 3,
+                            workers=[first])
+        sizes = [tuple(len(m) for m in block_layout(n, 2, 3, salt)[2])
+                 for n, salt in ((blocks.n_users, SALT_ROWS), (blocks.n_items, SALT_COLUMNS))]
+        source = StartFrom(k=4, init_std=0.1, seed=0, user_sizes=sizes[0], item_sizes=sizes[1])
+        client.submit(load_share, source, "t", "start", (0,), first, 0.0, False, row, workers=[first]).result()
+        plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=0, workers=(first, second),
+                         hyper=Hyper(0.01, 0.02, 0.02, True, 3.0, "user_runs", 16, 8), start="start", end="end")
+        waiting = client.submit(epoch_share, plan, 0, 1, row, workers=[first], pure=False)
+        time.sleep(1.0)
+        assert waiting.status == "pending", "the share waits for the block its peer never sends"
+        waiting.cancel()
+        assert client.submit(sum, [1, 2], workers=[first], pure=False).result(timeout=10) == 3
 
 
 def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():

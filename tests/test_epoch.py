@@ -1,0 +1,118 @@
+"""A worker's share of an epoch (tasks/epoch.py) without a cluster: W simulated workers in threads, each
+with its own mailbox, against the plain stratum-by-stratum DSGD loop."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from pipeline.blocking import block_dataset
+from pipeline.cluster import InProcessExecutor
+from pipeline.config import SplitConfig
+from pipeline.dataset import open_dataset
+from tasks.blocks import load_row_block
+from tasks.epoch import (
+    EpochPlan,
+    Mailbox,
+    ShareAborted,
+    StartFrom,
+    Version,
+    run_share,
+    start_version,
+)
+from tasks.hashing import SALT_COLUMNS, block_layout
+from tasks.schedule import block_order_seed, strata, stratum_shifts
+from tasks.training import Hyper, sgd_update
+
+HYPER = Hyper(lr=0.02, reg=0.02, bias_reg=0.02, use_bias=True, global_mean=3.0, order="user_runs",
+              users_per_run=16, tile_items=8)
+SEED = 11
+
+
+def _problem(dataset_root, tmp_path, d):
+    """The planted problem's d row blocks, and where its factors start."""
+    dataset = open_dataset(dataset_root)
+    blocks = block_dataset(InProcessExecutor(), dataset, tmp_path / f"blocks-{d}", d, SplitConfig(), seed=3)
+    row_blocks = [load_row_block(str(blocks.root), r, d, blocks.n_users, blocks.n_items, 3) for r in range(d)]
+    item_sizes = tuple(len(m) for m in block_layout(blocks.n_items, d, 3, SALT_COLUMNS)[2])
+    source = StartFrom(k=4, init_std=0.1, seed=SEED, user_sizes=tuple(b.n_users for b in row_blocks),
+                       item_sizes=item_sizes)
+    return row_blocks, source
+
+
+def _epochs_on(n_workers: int, threads: int, row_blocks, source: StartFrom, epochs: int) -> Version:
+    """Run ``epochs`` epochs on ``n_workers`` simulated workers; the model as one version."""
+    d = len(row_blocks)
+    names = tuple(f"w{i}" for i in range(n_workers))
+    versions = [start_version(source, tuple(range(i, d, n_workers))) for i in range(n_workers)]
+    root = np.random.SeedSequence(SEED)
+    for epoch in range(epochs):
+        plan = EpochPlan(train_id="t", run_id=f"e{epoch}", epoch=epoch, shifts=stratum_shifts(d, epoch, root),
+                         seed=SEED, hyper=HYPER, workers=names, start="a", end="b")
+        mailboxes = [Mailbox() for _ in range(n_workers)]
+
+        def send(index, step, col, state, mailboxes=mailboxes):
+            mailboxes[index].put(step, col, state)
+
+        with ThreadPoolExecutor(n_workers) as pool:
+            futures = [pool.submit(run_share, plan, i, {r: row_blocks[r] for r in plan.rows_of(i)}, versions[i],
+                                   mailboxes[i], send, threads) for i in range(n_workers)]
+            results = [f.result(timeout=60) for f in futures]
+        versions = [version for _, version in results]
+        assert all(v.items.keys() == versions[0].items.keys() for v in versions), "every worker gets every item"
+    users = {r: state for v in versions for r, state in v.users.items()}
+    return Version(users, versions[0].items)
+
+
+def _reference(row_blocks, source: StartFrom, epochs: int) -> Version:
+    """The plain DSGD loop: stratum after stratum, block after block, in one thread."""
+    d = len(row_blocks)
+    model = start_version(source, tuple(range(d)))
+    root = np.random.SeedSequence(SEED)
+    for epoch in range(epochs):
+        for s, stratum in enumerate(strata(d, epoch, root)):
+            for r, c in stratum:
+                model.users[r], model.items[c], _ = sgd_update(row_blocks[r], c, model.users[r], model.items[c],
+                                                               HYPER, block_order_seed(root, epoch, s, r, c), "ref")
+    return model
+
+
+def _same_bits(a: Version, b: Version) -> bool:
+    return all(a.users[r][j].tobytes() == b.users[r][j].tobytes() for r in a.users for j in (0, 1)) and \
+        all(a.items[c][j].tobytes() == b.items[c][j].tobytes() for c in a.items for j in (0, 1)) and \
+        a.users.keys() == b.users.keys()
+
+
+@pytest.mark.parametrize("d,n_workers,threads", [(1, 1, 1), (1, 2, 1), (3, 1, 2), (3, 2, 1), (4, 2, 2), (4, 3, 1),
+                                                 (2, 3, 1)])
+def test_shares_on_any_number_of_workers_and_threads_equal_the_plain_dsgd_loop(planted_low_rank, tmp_path, d,
+                                                                               n_workers, threads):
+    row_blocks, source = _problem(planted_low_rank, tmp_path, d)
+    reference = _reference(row_blocks, source, epochs=3)
+    assert _same_bits(_epochs_on(n_workers, threads, row_blocks, source, epochs=3), reference)
+    assert not _same_bits(_reference(row_blocks, source, epochs=2), reference), "the check is not vacuous"
+
+
+def test_a_share_waiting_for_a_lost_peer_is_called_off(planted_low_rank, tmp_path):
+    row_blocks, source = _problem(planted_low_rank, tmp_path, 2)
+    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=SEED, hyper=HYPER, workers=("a", "b"),
+                     start="s", end="e")
+    mailbox = Mailbox()
+    threading.Timer(0.3, mailbox.fail, ["worker b was lost"]).start()
+    # Worker b never runs: worker a finishes step 0, then waits for the block b would hand it.
+    with pytest.raises(ShareAborted, match="worker b was lost"):
+        run_share(plan, 0, {0: row_blocks[0]}, start_version(source, (0,)), mailbox, lambda *a: None, 1)
+
+
+def test_a_failing_block_names_itself_and_stops_the_other_threads(planted_low_rank, tmp_path):
+    row_blocks, source = _problem(planted_low_rank, tmp_path, 2)
+    start = start_version(source, (0, 1))
+    start.users[1] = (start.users[1][0], None)  # no user biases: the block update fails
+    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=SEED, hyper=HYPER, workers=("a",),
+                     start="s", end="e")
+    mailbox = Mailbox()
+    with pytest.raises(RuntimeError, match=r"epoch 0 stratum \d block 1,\d"):
+        run_share(plan, 0, dict(enumerate(row_blocks)), start, mailbox, lambda i, s, c, st: mailbox.put(s, c, st), 2)
