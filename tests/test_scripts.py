@@ -22,6 +22,7 @@ TINY = ["--scale", "0.0005"]
     ("bench_libmf.py", [*TINY, "--epochs", "2", "--threads", "1"], "| 1 |"),
     ("bench_scheduler_memory.py", ["--epochs", "2"], "| 2 |"),
     ("bench_checkpoint.py", [*TINY, "--epochs", "2"], "| 2 |"),
+    ("bench_scale.py", ["--ratings", "20000", "--epochs", "2", "--grid", "2:4"], "| 2 | 4 |"),
     ("bench_warm_start.py", ["--epochs", "2", "--upto", "1"], "| 1 |"),
     ("bench_peers.py", [*TINY, "--epochs", "2", "--threads", "1", "--peers", "funkflow", "LIBMF"], "| funkflow |"),
 ])
