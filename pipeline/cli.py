@@ -20,7 +20,7 @@ from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.foldin import fold_in_run
 from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
-from pipeline.plan import Plan, auto_d, calibrate
+from pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from pipeline.predict import predict
 from pipeline.recommend import recommend
 from pipeline.report import report as write_report
@@ -143,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--threads-per-worker", type=int, default=1)
     plan.add_argument("--train-fraction", type=float, default=0.85)
     plan.add_argument("--rate", type=float, help="kernel ratings/s per thread (default: measure it here)")
+    plan.add_argument("--hop-ms", type=float, default=HOP_SECONDS * 1e3,
+                      help="milliseconds to hand an item block to the next worker, beyond its transfer "
+                           "(default: fitted on this machine by scripts/bench_scale.py)")
+    plan.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s between workers")
     return parser
 
 
@@ -232,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             rate = args.rate or calibrate(args.k)
             d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker)
             sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
-                         args.threads_per_worker, args.train_fraction, rate)
+                         args.threads_per_worker, args.train_fraction, rate, args.hop_ms / 1e3, args.bandwidth)
             for label, value in sized.rows():
                 print(f"{label:<40} {value}")
             return EXIT_OK

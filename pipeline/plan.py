@@ -1,18 +1,22 @@
 """``funkflow plan``: size a cluster before renting it.
 
 For a number of ratings, users and items, k, d and workers it prints the
-memory each worker needs (its rating blocks, its user factors, the item
-factors in flight), the bytes that move per epoch (item factors between
-workers, a checkpoint to storage) and an estimated epoch time from the SGD
-kernel's throughput measured on this machine (a two-second calibration with
-one kernel per core at once, since threads that share a host slow each other;
-pass ``--rate`` to use a figure measured elsewhere). The model behind it:
+memory each worker needs (its rating blocks, its user factors, every item
+block), the bytes that move per epoch (item blocks between workers, a
+checkpoint to storage) and an estimated epoch time from the SGD kernel's
+throughput measured on this machine (a two-second calibration with one kernel
+per core at once, since threads that share a host slow each other; pass
+``--rate`` to use a figure measured elsewhere). The model of an epoch, after
+the design in docs/design.md:
 
-    epoch ≈ train ratings / (rate × min(workers × threads, d) × balance)
-            + d² × per-task overhead + a validation pass at 4× the SGD rate
+    d steps, each max(the step's blocks spread over the threads,
+                      one block + handing its item block to the next worker)
+    + the final item blocks to every worker + a validation pass at 4× the SGD rate
+    + a driver round trip and one scheduler task per worker
 
-where ``balance`` is the mean over the max of the d blocks a stratum runs in
-parallel (DSGD waits for its slowest block).
+So an epoch is compute-bound while a block takes longer than a hand-off, and
+latency-bound beyond: with ``d`` growing with the workers, there is a worker
+count past which an epoch gets no faster, which the plan names.
 """
 
 from __future__ import annotations
@@ -20,19 +24,23 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
 LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
-# Per block task: its three hand-off tasks, the stratum check's round trip and the scheduler's share.
-# Fitted to a 10M-rating epoch on a 2-worker LocalCluster (0.47 s measured, 0.46 s estimated).
-TASK_OVERHEAD_S = 0.02
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
+# The cost of handing one item block to the next worker, and of an epoch's driver round trip with its
+# tasks, fitted by `python scripts/bench_scale.py` on the 2-worker rows (epoch on Dask minus the
+# in-process epoch over the workers, against d). On this 2-core VM the hand-off waits for a core the
+# kernels hold, so it is pessimistic for hosts with cores to spare; --hop-ms takes a figure measured there.
+HOP_SECONDS = 0.0067
+EPOCH_SECONDS = 0.005
+TASK_SECONDS = 0.0002        # the scheduler's share of one task
+BANDWIDTH = 1.0e9            # bytes/s between workers (10 GbE, roughly); --bandwidth
 # train.d: auto gives each thread two blocks per stratum while a block keeps this many ratings.
-# Measured on 2 workers: 100M ratings, d=4 (5.6M a block) 2.93 s an epoch, d=2 3.18 s, d=8 3.99 s;
-# at 10M ratings d=2 beat d=4, whose 0.56M-rating tasks are a third scheduler overhead.
+# Measured on 2 workers: 100M ratings, d=4 (5.6M a block) 2.93 s an epoch, d=2 3.18 s, d=8 3.99 s.
 MIN_BLOCK_RATINGS = 4_000_000
 
 
@@ -59,43 +67,69 @@ class Plan:
     threads: int
     train_fraction: float
     rate: float              # SGD ratings per second per thread at this k
+    hop: float = HOP_SECONDS
+    bandwidth: float = BANDWIDTH
 
     @property
     def parallel(self) -> int:
         return min(self.workers * self.threads, self.d)
 
+    @property
+    def state_bytes(self) -> int:
+        return (self.k + 1) * 4
+
     def rows(self) -> list[tuple[str, str]]:
-        state = (self.k + 1) * 4
         blocks_per_worker = math.ceil(self.d / self.workers)
         ratings_bytes = self.ratings / self.d * blocks_per_worker * BYTES_PER_RATING
-        users_bytes = self.users / self.d * blocks_per_worker * state * 2       # old and new copy per update
-        items_bytes = self.items / self.d * state * 2 * self.threads             # a block and its copy per thread
-        moved = self.d * self.items * state * (self.workers - 1) / self.workers if self.workers > 1 else 0
-        checkpoint = (self.users + self.items) * state
-        sgd, overhead, validation = self.epoch_parts()
+        users_bytes = self.users / self.d * blocks_per_worker * self.state_bytes * 2  # the epoch's start and end
+        items_bytes = self.items * self.state_bytes * 2                                # every item block, twice
+        checkpoint = (self.users + self.items) * self.state_bytes
+        sgd, handoffs, rest = self.epoch_parts()
+        fastest = self.fastest_workers()
         return [
             ("ratings per worker (loaded blocks)", _bytes(ratings_bytes)),
             ("  peak while a row block loads", _bytes(ratings_bytes + self.ratings / self.d * BYTES_PER_RATING
                                                       * (LOAD_PEAK - 1))),
             ("user factors per worker", _bytes(users_bytes)),
-            ("item factors in flight per worker", _bytes(items_bytes)),
-            ("item factors moved per epoch", _bytes(moved)),
+            ("item factors per worker", _bytes(items_bytes)),
+            ("item factors moved per epoch", _bytes(self.moved_bytes())),
             ("checkpoint per epoch", _bytes(checkpoint)),
             ("kernel rate per thread (this machine)", f"{self.rate / 1e6:.1f}M ratings/s"),
-            ("parallel block tasks", f"{self.parallel} (d={self.d}, {self.workers}×{self.threads} threads)"),
-            ("estimated epoch time",
-             f"{sgd + overhead + validation:.2f} s (SGD {sgd:.2f}, tasks {overhead:.2f}, validation {validation:.2f})"),
+            ("parallel blocks", f"{self.parallel} (d={self.d}, {self.workers}×{self.threads} threads)"),
+            ("scheduler tasks per epoch", f"{self.workers}"),
+            ("estimated epoch time", f"{sgd + handoffs + rest:.2f} s (SGD {sgd:.2f}, waiting for item blocks "
+                                     f"{handoffs:.2f}, validation and coordination {rest:.2f})"),
+            ("fastest at", f"{fastest.workers} workers ({fastest.epoch_seconds():.2f} s an epoch, d={fastest.d}); "
+                           "more workers make an epoch slower"),
         ]
 
+    def moved_bytes(self) -> float:
+        """Item blocks sent between workers in an epoch: a hand-off per block whose next row lives
+        elsewhere, and every final block to every other worker."""
+        if self.workers == 1:
+            return 0.0
+        share_elsewhere = (self.workers - 1) / self.workers
+        return self.items * self.state_bytes * (self.d * share_elsewhere + self.workers - 1)
+
     def epoch_parts(self) -> tuple[float, float, float]:
-        """Estimated seconds of an epoch's SGD, task overhead and validation pass."""
-        sgd = self.ratings * self.train_fraction / (self.rate * self.parallel * BALANCE)
-        overhead = self.d * self.d * TASK_OVERHEAD_S * (1 if self.workers > 1 else 0.5)
+        """Estimated seconds of an epoch's SGD, of waiting for item blocks beyond it, and of the rest."""
+        train = self.ratings * self.train_fraction
+        sgd = train / (self.rate * self.parallel * BALANCE)
+        block = train / self.d ** 2 / self.rate
+        handoff = 0.0 if self.workers == 1 else self.hop + self.items / self.d * self.state_bytes / self.bandwidth
+        steps = self.d * max(sgd / self.d, block + handoff)
+        gather = 0.0 if self.workers == 1 else self.hop + self.items * self.state_bytes / self.bandwidth
         validation = self.ratings * (1 - self.train_fraction) / (4 * self.rate * self.parallel)
-        return sgd, overhead, validation
+        return sgd, steps - sgd, gather + validation + EPOCH_SECONDS + self.workers * TASK_SECONDS
 
     def epoch_seconds(self) -> float:
         return sum(self.epoch_parts())
+
+    def fastest_workers(self) -> Plan:
+        """The plan at the worker count (a power of two up to 4096, d as ``auto`` picks) with the fastest
+        epoch: past it, hand-offs on the critical path outgrow the SGD each worker saves."""
+        plans = [replace(self, workers=w, d=auto_d(self.ratings, w * self.threads)) for w in (2 ** i for i in range(13))]
+        return min(plans, key=Plan.epoch_seconds)
 
 
 def _bytes(n: float) -> str:

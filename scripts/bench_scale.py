@@ -10,7 +10,9 @@ the workers grow while the SGD stays small. Checkpoints are off.
 
 Columns: the median epoch after the first, the in-process one, their ratio, and
 the scheduler's tasks per epoch (counted from Dask's task stream over the whole
-training, loading and collecting included, divided by the epochs).
+training, loading and collecting included, divided by the epochs). Last, the
+hand-off cost and the fixed cost per epoch that `funkflow plan` uses, fitted on
+the 2-worker rows.
 
     python scripts/bench_scale.py [--epochs 6] [--k 32] [--grid 2:2 2:4 2:8 2:16 2:32 8:8 8:16 16:16 16:32]
 """
@@ -23,6 +25,7 @@ import statistics
 from pathlib import Path
 
 import dask
+import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
 
 from pipeline.blocking import block_dataset, open_blocks
@@ -71,6 +74,7 @@ def main() -> None:
     print(f"{dataset.n_ratings:,} ratings, k={args.k}, {args.epochs} epochs, median epoch after the first")
     print("| workers | d | Dask epoch s | in-process epoch s | Dask / in-process | scheduler tasks per epoch |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+    beyond_sgd: dict[int, float] = {}  # 2 workers: d → Dask epoch minus the in-process one spread over them
     for workers in dict.fromkeys(w for w, _ in grid):
         with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
                                                              dashboard_address=":0") as cluster, \
@@ -79,8 +83,15 @@ def main() -> None:
                 with get_task_stream(client) as stream:
                     seconds = median_epoch(DaskExecutor(client), blocks_at(d), args.k, args.epochs)
                 tasks = len(stream.data) / args.epochs
+                if workers == 2:
+                    beyond_sgd[d] = seconds - in_process[d] / min(workers, d)
                 print(f"| {workers} | {d} | {seconds:.3f} | {in_process[d]:.3f} | {seconds / in_process[d]:.2f} "
                       f"| {tasks:.1f} |", flush=True)
+    if len(beyond_sgd) >= 2:
+        # An epoch waits d hand-offs on its critical path (pipeline/plan.py): fit seconds = fixed + d × hop.
+        hop, fixed = np.polyfit(list(beyond_sgd), list(beyond_sgd.values()), 1)
+        print(f"fit over the 2-worker rows, for pipeline/plan.py: HOP_SECONDS = {hop:.4f}, "
+              f"EPOCH_SECONDS = {max(fixed, 0.0):.4f}")
 
 
 if __name__ == "__main__":

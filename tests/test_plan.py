@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from pipeline.cli import main
@@ -10,15 +12,30 @@ from pipeline.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
 
 def test_plan_arithmetic_for_netflix_on_two_workers():
     plan = Plan(ratings=100_000_000, users=480_000, items=17_770, k=49, d=4, workers=2, threads=1,
-                train_fraction=0.85, rate=20e6)
+                train_fraction=0.85, rate=20e6, hop=0.005, bandwidth=1e9)
     rows = dict(plan.rows())
     assert rows["ratings per worker (loaded blocks)"] == "572.2 MiB"        # 2 of 4 blocks × 25M × 12 B
-    assert rows["user factors per worker"] == "91.6 MiB"                    # 240k users × 50 floats × 2 copies
-    assert rows["item factors moved per epoch"] == "6.8 MiB"                # d × 17,770 × 200 B × 1/2
-    sgd, overhead, validation = plan.epoch_parts()
+    assert rows["user factors per worker"] == "91.6 MiB"                    # 240k users × 50 floats × 2 versions
+    assert rows["item factors moved per epoch"] == "10.2 MiB"               # 17,770 × 200 B × (4 × 1/2 + 1)
+    assert rows["scheduler tasks per epoch"] == "2"
+    sgd, waiting, rest = plan.epoch_parts()
     assert sgd == pytest.approx(85e6 / (20e6 * 2 * BALANCE))
-    assert validation == pytest.approx(15e6 / (4 * 20e6 * 2))
-    assert plan.epoch_seconds() == pytest.approx(sgd + overhead + validation)
+    assert waiting == 0                                                      # 5.3M-rating blocks hide a 5 ms hop
+    assert plan.epoch_seconds() == pytest.approx(sgd + rest)
+
+
+def test_plan_turns_latency_bound_as_workers_grow_and_names_the_fastest_count():
+    netflix = Plan(ratings=100_000_000, users=480_000, items=17_770, k=50, d=4, workers=2, threads=1,
+                   train_fraction=0.85, rate=30e6, hop=0.005, bandwidth=1e9)
+    at = {w: replace(netflix, workers=w, d=auto_d(netflix.ratings, w)) for w in (2, 16, 256)}
+    assert at[16].epoch_seconds() < at[2].epoch_seconds()
+    sgd, waiting, _ = at[256].epoch_parts()
+    assert waiting > sgd and at[256].epoch_seconds() > at[16].epoch_seconds()
+    fastest = netflix.fastest_workers()
+    assert 2 < fastest.workers < 256
+    assert "more workers make an epoch slower" in dict(netflix.rows())["fastest at"]
+    # A faster network moves the turning point out.
+    assert replace(netflix, hop=0.0005).fastest_workers().workers > fastest.workers
 
 
 def test_calibration_measures_a_plausible_rate():
@@ -29,7 +46,7 @@ def test_plan_command_prints_the_estimate(capsys):
     assert main(["plan", "--ratings", "1e10", "--users", "5e7", "--items", "1e6", "--k", "64", "--d", "64",
                  "--workers", "32", "--rate", "2e7"]) == 0
     out = capsys.readouterr().out
-    assert "estimated epoch time" in out and "parallel block tasks" in out and "32 (d=64, 32×1 threads)" in out
+    assert "estimated epoch time" in out and "parallel blocks" in out and "32 (d=64, 32×1 threads)" in out
 
 
 def test_auto_d_gives_two_blocks_per_thread_only_while_blocks_stay_large():
