@@ -39,6 +39,7 @@ from tasks.epoch import (
     Version,
     run_share,
     start_version,
+    write_share,
 )
 from tasks.training import FactorState, row_errors
 
@@ -57,7 +58,7 @@ class DSGDExchange(WorkerPlugin):
     def __init__(self) -> None:
         self.worker: Any = None
         self.address: str | None = None
-        self.versions: dict[str, dict[str, Version]] = {}
+        self._versions: dict[str, dict[str, Version]] = {}
         self._mailboxes: dict[str, Mailbox] = {}
         self._run_of_training: dict[str, str] = {}
         self._retired: deque[str] = deque(maxlen=_RETIRED_RUNS)
@@ -129,8 +130,26 @@ class DSGDExchange(WorkerPlugin):
         """Forget everything of ``train_id``: its versions and its running epoch, if any."""
         self.abort(train_id, "the training ended")
         with self._lock:
-            self.versions.pop(train_id, None)
+            self._versions.pop(train_id, None)
             self._run_of_training.pop(train_id, None)
+
+    def store(self, train_id: str, name: str, version: Version) -> None:
+        with self._lock:
+            self._versions.setdefault(train_id, {})[name] = version
+
+    def version(self, train_id: str, name: str) -> Version:
+        with self._lock:
+            found = self._versions.get(train_id, {}).get(name)
+        if found is None:
+            raise ShareAborted(f"version {name} of training {train_id} is not on worker {self.address}")
+        return found
+
+    def keep_only(self, train_id: str, names: tuple[str, ...]) -> None:
+        """Drop the versions of ``train_id`` not named."""
+        with self._lock:
+            kept = self._versions.get(train_id, {})
+            for name in [v for v in kept if v not in names]:
+                del kept[name]
 
     def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, Any]:
         """``send`` for :func:`tasks.epoch.run_share`, and a function that waits until all sent blocks are
@@ -244,8 +263,7 @@ def load_share(source: StartFrom, train_id: str, version: str, rows: tuple[int, 
     """
     exchange, _ = _exchange(address)
     start = start_version(source, rows)
-    with exchange._lock:
-        exchange.versions.setdefault(train_id, {})[version] = start
+    exchange.store(train_id, version, start)
     errors = np.zeros((len(rows), 3, len(source.item_sizes), 3))
     if measure:
         items = [start.items[c] for c in range(len(source.item_sizes))]
@@ -259,27 +277,30 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
     exchange, worker = _exchange(plan.workers[index])
     mailbox = exchange.begin(plan.train_id, plan.run_id)
     try:
-        with exchange._lock:
-            store = exchange.versions.get(plan.train_id, {})
-            for name in [v for v in store if v not in (plan.start, *plan.keep)]:
-                del store[name]
-        if plan.start not in store:
-            raise ShareAborted(f"version {plan.start} of training {plan.train_id} is not on this worker")
+        exchange.keep_only(plan.train_id, (plan.start, *plan.keep))
+        start = exchange.version(plan.train_id, plan.start)
         send, delivered = exchange.sender(plan, mailbox)
-        outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), store[plan.start],
-                                     mailbox, send, threads, _cancel_check(worker))
+        outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), start, mailbox, send,
+                                     threads, _cancel_check(worker))
         delivered()  # a peer must not wait for a block that never left
-        store[plan.end] = version
+        exchange.store(plan.train_id, plan.end, version)
         return outcome
     finally:
         exchange.end(plan.run_id)
+
+
+def write_checkpoint_share(train_id: str, version: str, index: int, n_workers: int, address: str | None,
+                           url: str) -> dict[str, str]:
+    """Write this worker's share of ``version`` as a checkpoint at ``url`` (see :func:`tasks.epoch.write_share`)."""
+    exchange, _ = _exchange(address)
+    return write_share(exchange.version(train_id, version), index, n_workers, url)
 
 
 def collect_share(train_id: str, version: str, address: str | None,
                   with_items: bool) -> tuple[dict[int, FactorState], dict[int, FactorState]]:
     """The user states of this worker's rows in ``version``, and every item state when ``with_items``."""
     exchange, _ = _exchange(address)
-    found = exchange.versions[train_id][version]
+    found = exchange.version(train_id, version)
     return found.users, (found.items if with_items else {})
 
 

@@ -39,6 +39,7 @@ from pipeline.exchange import (
     epoch_share,
     load_share,
     release_training,
+    write_checkpoint_share,
 )
 from tasks.blocks import TRAIN, VALIDATION, load_row_block
 from tasks.epoch import EpochPlan, StartFrom, rows_of
@@ -227,24 +228,33 @@ class _Session:
         return _row_sum(self._by_row(per_worker))
 
     def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...],
-              checkpoint: str | None) -> tuple[float, np.ndarray, dict[str, str]]:
+              write_start: str | None) -> tuple[float, np.ndarray, dict[str, str]]:
         """One epoch from version ``epoch`` to ``epoch + 1``.
 
-        Returns the training SSE the pass met (blocks added stratum by stratum, row by
-        row: never in the order results arrive), the validation error sums, the
-        checkpoint files written.
+        ``write_start``: a checkpoint directory the workers write version ``epoch`` to
+        meanwhile. Returns the training SSE the pass met (blocks added stratum by
+        stratum, row by row: never in the order results arrive), the validation error
+        sums, and the checkpoint files written.
         """
         d = self.blocks.d
         plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch,
                          shifts=stratum_shifts(d, epoch, self.root), seed=self.cfg.seed, hyper=hyper,
                          workers=self.workers, start=_version(epoch), end=_version(epoch + 1), keep=keep,
-                         validate=self.validate, checkpoint=checkpoint)
+                         validate=self.validate, write_start=write_start)
         outcomes = self._gather(self._submit_each(epoch_share, "epoch_share", plan, lambda i: i,
                                                   lambda i: self.executor.threads[self.workers[i]]))
         sse = self._by_row([o.sse for o in outcomes])
         files = {name: digest for o in outcomes for name, digest in o.files.items()}
         train_sse = sum(float(sse[r, t]) for t in range(d) for r in range(d))
         return train_sse, _row_sum(self._by_row([o.errors for o in outcomes])), files
+
+    def write(self, version: str, url: str) -> dict[str, str]:
+        """Write ``version`` as a checkpoint at ``url``; the files written, name → SHA-256."""
+        n = len(self.workers)
+        written = self._gather(self._submit_each(write_checkpoint_share, "write_checkpoint_share", self.train_id,
+                                                 version, lambda i: i, n, lambda i: self.workers[i], url,
+                                                 row_blocks=False))
+        return {name: digest for files in written for name, digest in files.items()}
 
     def collect(self, version: str, k: int) -> Factors:
         """The factors of ``version``, in global index order."""
@@ -363,21 +373,34 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
             session.load(_version(loop.best[1]), checkpoints.at(loop.best[1]).url)
         log.info("resuming after epoch %d from %s", loop.epoch, start.url)
 
+    def due(epoch: int) -> bool:
+        return checkpoints is not None and epoch > 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs)
+
+    # The state after each epoch whose checkpoint is due and not yet on disk: the workers write an epoch's
+    # factors while the next epoch runs, and the driver commits them when it returns.
+    unwritten: dict[int, dict[str, Any]] = {}
+
+    def commit(epoch: int, files: dict[str, str]) -> None:
+        began = time.perf_counter()
+        checkpoints.commit(epoch, files, unwritten.pop(epoch), protect=loop.best[1] if loop.best else None)
+        log.debug("checkpoint of epoch %d committed in %.3fs", epoch, time.perf_counter() - began)
+
     while loop.epoch < cfg.epochs:
         if loop.stops_early(cfg):
             log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
                      cfg.early_stopping_patience, loop.best[1])
             break
         epoch = loop.epoch
-        due = checkpoints is not None and ((epoch + 1) % cfg.checkpoint_every == 0 or epoch + 1 == cfg.epochs)
-        checkpoint = checkpoints.prepare(epoch + 1) if due else None
+        write_start = checkpoints.prepare(epoch) if epoch in unwritten else None
         hyper = Hyper(lr=loop.lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
                       global_mean=session.global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
                       tile_items=cfg.tile_items)
         keep = (_version(loop.best[1]),) if loop.best else ()
         began = time.perf_counter()
-        train_sse, errors, files = session.epoch(epoch, hyper, keep, checkpoint)
+        train_sse, errors, files = session.epoch(epoch, hyper, keep, write_start)
         seconds = time.perf_counter() - began
+        if write_start is not None:  # the start version was written whatever this epoch turns out to be
+            commit(epoch, files)
         train_rmse = math.sqrt(train_sse / n_train)
         val_rmse = rmse(errors, VALIDATION)
 
@@ -402,11 +425,11 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
         loop.epoch = epoch + 1
         if cfg.early_stopping_patience and val_rmse is not None and (loop.best is None or val_rmse < loop.best[0]):
             loop.best = (val_rmse, loop.epoch)
-        if checkpoint is not None:
-            began = time.perf_counter()
-            checkpoints.commit(loop.epoch, files, loop.state(cfg), protect=loop.best[1] if loop.best else None)
-            log.debug("checkpoint of epoch %d committed in %.3fs", loop.epoch, time.perf_counter() - began)
+        if due(loop.epoch):
+            unwritten[loop.epoch] = loop.state(cfg)
 
+    if loop.epoch in unwritten:  # the last epoch's checkpoint has no next epoch to hide behind
+        commit(loop.epoch, session.write(_version(loop.epoch), checkpoints.prepare(loop.epoch)))
     best_epoch = loop.best[1] if loop.best else loop.epoch
     return TrainResult(factors=session.collect(_version(best_epoch), model.k), history=loop.history,
                        best_epoch=best_epoch)

@@ -61,8 +61,9 @@ class EpochPlan:
     ``workers`` are the owners by index: row block ``r`` belongs to
     ``workers[r % len(workers)]``. ``start`` and ``end`` name the versions of
     the factors the epoch reads and writes in each worker's store; the store
-    keeps those and ``keep`` and drops the rest. ``checkpoint``: a directory
-    URL to write the share's factor blocks to after the epoch.
+    keeps those and ``keep`` and drops the rest. ``write_start``: a checkpoint
+    directory URL to write the share of the *start* version to while the epoch
+    runs (so a checkpoint costs the epoch after it no time on the critical path).
     """
 
     train_id: str
@@ -76,7 +77,7 @@ class EpochPlan:
     end: str
     keep: tuple[str, ...] = ()
     validate: bool = True
-    checkpoint: str | None = None
+    write_start: str | None = None
 
     @property
     def d(self) -> int:
@@ -109,7 +110,7 @@ class ShareOutcome:
     met them, by row (in ``rows`` order) and step; ``inf`` where a factor went
     non-finite. ``errors`` (n_rows, 3, d, 3) float64: validation error sums
     under the epoch's final factors (see :func:`tasks.training.row_errors`).
-    ``files``: checkpoint files written, name → SHA-256.
+    ``files``: checkpoint files of the start version written, name → SHA-256.
     """
 
     rows: tuple[int, ...]
@@ -221,7 +222,10 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
             mailbox.fail(f"a peer thread failed: {exc!r}")
             raise
 
-    with ThreadPoolExecutor(threads, thread_name_prefix="funkflow-share") as pool:
+    with ThreadPoolExecutor(1, thread_name_prefix="funkflow-checkpoint") as writer, \
+            ThreadPoolExecutor(threads, thread_name_prefix="funkflow-share") as pool:
+        written = None if plan.write_start is None else \
+            writer.submit(write_share, start, index, n_workers, plan.write_start)
         _first_real_error([pool.submit(work) for _ in range(threads)])
         items = mailbox.wait_for(lambda arrived: {c: arrived.pop((d, c)) for c in range(d)}
                                  if all((d, c) in arrived for c in range(d)) else None, check)
@@ -232,15 +236,20 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
                     lambda r: row_errors(row_blocks[r], users[r], ordered, plan.hyper.global_mean, (VALIDATION,)),
                     rows)):
                 errors[j] = per_row
-        files: dict[str, str] = {}
-        if plan.checkpoint is not None:
-            url = plan.checkpoint
-            writes = [(users[r], f"user-{r:04d}") for r in rows]
-            writes += [(items[c], f"item-{c:04d}") for c in range(index, d, n_workers)]
-            for sums in pool.map(lambda job: write_factor_state(job[0], url, job[1]), writes):
-                files.update(sums)
+        files = {} if written is None else written.result()
     outcome = ShareOutcome(rows=rows, sse=sse, errors=errors, files=files)
     return outcome, Version(users, items)
+
+
+def write_share(version: Version, index: int, n_workers: int, url: str) -> dict[str, str]:
+    """Write worker ``index``'s share of a checkpoint: its rows' user blocks and the item blocks
+    ``c ≡ index (mod n_workers)``. Returns file name → SHA-256."""
+    files: dict[str, str] = {}
+    for r, state in version.users.items():
+        files.update(write_factor_state(state, url, f"user-{r:04d}"))
+    for c in range(index, len(version.items), n_workers):
+        files.update(write_factor_state(version.items[c], url, f"item-{c:04d}"))
+    return files
 
 
 def _first_real_error(futures: list) -> None:
