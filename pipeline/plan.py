@@ -35,7 +35,7 @@ BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not 
 # tasks, fitted by `python scripts/bench_scale.py` on the 2-worker rows (epoch on Dask minus the
 # in-process epoch over the workers, against d). On this 2-core VM the hand-off waits for a core the
 # kernels hold, so it is pessimistic for hosts with cores to spare; --hop-ms takes a figure measured there.
-HOP_SECONDS = 0.0067
+HOP_SECONDS = 0.010
 EPOCH_SECONDS = 0.005
 TASK_SECONDS = 0.0002        # the scheduler's share of one task
 BANDWIDTH = 1.0e9            # bytes/s between workers (10 GbE, roughly); --bandwidth
