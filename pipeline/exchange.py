@@ -152,8 +152,7 @@ class DSGDExchange(WorkerPlugin):
                 del kept[name]
 
     def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, Any]:
-        """``send`` for :func:`tasks.epoch.run_share`, and a function that waits until all sent blocks are
-        delivered."""
+        """``send`` for :func:`tasks.epoch.run_share`, and a function that waits until every block has left."""
         outboxes: dict[str, _Outbox] = {}
 
         def send(index: int, step: int, col: int, state: FactorState) -> None:
@@ -165,11 +164,11 @@ class DSGDExchange(WorkerPlugin):
                 outboxes[address] = _Outbox(self.worker, address, plan, mailbox)
             outboxes[address].put(step, col, state)
 
-        def delivered() -> None:
+        def sent() -> None:
             for outbox in list(outboxes.values()):
                 outbox.wait()
 
-        return send, delivered
+        return send, sent
 
 
 class _Outbox:
@@ -202,16 +201,18 @@ class _Outbox:
                     self._sending = False
                     return
             try:
+                # No reply: a lost peer shows as a failed write or to the driver's watch, and waiting for
+                # an answer would hold the next batch back by a round trip.
                 await self.worker.rpc(self.address).funkflow_item_blocks(
                     train_id=self.plan.train_id, run_id=self.plan.run_id, steps=[b[0] for b in batch],
                     cols=[b[1] for b in batch], factors=[to_serialize(b[2][0]) for b in batch],
-                    biases=[to_serialize(b[2][1]) for b in batch])
+                    biases=[to_serialize(b[2][1]) for b in batch], reply=False)
             except Exception as exc:
                 self.mailbox.fail(f"cannot hand item blocks {[b[1] for b in batch]} to {self.address}: {exc!r}")
                 raise
 
     def wait(self) -> None:
-        """Until every block put so far has been delivered; raises if a send failed."""
+        """Until every block put so far has been sent; raises if a send failed."""
         for drain in list(self._drains):
             drain.result()
 
@@ -279,10 +280,10 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
     try:
         exchange.keep_only(plan.train_id, (plan.start, *plan.keep))
         start = exchange.version(plan.train_id, plan.start)
-        send, delivered = exchange.sender(plan, mailbox)
+        send, sent = exchange.sender(plan, mailbox)
         outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), start, mailbox, send,
                                      threads, _cancel_check(worker))
-        delivered()  # a peer must not wait for a block that never left
+        sent()  # a peer must not wait for a block that never left
         exchange.store(plan.train_id, plan.end, version)
         return outcome
     finally:
