@@ -189,7 +189,8 @@ class FunkSVD:
 
     @classmethod
     def load(cls, url: str | Path) -> FunkSVD:
-        """A model written by :meth:`save` (or a run's ``model/``); a file holding a pickle is refused."""
+        """A model written by :meth:`save` (or a run's ``model/``), checked against its manifest: a damaged or
+        foreign file (a pickle among them) is refused with a :class:`DataError` naming it."""
         fs, path = fsspec.core.url_to_fs(str(url))
         if "file" in fs.protocol or fs.protocol == "local":
             local, keep = Path(path), None
@@ -197,13 +198,8 @@ class FunkSVD:
             keep = tempfile.TemporaryDirectory()
             fs.get(path + "/", keep.name, recursive=True)
             local = Path(keep.name)
-        try:
-            model = cls()
-            model._load(local)
-        except ValueError as exc:
-            if "pickle" in str(exc):
-                raise DataError(f"{url}: refusing to load a file that holds a pickle") from None
-            raise
+        model = cls()
+        model._load(local)  # verified against its manifest: a damaged or foreign file is a DataError
         cfg = model.info_.get("config", {})
         model.params.update({f"model.{k}": v for k, v in cfg.get("model", {}).items() if f"model.{k}" in model.params})
         model._keep = keep  # a remote model's local copy lives as long as the model

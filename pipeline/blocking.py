@@ -19,13 +19,10 @@ from pipeline.config import SplitConfig
 from pipeline.dataset import Dataset, open_dataset
 from pipeline.errors import DataError
 from pipeline.rundir import swap_in, temporary_dir
-from tasks.blocks import SPLIT_NAMES, TRAIN, SplitRule, split_part
+from tasks.blocks import BLOCKS_JSON, SPLIT_NAMES, TRAIN, SplitRule, split_part
 from tasks.io import read_json, write_json
 
 log = logging.getLogger(__name__)
-
-BLOCKS_JSON = "blocks.json"
-
 
 @dataclass(frozen=True)
 class Blocks:

@@ -16,7 +16,13 @@ from pydantic import ValidationError
 from pipeline.cluster import open_executor
 from pipeline.config import GenerateConfig, load_config
 from pipeline.dataset import generate_dataset
-from pipeline.errors import EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from pipeline.errors import (
+    EXIT_DATAERR,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    FunkflowError,
+    UsageError,
+)
 from pipeline.foldin import fold_in_run
 from pipeline.ingest import FORMATS, IngestOptions, ingest
 from pipeline.logs import configure
@@ -25,6 +31,7 @@ from pipeline.predict import predict
 from pipeline.recommend import recommend
 from pipeline.report import report as write_report
 from pipeline.stages import run_pipeline, synthetic_spec
+from tasks.artifacts import ArtifactError
 from tasks.ingest import DUPLICATE_POLICIES
 
 log = logging.getLogger("pipeline.cli")
@@ -270,6 +277,9 @@ def main(argv: list[str] | None = None) -> int:
     except FunkflowError as exc:
         print(f"funkflow: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except ArtifactError as exc:  # found by a worker task reading a damaged file
+        print(f"funkflow: error: {exc}", file=sys.stderr)
+        return EXIT_DATAERR
     except KeyboardInterrupt:
         print("funkflow: interrupted", file=sys.stderr)
         return 130

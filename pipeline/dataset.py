@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.cluster import Executor
 from pipeline.errors import DataError
@@ -83,6 +84,18 @@ def open_dataset(root: str | Path) -> Dataset:
     absent = [str(p) for p in dataset.parts if not p.is_file()]
     if absent:
         raise DataError(f"{root}: parts listed in {DATASET_JSON} are missing: {', '.join(absent[:3])}")
+    # Row counts from the Parquet footers: a part cut short or swapped for another is caught here, before
+    # any task reads it, at the cost of a footer each.
+    expected = [(p, int(part["n_ratings"])) for p, part in zip(dataset.parts, meta["parts"]) if "n_ratings" in part]
+    expected += [(root / f"{name}.parquet", int(meta[f"n_{name}"])) for name in ("users", "items")
+                 if (root / f"{name}.parquet").is_file()]
+    for path, rows in expected:
+        try:
+            found = pq.read_metadata(path).num_rows
+        except (OSError, pa.ArrowInvalid) as exc:
+            raise DataError(f"{path}: not a readable Parquet file ({exc})") from None
+        if found != rows:
+            raise DataError(f"{path}: {found:,} rows, {meta_path} says {rows:,}")
     return dataset
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from pipeline.cluster import Executor
 from pipeline.config import EvaluateConfig
+from pipeline.model import verify_model
 from pipeline.train import BlockPlacement, rmse, sum_row_errors
 from tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
 from tasks.blocks import TEST, TRAIN
@@ -67,6 +68,7 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
              global_mean: float, has_expected: bool, cfg: EvaluateConfig | None = None,
              seed: int = 0) -> dict[str, Any]:
     """Test metrics of the model in ``model_dir`` and of the baselines; ranking metrics with ``cfg``."""
+    verify_model(model_dir)
     b = placement.blocks
 
     def state(side: str, n: int, block: int) -> Any:

@@ -10,8 +10,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.errors import DataError
 from pipeline.rundir import swap_in, temporary_dir
 from pipeline.train import Factors
+from tasks.artifacts import MODEL, ArtifactError, load_array, verify, write_manifest
 from tasks.ingest import read_ids, write_ids
 from tasks.io import read_json, write_json, write_npy, write_parquet
 
@@ -35,10 +37,23 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
         for name, ids in (("users", user_ids), ("items", item_ids)):
             write_ids(ids, tmp / f"{name}.parquet")
         write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
+        write_manifest(tmp, MODEL, [*ARRAYS.values(), "users.parquet", "items.parquet", "model.json"])
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def verify_model(path: Path) -> dict[str, Any]:
+    """Check a model directory against its manifest, checksums included, before any work reads it.
+
+    Returns the manifest's file entries (for :func:`tasks.artifacts.load_array`); a missing, damaged or
+    foreign model is a :class:`DataError` naming the file.
+    """
+    try:
+        return verify(path, MODEL)
+    except ArtifactError as exc:
+        raise DataError(str(exc)) from None
 
 
 def read_id_maps(path: Path) -> tuple[pa.Array, pa.Array]:
@@ -47,9 +62,21 @@ def read_id_maps(path: Path) -> tuple[pa.Array, pa.Array]:
 
 
 def read_model(path: Path) -> tuple[Factors, dict[str, Any]]:
-    """Load a model directory (``allow_pickle=False`` throughout)."""
+    """Load a verified model directory (no pickle): the arrays agree with the manifest, with ``model.json``'s
+    k and with the id maps' lengths, or a :class:`DataError` names the file."""
+    files = verify_model(path)
     info = read_json(path / "model.json")
-    arrays = {name: np.load(path / filename, allow_pickle=False) for name, filename in ARRAYS.items()}
+    try:
+        arrays = {name: load_array(path, filename, files) for name, filename in ARRAYS.items()}
+    except ArtifactError as exc:
+        raise DataError(str(exc)) from None
+    n_users, n_items = (pq.read_metadata(path / f"{side}.parquet").num_rows for side in ("users", "items"))
+    expected = {"P": (n_users, info["k"]), "Q": (n_items, info["k"]), "user_bias": (n_users,),
+                "item_bias": (n_items,)}
+    for name, shape in expected.items():
+        if arrays[name].shape != shape:
+            raise DataError(f"{path / ARRAYS[name]}: shape {arrays[name].shape}, but model.json and the id maps "
+                            f"make it {shape}")
     return Factors(global_mean=float(info["global_mean"]), **arrays), info
 
 

@@ -22,7 +22,7 @@ from pipeline.blocking import open_blocks
 from pipeline.cluster import open_executor
 from pipeline.config import ClusterConfig, load_config
 from pipeline.errors import DataError, UsageError
-from pipeline.model import read_id_maps
+from pipeline.model import read_id_maps, verify_model
 from pipeline.train import BlockPlacement
 from tasks.ingest import index_of
 from tasks.io import write_parquet
@@ -73,6 +73,7 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
     config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     cluster = cluster or (config.cluster if config else ClusterConfig())
     blocks = open_blocks(run_dir / "blocks")
+    verify_model(model_dir)
     user_ids, item_ids = read_id_maps(model_dir)
     wanted, unknown = (None, 0) if users is None else _wanted_users(users, user_ids)
     began = time.perf_counter()

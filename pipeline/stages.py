@@ -36,7 +36,7 @@ from pipeline.errors import (
 from pipeline.evaluate import evaluate
 from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
 from pipeline.logs import stage_context
-from pipeline.model import export_model, read_id_maps, write_model
+from pipeline.model import export_model, read_id_maps, verify_model, write_model
 from pipeline.plan import auto_d
 from pipeline.rundir import RunDir
 from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
@@ -208,6 +208,7 @@ class Pipeline:
         if not (model_dir / "model.json").is_file():
             raise ConfigError(f"train.init_from: no model in {source} (neither {source}/model/model.json nor "
                               f"{source}/model.json)")
+        verify_model(model_dir)
         info = read_json(model_dir / "model.json")
         if info["k"] != self.config.model.k:
             raise ConfigError(f"train.init_from: {source} has k={info['k']}, this run model.k={self.config.model.k}")

@@ -17,10 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from tasks.artifacts import ArtifactError
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
-from tasks.io import write_parquet
+from tasks.io import read_json, write_parquet
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
+BLOCKS_JSON = "blocks.json"  # the blocks' metadata, written last by the driver
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -192,11 +194,20 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
     Within each block the ratings are ordered by (user, item), so the result does
     not depend on the order in which parts were written.
     """
-    table = pq.read_table(row_dir(blocks_dir, row))
+    try:
+        table = pq.read_table(row_dir(blocks_dir, row))
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ArtifactError(f"{row_dir(blocks_dir, row)}: unreadable ({exc}); delete the blocks to rebuild "
+                            "them") from None
     users = table["user"].to_numpy()
     items = table["item"].to_numpy()
     ratings = table["rating"].to_numpy()
     codes = table["split"].to_numpy()
+    counts = read_json(Path(blocks_dir) / BLOCKS_JSON)["counts"][row]
+    if np.bincount(codes, minlength=3).tolist() != counts:
+        raise ArtifactError(f"{row_dir(blocks_dir, row)}: {np.bincount(codes, minlength=3).tolist()} ratings by "
+                            f"split, {Path(blocks_dir) / BLOCKS_JSON} says {counts}; delete the blocks to rebuild "
+                            "them")
     expected = table["expected"].to_numpy() if "expected" in table.column_names else None
 
     row_of_user, local_user, members = block_layout(n_users, d, block_seed, SALT_ROWS)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.artifacts import read_model_array
 from tasks.blocks import TRAIN, VALIDATION, RowBlock
 from tasks.hashing import SALT_COLUMNS, block_layout
 
@@ -67,8 +68,8 @@ def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_m
 def _item_model(model_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
     import json
 
-    Q = np.load(Path(model_dir) / "Q.npy", allow_pickle=False)
-    item_bias = np.load(Path(model_dir) / "item_bias.npy", allow_pickle=False)
+    Q = read_model_array(model_dir, "Q.npy")
+    item_bias = read_model_array(model_dir, "item_bias.npy")
     global_mean = float(json.loads((Path(model_dir) / "model.json").read_text())["global_mean"])
     return Q, item_bias, global_mean
 
@@ -87,8 +88,8 @@ def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: i
     ratings (float32; the popularity for the baseline); per user best first.
     """
     if popularity is None:
-        P = np.load(Path(model_dir) / "P.npy", mmap_mode="r", allow_pickle=False)
-        user_bias = np.load(Path(model_dir) / "user_bias.npy", mmap_mode="r", allow_pickle=False)
+        P = read_model_array(model_dir, "P.npy", mmap=True)
+        user_bias = read_model_array(model_dir, "user_bias.npy", mmap=True)
         Q, item_bias, global_mean = _item_model(model_dir)
     members = row_block.user_ids.astype(np.int64)
     local = np.arange(members.shape[0]) if wanted is None else np.flatnonzero(np.isin(members, wanted))

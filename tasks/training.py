@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
 from tasks import kernels
+from tasks.artifacts import read_model_array
 from tasks.blocks import BlockRatings, RowBlock
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 
@@ -88,8 +88,8 @@ def warm_factors(n: int, k: int, init_std: float, seed: int, model_dir: str, sid
     known = previous >= 0
     if known.any():
         factors_file, bias_file, _ = MODEL_FILES[side]
-        old_factors = np.load(Path(model_dir) / factors_file, mmap_mode="r", allow_pickle=False)
-        old_bias = np.load(Path(model_dir) / bias_file, mmap_mode="r", allow_pickle=False)
+        old_factors = read_model_array(model_dir, factors_file, mmap=True)
+        old_bias = read_model_array(model_dir, bias_file, mmap=True)
         factors[known] = old_factors[previous[known]]
         bias[known] = old_bias[previous[known]]
     return factors, bias
@@ -188,6 +188,6 @@ def read_factor_block(model_dir: str, side: str, n: int, d: int, seed: int, bloc
     """
     factors_file, bias_file, salt = MODEL_FILES[side]
     members = block_layout(n, d, seed, salt)[2][block]
-    factors = np.load(Path(model_dir) / factors_file, mmap_mode="r", allow_pickle=False)
-    bias = np.load(Path(model_dir) / bias_file, mmap_mode="r", allow_pickle=False)
+    factors = read_model_array(model_dir, factors_file, mmap=True)
+    bias = read_model_array(model_dir, bias_file, mmap=True)
     return np.ascontiguousarray(factors[members]), np.ascontiguousarray(bias[members])

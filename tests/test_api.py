@@ -64,7 +64,7 @@ def test_save_then_load_predicts_identically_and_a_pickle_is_refused(fitted, tmp
     users, items = ["u1", "u5", "x"], ["i2", "i9", "i1"]
     np.testing.assert_array_equal(loaded.predict(users, items), fitted.predict(users, items))
     np.save(tmp_path / "saved" / "P.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DataError, match="refusing to load a file that holds a pickle"):
+    with pytest.raises(DataError, match=r"P\.npy: (longer than written|truncated|checksum mismatch)"):
         FunkSVD.load(tmp_path / "saved")
 
 

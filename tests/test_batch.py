@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -108,7 +109,9 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
                            text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     if moment == "training":
-        assert "resuming after epoch 3" in again.stderr and "ingest: up to date" in again.stderr
+        # Killed once epoch 3's checkpoint existed; on a busy machine a later one may have been committed too.
+        resumed = re.search(r"resuming after epoch (\d+)", again.stderr)
+        assert resumed and 3 <= int(resumed[1]) < 12 and "ingest: up to date" in again.stderr
     assert _model_bytes(run_dir) == _model_bytes(tmp_path / "whole")
     if moment == "export":
         assert "train: up to date" in again.stderr

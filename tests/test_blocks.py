@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tasks.blocks import (
+    BLOCKS_JSON,
     SPLIT_NAMES,
     TEST,
     TRAIN,
@@ -18,6 +19,7 @@ from tasks.blocks import (
     split_part,
 )
 from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+from tasks.io import write_json
 
 
 @pytest.mark.parametrize("d", [1, 3, 5])
@@ -32,6 +34,7 @@ def test_blocks_hold_every_rating_once(planted_low_rank, tmp_path, d):
     results = [split_part(str(p), j, str(out), d, n_users, SplitRule("hash", 0.2, 0.1, 3), 9) for j, p in enumerate(parts)]
     counts = sum(r["counts"] for r in results)
     assert counts.sum() == users.shape[0]
+    write_json({"counts": counts.tolist()}, out / BLOCKS_JSON)  # as the block stage does, last
 
     _, _, user_members = block_layout(n_users, d, 9, SALT_ROWS)
     _, _, item_members = block_layout(n_items, d, 9, SALT_COLUMNS)
@@ -66,7 +69,8 @@ def test_split_fractions_and_independence_from_partitioning():
 
 def test_row_block_of_another_layout_is_refused(planted_low_rank, tmp_path):
     part = sorted((planted_low_rank / "ratings").glob("*.parquet"))[0]
-    split_part(str(part), 0, str(tmp_path), 2, 120, SplitRule("hash", 0.1, 0.1, 0), 1)
+    counts = split_part(str(part), 0, str(tmp_path), 2, 120, SplitRule("hash", 0.1, 0.1, 0), 1)["counts"]
+    write_json({"counts": counts.tolist()}, tmp_path / BLOCKS_JSON)
     with pytest.raises(ValueError, match="another row block"):
         load_row_block(str(tmp_path), 0, 2, 120, 80, block_seed=2)
 
