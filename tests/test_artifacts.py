@@ -80,7 +80,7 @@ def _sets(*overrides: str) -> list[str]:
 
 
 @pytest.mark.parametrize("damage", DAMAGES)
-@pytest.mark.parametrize("verb", ["predict", "recommend", "fold-in", "export", "warm start"])
+@pytest.mark.parametrize("verb", ["predict", "recommend", "fold-in", "export", "evaluate", "warm start"])
 def test_every_reader_refuses_a_damaged_model(finished_run, tmp_path, capsys, damage, verb):
     run_dir = _damaged(finished_run, tmp_path, damage)
     (tmp_path / "pairs.csv").write_text("user,item\n1,2\n2,3\n")
@@ -91,8 +91,11 @@ def test_every_reader_refuses_a_damaged_model(finished_run, tmp_path, capsys, da
         "recommend": ["recommend", str(run_dir), "--top", "3", "--out", str(out), "--scheduler", "inprocess"],
         "fold-in": ["fold-in", str(run_dir), "--ratings", str(tmp_path / "new.csv"), "--out", str(out)],
         "export": ["export", "--run-dir", str(run_dir), *_sets("train.epochs=2")],
+        "evaluate": ["evaluate", "--run-dir", str(run_dir), *_sets("train.epochs=2")],
         "warm start": ["train", "--run-dir", str(out), *_sets("train.epochs=1", f"train.init_from={run_dir}")],
     }[verb]
+    if verb == "evaluate":
+        (run_dir / "stages" / "evaluate.json").unlink()  # so that it runs again and reads the model
     capsys.readouterr()
     code = main(args)
     _refused(code, capsys.readouterr().err, damage)
