@@ -61,6 +61,9 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--force", action="store_true",
                         help="with --resume: resume even if the config or data changed since the checkpoint "
                              "(never when k or the blocks differ)")
+    parser.add_argument("--retrain", action="store_true",
+                        help="replace the model of an existing run directory that was trained with another "
+                             "configuration (without it, such a run is refused with exit 78)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,6 +158,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "(default: fitted on this machine by scripts/bench_scale.py)")
     plan.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s between workers")
     return parser
+
+
+def _config_of(args: argparse.Namespace) -> Path | None:
+    """CONFIG if given; else, for an existing run directory, the configuration it was made with (so a verb
+    run on it never trains the embedded demo over its model); else None, the embedded default."""
+    if args.config is not None or args.run_dir is None:
+        return args.config
+    saved = args.run_dir / "config.yaml"
+    if saved.is_file():
+        log.info("using the configuration %s was made with: %s", args.run_dir, saved)
+        return saved
+    return None
 
 
 def _cluster_overrides(args: argparse.Namespace) -> list[str]:
@@ -268,8 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"{report.unknown_items:,} unknown items)")
             return EXIT_OK
         last = STAGE_VERBS[args.verb][0]
-        config = load_config(args.config, [*args.overrides, *_cluster_overrides(args)])
-        summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report)
+        config = load_config(_config_of(args), [*args.overrides, *_cluster_overrides(args)])
+        summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report,
+                               retrain=args.retrain)
         if summary is not None:
             _print_summary(summary)
         else:

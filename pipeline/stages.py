@@ -24,7 +24,7 @@ from typing import Any
 from pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
 from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from pipeline.cluster import IN_PROCESS, Executor, open_executor
-from pipeline.config import Config, GenerateConfig, dump_config
+from pipeline.config import Config, GenerateConfig, dump_config, load_config
 from pipeline.dataset import Dataset, generate_dataset, open_dataset
 from pipeline.errors import (
     EXIT_OK,
@@ -295,9 +295,39 @@ def _check_checkpoint_storage(config: Config) -> None:
                           "writes cannot be seen; use it only with cluster.scheduler=inprocess")
 
 
+# What may differ from the configuration a run directory's model was trained with: where and how the run
+# goes, what it measures, and how long it trains (a longer train.epochs extends the same model).
+_FREE_KEYS = ("cluster", "output", "evaluate", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints")
+
+
+def model_changes(saved: Config, wanted: Config) -> list[str]:
+    """The keys, other than ``_FREE_KEYS``, whose values differ between two configs, as readable lines."""
+    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(value, dict):
+            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
+        return {prefix.rstrip("."): value}
+
+    before, after = flat(saved.to_dict()), flat(wanted.to_dict())
+    return [f"{key}: {before.get(key)!r} there, {after.get(key)!r} now" for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key) and not any(key == f or key.startswith(f"{f}.") for f in _FREE_KEYS)]
+
+
+def _refuse_another_model(run: RunDir, config: Config) -> None:
+    """A run directory that holds a model keeps it unless the run asks to retrain: a config that would train
+    a different one is a config error naming the keys."""
+    saved = run.root / "config.yaml"
+    if not saved.is_file() or not (run.model / "model.json").is_file():
+        return
+    changed = model_changes(load_config(saved), config)
+    if changed:
+        raise ConfigError(f"{run.root} holds a model trained with another configuration ({saved}):\n  "
+                          + "\n  ".join(changed) + "\nrun without CONFIG to use the run's own, choose another "
+                          "--run-dir, or pass --retrain to replace its model")
+
+
 def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, force: bool = False,
                  report: Path | None = None, callbacks: Sequence[Callable[[EpochReport], None]] = (),
-                 executor: Executor | None = None) -> dict[str, Any] | None:
+                 executor: Executor | None = None, retrain: bool = False) -> dict[str, Any] | None:
     """Run the stages up to and including ``last``; return the summary when ``last`` is evaluate.
 
     With ``resume``, training continues from the newest valid checkpoint; with
@@ -305,6 +335,9 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     an HTML file for Dask's performance report of the run. ``callbacks`` are
     called with each epoch's report. ``executor``: run on this one (e.g. a
     caller's Dask client) instead of opening one from ``config.cluster``.
+    A run directory whose model was trained with another configuration is
+    refused (:class:`ConfigError`) unless ``retrain`` (or ``resume``, whose
+    checkpoint must match instead).
     """
     # Everything that can be checked without the cluster is checked before it starts.
     if config.data.generate is not None:
@@ -326,6 +359,8 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
             raise UsageError("--report needs bokeh: pip install 'funkflow[report]'") from None
     run = RunDir(Path(config.output.run_dir))
     with run.locked():
+        if not (retrain or resume):  # --resume has its own check: the checkpoint's identity
+            _refuse_another_model(run, config)
         started = time.time()
         pipeline: Pipeline | None = None
         try:

@@ -136,7 +136,8 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
     assert set(manifest["versions"]) >= {"funkflow", "dask", "distributed", "numba", "numpy", "pyarrow", "python"}
     assert manifest["data_fingerprint"] == json.loads((run_dir / "data" / "dataset.json").read_text())["fingerprint"]
 
-    assert main(["run", "--run-dir", str(run_dir), *TINY, "--set", "train.lr=80", "--set", "train.max_rollbacks=0"]) == 70
+    assert main(["run", "--run-dir", str(run_dir), *TINY, "--set", "train.lr=80", "--set", "train.max_rollbacks=0",
+                 "--retrain"]) == 70
     failed = json.loads((run_dir / "run.json").read_text())
     assert (failed["status"], failed["exit_code"], failed["stages_run"]) == ("failed", 70, [])
     assert "TrainingDiverged: training diverged" in failed["error"]

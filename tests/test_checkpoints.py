@@ -90,7 +90,7 @@ def test_resume_with_a_changed_model_exits_78_naming_the_key(tiny_config, tmp_pa
 
 def test_a_fresh_start_never_resumes_into_an_older_attempt(tiny_config, tmp_path):
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=5"))
-    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2", "model.reg=0.1"))
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2", "model.reg=0.1"), retrain=True)
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["epoch-000001", "epoch-000002"]
 
 

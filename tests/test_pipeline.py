@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, TrainingDiverged
+from pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
 from pipeline.model import read_model
 from pipeline.stages import run_pipeline
 
@@ -52,9 +52,44 @@ def test_changed_model_retrains_but_keeps_data_and_blocks(tiny_config, tmp_path)
     run_pipeline(tiny_config(tmp_path / "run"))
     blocks_stamp = (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns
     p_before = np.load(tmp_path / "run" / "model" / "P.npy")
-    run_pipeline(tiny_config(tmp_path / "run", "model.k=4"))
+    with pytest.raises(ConfigError, match=r"holds a model trained with another configuration .*\n  model.k: 8 there, "
+                                          r"4 now\n.*--retrain"):
+        run_pipeline(tiny_config(tmp_path / "run", "model.k=4"))
+    assert np.load(tmp_path / "run" / "model" / "P.npy").tobytes() == p_before.tobytes(), "the model is kept"
+    run_pipeline(tiny_config(tmp_path / "run", "model.k=4"), retrain=True)
     assert (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns == blocks_stamp
     assert np.load(tmp_path / "run" / "model" / "P.npy").shape == (300, 4) != p_before.shape
+
+
+def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replaces_its_model(tiny_config,
+                                                                                              tmp_path, capsys):
+    """A stage verb on a copied run directory, with no CONFIG, used to train the embedded demo over its model."""
+    import shutil
+
+    from pipeline.config import default_config_path
+
+    run_pipeline(tiny_config(tmp_path / "original", "model.k=4", "train.epochs=2"))
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "original", copy)
+    model_before = (copy / "model" / "P.npy").read_bytes()
+    summary_before = (copy / "summary.json").read_text()
+
+    assert main(["export", "--run-dir", str(copy)]) == EXIT_OK
+    err = capsys.readouterr().err
+    assert f"using the configuration {copy} was made with" in err and "train: up to date" in err
+    assert (copy / "export" / "users.parquet").is_file()
+
+    assert main(["export", str(default_config_path()), "--run-dir", str(copy)]) == 78
+    err = capsys.readouterr().err
+    assert "holds a model trained with another configuration" in err and "model.k: 4 there, 32 now" in err
+    assert main(["run", "--run-dir", str(copy), "--set", "model.reg=0.2"]) == 78
+    assert "model.reg: 0.05 there, 0.2 now" in capsys.readouterr().err
+    assert (copy / "model" / "P.npy").read_bytes() == model_before
+    assert (copy / "summary.json").read_text() == summary_before
+    # Running longer is the same model trained further, not another one.
+    assert main(["train", "--run-dir", str(copy), "--set", "train.epochs=3"]) == EXIT_OK
+    assert main(["run", "--run-dir", str(copy), "--set", "model.reg=0.2", "--retrain"]) == EXIT_OK
+    assert (copy / "model" / "P.npy").read_bytes() != model_before
 
 
 def test_early_stopping_keeps_the_best_epoch(tiny_config, tmp_path):
