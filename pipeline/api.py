@@ -103,7 +103,8 @@ class FunkSVD:
                      *(f"{k}={v}" for k, v in self.options.items())]
         config = load_config(None, overrides)
         executor = DaskExecutor(client) if client is not None else None
-        self.summary_ = run_pipeline(config, callbacks=self.callbacks, executor=executor)
+        # fit() trains anew by definition, as in scikit-learn: a model already in run_dir is replaced.
+        self.summary_ = run_pipeline(config, callbacks=self.callbacks, executor=executor, retrain=True)
         self._load(self.run_dir / "model")
         return self
 
