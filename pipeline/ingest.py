@@ -130,6 +130,51 @@ def _column_index(spec: str | None, default: int | None, names: list[str] | None
     return names.index(spec)
 
 
+# Header names by role, compared in lower case without separators ("movieId", "movie_id" → "movieid").
+HEADER_NAMES = {
+    "user": {"user", "userid", "users", "uid", "customer", "customerid", "client", "clientid", "member",
+             "memberid", "visitor", "visitorid", "account", "accountid", "reviewer", "reviewerid", "person"},
+    "item": {"item", "itemid", "items", "iid", "movie", "movieid", "product", "productid", "sku", "asin",
+             "isbn", "book", "bookid", "track", "trackid", "song", "songid", "artist", "artistid", "article",
+             "articleid", "business", "businessid", "title", "titleid", "game", "gameid", "anime", "animeid"},
+    "rating": {"rating", "ratings", "stars", "star", "score", "grade", "value", "rate", "rated", "bookrating",
+               "reviewscore", "overall"},
+    "time": {"timestamp", "time", "ts", "date", "datetime", "ratedat", "createdat", "unixtime",
+             "reviewtime", "unixreviewtime"},
+}
+
+
+def _normalized(name: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", name.lower())
+
+
+def _columns_by_name(fields: list[str], options: IngestOptions, url: str) -> dict[str, int | None]:
+    """Each role's column in a header line, by its name; refuses a header that names no user, item or
+    rating column, or names one twice, saying which flags to pass."""
+    given = {"user": options.user_col, "item": options.item_col, "rating": options.rating_col,
+             "time": options.time_col}
+    columns: dict[str, int | None] = {}
+    for role, names in HEADER_NAMES.items():
+        if given[role] is not None:
+            columns[role] = _column_index(given[role], None, fields, role, url)
+            continue
+        found = [j for j, field in enumerate(fields) if _normalized(field) in {_normalized(n) for n in names}]
+        if len(found) > 1:
+            raise DataError(f"{url}: the header ({', '.join(fields)}) names more than one {role} column "
+                            f"({', '.join(fields[j] for j in found)}); say which with --{role}-col NAME")
+        if not found and role != "time":
+            raise DataError(f"{url}: the header ({', '.join(fields)}) names no {role} column; say which with "
+                            f"--{role}-col NAME (or a 0-based position)")
+        columns[role] = found[0] if found else None
+    taken = [j for j in columns.values() if j is not None]
+    if len(set(taken)) < len(taken):
+        raise DataError(f"{url}: one column of the header ({', '.join(fields)}) is taken for two roles; pass "
+                        "--user-col, --item-col and --rating-col")
+    log.info("%s: columns by the header: %s", url,
+             ", ".join(f"{role}={fields[j]!r}" for role, j in columns.items() if j is not None))
+    return columns
+
+
 def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
     first = first_line(url)
     if not first.strip():
@@ -139,18 +184,23 @@ def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
     fields = [f.strip().strip('"') for f in first.split(delimiter)]
     named = [c for c in (options.user_col, options.item_col, options.rating_col, options.time_col)
              if c is not None and not re.fullmatch(r"[0-9]+", c)]
-    # A header is declared by naming columns, or recognised by a rating field that is not a number.
+    # A header is declared by naming columns, or recognised by a field that names a role or by a rating
+    # field that is not a number. With a header, columns go by name; by position only without one.
     rating_at = _column_index(options.rating_col, 2, fields, "rating", url) if not named else None
-    header = bool(named) or (rating_at is not None and rating_at < len(fields)
-                             and not re.fullmatch(parse._NUMBER, fields[rating_at].strip()))
-    names = fields if header else None
-    columns = {
-        "user": _column_index(options.user_col, 0, names, "user", url),
-        "item": _column_index(options.item_col, 1, names, "item", url),
-        "rating": _column_index(options.rating_col, 2, names, "rating", url),
-        "time": _column_index(options.time_col, 3 if len(fields) >= 4 and options.time_col is None else None,
-                              names, "time", url),
-    }
+    known = set().union(*({_normalized(n) for n in names} for names in HEADER_NAMES.values()))
+    header = bool(named) or any(_normalized(f) in known for f in fields) or (
+        rating_at is not None and rating_at < len(fields)
+        and not re.fullmatch(parse._NUMBER, fields[rating_at].strip()))
+    if header:
+        columns = _columns_by_name(fields, options, url)
+    else:
+        columns = {
+            "user": _column_index(options.user_col, 0, None, "user", url),
+            "item": _column_index(options.item_col, 1, None, "item", url),
+            "rating": _column_index(options.rating_col, 2, None, "rating", url),
+            "time": _column_index(options.time_col, 3 if len(fields) >= 4 and options.time_col is None else None,
+                                  None, "time", url),
+        }
     too_far = {role: j for role, j in columns.items() if j is not None and j >= len(fields)}
     if too_far:
         raise DataError(f"{url}: line 1 has {len(fields)} fields with delimiter {delimiter!r}; "

@@ -122,6 +122,42 @@ def test_csv_with_string_ids_named_columns_and_detected_delimiter(tmp_path):
     assert meta["id_types"] == {"user": "large_string", "item": "large_string"}
 
 
+@pytest.mark.parametrize("header,row", [
+    ("item_id,user_id,score", "{i},{u},{r}"),
+    ("timestamp,userId,movieId,rating", "{t},{u},{i},{r}"),
+    ("Customer;SKU;Stars", "{u};{i};{r}"),
+])
+def test_a_header_maps_columns_by_name_never_by_position(tmp_path, caplog, header, row):
+    """`item_id,user_id,score` was read with users and items swapped, by position."""
+    ratings = [(7, 1001, 4, 1_600_000_000), (8, 1002, 2, 1_600_000_100), (7, 1002, 5, 1_600_000_200)]
+    lines = [header] + [row.format(u=u, i=i, r=r, t=t) for u, i, r, t in ratings]
+    (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
+    caplog.set_level("INFO", logger="pipeline")
+    assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--rating-scale", "1,5") == 0
+    got = [(u, i, r) for u, i, r, _ in _ratings(tmp_path / "out")]
+    assert got == sorted([(u, i, float(r)) for u, i, r, _ in ratings], key=repr)
+    assert "columns by the header: user=" in caplog.text
+
+
+@pytest.mark.parametrize("header,flag", [
+    ("user,customer,item,rating", "more than one user column .* --user-col"),
+    ("user,item,stars,score", "more than one rating column .* --rating-col"),
+    ("who,item,rating", "names no user column; say which with --user-col"),
+    ("user,item,opinion", "names no rating column; say which with --rating-col"),
+])
+def test_a_header_that_names_no_column_or_one_twice_is_refused_saying_which_flag(tmp_path, capsys, header, flag):
+    (tmp_path / "r.csv").write_text(header + "\n" + ",".join(["1", "2", "3", "4"][:len(header.split(","))]) + "\n")
+    assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--rating-scale", "1,5") == 65
+    assert re.search(flag, capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_file_without_header_is_read_by_position(tmp_path):
+    (tmp_path / "r.csv").write_text("7,1001,4\n8,1002,2\n")
+    assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--rating-scale", "1,5") == 0
+    assert [(u, i, r) for u, i, r, _ in _ratings(tmp_path / "out")] == [(7, 1001, 4.0), (8, 1002, 2.0)]
+
+
 def test_parquet_directory_with_string_ids(tmp_path):
     folder = tmp_path / "export"
     folder.mkdir()
