@@ -91,8 +91,8 @@ class FunkSVD:
         ``user,item,rating`` header), a pandas or pyarrow table with those columns, or a ``Dataset``.
         ``client``: a ``distributed.Client`` to run on; None starts a LocalCluster (or set
         ``options={"cluster.scheduler": "inprocess"}``). A rating file is ingested with the ``data.ingest``
-        options (a CSV needs its scale: ``options={"data.ingest.rating_scale": [1, 5]}``); a table's
-        scale is taken from its smallest and largest rating."""
+        options (its rating scale inferred from the data unless ``options={"data.ingest.rating_scale":
+        [1, 5]}``); a table's scale is taken from its smallest and largest rating."""
         from pipeline.cluster import DaskExecutor
         from pipeline.stages import run_pipeline
 

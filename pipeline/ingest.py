@@ -55,7 +55,11 @@ from tasks.io import file_sha256, write_bytes, write_json, write_parquet
 log = logging.getLogger(__name__)
 
 FORMATS = ("netflix", "movielens", "csv", "parquet")
-DEFAULT_SCALES = {"netflix": (1.0, 5.0), "movielens": (0.5, 5.0)}
+# MovieLens's files say their scale: u.data (100k) and ratings.dat (1M, 10M) whole stars, ratings.csv (20M,
+# 25M, latest) half stars. Other CSV and Parquet files without --rating-scale: inferred from the data.
+NETFLIX_SCALE = (1.0, 5.0)
+MOVIELENS_SCALES = {"u.data": (1.0, 5.0), "ratings.dat": (1.0, 5.0), "ratings.csv": (0.5, 5.0)}
+ANY_RATING = (-math.inf, math.inf)
 ROWS_PER_BUCKET = 4_000_000
 _DELIMITERS = ("::", "\t", ",", ";", "|")
 
@@ -67,16 +71,30 @@ class IngestOptions(IngestConfig):
     chunk_bytes: int = 64 << 20
     id_maps: Path | None = None
 
-    def scale(self) -> tuple[float, float]:
+    def scale(self) -> tuple[float, float] | None:
+        """The rating scale given or known for the format, or None: to be inferred from the data."""
         if self.rating_scale is not None:
             low, high = self.rating_scale
             if not (math.isfinite(low) and math.isfinite(high) and low < high):
                 raise UsageError(f"--rating-scale (data.ingest.rating_scale) needs MIN < MAX, got {low:g},{high:g}")
             return self.rating_scale
-        if self.format in DEFAULT_SCALES:
-            return DEFAULT_SCALES[self.format]
-        raise UsageError(f"--format {self.format} needs the rating scale: --rating-scale 1,5 "
-                         "(data.ingest.rating_scale: [1, 5])")
+        return NETFLIX_SCALE if self.format == "netflix" else None
+
+
+def inferred_scale(low: float, high: float, whole: bool, halves: bool) -> tuple[float, float]:
+    """The scale of ratings from ``low`` to ``high``: stars (1–5 whole, 0.5–5 in halves) when they fit,
+    else the range seen."""
+    if whole and 1 <= low and high <= 5:
+        return 1.0, 5.0
+    if halves and 0.5 <= low and high <= 5:
+        return 0.5, 5.0
+    return float(low), float(high)
+
+
+def _movielens_scale(sources: list[Source]) -> tuple[float, float] | None:
+    names = {Path(s.url.split("::")[0]).name.removesuffix(".gz") for s in sources}
+    scales = {MOVIELENS_SCALES[n] for n in names if n in MOVIELENS_SCALES}
+    return scales.pop() if len(scales) == 1 else None
 
 
 def ingest_options(data: DataConfig) -> IngestOptions:
@@ -249,7 +267,7 @@ def read_rating_rows(src: str, options: IngestOptions) -> pa.Table:
     (source,) = make_sources([url], options)
     tables = []
     try:
-        for parsed in chunk_pieces(Chunk(source), options.scale()):
+        for parsed in chunk_pieces(Chunk(source), options.scale() or ANY_RATING):
             if parsed.reject_lines.shape[0]:
                 raise DataError(f"{url}:{parsed.reject_lines[0]}: {parsed.reject_details[0]} "
                                 f"({parsed.reject_reasons[0]})")
@@ -284,10 +302,10 @@ def _write_rejects(parts: list[Path], out: Path) -> None:
     write_bytes(buffer.getvalue(), out)
 
 
-def stage_sources(executor: Executor, sources: list[Source], options: IngestOptions,
+def stage_sources(executor: Executor, sources: list[Source], options: IngestOptions, scale: tuple[float, float],
                   staging: Path) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
-    """Scan and parse every source into ``staging``; the chunks' stats and id-set futures, in source order."""
-    scale = options.scale()
+    """Scan and parse every source into ``staging``, refusing ratings outside ``scale``; the chunks' stats and
+    id-set futures, in source order."""
     scans = [executor.submit(parquet_chunks, s, ROWS_PER_BUCKET, name="plan_parquet") if s.is_parquet
              else executor.submit(scan_text, s, options.chunk_bytes, name="scan_text") for s in sources]
     chunks: list[Chunk] = [c for found in executor.gather(scans) for c in found]
@@ -302,14 +320,14 @@ def stage_sources(executor: Executor, sources: list[Source], options: IngestOpti
 
 def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Path) -> Dataset:
     """Ingest ``srcs`` into the canonical dataset ``out`` (written whole or not at all)."""
-    options.scale()
     maps_of = None if options.id_maps is None else open_dataset(options.id_maps)
     sources = make_sources(expand_sources(srcs), options)
+    scale = options.scale() or (_movielens_scale(sources) if options.format == "movielens" else None)
     tmp = temporary_dir(out)
     try:
         staging = tmp / "_staging"
         staging.mkdir()
-        stats, user_sets, item_sets = stage_sources(executor, sources, options, staging)
+        stats, user_sets, item_sets = stage_sources(executor, sources, options, scale or ANY_RATING, staging)
         reasons: Counter[str] = Counter()
         for s in stats:
             reasons.update(s["rejects"])
@@ -323,6 +341,12 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
         if n_rows == 0:
             raise DataError(f"{', '.join(srcs)}: no ratings found"
                             + (f" ({n_rejected:,} lines rejected)" if n_rejected else ""))
+        if scale is None:
+            rated = [s for s in stats if s["rows"]]
+            scale = inferred_scale(min(s["rating_min"] for s in rated), max(s["rating_max"] for s in rated),
+                                   all(s["whole"] for s in rated), all(s["halves"] for s in rated))
+            log.info("rating scale inferred from the data: [%g, %g] (--rating-scale sets it; predictions are "
+                     "clipped to it)", *scale)
         has_time = any(s["has_time"] for s in stats)
         user_int = all(s["int_like"]["user"] for s in stats if s["rows"])
         item_int = all(s["int_like"]["item"] for s in stats if s["rows"])
@@ -380,7 +404,7 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
             "n_users": len(users),
             "n_items": len(items),
             "n_ratings": sum(r["n_ratings"] for r in parts),
-            "rating_scale": list(options.scale()),
+            "rating_scale": list(scale),
             "has_time": has_time,
             "user_partitioned": True,  # parts are user-range buckets
             "id_types": {"user": str(users.type), "item": str(items.type)},

@@ -10,6 +10,7 @@ order, rows are bucketed by user range, and each bucket resolves its duplicate
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -228,7 +229,8 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     -------
     dict
         ``stats``: rows, rejects by reason, the first reject, whether ids look
-        like integers, whether any row has a time; ``users`` and ``items``: the
+        like integers, whether any row has a time, the least and greatest
+        rating and whether all are whole or halves; ``users`` and ``items``: the
         chunk's distinct raw ids.
     """
     source = chunk.source
@@ -242,6 +244,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     items: list[Any] = []
     int_like = {"user": True, "item": True}
     has_time = False
+    low, high, whole, halves = math.inf, -math.inf, True, True  # the ratings seen, to infer a scale
     for parsed in pieces:
         table = parsed.rows
         if table.num_rows:
@@ -258,6 +261,10 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
                     digits, _ = parse.int_like(column)
                     int_like[role] &= bool(digits.all())
             has_time |= table["time"].null_count < table.num_rows
+            ratings = table["rating"].to_numpy()
+            low, high = min(low, float(ratings.min())), max(high, float(ratings.max()))
+            whole &= bool(np.all(ratings == np.round(ratings)))
+            halves &= bool(np.all(ratings * 2 == np.round(ratings * 2)))
         if parsed.reject_lines.shape[0]:
             reasons.update(parsed.reject_reasons)
             rejects.append(pa.table({"source": [source.url] * parsed.reject_lines.shape[0],
@@ -272,7 +279,8 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         write_parquet(all_rejects, Path(staging) / f"rejects-{index:05d}.parquet")
         first_reject = {k: all_rejects[k][0].as_py() for k in ("source", "line", "reason", "detail")}
     stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject,
-             "int_like": int_like, "has_time": has_time, "staged": str(out) if rows else None}
+             "int_like": int_like, "has_time": has_time, "staged": str(out) if rows else None,
+             "rating_min": low, "rating_max": high, "whole": whole, "halves": halves}
     return {"stats": stats, "users": _union(users), "items": _union(items)}
 
 

@@ -102,6 +102,8 @@ def test_movielens_layouts_by_name(tmp_path, name, text, scale):
         u, i, r, t = line.replace("::", "\t").replace(",", "\t").split("\t")
         expected.append((int(u), int(i), float(r), int(t)))
     assert rows == sorted(expected, key=repr)
+    # u.data and ratings.dat are whole stars, ratings.csv half stars: predictions are clipped to this.
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["rating_scale"] == list(scale)
 
 
 def test_movielens_layout_by_content_and_gzip(tmp_path):
@@ -156,6 +158,25 @@ def test_a_file_without_header_is_read_by_position(tmp_path):
     (tmp_path / "r.csv").write_text("7,1001,4\n8,1002,2\n")
     assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--rating-scale", "1,5") == 0
     assert [(u, i, r) for u, i, r, _ in _ratings(tmp_path / "out")] == [(7, 1001, 4.0), (8, 1002, 2.0)]
+
+
+@pytest.mark.parametrize("fmt,ratings,scale", [
+    ("csv", [4, 3.5, 0.5, 5], [0.5, 5]),
+    ("csv", [4, 3, 1, 2], [1, 5]),
+    ("csv", [7, 10, 1, 3], [1, 10]),
+    ("parquet", [0.25, 0.75, 0.5, 0.5], [0.25, 0.75]),
+])
+def test_without_a_rating_scale_it_is_inferred_from_the_data_and_said(tmp_path, caplog, fmt, ratings, scale):
+    table = pa.table({"user": [1, 1, 2, 2], "item": [10, 11, 10, 12], "rating": [float(r) for r in ratings]})
+    source = tmp_path / f"r.{fmt}"
+    if fmt == "csv":
+        source.write_text("user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r in zip(*table.to_pydict().values())))
+    else:
+        pq.write_table(table, source)
+    caplog.set_level("INFO", logger="pipeline")
+    assert _run(tmp_path, [source], fmt) == 0
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["rating_scale"] == scale
+    assert f"rating scale inferred from the data: [{scale[0]:g}, {scale[1]:g}]" in caplog.text
 
 
 def test_parquet_directory_with_string_ids(tmp_path):
