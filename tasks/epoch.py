@@ -29,20 +29,8 @@ import numpy as np
 
 from tasks.blocks import VALIDATION, RowBlock
 from tasks.checkpoint_io import read_factor_state, write_factor_state
-from tasks.schedule import (
-    STREAM_ITEM_INIT,
-    STREAM_USER_INIT,
-    block_order_seed,
-    init_seed,
-)
-from tasks.training import (
-    FactorState,
-    Hyper,
-    init_factors,
-    row_errors,
-    sgd_update,
-    warm_factors,
-)
+from tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed
+from tasks.training import FactorState, Hyper, init_factors, row_errors, sgd_update, warm_factors
 
 T = TypeVar("T")
 Side = Literal["user", "item"]

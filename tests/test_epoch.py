@@ -14,15 +14,7 @@ from pipeline.cluster import InProcessExecutor
 from pipeline.config import SplitConfig
 from pipeline.dataset import open_dataset
 from tasks.blocks import load_row_block
-from tasks.epoch import (
-    EpochPlan,
-    Mailbox,
-    ShareAborted,
-    StartFrom,
-    Version,
-    run_share,
-    start_version,
-)
+from tasks.epoch import EpochPlan, Mailbox, ShareAborted, StartFrom, Version, run_share, start_version
 from tasks.hashing import SALT_COLUMNS, block_layout
 from tasks.schedule import block_order_seed, strata, stratum_shifts
 from tasks.training import Hyper, sgd_update
