@@ -24,7 +24,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.foldin import fold_in_run
-from pipeline.ingest import FORMATS, IngestOptions, ingest
+from pipeline.ingest import BYTES_PER_LINE, FORMATS, IngestOptions, expand_sources, ingest, source_bytes
 from pipeline.logs import configure
 from pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from pipeline.predict import predict
@@ -233,7 +233,8 @@ def _ingest(args: argparse.Namespace) -> None:
                             time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
                             rejects=args.rejects, chunk_bytes=args.chunk_mb << 20, id_maps=args.id_maps)
     cluster = load_config(None, _cluster_overrides(args)).cluster
-    with open_executor(cluster) as executor:
+    size = sum(source_bytes(url) for url in expand_sources(args.sources)) // BYTES_PER_LINE
+    with open_executor(cluster, size) as executor:
         dataset = ingest(executor, args.sources, options, args.out)
     meta = dataset.meta
     line = (f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")

@@ -102,6 +102,16 @@ def ingest_options(data: DataConfig) -> IngestOptions:
     return IngestOptions(format=data.format, **data.ingest.model_dump())
 
 
+# A rating line of a text export is about this long (MovieLens's ratings.csv: 27 bytes); compressed files
+# hold several times more lines, so a size-based count errs towards small.
+BYTES_PER_LINE = 24
+
+
+def source_bytes(url: str) -> int:
+    fs, path = fsspec.core.url_to_fs(url)
+    return int(fs.info(path).get("size") or 0)
+
+
 def source_stamp(url: str) -> str:
     """Size and modification stamp of a source file, for the ingest stage's up-to-date check."""
     fs, path = fsspec.core.url_to_fs(url)

@@ -34,7 +34,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.evaluate import evaluate
-from pipeline.ingest import expand_sources, ingest, ingest_options, source_stamp
+from pipeline.ingest import BYTES_PER_LINE, expand_sources, ingest, ingest_options, source_bytes, source_stamp
 from pipeline.logs import stage_context
 from pipeline.model import export_model, read_id_maps, verify_model, write_model
 from pipeline.plan import auto_d
@@ -339,13 +339,14 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     refused (:class:`ConfigError`) unless ``retrain`` (or ``resume``, whose
     checkpoint must match instead).
     """
-    # Everything that can be checked without the cluster is checked before it starts.
+    # Everything that can be checked without the cluster is checked before it starts, and the data's size
+    # found, for the choice between a cluster and this process when cluster.scheduler is unset.
     if config.data.generate is not None:
-        synthetic_spec(config.data.generate)
+        n_ratings = synthetic_spec(config.data.generate).n_ratings
     elif config.data.format == "canonical":
-        open_dataset(config.data.source)
+        n_ratings = open_dataset(config.data.source).n_ratings
     else:
-        expand_sources(config.data.sources())
+        n_ratings = sum(source_bytes(url) for url in expand_sources(config.data.sources())) // BYTES_PER_LINE
         ingest_options(config.data).scale()
     _check_checkpoint_storage(config)
     if force and not resume:
@@ -364,7 +365,7 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
         started = time.time()
         pipeline: Pipeline | None = None
         try:
-            with _executor(config, executor) as running, _performance_report(report):
+            with _executor(config, executor, n_ratings) as running, _performance_report(report):
                 update_text(dump_config(config), run.root / "config.yaml")
                 if running.dashboard_link:
                     log.info("Dask dashboard: %s", running.dashboard_link)
@@ -382,11 +383,11 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
 
 
 @contextlib.contextmanager
-def _executor(config: Config, given: Executor | None) -> Iterator[Executor]:
+def _executor(config: Config, given: Executor | None, n_ratings: int) -> Iterator[Executor]:
     if given is not None:
         yield given
         return
-    with open_executor(config.cluster) as executor:
+    with open_executor(config.cluster, n_ratings) as executor:
         yield executor
 
 

@@ -86,3 +86,23 @@ def test_fit_on_a_callers_client_gives_the_in_process_bits(fitted, local_cluster
         on_cluster = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run").fit(_table(), client=client)
     np.testing.assert_array_equal(on_cluster.factors_.P, fitted.factors_.P)
     np.testing.assert_array_equal(on_cluster.factors_.Q, fitted.factors_.Q)
+
+
+def test_the_readme_example_runs_from_a_plain_script_without_a_main_guard(tmp_path):
+    """Small data train in-process, so a script needs no `if __name__ == "__main__":` (no worker processes
+    are spawned, which would re-import it)."""
+    import subprocess
+    import sys
+
+    from conftest import cli_env
+
+    pq.write_table(_table(), tmp_path / "ratings.parquet")
+    (tmp_path / "script.py").write_text(
+        "from pipeline import FunkSVD\n"
+        "model = FunkSVD(k=4, epochs=3)\n"
+        "model.fit('ratings.parquet')\n"
+        "print('predicted', model.predict(['u1'], ['i2'])[0])\n")
+    done = subprocess.run([sys.executable, "script.py"], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          env=cli_env(), check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "predicted" in done.stdout

@@ -138,7 +138,7 @@ def test_checkpoints_at_an_fsspec_url_resume_to_the_same_bits(tiny_config, unint
 def test_memory_checkpoints_on_a_cluster_are_refused_before_it_starts(tiny_config, tmp_path):
     from pipeline.errors import ConfigError
 
-    config = tiny_config(tmp_path / "run", "output.checkpoints=memory://ckpt", "cluster.scheduler=null")
+    config = tiny_config(tmp_path / "run", "output.checkpoints=memory://ckpt", "cluster.scheduler=local")
     with pytest.raises(ConfigError, match="output.checkpoints: memory://ckpt lives in one process"):
         run_pipeline(config)
     with pytest.raises(ConfigError, match="output.checkpoints: cannot open 'nosuch://x'"):

@@ -47,13 +47,13 @@ def test_two_worker_local_cluster_matches_in_process(tiny_config, in_process_run
 
 
 def test_one_worker_local_cluster_matches_in_process(tiny_config, in_process_run, tmp_path):
-    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=null", "cluster.n_workers=1"))
+    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=local", "cluster.n_workers=1"))
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 
 def test_a_worker_with_two_threads_matches_in_process(tiny_config, in_process_run, tmp_path):
     """`dask worker` gives one process all cores by default: its blocks of a stratum run on its threads."""
-    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=null", "cluster.n_workers=1",
+    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=local", "cluster.n_workers=1",
                              "cluster.threads_per_worker=2"))
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
@@ -140,6 +140,19 @@ def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):
     assert summary["test_rmse"] <= 1.05 * summary["floor_rmse"]
     assert "Dask dashboard: http" in done.stderr
     assert "run directory: runs/default" in done.stdout
+
+
+def test_small_data_run_in_process_unless_a_cluster_is_asked_for(tiny_config, in_process_run, tmp_path, caplog):
+    """Below SMALL_RATINGS a LocalCluster costs more than it saves; `cluster.scheduler: local` starts one."""
+    caplog.set_level("INFO", logger="pipeline")
+    run_pipeline(tiny_config(tmp_path / "auto", "train.d=4", "cluster.scheduler=null"))
+    assert "12,000 ratings, below 500,000: running in this process" in caplog.text
+    assert "Dask dashboard" not in caplog.text
+    caplog.clear()
+    run_pipeline(tiny_config(tmp_path / "local", "train.d=4", "cluster.scheduler=local", "cluster.n_workers=2"))
+    assert "Dask dashboard" in caplog.text and "running in this process" not in caplog.text
+    _assert_bit_identical(_factors(tmp_path / "auto"), _factors(tmp_path / "local"))
+    _assert_bit_identical(_factors(tmp_path / "auto"), _factors(in_process_run))
 
 
 def test_scheduler_without_workers_exits_75(tmp_path, capsys):
