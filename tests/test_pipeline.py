@@ -250,14 +250,11 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
 def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_with(tiny_config, tmp_path):
     from pipeline.cluster import InProcessExecutor
 
-    class ThreeThreads(InProcessExecutor):
-        total_threads = 3
-
-    first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"))
-    assert first["d"] == 1  # 12k ratings on the one in-process thread
+    first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto", "cluster.n_workers=1"))
+    assert first["d"] == 1  # 12k ratings on one in-process thread
     blocks_json = tmp_path / "run" / "blocks" / "blocks.json"
     built = blocks_json.stat().st_mtime_ns
-    again = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"), executor=ThreeThreads())
+    again = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"), executor=InProcessExecutor(threads=3))
     assert again["d"] == 1 and blocks_json.stat().st_mtime_ns == built
     assert again["test_rmse"] == first["test_rmse"]
-    assert run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=ThreeThreads())["d"] == 3
+    assert run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=InProcessExecutor(threads=3))["d"] == 3
