@@ -128,7 +128,8 @@ class Plan:
     def fastest_workers(self) -> Plan:
         """The plan at the worker count (a power of two up to 4096, d as ``auto`` picks) with the fastest
         epoch: past it, hand-offs on the critical path outgrow the SGD each worker saves."""
-        plans = [replace(self, workers=w, d=auto_d(self.ratings, w * self.threads)) for w in (2 ** i for i in range(13))]
+        plans = [replace(self, workers=w, d=auto_d(self.ratings, w * self.threads))
+                 for w in (2 ** i for i in range(13))]
         return min(plans, key=Plan.epoch_seconds)
 
 

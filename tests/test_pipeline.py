@@ -257,4 +257,5 @@ def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_
     again = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"), executor=InProcessExecutor(threads=3))
     assert again["d"] == 1 and blocks_json.stat().st_mtime_ns == built
     assert again["test_rmse"] == first["test_rmse"]
-    assert run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=InProcessExecutor(threads=3))["d"] == 3
+    fresh = run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=InProcessExecutor(threads=3))
+    assert fresh["d"] == 3
