@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from pipeline.cluster import open_executor
-from pipeline.config import GenerateConfig, load_config
+from pipeline.config import GenerateConfig, load_config, shipped_configs
 from pipeline.dataset import generate_dataset
 from pipeline.errors import (
     EXIT_DATAERR,
@@ -46,7 +46,8 @@ STAGE_VERBS = {
 
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path,
-                        help="YAML config (default: the embedded configs/default.yaml)")
+                        help="YAML config, or the name of a shipped one (`funkflow configs`; default: the "
+                             "embedded demo, configs/default.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--scheduler", metavar="ADDR",
@@ -66,14 +67,26 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                              "configuration (without it, such a run is refused with exit 78)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("funkflow")
+    except PackageNotFoundError:
+        return "not installed"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funkflow", description="Funk-SVD by DSGD on Dask.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per log line (time, level, stage, epoch, message, metrics)")
+    parser.add_argument("--version", action="version", version=f"funkflow {_version()}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in STAGE_VERBS.items():
         _add_run_flags(verbs.add_parser(verb, help=help_text, description=help_text))
+    verbs.add_parser("configs", help="list the configs shipped with funkflow, to run by name",
+                     description="List the shipped configs: `funkflow run NAME` runs one.")
 
     generate = verbs.add_parser("generate", help="write a synthetic Netflix-shaped dataset",
                                 description="Write synthetic Netflix-shaped ratings with a known true model.")
@@ -97,7 +110,8 @@ def build_parser() -> argparse.ArgumentParser:
                             help=f"{role} column: a header name or a 0-based position (csv, parquet)")
     ingest.add_argument("--delimiter", help="field delimiter (csv; default: detected from line 1)")
     ingest.add_argument("--rating-scale", metavar="MIN,MAX",
-                        help="valid ratings (default netflix 1,5; movielens 0.5,5; required for csv and parquet)")
+                        help="valid ratings (default: netflix 1,5; movielens by file, u.data and ratings.dat "
+                             "1,5, ratings.csv 0.5,5; csv and parquet: inferred from the data)")
     ingest.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="keep_last",
                         help="a (user, item) pair rated twice: keep the latest (by time, then position), "
                              "the first, the mean, or stop with an error")
@@ -254,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "ingest":
             _ingest(args)
+            return EXIT_OK
+        if args.verb == "configs":
+            for name, path in shipped_configs().items():
+                print(f"{name:<16} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}")
             return EXIT_OK
         if args.verb == "plan":
             rate = args.rate or calibrate(args.k)

@@ -204,6 +204,24 @@ def default_config_path() -> Path:
     return Path(str(resources.files("pipeline.configs") / DEFAULT_CONFIG))
 
 
+def shipped_configs() -> dict[str, Path]:
+    """The configs shipped with funkflow by name (``movielens`` for ``configs/movielens.yaml``)."""
+    folder = Path(str(resources.files("pipeline.configs")))
+    return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """A config file: a path, or the name of a shipped one (``funkflow run movielens``)."""
+    path = Path(name_or_path)
+    if path.exists() or path.suffix in (".yaml", ".yml") or len(path.parts) > 1:
+        return path
+    shipped = shipped_configs()
+    if str(name_or_path) not in shipped:
+        raise ConfigError(f"{name_or_path}: no such file, nor a shipped config ({', '.join(shipped)}); "
+                          "`funkflow configs` lists them")
+    return shipped[str(name_or_path)]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
@@ -267,7 +285,7 @@ def _describe(errors: list[dict], source: str) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Load a YAML config (the shipped default when ``path`` is None), apply overrides, validate."""
-    path = Path(path) if path is not None else default_config_path()
+    path = config_path(path) if path is not None else default_config_path()
     data = _read_yaml(path)
     for assignment in overrides:
         apply_override(data, assignment)

@@ -77,3 +77,17 @@ def test_impossible_generator_shape_is_a_config_error(capsys, tmp_path):
                  "--run-dir", str(tmp_path / "run")])
     assert code == EXIT_CONFIG
     assert "data.generate: n_ratings=10 cannot be spread" in capsys.readouterr().err
+
+
+def test_shipped_configs_by_name_listed_by_funkflow_configs(capsys):
+    from pipeline.config import shipped_configs
+
+    assert main(["configs"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert listed == ["cluster-example", "default", "movielens", "netflix-like"] == list(shipped_configs())
+    assert load_config("movielens") == load_config(default_config_path().parent / "movielens.yaml")
+    with pytest.raises(ConfigError, match="nosuch: no such file, nor a shipped config .*movielens"):
+        load_config("nosuch")
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.startswith("funkflow ")
