@@ -28,9 +28,9 @@ LOCAL = "local"
 # 1 s in-process, while the demo's 1M ratings still gain from worker processes.
 SMALL_RATINGS = 500_000
 
-# Scheduler settings for the clusters funkflow starts. Work stealing would move a
-# block task, and with it a row block and its user factors, to another worker;
-# DSGD keeps them put and balances load through d instead.
+# Scheduler settings for the clusters funkflow starts. Work stealing would move the
+# task that loads a row block to another worker; DSGD keeps row blocks put and
+# balances load through d instead.
 SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
 # How often the driver looks for lost workers while an epoch runs.
 WATCH_SECONDS = 0.5
@@ -56,7 +56,7 @@ def _resolve(arg: Any) -> Any:
 class InProcessExecutor:
     """Runs every task immediately in this process, in submission order; an epoch on ``threads`` threads."""
 
-    workers: list[str | None] = [None]  # noqa: RUF012 (one worker, never changed)
+    workers: list[str | None] = [None]
     dashboard_link: str | None = None
 
     def __init__(self, threads: int = 1) -> None:

@@ -48,9 +48,9 @@ def auto_d(n_ratings: int, threads: int) -> int:
     """The ``train.d`` that ``auto`` picks for ``n_ratings`` on ``threads`` worker threads.
 
     Two blocks per thread and stratum even out unequal blocks, as long as each block
-    keeps ``MIN_BLOCK_RATINGS``; below that, one, so tasks stay well above the
-    scheduler's per-task cost. Never fewer blocks than threads: a thread without a
-    block idles.
+    keeps ``MIN_BLOCK_RATINGS``; below that, one, so a block's SGD stays well above
+    the cost of handing its item block on. Never fewer blocks than threads: a thread
+    without a block idles.
     """
     threads = max(threads, 1)
     return 2 * threads if n_ratings / (2 * threads) ** 2 >= MIN_BLOCK_RATINGS else threads
