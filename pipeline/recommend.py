@@ -55,6 +55,9 @@ def _wanted_users(path: Path, user_ids: pa.Array) -> tuple[np.ndarray, int]:
     if len(values) == 0:
         raise DataError(f"{path}: no user ids")
     found = index_of(values, user_ids)
+    if not (found >= 0).any():
+        raise DataError(f"{path}: none of its {len(values):,} user ids is in the model; fold them in first "
+                        "(funkflow fold-in), then recommend from the folded model")
     return np.unique(found[found >= 0]), int((found < 0).sum())
 
 

@@ -84,6 +84,15 @@ def test_recommend_for_some_users_on_a_cluster(trained, local_cluster, tmp_path)
         t for t in _brute_force(trained, 3) if t[0] in (5, 17)]
 
 
+def test_recommend_for_users_the_model_does_not_know_is_an_error_not_an_empty_file(trained, tmp_path, capsys):
+    (tmp_path / "new.txt").write_text("user\n99998\n99999\n")
+    out = tmp_path / "none.parquet"
+    assert main(["recommend", str(trained), "--top", "3", "--users", str(tmp_path / "new.txt"), "--out", str(out),
+                 "--scheduler", "inprocess"]) == 65
+    assert "none of its 2 user ids is in the model; fold them in first" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_ranking_metrics_match_hand_computed_values():
     from tasks.recommend import ranking_sums
 
