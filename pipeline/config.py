@@ -289,6 +289,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     data = _read_yaml(path)
     for assignment in overrides:
         apply_override(data, assignment)
+    keys = [assignment.partition("=")[0] for assignment in overrides]
+    if "data.source" in keys and not any(k == "data.generate" or k.startswith("data.generate.") for k in keys):
+        # Data named on the command line replace a config's generated data, without --set data.generate=null.
+        data.setdefault("data", {})["generate"] = None
     try:
         return Config.model_validate(data)
     except ValidationError as exc:

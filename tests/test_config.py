@@ -91,3 +91,11 @@ def test_shipped_configs_by_name_listed_by_funkflow_configs(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("funkflow ")
+
+
+def test_data_source_on_the_command_line_replaces_the_configs_generated_data():
+    assert load_config(None).data.generate is not None  # the demo generates its data
+    config = load_config(None, ["data.source=data/ml"])
+    assert config.data.source == "data/ml" and config.data.generate is None
+    with pytest.raises(ConfigError, match="set exactly one of data.source"):
+        load_config(None, ["data.source=data/ml", "data.generate.seed=3"])  # both named: still one too many
