@@ -20,6 +20,7 @@ from typing import Any
 
 import fsspec
 
+from pipeline.config import differences
 from pipeline.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -27,13 +28,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 STATE = "state.json"
 _EPOCH_DIR = re.compile(r"epoch-(\d{6})$")
-
-
-def _differences(saved: Any, current: Any, prefix: str = "") -> list[str]:
-    if isinstance(saved, dict) and isinstance(current, dict):
-        return [d for key in sorted(set(saved) | set(current))
-                for d in _differences(saved.get(key), current.get(key), f"{prefix}{key}.")]
-    return [] if saved == current else [f"{prefix.rstrip('.')}: checkpoint has {saved!r}, config has {current!r}"]
 
 
 def open_storage(url: str, key: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -133,20 +127,20 @@ class CheckpointStore:
         except (KeyError, AttributeError, TypeError) as exc:
             log.warning("skipping checkpoint %s: malformed manifest (%r)", url, exc)
             return None
-        layout = _differences(saved_layout, self.layout)
-        differences = _differences(saved_identity, self.identity)
-        if not strict and (layout or differences):
+        layout = differences(saved_layout, self.layout, "checkpoint has")
+        changed = differences(saved_identity, self.identity, "checkpoint has")
+        if not strict and (layout or changed):
             log.info("checkpoint %s belongs to another run configuration; not resuming from it", url)
             return None
         if layout:
             raise ConfigError(f"cannot resume from {url}: its arrays have another shape:\n  " + "\n  ".join(layout)
                               + "\nrun without --resume to start afresh")
-        if differences and not self.force:
+        if changed and not self.force:
             raise ConfigError(f"cannot resume from {url}: the run has changed since it was written:\n  "
-                              + "\n  ".join(differences)
+                              + "\n  ".join(changed)
                               + "\nrun without --resume to start afresh, or add --force to resume anyway")
-        if differences:
-            log.warning("--force: resuming from %s despite:\n  %s", url, "\n  ".join(differences))
+        if changed:
+            log.warning("--force: resuming from %s despite:\n  %s", url, "\n  ".join(changed))
         return Checkpoint(url, int(manifest["epoch"]), json.loads(self.fs.cat_file(f"{path}/{STATE}")))
 
     def latest(self, max_epoch: int | None = None, strict: bool = True) -> Checkpoint | None:

@@ -299,5 +299,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         raise ConfigError(_describe(exc.errors(), str(path))) from None
 
 
+def differences(saved: Any, current: Any, saved_as: str, prefix: str = "") -> list[str]:
+    """The dotted keys whose values differ between two nested dicts, each as a line naming both values:
+    ``"model.k: <saved_as> 8, config has 4"``."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return [line for key in sorted(set(saved) | set(current))
+                for line in differences(saved.get(key), current.get(key), saved_as, f"{prefix}{key}.")]
+    return [] if saved == current else [f"{prefix.rstrip('.')}: {saved_as} {saved!r}, config has {current!r}"]
+
+
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -24,7 +24,7 @@ from typing import Any
 from pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
 from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from pipeline.cluster import IN_PROCESS, Executor, open_executor
-from pipeline.config import Config, GenerateConfig, dump_config, load_config
+from pipeline.config import Config, GenerateConfig, differences, dump_config, load_config
 from pipeline.dataset import Dataset, generate_dataset, open_dataset
 from pipeline.errors import (
     EXIT_OK,
@@ -300,25 +300,14 @@ def _check_checkpoint_storage(config: Config) -> None:
 _FREE_KEYS = ("cluster", "output", "evaluate", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints")
 
 
-def model_changes(saved: Config, wanted: Config) -> list[str]:
-    """The keys, other than ``_FREE_KEYS``, whose values differ between two configs, as readable lines."""
-    def flat(value: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(value, dict):
-            return {k: v for key, sub in value.items() for k, v in flat(sub, f"{prefix}{key}.").items()}
-        return {prefix.rstrip("."): value}
-
-    before, after = flat(saved.to_dict()), flat(wanted.to_dict())
-    return [f"{key}: {before.get(key)!r} there, {after.get(key)!r} now" for key in sorted(set(before) | set(after))
-            if before.get(key) != after.get(key) and not any(key == f or key.startswith(f"{f}.") for f in _FREE_KEYS)]
-
-
 def _refuse_another_model(run: RunDir, config: Config) -> None:
     """A run directory that holds a model keeps it unless the run asks to retrain: a config that would train
     a different one is a config error naming the keys."""
     saved = run.root / "config.yaml"
     if not saved.is_file() or not (run.model / "model.json").is_file():
         return
-    changed = model_changes(load_config(saved), config)
+    changed = [line for line in differences(load_config(saved).to_dict(), config.to_dict(), "the run has")
+               if not any(line.startswith((f"{free}:", f"{free}.")) for free in _FREE_KEYS)]
     if changed:
         raise ConfigError(f"{run.root} holds a model trained with another configuration ({saved}):\n  "
                           + "\n  ".join(changed) + "\nrun without CONFIG to use the run's own, choose another "

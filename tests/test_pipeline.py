@@ -52,8 +52,8 @@ def test_changed_model_retrains_but_keeps_data_and_blocks(tiny_config, tmp_path)
     run_pipeline(tiny_config(tmp_path / "run"))
     blocks_stamp = (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns
     p_before = np.load(tmp_path / "run" / "model" / "P.npy")
-    with pytest.raises(ConfigError, match=r"holds a model trained with another configuration .*\n  model.k: 8 there, "
-                                          r"4 now\n.*--retrain"):
+    with pytest.raises(ConfigError, match=r"holds a model trained with another configuration .*\n  model.k: the run has 8, "
+                                          r"config has 4\n.*--retrain"):
         run_pipeline(tiny_config(tmp_path / "run", "model.k=4"))
     assert np.load(tmp_path / "run" / "model" / "P.npy").tobytes() == p_before.tobytes(), "the model is kept"
     run_pipeline(tiny_config(tmp_path / "run", "model.k=4"), retrain=True)
@@ -81,9 +81,9 @@ def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replac
 
     assert main(["export", str(default_config_path()), "--run-dir", str(copy)]) == 78
     err = capsys.readouterr().err
-    assert "holds a model trained with another configuration" in err and "model.k: 4 there, 32 now" in err
+    assert "holds a model trained with another configuration" in err and "model.k: the run has 4, config has 32" in err
     assert main(["run", "--run-dir", str(copy), "--set", "model.reg=0.2"]) == 78
-    assert "model.reg: 0.05 there, 0.2 now" in capsys.readouterr().err
+    assert "model.reg: the run has 0.05, config has 0.2" in capsys.readouterr().err
     assert (copy / "model" / "P.npy").read_bytes() == model_before
     assert (copy / "summary.json").read_text() == summary_before
     # Running longer is the same model trained further, not another one.
