@@ -16,21 +16,15 @@ from pydantic import ValidationError
 from pipeline.cluster import open_executor
 from pipeline.config import GenerateConfig, load_config, shipped_configs
 from pipeline.dataset import generate_dataset
-from pipeline.errors import (
-    EXIT_DATAERR,
-    EXIT_OK,
-    EXIT_SOFTWARE,
-    FunkflowError,
-    UsageError,
-)
+from pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from pipeline.foldin import fold_in_run
-from pipeline.ingest import BYTES_PER_LINE, FORMATS, IngestOptions, expand_sources, ingest, source_bytes
+from pipeline.ingest import FORMATS, IngestOptions, estimated_ratings, ingest
 from pipeline.logs import configure
 from pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from pipeline.predict import predict
 from pipeline.recommend import recommend
 from pipeline.report import report as write_report
-from pipeline.stages import run_pipeline, synthetic_spec
+from pipeline.stages import package_version, run_pipeline, synthetic_spec
 from tasks.artifacts import ArtifactError
 from tasks.ingest import DUPLICATE_POLICIES
 
@@ -67,21 +61,12 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
                              "configuration (without it, such a run is refused with exit 78)")
 
 
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("funkflow")
-    except PackageNotFoundError:
-        return "not installed"
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funkflow", description="Funk-SVD by DSGD on Dask.")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
     parser.add_argument("--log-format", choices=("text", "json"), default="text",
                         help="json: one JSON object per log line (time, level, stage, epoch, message, metrics)")
-    parser.add_argument("--version", action="version", version=f"funkflow {_version()}")
+    parser.add_argument("--version", action="version", version=f"funkflow {package_version('funkflow')}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in STAGE_VERBS.items():
         _add_run_flags(verbs.add_parser(verb, help=help_text, description=help_text))
@@ -247,8 +232,7 @@ def _ingest(args: argparse.Namespace) -> None:
                             time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
                             rejects=args.rejects, chunk_bytes=args.chunk_mb << 20, id_maps=args.id_maps)
     cluster = load_config(None, _cluster_overrides(args)).cluster
-    size = sum(source_bytes(url) for url in expand_sources(args.sources)) // BYTES_PER_LINE
-    with open_executor(cluster, size) as executor:
+    with open_executor(cluster, estimated_ratings(args.sources)) as executor:
         dataset = ingest(executor, args.sources, options, args.out)
     meta = dataset.meta
     line = (f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")

@@ -91,8 +91,13 @@ def inferred_scale(low: float, high: float, whole: bool, halves: bool) -> tuple[
     return float(low), float(high)
 
 
+def _file_name(url: str) -> str:
+    """The name of a source file, without ``.gz``: what MovieLens's layouts are known by."""
+    return Path(url.split("::")[0]).name.removesuffix(".gz")
+
+
 def _movielens_scale(sources: list[Source]) -> tuple[float, float] | None:
-    names = {Path(s.url.split("::")[0]).name.removesuffix(".gz") for s in sources}
+    names = {_file_name(s.url) for s in sources}
     scales = {MOVIELENS_SCALES[n] for n in names if n in MOVIELENS_SCALES}
     return scales.pop() if len(scales) == 1 else None
 
@@ -107,9 +112,13 @@ def ingest_options(data: DataConfig) -> IngestOptions:
 BYTES_PER_LINE = 24
 
 
-def source_bytes(url: str) -> int:
-    fs, path = fsspec.core.url_to_fs(url)
-    return int(fs.info(path).get("size") or 0)
+def estimated_ratings(srcs: list[str]) -> int:
+    """About how many ratings the sources hold, from their sizes (to choose where to run before reading them)."""
+    total = 0
+    for url in expand_sources(srcs):
+        fs, path = fsspec.core.url_to_fs(url)
+        total += int(fs.info(path).get("size") or 0)
+    return total // BYTES_PER_LINE
 
 
 def source_stamp(url: str) -> str:
@@ -158,7 +167,7 @@ def _column_index(spec: str | None, default: int | None, names: list[str] | None
     return names.index(spec)
 
 
-# Header names by role, compared in lower case without separators ("movieId", "movie_id" → "movieid").
+# Header names by role, as :func:`_normalized` writes them ("movieId", "movie_id" → "movieid").
 HEADER_NAMES = {
     "user": {"user", "userid", "users", "uid", "customer", "customerid", "client", "clientid", "member",
              "memberid", "visitor", "visitorid", "account", "accountid", "reviewer", "reviewerid", "person"},
@@ -186,7 +195,7 @@ def _columns_by_name(fields: list[str], options: IngestOptions, url: str) -> dic
         if given[role] is not None:
             columns[role] = _column_index(given[role], None, fields, role, url)
             continue
-        found = [j for j, field in enumerate(fields) if _normalized(field) in {_normalized(n) for n in names}]
+        found = [j for j, field in enumerate(fields) if _normalized(field) in names]
         if len(found) > 1:
             raise DataError(f"{url}: the header ({', '.join(fields)}) names more than one {role} column "
                             f"({', '.join(fields[j] for j in found)}); say which with --{role}-col NAME")
@@ -215,7 +224,7 @@ def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
     # A header is declared by naming columns, or recognised by a field that names a role or by a rating
     # field that is not a number. With a header, columns go by name; by position only without one.
     rating_at = _column_index(options.rating_col, 2, fields, "rating", url) if not named else None
-    known = set().union(*({_normalized(n) for n in names} for names in HEADER_NAMES.values()))
+    known = set().union(*HEADER_NAMES.values())
     header = bool(named) or any(_normalized(f) in known for f in fields) or (
         rating_at is not None and rating_at < len(fields)
         and not re.fullmatch(parse._NUMBER, fields[rating_at].strip()))
@@ -237,7 +246,7 @@ def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
 
 
 def _movielens_layout(url: str) -> parse.Layout:
-    name = Path(url.split("::")[0]).name.removesuffix(".gz")
+    name = _file_name(url)
     first = first_line(url)
     four = {"user": 0, "item": 1, "rating": 2, "time": 3}
     if name == "ratings.dat" or "::" in first:

@@ -34,7 +34,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.evaluate import evaluate
-from pipeline.ingest import BYTES_PER_LINE, expand_sources, ingest, ingest_options, source_bytes, source_stamp
+from pipeline.ingest import estimated_ratings, expand_sources, ingest, ingest_options, source_stamp
 from pipeline.logs import stage_context
 from pipeline.model import export_model, read_id_maps, verify_model, write_model
 from pipeline.plan import auto_d
@@ -335,7 +335,7 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     elif config.data.format == "canonical":
         n_ratings = open_dataset(config.data.source).n_ratings
     else:
-        n_ratings = sum(source_bytes(url) for url in expand_sources(config.data.sources())) // BYTES_PER_LINE
+        n_ratings = estimated_ratings(config.data.sources())
         ingest_options(config.data).scale()
     _check_checkpoint_storage(config)
     if force and not resume:
@@ -392,16 +392,19 @@ def _performance_report(path: Path | None) -> Iterator[None]:
     log.info("Dask performance report: %s", path)
 
 
-def _versions() -> dict[str, str]:
+def package_version(name: str) -> str:
     from importlib.metadata import PackageNotFoundError, version
 
-    found = {"python": platform.python_version()}
-    for name in ("funkflow", "dask", "distributed", "numba", "numpy", "pyarrow"):
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = "not installed"
-    return found
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def _versions() -> dict[str, str]:
+    return {"python": platform.python_version(),
+            **{name: package_version(name) for name in ("funkflow", "dask", "distributed", "numba", "numpy",
+                                                        "pyarrow")}}
 
 
 def _write_run_manifest(run: RunDir, config: Config, pipeline: Pipeline | None, started: float,

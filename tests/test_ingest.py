@@ -170,7 +170,8 @@ def test_without_a_rating_scale_it_is_inferred_from_the_data_and_said(tmp_path, 
     table = pa.table({"user": [1, 1, 2, 2], "item": [10, 11, 10, 12], "rating": [float(r) for r in ratings]})
     source = tmp_path / f"r.{fmt}"
     if fmt == "csv":
-        source.write_text("user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r in zip(*table.to_pydict().values())))
+        rows = zip(*table.to_pydict().values())
+        source.write_text("user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r in rows))
     else:
         pq.write_table(table, source)
     caplog.set_level("INFO", logger="pipeline")

@@ -52,8 +52,8 @@ def test_changed_model_retrains_but_keeps_data_and_blocks(tiny_config, tmp_path)
     run_pipeline(tiny_config(tmp_path / "run"))
     blocks_stamp = (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns
     p_before = np.load(tmp_path / "run" / "model" / "P.npy")
-    with pytest.raises(ConfigError, match=r"holds a model trained with another configuration .*\n  model.k: the run has 8, "
-                                          r"config has 4\n.*--retrain"):
+    with pytest.raises(ConfigError, match=r"holds a model trained with another configuration .*\n  "
+                                          r"model.k: the run has 8, config has 4\n.*--retrain"):
         run_pipeline(tiny_config(tmp_path / "run", "model.k=4"))
     assert np.load(tmp_path / "run" / "model" / "P.npy").tobytes() == p_before.tobytes(), "the model is kept"
     run_pipeline(tiny_config(tmp_path / "run", "model.k=4"), retrain=True)
