@@ -89,10 +89,11 @@ class FunkSVD:
     def fit(self, data: Any, client: Any = None) -> FunkSVD:
         """Train on ``data``: a canonical dataset directory, a rating file or URL (Parquet, or CSV with a
         ``user,item,rating`` header), a pandas or pyarrow table with those columns, or a ``Dataset``.
-        ``client``: a ``distributed.Client`` to run on; None starts a LocalCluster (or set
-        ``options={"cluster.scheduler": "inprocess"}``). A rating file is ingested with the ``data.ingest``
-        options (its rating scale inferred from the data unless ``options={"data.ingest.rating_scale":
-        [1, 5]}``); a table's scale is taken from its smallest and largest rating."""
+        ``client``: a ``distributed.Client`` to run on; None runs where ``cluster.scheduler`` says (unset:
+        in-process for small data, else a LocalCluster; ``options={"cluster.scheduler": "local"}`` forces
+        one). A rating file is ingested with the ``data.ingest`` options (its rating scale inferred from the
+        data unless ``options={"data.ingest.rating_scale": [1, 5]}``); a table's scale is taken from its
+        smallest and largest rating."""
         from pipeline.cluster import DaskExecutor
         from pipeline.stages import run_pipeline
 

@@ -331,4 +331,4 @@ def install(client: Any) -> None:
 
     A second registration (another run on the same cluster) keeps the running extensions (``idempotent``).
     """
-    client.register_plugin(DSGDExchange(), name=EXTENSION)
+    client.register_plugin(DSGDExchange())

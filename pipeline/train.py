@@ -137,10 +137,7 @@ def summed_row_errors(executor: Executor, futures: list[Any]) -> np.ndarray:
 
     Row blocks are added in row order, never in the order results arrive.
     """
-    total = np.zeros((3, len(futures), 3))
-    for per_row in executor.gather(futures):
-        total += per_row
-    return total
+    return _row_sum(np.asarray(executor.gather(futures)))
 
 
 def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],

@@ -203,11 +203,10 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
     items = table["item"].to_numpy()
     ratings = table["rating"].to_numpy()
     codes = table["split"].to_numpy()
-    counts = read_json(Path(blocks_dir) / BLOCKS_JSON)["counts"][row]
-    if np.bincount(codes, minlength=3).tolist() != counts:
-        raise ArtifactError(f"{row_dir(blocks_dir, row)}: {np.bincount(codes, minlength=3).tolist()} ratings by "
-                            f"split, {Path(blocks_dir) / BLOCKS_JSON} says {counts}; delete the blocks to rebuild "
-                            "them")
+    found, listed = np.bincount(codes, minlength=3).tolist(), read_json(Path(blocks_dir) / BLOCKS_JSON)["counts"][row]
+    if found != listed:
+        raise ArtifactError(f"{row_dir(blocks_dir, row)}: {found} ratings by split, {Path(blocks_dir) / BLOCKS_JSON} "
+                            f"says {listed}; delete the blocks to rebuild them")
     expected = table["expected"].to_numpy() if "expected" in table.column_names else None
 
     row_of_user, local_user, members = block_layout(n_users, d, block_seed, SALT_ROWS)

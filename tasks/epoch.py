@@ -95,13 +95,12 @@ class ShareOutcome:
     """What one worker's share of an epoch reports to the driver.
 
     ``sse`` (n_rows, d) float64: each block's sum of squared errors as the pass
-    met them, by row (in ``rows`` order) and step; ``inf`` where a factor went
+    met them, by row (in the order of :meth:`EpochPlan.rows_of`) and step; ``inf`` where a factor went
     non-finite. ``errors`` (n_rows, 3, d, 3) float64: validation error sums
     under the epoch's final factors (see :func:`tasks.training.row_errors`).
     ``files``: checkpoint files of the start version written, name → SHA-256.
     """
 
-    rows: tuple[int, ...]
     sse: np.ndarray
     errors: np.ndarray
     files: dict[str, str]
@@ -225,7 +224,7 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
                     rows)):
                 errors[j] = per_row
         files = {} if written is None else written.result()
-    outcome = ShareOutcome(rows=rows, sse=sse, errors=errors, files=files)
+    outcome = ShareOutcome(sse=sse, errors=errors, files=files)
     return outcome, Version(users, items)
 
 
