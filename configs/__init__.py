@@ -1,1 +1,1 @@
-"""Shipped YAML configs, installed as the package data of ``pipeline.configs``."""
+"""Shipped YAML configs, installed as the package data of ``funkflow.configs``."""

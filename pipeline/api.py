@@ -1,6 +1,6 @@
 """The Python API: ``FunkSVD`` with the conventions of Surprise, implicit and scikit-learn.
 
-    from pipeline import FunkSVD
+    from funkflow import FunkSVD
     model = FunkSVD(k=50, epochs=20).fit("ratings.parquet")        # or a table, or a dataset directory
     model.predict(["u1", "u2"], ["i9", "i3"])
     model.recommend(["u1"], n=10)
@@ -24,11 +24,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import load_config
-from pipeline.errors import DataError, UsageError
-from pipeline.model import read_id_maps, read_model, score_pairs, write_model
-from pipeline.train import EpochReport, Factors
-from tasks.ingest import index_of
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.model import read_id_maps, read_model, score_pairs, write_model
+from funkflow.pipeline.train import EpochReport, Factors
+from funkflow.tasks.ingest import index_of
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +94,8 @@ class FunkSVD:
         one). A rating file is ingested with the ``data.ingest`` options (its rating scale inferred from the
         data unless ``options={"data.ingest.rating_scale": [1, 5]}``); a table's scale is taken from its
         smallest and largest rating."""
-        from pipeline.cluster import DaskExecutor
-        from pipeline.stages import run_pipeline
+        from funkflow.pipeline.cluster import DaskExecutor
+        from funkflow.pipeline.stages import run_pipeline
 
         if self.run_dir is None:
             self.run_dir = Path(tempfile.mkdtemp(prefix="funkflow-"))
@@ -132,11 +132,11 @@ class FunkSVD:
         """Top-``n`` items for each raw user id: a table of ``user``, ``rank``, ``item``, ``score``.
 
         ``exclude_seen`` leaves out what each user rated in training, read from
-        the run's blocks on the workers' code path (:mod:`tasks.recommend`).
+        the run's blocks on the workers' code path (:mod:`funkflow.tasks.recommend`).
         """
-        from pipeline.recommend import recommendation_table
-        from tasks.blocks import load_row_block
-        from tasks.recommend import recommend_row, top_n
+        from funkflow.pipeline.recommend import recommendation_table
+        from funkflow.tasks.blocks import load_row_block
+        from funkflow.tasks.recommend import recommend_row, top_n
 
         factors = self._fitted()
         wanted = index_of(_as_array(users), self.user_ids_)
@@ -145,7 +145,7 @@ class FunkSVD:
         blocks_dir = self.run_dir / "blocks" if self.run_dir is not None else None
         if exclude_seen and blocks_dir is not None and (blocks_dir / "blocks.json").is_file() \
                 and not self.info_.get("folded_in"):
-            from pipeline.blocking import open_blocks
+            from funkflow.pipeline.blocking import open_blocks
 
             b = open_blocks(blocks_dir)
             parts = [recommend_row(load_row_block(str(blocks_dir), r, b.d, b.n_users, b.n_items, b.seed),
@@ -165,7 +165,7 @@ class FunkSVD:
     def fold_in(self, ratings: Any, side: str = "users") -> FunkSVD:
         """Add the users (or items) of ``ratings`` (a table with ``user``, ``item``, ``rating``) that the
         model does not know, from their ratings against the fixed other side; in place."""
-        from pipeline.foldin import fold_in_model
+        from funkflow.pipeline.foldin import fold_in_model
 
         self._fitted()
         table = ratings if isinstance(ratings, pa.Table) else pa.Table.from_pandas(ratings, preserve_index=False)

@@ -14,13 +14,13 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cluster import Executor
-from pipeline.config import SplitConfig
-from pipeline.dataset import Dataset, open_dataset
-from pipeline.errors import DataError
-from pipeline.rundir import swap_in, temporary_dir
-from tasks.blocks import BLOCKS_JSON, SPLIT_NAMES, TRAIN, SplitRule, split_part
-from tasks.io import read_json, write_json
+from funkflow.pipeline.cluster import Executor
+from funkflow.pipeline.config import SplitConfig
+from funkflow.pipeline.dataset import Dataset, open_dataset
+from funkflow.pipeline.errors import DataError
+from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.tasks.blocks import BLOCKS_JSON, SPLIT_NAMES, TRAIN, SplitRule, split_part
+from funkflow.tasks.io import read_json, write_json
 
 log = logging.getLogger(__name__)
 

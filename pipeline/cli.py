@@ -1,6 +1,6 @@
-"""The ``funkflow`` command line (``python -m pipeline`` runs the same).
+"""The ``funkflow`` command line (``python -m funkflow`` runs the same).
 
-Exit codes are sysexits (see :mod:`pipeline.errors`) so that schedulers can act
+Exit codes are sysexits (see :mod:`funkflow.pipeline.errors`) so that schedulers can act
 on them: 0 done, 2 usage, 65 bad data, 70 diverged, 75 cluster trouble, 78 bad config.
 """
 
@@ -13,22 +13,22 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from pipeline.cluster import open_executor
-from pipeline.config import GenerateConfig, load_config, shipped_configs
-from pipeline.dataset import generate_dataset
-from pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
-from pipeline.foldin import fold_in_run
-from pipeline.ingest import FORMATS, IngestOptions, estimated_ratings, ingest
-from pipeline.logs import configure
-from pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
-from pipeline.predict import predict
-from pipeline.recommend import recommend
-from pipeline.report import report as write_report
-from pipeline.stages import package_version, run_pipeline, synthetic_spec
-from tasks.artifacts import ArtifactError
-from tasks.ingest import DUPLICATE_POLICIES
+from funkflow.pipeline.cluster import open_executor
+from funkflow.pipeline.config import GenerateConfig, load_config, shipped_configs
+from funkflow.pipeline.dataset import generate_dataset
+from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from funkflow.pipeline.foldin import fold_in_run
+from funkflow.pipeline.ingest import FORMATS, IngestOptions, estimated_ratings, ingest
+from funkflow.pipeline.logs import configure
+from funkflow.pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
+from funkflow.pipeline.predict import predict
+from funkflow.pipeline.recommend import recommend
+from funkflow.pipeline.report import report as write_report
+from funkflow.pipeline.stages import package_version, run_pipeline, synthetic_spec
+from funkflow.tasks.artifacts import ArtifactError
+from funkflow.tasks.ingest import DUPLICATE_POLICIES
 
-log = logging.getLogger("pipeline.cli")
+log = logging.getLogger("funkflow.pipeline.cli")
 
 STAGE_VERBS = {
     "run": ("evaluate", "run the whole chain: data, block, train, evaluate"),

@@ -15,9 +15,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import ClusterConfig
-from pipeline.errors import ClusterError, ConfigError, WorkersLost
-from tasks.epoch import ShareAborted
+from funkflow.pipeline.config import ClusterConfig
+from funkflow.pipeline.errors import ClusterError, ConfigError, WorkersLost
+from funkflow.tasks.epoch import ShareAborted
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ class DaskExecutor:
         self.total_threads = sum(self.threads.values())
 
     def install_exchange(self) -> None:
-        from pipeline.exchange import install
+        from funkflow.pipeline.exchange import install
 
         install(self.client)
 

@@ -16,7 +16,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from funkflow.pipeline.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -201,12 +201,12 @@ DEFAULT_CONFIG = "default.yaml"
 
 def default_config_path() -> Path:
     """``configs/default.yaml``, shipped inside the package as ``pipeline.configs``."""
-    return Path(str(resources.files("pipeline.configs") / DEFAULT_CONFIG))
+    return Path(str(resources.files("funkflow.configs") / DEFAULT_CONFIG))
 
 
 def shipped_configs() -> dict[str, Path]:
     """The configs shipped with funkflow by name (``movielens`` for ``configs/movielens.yaml``)."""
-    folder = Path(str(resources.files("pipeline.configs")))
+    folder = Path(str(resources.files("funkflow.configs")))
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.cluster import Executor
-from pipeline.errors import DataError
-from pipeline.rundir import swap_in, temporary_dir
-from tasks.ingest import write_ids
-from tasks.io import read_json, write_json
-from tasks.synthetic import (
+from funkflow.pipeline.cluster import Executor
+from funkflow.pipeline.errors import DataError
+from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.tasks.ingest import write_ids
+from funkflow.tasks.io import read_json, write_json
+from funkflow.tasks.synthetic import (
     RATING_MAX,
     RATING_MIN,
     SyntheticSpec,

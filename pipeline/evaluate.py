@@ -14,14 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.cluster import Executor
-from pipeline.config import EvaluateConfig
-from pipeline.model import verify_model
-from pipeline.train import BlockPlacement, rmse, sum_row_errors
-from tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
-from tasks.blocks import TEST, TRAIN
-from tasks.recommend import item_counts, ranking_row
-from tasks.training import read_factor_block
+from funkflow.pipeline.cluster import Executor
+from funkflow.pipeline.config import EvaluateConfig
+from funkflow.pipeline.model import verify_model
+from funkflow.pipeline.train import BlockPlacement, rmse, sum_row_errors
+from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
+from funkflow.tasks.blocks import TEST, TRAIN
+from funkflow.tasks.recommend import item_counts, ranking_row
+from funkflow.tasks.training import read_factor_block
 
 
 def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],

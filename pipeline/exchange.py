@@ -29,8 +29,8 @@ from typing import Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from tasks.blocks import TRAIN, RowBlock
-from tasks.epoch import (
+from funkflow.tasks.blocks import TRAIN, RowBlock
+from funkflow.tasks.epoch import (
     EpochPlan,
     Mailbox,
     ShareAborted,
@@ -41,7 +41,7 @@ from tasks.epoch import (
     start_version,
     write_share,
 )
-from tasks.training import FactorState, row_errors
+from funkflow.tasks.training import FactorState, row_errors
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class DSGDExchange(WorkerPlugin):
                 del kept[name]
 
     def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, Any]:
-        """``send`` for :func:`tasks.epoch.run_share`, and a function that waits until every block has left."""
+        """``send`` for :func:`funkflow.tasks.epoch.run_share`, and a function that waits until every block has left."""
         outboxes: dict[str, _Outbox] = {}
 
         def send(index: int, step: int, col: int, state: FactorState) -> None:
@@ -274,7 +274,7 @@ def load_share(source: StartFrom, train_id: str, version: str, rows: tuple[int, 
 
 
 def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock) -> ShareOutcome:
-    """Run worker ``index``'s share of the epoch (see :func:`tasks.epoch.run_share`) and store its version."""
+    """Run worker ``index``'s share of the epoch (see :func:`funkflow.tasks.epoch.run_share`) and store its version."""
     exchange, worker = _exchange(plan.workers[index])
     mailbox = exchange.begin(plan.train_id, plan.run_id)
     try:
@@ -292,7 +292,7 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
 
 def write_checkpoint_share(train_id: str, version: str, index: int, n_workers: int, address: str | None,
                            url: str) -> dict[str, str]:
-    """Write this worker's share of ``version`` as a checkpoint at ``url`` (see :func:`tasks.epoch.write_share`)."""
+    """Write this worker's share of ``version`` as a checkpoint at ``url`` (see :func:`funkflow.tasks.epoch.write_share`)."""
     exchange, _ = _exchange(address)
     return write_share(exchange.version(train_id, version), index, n_workers, url)
 

@@ -1,7 +1,7 @@
 """``funkflow fold-in``: add users (or items) that arrived after training, without a retrain.
 
 Their factors and biases come from their ratings against the model's fixed
-item (or user) factors in closed form (:mod:`tasks.foldin`). The result is a
+item (or user) factors in closed form (:mod:`funkflow.tasks.foldin`). The result is a
 new model directory with them merged into the id maps in sorted order, which
 ``predict`` and the Python API use like any other.
 """
@@ -16,13 +16,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.errors import DataError, UsageError
-from pipeline.ingest import IngestOptions, read_rating_rows
-from pipeline.model import read_id_maps, read_model, write_model
-from pipeline.train import Factors
-from tasks.foldin import fold_in
-from tasks.ingest import index_of
-from tasks.io import read_json
+from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.ingest import IngestOptions, read_rating_rows
+from funkflow.pipeline.model import read_id_maps, read_model, write_model
+from funkflow.pipeline.train import Factors
+from funkflow.tasks.foldin import fold_in
+from funkflow.tasks.ingest import index_of
+from funkflow.tasks.io import read_json
 
 log = logging.getLogger(__name__)
 

@@ -27,13 +27,13 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.cluster import Executor
-from pipeline.config import DataConfig, IngestConfig
-from pipeline.dataset import DATASET_JSON, Dataset, open_dataset
-from pipeline.errors import DataError, UsageError
-from pipeline.rundir import swap_in, temporary_dir
-from tasks import parse
-from tasks.ingest import (
+from funkflow.pipeline.cluster import Executor
+from funkflow.pipeline.config import DataConfig, IngestConfig
+from funkflow.pipeline.dataset import DATASET_JSON, Dataset, open_dataset
+from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.tasks import parse
+from funkflow.tasks.ingest import (
     LINE_BITS,
     REJECT_SCHEMA,
     Chunk,
@@ -50,7 +50,7 @@ from tasks.ingest import (
     sorted_ids,
     write_ids,
 )
-from tasks.io import file_sha256, write_bytes, write_json, write_parquet
+from funkflow.tasks.io import file_sha256, write_bytes, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 

@@ -66,7 +66,7 @@ def configure(log_format: str, quiet: bool) -> None:
     root = logging.getLogger()
     # Replace only our own handler (a second main() in one process, as in tests); leave any other.
     root.handlers[:] = [h for h in root.handlers if h.name != "funkflow"] + [handler]
-    logging.getLogger("pipeline").setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.getLogger("funkflow").setLevel(logging.WARNING if quiet else logging.INFO)
     import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
 
     for name in ("distributed", "dask"):

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import DataError
-from pipeline.rundir import swap_in, temporary_dir
-from pipeline.train import Factors
-from tasks.artifacts import MODEL, ArtifactError, load_array, verify, write_manifest
-from tasks.ingest import read_ids, write_ids
-from tasks.io import read_json, write_json, write_npy, write_parquet
+from funkflow.pipeline.errors import DataError
+from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.pipeline.train import Factors
+from funkflow.tasks.artifacts import MODEL, ArtifactError, load_array, verify, write_manifest
+from funkflow.tasks.ingest import read_ids, write_ids
+from funkflow.tasks.io import read_json, write_json, write_npy, write_parquet
 
 ARRAYS = {"P": "P.npy", "Q": "Q.npy", "user_bias": "user_bias.npy", "item_bias": "item_bias.npy"}
 
@@ -47,7 +47,7 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
 def verify_model(path: Path) -> dict[str, Any]:
     """Check a model directory against its manifest, checksums included, before any work reads it.
 
-    Returns the manifest's file entries (for :func:`tasks.artifacts.load_array`); a missing, damaged or
+    Returns the manifest's file entries (for :func:`funkflow.tasks.artifacts.load_array`); a missing, damaged or
     foreign model is a :class:`DataError` naming the file.
     """
     try:

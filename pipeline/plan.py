@@ -146,10 +146,10 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     (default: one per core, as on a busy worker host), visiting a block as training does by default."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from pipeline.config import TrainConfig
-    from tasks import kernels
-    from tasks.blocks import BlockRatings
-    from tasks.training import padded_rows, visiting_order
+    from funkflow.pipeline.config import TrainConfig
+    from funkflow.tasks import kernels
+    from funkflow.tasks.blocks import BlockRatings
+    from funkflow.tasks.training import padded_rows, visiting_order
 
     rng = np.random.default_rng(0)
     n, n_users, n_items = 1_000_000, 20_000, 4_000

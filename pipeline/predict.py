@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from pipeline.errors import DataError, UsageError
-from pipeline.ingest import expand_sources, first_line
-from pipeline.model import read_id_maps, read_model, score_pairs
-from tasks import parse
-from tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of
+from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.ingest import expand_sources, first_line
+from funkflow.pipeline.model import read_id_maps, read_model, score_pairs
+from funkflow.tasks import parse
+from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``funkflow recommend``: top-N unseen items for every user (or some), computed on the workers.
 
 Each row block's users are scored against all items by the worker that owns
-the block, a chunk of users at a time (:mod:`tasks.recommend`); items a user
+the block, a chunk of users at a time (:mod:`funkflow.tasks.recommend`); items a user
 rated in training (or validation) are excluded. The lists, in raw ids, go to
 one Parquet file (``user``, ``rank``, ``item``, ``score``), written whole or not
 at all.
@@ -18,15 +18,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.blocking import open_blocks
-from pipeline.cluster import open_executor
-from pipeline.config import ClusterConfig, load_config
-from pipeline.errors import DataError, UsageError
-from pipeline.model import read_id_maps, verify_model
-from pipeline.train import BlockPlacement
-from tasks.ingest import index_of
-from tasks.io import write_parquet
-from tasks.recommend import positions_in_runs, recommend_row
+from funkflow.pipeline.blocking import open_blocks
+from funkflow.pipeline.cluster import open_executor
+from funkflow.pipeline.config import ClusterConfig, load_config
+from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.model import read_id_maps, verify_model
+from funkflow.pipeline.train import BlockPlacement
+from funkflow.tasks.ingest import index_of
+from funkflow.tasks.io import write_parquet
+from funkflow.tasks.recommend import positions_in_runs, recommend_row
 
 log = logging.getLogger(__name__)
 

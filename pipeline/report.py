@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DataError, UsageError
-from tasks.io import write_bytes, write_text
+from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.tasks.io import write_bytes, write_text
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import ClusterError
-from tasks.io import read_json, write_json
+from funkflow.pipeline.errors import ClusterError
+from funkflow.tasks.io import read_json, write_json
 
 
 def temporary_dir(final: Path) -> Path:

@@ -21,28 +21,28 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
-from pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
-from pipeline.cluster import IN_PROCESS, Executor, open_executor
-from pipeline.config import Config, GenerateConfig, differences, dump_config, load_config
-from pipeline.dataset import Dataset, generate_dataset, open_dataset
-from pipeline.errors import (
+from funkflow.pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
+from funkflow.pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
+from funkflow.pipeline.cluster import IN_PROCESS, Executor, open_executor
+from funkflow.pipeline.config import Config, GenerateConfig, differences, dump_config, load_config
+from funkflow.pipeline.dataset import Dataset, generate_dataset, open_dataset
+from funkflow.pipeline.errors import (
     EXIT_OK,
     EXIT_SOFTWARE,
     ConfigError,
     FunkflowError,
     UsageError,
 )
-from pipeline.evaluate import evaluate
-from pipeline.ingest import estimated_ratings, expand_sources, ingest, ingest_options, source_stamp
-from pipeline.logs import stage_context
-from pipeline.model import export_model, read_id_maps, verify_model, write_model
-from pipeline.plan import auto_d
-from pipeline.rundir import RunDir
-from pipeline.train import BlockPlacement, EpochReport, WarmStart, train
-from tasks.ingest import index_of
-from tasks.io import read_json, update_text, write_json, write_text
-from tasks.synthetic import SyntheticSpec
+from funkflow.pipeline.evaluate import evaluate
+from funkflow.pipeline.ingest import estimated_ratings, expand_sources, ingest, ingest_options, source_stamp
+from funkflow.pipeline.logs import stage_context
+from funkflow.pipeline.model import export_model, read_id_maps, verify_model, write_model
+from funkflow.pipeline.plan import auto_d
+from funkflow.pipeline.rundir import RunDir
+from funkflow.pipeline.train import BlockPlacement, EpochReport, WarmStart, train
+from funkflow.tasks.ingest import index_of
+from funkflow.tasks.io import read_json, update_text, write_json, write_text
+from funkflow.tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
 

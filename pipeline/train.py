@@ -4,7 +4,7 @@ Row block r (its ratings and its user state ``(P_r, b_r)``) lives on worker
 ``r mod W`` for the whole run; item states ``(Q_c, b_c)`` travel between
 workers. The driver submits one task per worker and epoch: each runs the
 worker's share of every stratum and hands item blocks straight to the peer that
-needs them next (:mod:`tasks.epoch`, :mod:`pipeline.exchange`), so the scheduler
+needs them next (:mod:`funkflow.tasks.epoch`, :mod:`funkflow.pipeline.exchange`), so the scheduler
 sees W tasks an epoch, not d². Every block sees the same inputs as under a
 global stratum barrier, so the factors are the same bits whatever the number of
 workers and threads.
@@ -28,12 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.blocking import Blocks
-from pipeline.checkpoints import Checkpoint, CheckpointStore
-from pipeline.cluster import Executor
-from pipeline.config import ModelConfig, TrainConfig
-from pipeline.errors import ClusterError, TrainingDiverged, WorkersLost
-from pipeline.exchange import (
+from funkflow.pipeline.blocking import Blocks
+from funkflow.pipeline.checkpoints import Checkpoint, CheckpointStore
+from funkflow.pipeline.cluster import Executor
+from funkflow.pipeline.config import ModelConfig, TrainConfig
+from funkflow.pipeline.errors import ClusterError, TrainingDiverged, WorkersLost
+from funkflow.pipeline.exchange import (
     abort_training,
     collect_share,
     epoch_share,
@@ -41,11 +41,11 @@ from pipeline.exchange import (
     release_training,
     write_checkpoint_share,
 )
-from tasks.blocks import TRAIN, VALIDATION, load_row_block
-from tasks.epoch import EpochPlan, StartFrom, rows_of
-from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
-from tasks.schedule import stratum_shifts
-from tasks.training import Hyper, row_errors
+from funkflow.tasks.blocks import TRAIN, VALIDATION, load_row_block
+from funkflow.tasks.epoch import EpochPlan, StartFrom, rows_of
+from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+from funkflow.tasks.schedule import stratum_shifts
+from funkflow.tasks.training import Hyper, row_errors
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class BlockPlacement:
 
 def submit_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
                       item_states: list[Any], global_mean: float, splits: tuple[int, ...]) -> list[Any]:
-    """Futures of each row block's error sums over ``splits`` (see :func:`tasks.training.row_errors`)."""
+    """Futures of each row block's error sums over ``splits`` (see :func:`funkflow.tasks.training.row_errors`)."""
     return [executor.submit(row_errors, row_blocks[r], user_states[r], item_states, global_mean, splits,
                             name="row_errors", worker=placement.owner(r))
             for r in range(len(row_blocks))]

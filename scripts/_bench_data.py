@@ -5,11 +5,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from pipeline.blocking import Blocks, block_dataset, open_blocks
-from pipeline.cluster import open_executor
-from pipeline.config import ClusterConfig, SplitConfig
-from pipeline.dataset import Dataset, generate_dataset, open_dataset
-from tasks.synthetic import SyntheticSpec
+from funkflow.pipeline.blocking import Blocks, block_dataset, open_blocks
+from funkflow.pipeline.cluster import open_executor
+from funkflow.pipeline.config import ClusterConfig, SplitConfig
+from funkflow.pipeline.dataset import Dataset, generate_dataset, open_dataset
+from funkflow.tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger("bench")
 

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from _bench_data import blocks_of, dataset_at
 
-from tasks.blocks import TRAIN, load_row_block
-from tasks.training import Hyper, init_factors, sgd_update
+from funkflow.tasks.blocks import TRAIN, load_row_block
+from funkflow.tasks.training import Hyper, init_factors, sgd_update
 
 VARIANTS = {  # name: (column title, train.order, train.users_per_run, train.tile_items)
     "tiles": ("runs of 1024 users, tiles of 1024 items (default)", "user_runs", 1024, 1024),

@@ -30,9 +30,9 @@ import numpy as np
 import pyarrow.parquet as pq
 from _bench_data import dataset_at
 
-from pipeline.config import SplitConfig, load_config
-from pipeline.stages import run_pipeline
-from tasks.blocks import TEST, TRAIN, split_codes
+from funkflow.pipeline.config import SplitConfig, load_config
+from funkflow.pipeline.stages import run_pipeline
+from funkflow.tasks.blocks import TEST, TRAIN, split_codes
 
 
 def split_arrays(dataset) -> tuple[np.ndarray, np.ndarray]:

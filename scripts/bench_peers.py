@@ -33,7 +33,7 @@ from _bench_data import dataset_at
 from bench_libmf import split_arrays, time_funkflow, time_libmf
 from peak_rss import _tree_rss
 
-PEERS = {"funkflow": "pipeline", "LIBMF": "libmf", "Surprise": "surprise", "Spark ALS": "pyspark"}
+PEERS = {"funkflow": "funkflow", "LIBMF": "libmf", "Surprise": "surprise", "Spark ALS": "pyspark"}
 PIP_NAMES = {"LIBMF": "libmf", "Surprise": "scikit-surprise", "Spark ALS": "pyspark"}
 # Surprise holds every rating as Python objects: 3.59 GiB of peak RSS for 8.5M training ratings
 # (scale 0.1), ~450 bytes each. At scale 1 that is ~38 GB; a peer that cannot fit is reported, not run.

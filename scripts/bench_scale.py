@@ -28,12 +28,12 @@ import dask
 import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
 
-from pipeline.blocking import block_dataset, open_blocks
-from pipeline.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
-from pipeline.config import load_config
-from pipeline.dataset import generate_dataset, open_dataset
-from pipeline.stages import synthetic_spec
-from pipeline.train import BlockPlacement, train
+from funkflow.pipeline.blocking import block_dataset, open_blocks
+from funkflow.pipeline.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.dataset import generate_dataset, open_dataset
+from funkflow.pipeline.stages import synthetic_spec
+from funkflow.pipeline.train import BlockPlacement, train
 
 log = logging.getLogger("bench")
 

@@ -15,9 +15,9 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.stages import run_pipeline
-from tasks.synthetic import write_daily_csvs
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.stages import run_pipeline
+from funkflow.tasks.synthetic import write_daily_csvs
 
 
 def main() -> None:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from pipeline.config import load_config
-from pipeline.errors import ClusterError
-from pipeline.stages import run_pipeline
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.errors import ClusterError
+from funkflow.pipeline.stages import run_pipeline
 
 
 def _retry_cluster_trouble(task, task_run, state) -> bool:

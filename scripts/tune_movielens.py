@@ -18,8 +18,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from pipeline.config import load_config
-from pipeline.stages import run_pipeline
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.stages import run_pipeline
 
 SHAPES = {"ml-100k": (943, 1682, 100_000, 0.44), "ml-latest-small": (610, 9724, 100_000, 0.28)}
 GRID = {"model.k": [10, 20, 50], "model.reg": [0.02, 0.05, 0.1], "train.lr": [0.01, 0.02]}

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.io import file_sha256, write_json
+from funkflow.tasks.io import file_sha256, write_json
 
 MANIFEST = "manifest.json"
 FORMAT = "funkflow"

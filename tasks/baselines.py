@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.blocks import TEST, TRAIN, RowBlock
+from funkflow.tasks.blocks import TEST, TRAIN, RowBlock
 
 ITEM_DAMPING = 25.0
 USER_DAMPING = 10.0

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tasks.artifacts import ArtifactError
-from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
-from tasks.io import read_json, write_parquet
+from funkflow.tasks.artifacts import ArtifactError
+from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
+from funkflow.tasks.io import read_json, write_parquet
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
 BLOCKS_JSON = "blocks.json"  # the blocks' metadata, written last by the driver

@@ -13,8 +13,8 @@ import io
 import fsspec
 import numpy as np
 
-from tasks.io import npy_bytes
-from tasks.training import FactorState
+from funkflow.tasks.io import npy_bytes
+from funkflow.tasks.training import FactorState
 
 FACTOR_PARTS = ("factors", "bias")
 

@@ -27,10 +27,10 @@ from typing import Literal, TypeVar
 
 import numpy as np
 
-from tasks.blocks import VALIDATION, RowBlock
-from tasks.checkpoint_io import read_factor_state, write_factor_state
-from tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed
-from tasks.training import FactorState, Hyper, init_factors, row_errors, sgd_update, warm_factors
+from funkflow.tasks.blocks import VALIDATION, RowBlock
+from funkflow.tasks.checkpoint_io import read_factor_state, write_factor_state
+from funkflow.tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed
+from funkflow.tasks.training import FactorState, Hyper, init_factors, row_errors, sgd_update, warm_factors
 
 T = TypeVar("T")
 Side = Literal["user", "item"]
@@ -97,7 +97,7 @@ class ShareOutcome:
     ``sse`` (n_rows, d) float64: each block's sum of squared errors as the pass
     met them, by row (in the order of :meth:`EpochPlan.rows_of`) and step; ``inf`` where a factor went
     non-finite. ``errors`` (n_rows, 3, d, 3) float64: validation error sums
-    under the epoch's final factors (see :func:`tasks.training.row_errors`).
+    under the epoch's final factors (see :func:`funkflow.tasks.training.row_errors`).
     ``files``: checkpoint files of the start version written, name → SHA-256.
     """
 

@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from tasks import parse
-from tasks.io import file_sha256, write_parquet
+from funkflow.tasks import parse
+from funkflow.tasks.io import file_sha256, write_parquet
 
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
 LINE_BITS = 40

@@ -1,7 +1,7 @@
 """Parse rating text into typed columns, line by line exact, with a reason for every rejected line.
 
 Pure functions over bytes and Arrow arrays; the ingest tasks in
-:mod:`tasks.ingest` feed them pieces of a source that end at a line boundary.
+:mod:`funkflow.tasks.ingest` feed them pieces of a source that end at a line boundary.
 A line either becomes a row or is rejected with a reason; empty lines are not
 rows. Validity never depends on a line's neighbours (apart from the Netflix
 ``MovieID:`` header above it), so it does not depend on how a source is cut

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.artifacts import read_model_array
-from tasks.blocks import TRAIN, VALIDATION, RowBlock
-from tasks.hashing import SALT_COLUMNS, block_layout
+from funkflow.tasks.artifacts import read_model_array
+from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock
+from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
 
 CHUNK_USERS = 1024
 
@@ -150,7 +150,7 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
                 k: int, threshold: float, wanted: np.ndarray | None) -> dict[str, np.ndarray]:
     """Ranking metrics of one row block's users that have a relevant test rating (test rating >=
     ``threshold``), for the model and for the popularity baseline: sums and the items recommended."""
-    from tasks.blocks import TEST
+    from funkflow.tasks.blocks import TEST
 
     item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
     users, items = [], []

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.special import ndtr
 
-from tasks.io import file_sha256, write_parquet
+from funkflow.tasks.io import file_sha256, write_parquet
 
 NETFLIX_USERS = 480_189
 NETFLIX_ITEMS = 17_770

@@ -1,6 +1,6 @@
 """Worker tasks of training: initialise factor blocks, update one block, measure a row block.
 
-Thin wrappers named for the Dask dashboard around :mod:`tasks.kernels`. They
+Thin wrappers named for the Dask dashboard around :mod:`funkflow.tasks.kernels`. They
 never mutate their inputs: a task copies the factor blocks it updates and
 returns the new ones.
 
@@ -17,10 +17,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from tasks import kernels
-from tasks.artifacts import read_model_array
-from tasks.blocks import BlockRatings, RowBlock
-from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+from funkflow.tasks import kernels
+from funkflow.tasks.artifacts import read_model_array
+from funkflow.tasks.blocks import BlockRatings, RowBlock
+from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 
 FactorState = tuple[np.ndarray, np.ndarray]
 
@@ -44,7 +44,7 @@ class Hyper:
 
 
 class Visit(NamedTuple):
-    """A block's visiting order, as :func:`tasks.kernels.sgd_block` takes it."""
+    """A block's visiting order, as :func:`funkflow.tasks.kernels.sgd_block` takes it."""
 
     segment_starts: np.ndarray
     run_bounds: np.ndarray
@@ -53,7 +53,7 @@ class Visit(NamedTuple):
 
 
 def visiting_order(block: BlockRatings, order: str, users_per_run: int, tile_items: int, seed: int) -> Visit:
-    """The segments and runs of a block and the random order to visit the runs in (see :mod:`tasks.kernels`).
+    """The segments and runs of a block and the random order to visit the runs in (see :mod:`funkflow.tasks.kernels`).
 
     ``"user_runs"``: runs of ``users_per_run`` consecutive users (blocks are stored
     sorted by user, then item) in random order, each taken in tiles of

@@ -7,9 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import FunkSVD
-from pipeline.errors import DataError
-from pipeline.model import read_model
+from funkflow import FunkSVD
+from funkflow.pipeline.errors import DataError
+from funkflow.pipeline.model import read_model
 
 
 def _table(seed: int = 0, n_users: int = 200, n_items: int = 60) -> pa.Table:
@@ -98,7 +98,7 @@ def test_the_readme_example_runs_from_a_plain_script_without_a_main_guard(tmp_pa
 
     pq.write_table(_table(), tmp_path / "ratings.parquet")
     (tmp_path / "script.py").write_text(
-        "from pipeline import FunkSVD\n"
+        "from funkflow import FunkSVD\n"
         "model = FunkSVD(k=4, epochs=3)\n"
         "model.fit('ratings.parquet')\n"
         "print('predicted', model.predict(['u1'], ['i2'])[0])\n")

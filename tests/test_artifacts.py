@@ -11,11 +11,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.api import FunkSVD
-from pipeline.cli import main
-from pipeline.errors import DataError
-from pipeline.stages import run_pipeline
-from tasks.artifacts import MANIFEST, ArtifactError, load_array, verify, write_manifest
+from funkflow.pipeline.api import FunkSVD
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.errors import DataError
+from funkflow.pipeline.stages import run_pipeline
+from funkflow.tasks.artifacts import MANIFEST, ArtifactError, load_array, verify, write_manifest
 
 
 def _object_array(path: Path) -> None:
@@ -149,8 +149,8 @@ def test_a_dataset_part_cut_short_is_refused_before_any_task(finished_run, tmp_p
 
 
 def test_a_row_block_file_that_lost_ratings_is_refused(finished_run, tmp_path):
-    from pipeline.blocking import open_blocks
-    from tasks.blocks import load_row_block, row_dir
+    from funkflow.pipeline.blocking import open_blocks
+    from funkflow.tasks.blocks import load_row_block, row_dir
 
     blocks = open_blocks(finished_run / "blocks")
     shutil.copytree(finished_run / "blocks", tmp_path / "blocks")

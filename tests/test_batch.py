@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, kill_when
 
-from pipeline.cli import main
+from funkflow.pipeline.cli import main
 
 TINY = ["--set", "data.generate.n_users=300", "--set", "data.generate.n_items=120",
         "--set", "data.generate.n_ratings=12000", "--set", "data.generate.max_user_fraction=0.5",
@@ -29,7 +29,7 @@ def _snapshot(root: Path) -> dict[str, tuple[int, str]]:
 
 
 def test_rerunning_a_finished_run_changes_no_file(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.set_level(logging.INFO, logger="funkflow")
     run_dir = tmp_path / "run"
     assert main(["run", "--run-dir", str(run_dir), *TINY]) == 0
     before = _snapshot(run_dir)
@@ -44,7 +44,7 @@ def test_rerunning_a_finished_run_changes_no_file(tmp_path, caplog):
 @pytest.mark.slow
 def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_lock(tmp_path):
     run_dir = tmp_path / "run"
-    command = [sys.executable, "-m", "pipeline", "run", "--run-dir", str(run_dir), *TINY,
+    command = [sys.executable, "-m", "funkflow", "run", "--run-dir", str(run_dir), *TINY,
                "--set", "train.epochs=400", "--set", "train.checkpoint_every=0"]
     env = cli_env()
     holder = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -83,7 +83,7 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
     (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(lines) + "\n")
     sets = [f"data.source={tmp_path / 'ratings.csv'}", "data.format=movielens", "data.generate=null",
             "model.k=8", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
-    command = [sys.executable, "-m", "pipeline", "run", *(a for s in sets for a in ("--set", s))]
+    command = [sys.executable, "-m", "funkflow", "run", *(a for s in sets for a in ("--set", s))]
     env = cli_env()
     subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
                    capture_output=True, timeout=300)
@@ -144,11 +144,11 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
 
 
 def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, caplog):
-    from pipeline.config import load_config
-    from pipeline.stages import run_pipeline
-    from tasks.synthetic import write_daily_csvs
+    from funkflow.pipeline.config import load_config
+    from funkflow.pipeline.stages import run_pipeline
+    from funkflow.tasks.synthetic import write_daily_csvs
 
-    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.set_level(logging.INFO, logger="funkflow")
     day1, day2 = write_daily_csvs(tmp_path)
     common = ["data.format=movielens", "data.generate=null", "model.k=8", "train.d=3", "cluster.scheduler=inprocess"]
     run_pipeline(load_config(None, [f"data.source={day1}", *common, "train.epochs=20",
@@ -166,7 +166,7 @@ def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, ca
 def test_nightly_script_trains_day_one_cold_and_day_two_warm(tmp_path):
     import json
 
-    from tasks.synthetic import write_daily_csvs
+    from funkflow.tasks.synthetic import write_daily_csvs
 
     day1, day2 = write_daily_csvs(tmp_path)
     config = tmp_path / "nightly.yaml"

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.blocks import (
+from funkflow.tasks.blocks import (
     BLOCKS_JSON,
     SPLIT_NAMES,
     TEST,
@@ -18,8 +18,8 @@ from tasks.blocks import (
     split_codes,
     split_part,
 )
-from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
-from tasks.io import write_json
+from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+from funkflow.tasks.io import write_json
 
 
 @pytest.mark.parametrize("d", [1, 3, 5])

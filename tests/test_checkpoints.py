@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import cli_env, kill_when
 
-from pipeline.cli import main
-from pipeline.stages import run_pipeline
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.stages import run_pipeline
 
 ARRAYS = ("P.npy", "Q.npy", "user_bias.npy", "item_bias.npy")
 
@@ -44,7 +44,7 @@ def test_checkpoints_are_complete_and_pruned(uninterrupted):
                                       for part in ("factors", "bias")} | {"state.json"}
     # The last checkpoint holds the final model's factors.
     P = np.load(uninterrupted / "model" / "P.npy")
-    from tasks.hashing import SALT_ROWS, block_layout
+    from funkflow.tasks.hashing import SALT_ROWS, block_layout
     members = block_layout(300, 3, 0, SALT_ROWS)[2]
     for r in range(3):
         np.testing.assert_array_equal(np.load(newest / f"user-{r:04d}.factors.npy"), P[members[r]])
@@ -59,7 +59,7 @@ def test_resume_ends_with_the_same_bits(tiny_config, uninterrupted, tmp_path):
 
 @pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "wrong checksum"])
 def test_damaged_checkpoint_is_skipped_for_the_one_before(tiny_config, uninterrupted, tmp_path, caplog, damage):
-    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.set_level(logging.INFO, logger="funkflow")
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3"))
     newest = tmp_path / "run" / "checkpoints" / "epoch-000003"
     target = newest / "user-0001.factors.npy"
@@ -100,7 +100,7 @@ def test_driver_killed_after_third_checkpoint_resumes_to_the_same_bits(tmp_path)
     sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
             "model.k=16", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
     args = [a for s in sets for a in ("--set", s)]
-    command = [sys.executable, "-m", "pipeline", "run", *args]
+    command = [sys.executable, "-m", "funkflow", "run", *args]
     env = cli_env()
 
     subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
@@ -136,7 +136,7 @@ def test_checkpoints_at_an_fsspec_url_resume_to_the_same_bits(tiny_config, unint
 
 
 def test_memory_checkpoints_on_a_cluster_are_refused_before_it_starts(tiny_config, tmp_path):
-    from pipeline.errors import ConfigError
+    from funkflow.pipeline.errors import ConfigError
 
     config = tiny_config(tmp_path / "run", "output.checkpoints=memory://ckpt", "cluster.scheduler=local")
     with pytest.raises(ConfigError, match="output.checkpoints: memory://ckpt lives in one process"):
@@ -146,9 +146,9 @@ def test_memory_checkpoints_on_a_cluster_are_refused_before_it_starts(tiny_confi
 
 
 def test_force_resumes_despite_a_changed_config_but_never_a_changed_shape(tiny_config, tmp_path, caplog):
-    from pipeline.errors import ConfigError
+    from funkflow.pipeline.errors import ConfigError
 
-    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.set_level(logging.INFO, logger="funkflow")
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2"))
     with pytest.raises(ConfigError, match="train.lr: checkpoint has 0.01, config has 0.005"):
         run_pipeline(tiny_config(tmp_path / "run", "train.epochs=4", "train.lr=0.005"), resume=True)

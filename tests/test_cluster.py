@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import cli_env
 
-from pipeline.stages import run_pipeline
+from funkflow.pipeline.stages import run_pipeline
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -118,7 +118,7 @@ def test_cli_on_dask_scheduler_and_workers_matches_in_process(in_process_run, da
     overrides = ["data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
                  "data.generate.max_user_fraction=0.5", "data.generate.ratings_per_part=5000", "model.k=8",
                  "train.epochs=4", "train.d=4"]
-    cmd = [sys.executable, "-m", "pipeline", "run", "--scheduler", dask_cli_cluster,
+    cmd = [sys.executable, "-m", "funkflow", "run", "--scheduler", dask_cli_cluster,
            "--run-dir", str(tmp_path / "run")]
     for o in overrides:
         cmd += ["--set", o]
@@ -133,7 +133,7 @@ def test_cli_on_dask_scheduler_and_workers_matches_in_process(in_process_run, da
 def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):
     """README's first command: `funkflow run` with no arguments, from a fresh directory."""
     env = cli_env()
-    done = subprocess.run([sys.executable, "-m", "pipeline", "run"], cwd=tmp_path, capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "funkflow", "run"], cwd=tmp_path, capture_output=True, text=True,
                           timeout=300, env=env)
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())
@@ -144,7 +144,7 @@ def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):
 
 def test_small_data_run_in_process_unless_a_cluster_is_asked_for(tiny_config, in_process_run, tmp_path, caplog):
     """Below SMALL_RATINGS a LocalCluster costs more than it saves; `cluster.scheduler: local` starts one."""
-    caplog.set_level("INFO", logger="pipeline")
+    caplog.set_level("INFO", logger="funkflow")
     run_pipeline(tiny_config(tmp_path / "auto", "train.d=4", "cluster.scheduler=null"))
     assert "12,000 ratings, below 500,000: running in this process" in caplog.text
     assert "Dask dashboard" not in caplog.text
@@ -158,7 +158,7 @@ def test_small_data_run_in_process_unless_a_cluster_is_asked_for(tiny_config, in
 def test_scheduler_without_workers_exits_75(tmp_path, capsys):
     from distributed import LocalCluster
 
-    from pipeline.cli import main
+    from funkflow.pipeline.cli import main
 
     with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
         code = main(["run", "--scheduler", empty.scheduler_address, "--set", "cluster.timeout=2",
@@ -172,9 +172,9 @@ def test_only_item_factors_travel_between_workers_and_tasks_grow_with_workers(ti
     exchange, not through Dask; the scheduler sees one task per worker and epoch, not d²."""
     from distributed import Client, get_task_stream
 
-    from pipeline.blocking import open_blocks
-    from pipeline.exchange import received_bytes
-    from tasks.hashing import SALT_COLUMNS, block_layout
+    from funkflow.pipeline.blocking import open_blocks
+    from funkflow.pipeline.exchange import received_bytes
+    from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
 
     with Client(local_cluster) as client:
         address = local_cluster.scheduler_address
@@ -208,7 +208,7 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):
     import dask
     from distributed import Client, LocalCluster
 
-    from pipeline.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.cluster import SCHEDULER_CONFIG
 
     sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
             "model.k=16", "train.epochs=8", "train.d=4"]
@@ -253,7 +253,7 @@ def test_a_driver_killed_mid_epoch_frees_the_workers_of_an_existing_cluster(tiny
             "model.k=16", "train.epochs=8", "train.d=4"]
     run_pipeline(tiny_config(tmp_path / "whole", *sets))
     run_dir = tmp_path / "killed"
-    command = [sys.executable, "-m", "pipeline", "run", "--scheduler", local_cluster.scheduler_address,
+    command = [sys.executable, "-m", "funkflow", "run", "--scheduler", local_cluster.scheduler_address,
                "--run-dir", str(run_dir)]
     for s in sets:
         command += ["--set", s]
@@ -269,15 +269,15 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
     before a peer's share started, the wait notices and the worker's only thread is free again."""
     from distributed import Client
 
-    from pipeline.blocking import block_dataset
-    from pipeline.cluster import DaskExecutor, InProcessExecutor
-    from pipeline.config import SplitConfig
-    from pipeline.dataset import open_dataset
-    from pipeline.exchange import epoch_share, load_share
-    from tasks.blocks import load_row_block
-    from tasks.epoch import EpochPlan, StartFrom
-    from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
-    from tasks.training import Hyper
+    from funkflow.pipeline.blocking import block_dataset
+    from funkflow.pipeline.cluster import DaskExecutor, InProcessExecutor
+    from funkflow.pipeline.config import SplitConfig
+    from funkflow.pipeline.dataset import open_dataset
+    from funkflow.pipeline.exchange import epoch_share, load_share
+    from funkflow.tasks.blocks import load_row_block
+    from funkflow.tasks.epoch import EpochPlan, StartFrom
+    from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+    from funkflow.tasks.training import Hyper
 
     blocks = block_dataset(InProcessExecutor(), open_dataset(planted_low_rank), tmp_path / "blocks", 2, SplitConfig(),
                            seed=3)
@@ -302,9 +302,9 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
 
 def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
     """Past cluster.allowed_failures worker deaths under one task, the run ends with exit 75."""
-    from pipeline.cluster import open_executor
-    from pipeline.config import ClusterConfig
-    from pipeline.errors import EXIT_TEMPFAIL, ClusterError
+    from funkflow.pipeline.cluster import open_executor
+    from funkflow.pipeline.config import ClusterConfig
+    from funkflow.pipeline.errors import EXIT_TEMPFAIL, ClusterError
 
     with open_executor(ClusterConfig(n_workers=1, allowed_failures=1, timeout=60)) as executor:
         doomed = executor.submit(os._exit, 1, name="kill_own_worker")
@@ -356,7 +356,7 @@ def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path):
     tls = ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
     security = Security(tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["cert"]),
                         tls_client_key=str(certs["key"]), require_encryption=True)
-    base = [sys.executable, "-m", "pipeline", "run", *(a for s in TINY_SETS for a in ("--set", s))]
+    base = [sys.executable, "-m", "funkflow", "run", *(a for s in TINY_SETS for a in ("--set", s))]
     with _dask_cli_cluster(tmp_path, "tls", tls, security) as (address, scheduler_file):
         bare = subprocess.run([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "bare")],
                               cwd=tmp_path, capture_output=True, text=True, timeout=240)
@@ -376,7 +376,7 @@ def test_workers_with_other_versions_are_refused_naming_the_package(tiny_config,
 
     from distributed import Client, LocalCluster
 
-    from pipeline.errors import ConfigError
+    from funkflow.pipeline.errors import ConfigError
 
     def pretend_old_numba() -> None:
         real = importlib.metadata.version

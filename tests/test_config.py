@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import Config, default_config_path, load_config
-from pipeline.errors import EXIT_CONFIG, ConfigError
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.config import Config, default_config_path, load_config
+from funkflow.pipeline.errors import EXIT_CONFIG, ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -80,7 +80,7 @@ def test_impossible_generator_shape_is_a_config_error(capsys, tmp_path):
 
 
 def test_shipped_configs_by_name_listed_by_funkflow_configs(capsys):
-    from pipeline.config import shipped_configs
+    from funkflow.pipeline.config import shipped_configs
 
     assert main(["configs"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]

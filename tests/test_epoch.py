@@ -9,15 +9,15 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from pipeline.blocking import block_dataset
-from pipeline.cluster import InProcessExecutor
-from pipeline.config import SplitConfig
-from pipeline.dataset import open_dataset
-from tasks.blocks import load_row_block
-from tasks.epoch import EpochPlan, Mailbox, ShareAborted, StartFrom, Version, run_share, start_version
-from tasks.hashing import SALT_COLUMNS, block_layout
-from tasks.schedule import block_order_seed, strata, stratum_shifts
-from tasks.training import Hyper, sgd_update
+from funkflow.pipeline.blocking import block_dataset
+from funkflow.pipeline.cluster import InProcessExecutor
+from funkflow.pipeline.config import SplitConfig
+from funkflow.pipeline.dataset import open_dataset
+from funkflow.tasks.blocks import load_row_block
+from funkflow.tasks.epoch import EpochPlan, Mailbox, ShareAborted, StartFrom, Version, run_share, start_version
+from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
+from funkflow.tasks.schedule import block_order_seed, strata, stratum_shifts
+from funkflow.tasks.training import Hyper, sgd_update
 
 HYPER = Hyper(lr=0.02, reg=0.02, bias_reg=0.02, use_bias=True, global_mean=3.0, order="user_runs",
               users_per_run=16, tile_items=8)

@@ -9,11 +9,11 @@ import pyarrow.csv as pacsv
 import pytest
 from conftest import write_canonical
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.model import read_model
-from pipeline.stages import run_pipeline
-from tasks.foldin import fold_in
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.model import read_model
+from funkflow.pipeline.stages import run_pipeline
+from funkflow.tasks.foldin import fold_in
 
 
 def test_fold_in_recovers_planted_factors_and_bias():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
+from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
 
 
 @pytest.mark.parametrize("n,d", [(1, 1), (10, 3), (1000, 7), (5, 8)])

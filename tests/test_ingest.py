@@ -16,11 +16,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pipeline.cli import main
-from pipeline.cluster import InProcessExecutor
-from pipeline.dataset import open_dataset
-from pipeline.errors import DataError
-from pipeline.ingest import IngestOptions, ingest
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.cluster import InProcessExecutor
+from funkflow.pipeline.dataset import open_dataset
+from funkflow.pipeline.errors import DataError
+from funkflow.pipeline.ingest import IngestOptions, ingest
 
 
 def _run(tmp_path: Path, sources: list[Path | str], fmt: str, *extra: str, out: str = "out") -> int:
@@ -65,7 +65,7 @@ def test_netflix_training_files_in_a_directory(tmp_path):
 @pytest.mark.parametrize("chunk_bytes", [97, 1000, 7000, 20000])
 def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path, chunk_bytes, monkeypatch):
     """Chunks (and the pieces a scan reads) may start anywhere in a section: their rows keep their movie."""
-    import tasks.ingest
+    import funkflow.tasks.ingest
 
     rng = np.random.default_rng(3)
     sections = []
@@ -79,7 +79,7 @@ def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path, ch
                        enumerate(sections, start=1) for line in section.splitlines()[1:]), key=repr)
     executor = InProcessExecutor()
     whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix"), tmp_path / "whole")
-    monkeypatch.setattr(tasks.ingest, "PIECE_BYTES", 3000)  # scans and parses read several pieces
+    monkeypatch.setattr(funkflow.tasks.ingest, "PIECE_BYTES", 3000)  # scans and parses read several pieces
     cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")],
                  IngestOptions(format="netflix", chunk_bytes=chunk_bytes), tmp_path / "cut")
     for dataset in (whole, cut):
@@ -134,7 +134,7 @@ def test_a_header_maps_columns_by_name_never_by_position(tmp_path, caplog, heade
     ratings = [(7, 1001, 4, 1_600_000_000), (8, 1002, 2, 1_600_000_100), (7, 1002, 5, 1_600_000_200)]
     lines = [header] + [row.format(u=u, i=i, r=r, t=t) for u, i, r, t in ratings]
     (tmp_path / "r.csv").write_text("\n".join(lines) + "\n")
-    caplog.set_level("INFO", logger="pipeline")
+    caplog.set_level("INFO", logger="funkflow")
     assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--rating-scale", "1,5") == 0
     got = [(u, i, r) for u, i, r, _ in _ratings(tmp_path / "out")]
     assert got == sorted([(u, i, float(r)) for u, i, r, _ in ratings], key=repr)
@@ -174,7 +174,7 @@ def test_without_a_rating_scale_it_is_inferred_from_the_data_and_said(tmp_path, 
         source.write_text("user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r in rows))
     else:
         pq.write_table(table, source)
-    caplog.set_level("INFO", logger="pipeline")
+    caplog.set_level("INFO", logger="funkflow")
     assert _run(tmp_path, [source], fmt) == 0
     assert json.loads((tmp_path / "out" / "dataset.json").read_text())["rating_scale"] == scale
     assert f"rating scale inferred from the data: [{scale[0]:g}, {scale[1]:g}]" in caplog.text
@@ -346,8 +346,8 @@ def ingested_movielens(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("split", [["split.method=per_user"], ["split.method=time", "split.cutoff=1960-01-01"]])
 def test_ingested_dataset_trains_with_each_split(ingested_movielens, tmp_path, split):
-    from pipeline.config import load_config
-    from pipeline.stages import run_pipeline
+    from funkflow.pipeline.config import load_config
+    from funkflow.pipeline.stages import run_pipeline
 
     if "split.cutoff=1960-01-01" in split:  # a cutoff that leaves a tenth of the ratings for test
         times = np.concatenate([pq.read_table(p)["time"].to_numpy() for p in open_dataset(ingested_movielens).parts])
@@ -364,8 +364,8 @@ def test_ingested_dataset_trains_with_each_split(ingested_movielens, tmp_path, s
 
 
 def test_per_user_split_refuses_a_dataset_without_whole_users_per_part(tmp_path, planted_low_rank):
-    from pipeline.config import load_config
-    from pipeline.stages import run_pipeline
+    from funkflow.pipeline.config import load_config
+    from funkflow.pipeline.stages import run_pipeline
 
     with pytest.raises(DataError, match="per_user needs every user's ratings in one part"):
         run_pipeline(load_config(None, [f"data.source={planted_low_rank}", "data.generate=null",
@@ -374,8 +374,8 @@ def test_per_user_split_refuses_a_dataset_without_whole_users_per_part(tmp_path,
 
 
 def test_given_test_set_indexed_with_the_training_maps(ingested_movielens, tmp_path, capsys):
-    from pipeline.config import load_config
-    from pipeline.stages import run_pipeline
+    from funkflow.pipeline.config import load_config
+    from funkflow.pipeline.stages import run_pipeline
 
     # Test pairs of known users and items, one unseen user and one unseen item.
     (tmp_path / "test.csv").write_text("userId,movieId,rating,timestamp\n1,101,4,1\n2,102,3,1\n"
@@ -403,10 +403,10 @@ def test_given_test_set_indexed_with_the_training_maps(ingested_movielens, tmp_p
 def test_run_ingests_raw_files_as_a_stage_and_only_again_when_they_change(tmp_path, caplog):
     import logging
 
-    from pipeline.config import load_config
-    from pipeline.stages import run_pipeline
+    from funkflow.pipeline.config import load_config
+    from funkflow.pipeline.stages import run_pipeline
 
-    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.set_level(logging.INFO, logger="funkflow")
     rng = np.random.default_rng(2)
     lines = ["userId,movieId,rating,timestamp"] + [
         f"{u},{i},{rng.integers(1, 6)},{1000 + u}" for u in range(1, 120) for i in rng.choice(60, 15, replace=False)]

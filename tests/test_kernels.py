@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks import kernels, reference
+from funkflow.tasks import kernels, reference
 
 
 def _problem(seed: int, n_users: int = 7, n_items: int = 5, n: int = 25, k: int = 4):
@@ -149,8 +149,8 @@ def test_empty_block_is_a_no_op():
 @pytest.mark.parametrize("order,users_per_run", [("user_runs", 1), ("user_runs", 2), ("user_runs", 9),
                                                  ("ratings", 1), ("sorted", 1)])
 def test_visiting_order_covers_each_rating_once(order, users_per_run):
-    from tasks.blocks import BlockRatings
-    from tasks.training import visiting_order
+    from funkflow.tasks.blocks import BlockRatings
+    from funkflow.tasks.training import visiting_order
 
     users = np.array([0, 0, 0, 2, 2, 5, 7, 7, 7, 7], dtype=np.int32)
     block = BlockRatings(users, np.arange(10, dtype=np.int32), np.ones(10, np.float32))
@@ -174,8 +174,8 @@ def test_visiting_order_covers_each_rating_once(order, users_per_run):
 def test_tiles_reorder_only_updates_that_commute():
     """Within a run, tiles change neither the order of one user's ratings nor the order of one item's users, so
     the factors come out bit-identical to one tile; only the error sum is added in another order."""
-    from tasks import training
-    from tasks.blocks import BlockRatings, RowBlock
+    from funkflow.tasks import training
+    from funkflow.tasks.blocks import BlockRatings, RowBlock
 
     rng = np.random.default_rng(1)
     pairs = np.unique(rng.integers(0, 60 * 40, 900))
@@ -198,7 +198,7 @@ def test_tiles_reorder_only_updates_that_commute():
 
 
 def test_padded_rows_start_on_a_cache_line_and_keep_the_factors():
-    from tasks import training
+    from funkflow.tasks import training
 
     rng = np.random.default_rng(0)
     for n, k in [(1, 1), (7, 16), (1000, 50), (20_000, 64), (3, 128)]:
@@ -214,8 +214,8 @@ def test_padded_rows_start_on_a_cache_line_and_keep_the_factors():
 def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
     """sgd_update pads rows to 16 floats for speed; the zero columns stay zero and the result matches the
     unpadded update to float32 rounding."""
-    from tasks import training
-    from tasks.blocks import BlockRatings, RowBlock
+    from funkflow.tasks import training
+    from funkflow.tasks.blocks import BlockRatings, RowBlock
 
     rng = np.random.default_rng(0)
     users = np.sort(rng.integers(0, 40, 600)).astype(np.int32)

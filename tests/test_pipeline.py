@@ -8,11 +8,11 @@ import logging
 import numpy as np
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
-from pipeline.model import read_model
-from pipeline.stages import run_pipeline
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
+from funkflow.pipeline.model import read_model
+from funkflow.pipeline.stages import run_pipeline
 
 
 def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):
@@ -66,7 +66,7 @@ def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replac
     """A stage verb on a copied run directory, with no CONFIG, used to train the embedded demo over its model."""
     import shutil
 
-    from pipeline.config import default_config_path
+    from funkflow.pipeline.config import default_config_path
 
     run_pipeline(tiny_config(tmp_path / "original", "model.k=4", "train.epochs=2"))
     copy = tmp_path / "copy"
@@ -141,8 +141,8 @@ def test_training_diverged_is_raised_in_process(tiny_config, tmp_path):
 
 
 def test_generate_cli_writes_a_netflix_shaped_dataset(tmp_path, capsys):
-    from pipeline.dataset import open_dataset
-    from tasks.synthetic import SyntheticSpec
+    from funkflow.pipeline.dataset import open_dataset
+    from funkflow.tasks.synthetic import SyntheticSpec
 
     out = tmp_path / "netflix"
     code = main(["generate", "--scale", "0.0002", "--out", str(out), "--seed", "3", "--scheduler", "inprocess"])
@@ -194,7 +194,7 @@ def test_a_stage_whose_output_is_gone_runs_again(tiny_config, tmp_path):
 
 
 def test_a_hundred_times_the_default_lr_recovers_or_exits_70_and_never_writes_nan(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline")
+    caplog.set_level(logging.INFO, logger="funkflow")
     default_lr = load_config(None).train.lr
     code = main(["run", "--run-dir", str(tmp_path / "run"), *sum((["--set", s] for s in [
         "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
@@ -211,8 +211,8 @@ def test_a_hundred_times_the_default_lr_recovers_or_exits_70_and_never_writes_na
 
 def test_a_block_whose_factors_overflow_reports_an_infinite_error():
     """The per-stratum divergence check rests on this: overflowed factors give sse = inf."""
-    from tasks.blocks import BlockRatings, RowBlock
-    from tasks.training import Hyper, init_factors, sgd_update
+    from funkflow.tasks.blocks import BlockRatings, RowBlock
+    from funkflow.tasks.training import Hyper, init_factors, sgd_update
 
     users, items = (a.ravel().astype(np.int32) for a in np.meshgrid(np.arange(20), np.arange(10), indexing="ij"))
     ratings = np.random.default_rng(0).integers(1, 6, users.shape[0]).astype(np.float32)
@@ -248,7 +248,7 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
 
 
 def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_with(tiny_config, tmp_path):
-    from pipeline.cluster import InProcessExecutor
+    from funkflow.pipeline.cluster import InProcessExecutor
 
     first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto", "cluster.n_workers=1"))
     assert first["d"] == 1  # 12k ratings on one in-process thread

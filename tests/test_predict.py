@@ -10,9 +10,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.model import read_model
-from pipeline.stages import run_pipeline
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.model import read_model
+from funkflow.pipeline.stages import run_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.cli import main
-from pipeline.config import load_config
-from pipeline.model import read_model
-from pipeline.stages import run_pipeline
-from tasks.recommend import top_n
+from funkflow.pipeline.cli import main
+from funkflow.pipeline.config import load_config
+from funkflow.pipeline.model import read_model
+from funkflow.pipeline.stages import run_pipeline
+from funkflow.tasks.recommend import top_n
 
 
 def test_top_n_breaks_ties_by_item_index_and_skips_excluded():
@@ -44,8 +44,8 @@ def _brute_force(run_dir: Path, top: int) -> list[tuple]:
     """Every user × item score, seen (train and validation) items out, sorted by (-score, item).
 
     The seen ratings come from the data and the hash split rule, not from the blocks."""
-    from pipeline.config import SplitConfig
-    from tasks.blocks import TEST, split_codes
+    from funkflow.pipeline.config import SplitConfig
+    from funkflow.tasks.blocks import TEST, split_codes
 
     factors, _ = read_model(run_dir / "model")
     scores = (factors.P @ factors.Q.T + factors.item_bias[None, :]).astype(np.float32)
@@ -94,7 +94,7 @@ def test_recommend_for_users_the_model_does_not_know_is_an_error_not_an_empty_fi
 
 
 def test_ranking_metrics_match_hand_computed_values():
-    from tasks.recommend import ranking_sums
+    from funkflow.tasks.recommend import ranking_sums
 
     # User A: hit at rank 2 of 3, two relevant items; user B: hit at rank 1, one relevant item.
     sums = ranking_sums([np.array([1, 2, 3]), np.array([7, 8, 9])], [{2, 5}, {7}], k=3)
@@ -116,7 +116,7 @@ def test_evaluate_reports_ranking_beside_popularity(tiny_config, tmp_path):
         assert all(0 <= v <= 1 for v in ranking[name].values())
     assert ranking["model"] != ranking["popularity"]
     # Only users with a test rating of 4 or more are ranked.
-    from tasks.blocks import TEST, load_row_block
+    from funkflow.tasks.blocks import TEST, load_row_block
 
     blocks = json.loads((tmp_path / "run" / "blocks" / "blocks.json").read_text())
     relevant_users = set()

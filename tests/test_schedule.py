@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from tasks.schedule import (
+from funkflow.tasks.schedule import (
     STREAM_ITEM_INIT,
     STREAM_USER_INIT,
     block_order_seed,

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tasks.synthetic import (
+from funkflow.tasks.synthetic import (
     SyntheticSpec,
     chunk_bounds,
     expected_rating,

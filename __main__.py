@@ -1,0 +1,5 @@
+import sys
+
+from funkflow.pipeline.cli import main
+
+sys.exit(main())
