@@ -99,3 +99,22 @@ def test_data_source_on_the_command_line_replaces_the_configs_generated_data():
     assert config.data.source == "data/ml" and config.data.generate is None
     with pytest.raises(ConfigError, match="set exactly one of data.source"):
         load_config(None, ["data.source=data/ml", "data.generate.seed=3"])  # both named: still one too many
+
+
+def test_the_package_installs_under_its_own_name_only():
+    """pipeline/ and tasks/ install as funkflow.pipeline and funkflow.tasks: no top-level name to clash with."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    top_level = importlib.metadata.distribution("funkflow").read_text("top_level.txt").split()
+    assert top_level == ["funkflow"]
+    # In a fresh interpreter away from the checkout (``python -m pytest`` puts the checkout on sys.path).
+    probe = ("import importlib.util as u, funkflow.pipeline.cli, funkflow.tasks.kernels; "
+             "print(u.find_spec('pipeline'), u.find_spec('tasks'))")
+    found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                           cwd=Path(__file__).parent)
+    assert found.stdout.split() == ["None", "None"]
+    version = subprocess.run([sys.executable, "-m", "funkflow", "--version"], capture_output=True, text=True,
+                             check=True, cwd=Path(__file__).parent)
+    assert version.stdout.startswith("funkflow ")
