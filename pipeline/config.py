@@ -122,7 +122,7 @@ class TrainConfig(_Section):
     users_per_run: int = Field(1024, ge=1)
     tile_items: int = Field(1024, ge=0)
     seed: int = 0
-    early_stopping_patience: int = Field(0, ge=0)
+    early_stopping_patience: int = Field(3, ge=0)
     max_rollbacks: int = Field(3, ge=0)
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)

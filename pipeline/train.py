@@ -152,12 +152,34 @@ def rmse(errors: np.ndarray, code: int) -> float | None:
     return math.sqrt(sse / n) if n else None
 
 
-def _next_lr(lr: float, cfg: TrainConfig, train_rmse: float, previous: float | None) -> float:
+def _next_lr(lr: float, cfg: TrainConfig, history: list[EpochReport]) -> float:
+    """The step size for the epoch after ``history[-1]``."""
     if cfg.lr_schedule == "bold_driver":
-        return lr * (1.05 if previous is None or train_rmse < previous else 0.5)
+        return lr * _bold_driver_factor(history)
     if cfg.lr_schedule == "decay":
         return lr * cfg.lr_decay
     return lr
+
+
+# A validation RMSE within this fraction of the best so far is noise, not a rise.
+_NOISE = 1e-3
+
+
+def _bold_driver_factor(history: list[EpochReport]) -> float:
+    """×0.5 after the training loss rose; after it fell, ×1.05 while the validation RMSE stays at its best.
+
+    The training loss keeps falling long after the model starts to overfit (on sparse data from the third epoch
+    or so), so a step grown on it alone climbs past the best validation epoch: there the step is held instead.
+    It is not cut for a validation rise, since validation also rises for a few epochs at the start, while the
+    factors grow from their small initial values, before it falls far below its first value."""
+    last, earlier = history[-1], history[:-1]
+    if not earlier:
+        return 1.05
+    if last.train_rmse >= earlier[-1].train_rmse:
+        return 0.5
+    if last.val_rmse is None or last.val_rmse <= min(r.val_rmse for r in earlier) * (1 + _NOISE):
+        return 1.05
+    return 1.0
 
 
 def _version(epoch: int) -> str:
@@ -312,7 +334,9 @@ class _Loop:
                 "best_epoch": self.best[1] if self.best else None, "best_val": self.best[0] if self.best else None}
 
     def stops_early(self, cfg: TrainConfig) -> bool:
-        return bool(cfg.early_stopping_patience and self.best is not None
+        # Counted only once validation has improved on the first epoch: before the factors grow from their
+        # small initial values, validation can rise for many epochs and then fall far below where it began.
+        return bool(cfg.early_stopping_patience and self.best is not None and self.best[1] > 1
                     and self.epoch - self.best[1] >= cfg.early_stopping_patience)
 
 
@@ -360,6 +384,10 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
 def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Callable[[EpochReport], None],
            checkpoints: CheckpointStore | None, start: Checkpoint | None) -> TrainResult:
     n_train = session.blocks.n_split(TRAIN)
+    if cfg.early_stopping_patience and not session.validate and start is None:
+        log.warning("early stopping is on (train.early_stopping_patience %d) but there is no validation split: "
+                    "all %d epochs run and the last is kept%s", cfg.early_stopping_patience, cfg.epochs,
+                    "; the bold driver watches the training loss" if cfg.lr_schedule == "bold_driver" else "")
     if start is None:
         errors = session.load(_version(0), measure=True)
         loop = _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (rmse(errors, TRAIN) or 1.0), [])
@@ -417,8 +445,7 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
                              ratings_per_second=n_train / seconds)
         loop.history.append(report)
         on_epoch(report)
-        previous = loop.history[-2].train_rmse if len(loop.history) > 1 else None
-        loop.lr = _next_lr(loop.lr, cfg, train_rmse, previous)
+        loop.lr = _next_lr(loop.lr, cfg, loop.history)
         loop.epoch = epoch + 1
         if cfg.early_stopping_patience and val_rmse is not None and (loop.best is None or val_rmse < loop.best[0]):
             loop.best = (val_rmse, loop.epoch)

@@ -45,7 +45,8 @@ def test_rerunning_a_finished_run_changes_no_file(tmp_path, caplog):
 def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_lock(tmp_path):
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "funkflow", "run", "--run-dir", str(run_dir), *TINY,
-               "--set", "train.epochs=400", "--set", "train.checkpoint_every=0"]
+               "--set", "train.epochs=400", "--set", "train.checkpoint_every=0",
+               "--set", "train.early_stopping_patience=0"]
     env = cli_env()
     holder = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -60,7 +61,7 @@ def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)
-    third = subprocess.run([*command[:-4]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    third = subprocess.run([*command[:-6]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0, third.stderr
 
 

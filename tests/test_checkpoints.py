@@ -42,12 +42,17 @@ def test_checkpoints_are_complete_and_pruned(uninterrupted):
     assert manifest["epoch"] == 6
     assert set(manifest["files"]) == {f"{side}-{b:04d}.{part}.npy" for side in ("user", "item") for b in range(3)
                                       for part in ("factors", "bias")} | {"state.json"}
-    # The last checkpoint holds the final model's factors.
+    # The model is the epoch early stopping kept (the best validation RMSE), and that epoch's checkpoint,
+    # kept among the newest, holds its factors.
+    rows = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    kept = json.loads((uninterrupted / "stages" / "train.json").read_text())["best_epoch"]
+    assert kept == min(rows, key=lambda r: r["val_rmse"])["epoch"] and kept in (5, 6)
     P = np.load(uninterrupted / "model" / "P.npy")
     from funkflow.tasks.hashing import SALT_ROWS, block_layout
     members = block_layout(300, 3, 0, SALT_ROWS)[2]
     for r in range(3):
-        np.testing.assert_array_equal(np.load(newest / f"user-{r:04d}.factors.npy"), P[members[r]])
+        np.testing.assert_array_equal(np.load(uninterrupted / "checkpoints" / f"epoch-{kept:06d}" /
+                                              f"user-{r:04d}.factors.npy"), P[members[r]])
 
 
 def test_resume_ends_with_the_same_bits(tiny_config, uninterrupted, tmp_path):

@@ -13,6 +13,7 @@ from funkflow.pipeline.config import load_config
 from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
 from funkflow.pipeline.model import read_model
 from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.train import EpochReport, _bold_driver_factor
 
 
 def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):
@@ -259,3 +260,30 @@ def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_
     assert again["test_rmse"] == first["test_rmse"]
     fresh = run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=InProcessExecutor(threads=3))
     assert fresh["d"] == 3
+
+
+def _reports(*val_rmse: float | None, train_rmse: list[float] | None = None) -> list[EpochReport]:
+    train_rmse = train_rmse or [1.0 - 0.01 * e for e in range(len(val_rmse))]
+    return [EpochReport(epoch=e + 1, train_rmse=t, val_rmse=v, lr=0.01, seconds=1.0, ratings_per_second=1.0)
+            for e, (t, v) in enumerate(zip(train_rmse, val_rmse))]
+
+
+@pytest.mark.parametrize(("val_rmse", "train_rmse", "factor"), [
+    ((0.95,), [0.9], 1.05),                                   # the first epoch
+    ((0.95, 0.94), [0.9, 0.8], 1.05),                         # progress on both
+    ((0.95, 0.94, 0.9401), [0.9, 0.8, 0.7], 1.05),            # validation within noise of its best
+    ((0.95, 0.94, 0.945), [0.9, 0.8, 0.7], 1.0),              # validation rose, training fell: held, not grown
+    ((0.95, 0.94, 0.93), [0.9, 0.8, 0.85], 0.5),              # the training loss rose: halved
+    ((None, None), [0.9, 0.8], 1.05),                         # no validation: the training loss alone
+    ((None, None), [0.8, 0.9], 0.5),
+])
+def test_the_bold_driver_holds_the_step_when_validation_rises(val_rmse, train_rmse, factor):
+    assert _bold_driver_factor(_reports(*val_rmse, train_rmse=train_rmse)) == factor
+
+
+def test_early_stopping_without_validation_says_so(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.WARNING, logger="funkflow")
+    run_pipeline(tiny_config(tmp_path / "run", "split.validation_fraction=0", "train.early_stopping_patience=3"))
+    assert "no validation split: all 4 epochs run and the last is kept" in caplog.text
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 4
