@@ -14,7 +14,9 @@ fitted factors are then held in memory for predictions.
 from __future__ import annotations
 
 import logging
+import shutil
 import tempfile
+import weakref
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,11 +28,18 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.config import load_config
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import read_id_maps, read_model, score_pairs, write_model
+from funkflow.pipeline.model import read_folded_ratings, read_id_maps, read_model, score_pairs, write_model
 from funkflow.pipeline.train import EpochReport, Factors
 from funkflow.tasks.ingest import index_of
 
 log = logging.getLogger(__name__)
+
+
+def _scratch_dir(owner: object, prefix: str) -> Path:
+    """A new temporary directory, removed with everything in it once ``owner`` is garbage (or at exit)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix))
+    weakref.finalize(owner, shutil.rmtree, path, True)
+    return path
 
 
 def _as_array(values: Any) -> pa.Array:
@@ -56,6 +65,7 @@ class FunkSVD:
         self.options = dict(options or {})
         self.factors_: Factors | None = None
         self.info_: dict[str, Any] = {}
+        self.folded_ratings_: tuple[np.ndarray, np.ndarray] | None = None
         self.summary_: dict[str, Any] | None = None
 
     # -- fitting ---------------------------------------------------------------------------------------------
@@ -98,7 +108,7 @@ class FunkSVD:
         from funkflow.pipeline.stages import run_pipeline
 
         if self.run_dir is None:
-            self.run_dir = Path(tempfile.mkdtemp(prefix="funkflow-"))
+            self.run_dir = _scratch_dir(self, "funkflow-")
         overrides = [*self._data_overrides(data, self.run_dir), "data.generate=null",
                      f"output.run_dir={self.run_dir}", *(f"{k}={v}" for k, v in self.params.items()),
                      *(f"{k}={v}" for k, v in self.options.items())]
@@ -112,6 +122,7 @@ class FunkSVD:
     def _load(self, model_dir: Path) -> None:
         self.factors_, self.info_ = read_model(model_dir)
         self.user_ids_, self.item_ids_ = read_id_maps(model_dir)
+        self.folded_ratings_ = read_folded_ratings(model_dir)
         self.model_dir_ = model_dir
 
     def _fitted(self) -> Factors:
@@ -131,35 +142,27 @@ class FunkSVD:
     def recommend(self, users: Any, n: int = 10, exclude_seen: bool = True) -> pa.Table:
         """Top-``n`` items for each raw user id: a table of ``user``, ``rank``, ``item``, ``score``.
 
-        ``exclude_seen`` leaves out what each user rated in training, read from
-        the run's blocks on the workers' code path (:mod:`funkflow.tasks.recommend`).
+        ``exclude_seen`` leaves out what each user rated: in training, read from the run's blocks on the
+        workers' code path (:mod:`funkflow.tasks.recommend`), or in :meth:`fold_in`, kept with the model.
         """
-        from funkflow.pipeline.recommend import recommendation_table
-        from funkflow.tasks.blocks import load_row_block
-        from funkflow.tasks.recommend import recommend_row, top_n
+        from funkflow.pipeline.cluster import InProcessExecutor
+        from funkflow.pipeline.recommend import recommendation_lists, recommendation_table
+        from funkflow.tasks.recommend import recommend_users
 
         factors = self._fitted()
         wanted = index_of(_as_array(users), self.user_ids_)
         if (wanted < 0).any():
             raise DataError(f"{int((wanted < 0).sum())} of the users are not in the model; fold_in() them first")
-        blocks_dir = self.run_dir / "blocks" if self.run_dir is not None else None
-        if exclude_seen and blocks_dir is not None and (blocks_dir / "blocks.json").is_file() \
-                and not self.info_.get("folded_in"):
-            from funkflow.pipeline.blocking import open_blocks
-
-            b = open_blocks(blocks_dir)
-            parts = [recommend_row(load_row_block(str(blocks_dir), r, b.d, b.n_users, b.n_items, b.seed),
-                                   str(self.model_dir_), b.n_items, b.d, b.seed, n, np.unique(wanted))
-                     for r in range(b.d)]
-            u, i, s = (np.concatenate(x) for x in zip(*parts))
-        elif exclude_seen:
-            raise UsageError("exclude_seen needs the training data: fit() in this process, or pass "
-                             "exclude_seen=False for a loaded or folded-in model")
+        wanted = np.unique(wanted)
+        if exclude_seen:
+            lists = recommendation_lists(self.model_dir_, wanted, n, InProcessExecutor())
+            if lists.unserved:
+                raise DataError(f"{lists.unserved} of the users cannot be served: {lists.why_unserved}")
+            u, i, s = lists.users, lists.items, lists.scores
         else:
-            scores = factors.P[np.unique(wanted)] @ factors.Q.T + factors.item_bias[None, :]
-            rows, i = top_n(scores.astype(np.float32), n)
-            u = np.unique(wanted)[rows]
-            s = scores[rows, i] + factors.global_mean + factors.user_bias[u]
+            nothing = np.zeros(0, np.int64)
+            u, i, s = recommend_users(wanted, factors.P, factors.user_bias, factors.Q, factors.item_bias,
+                                      factors.global_mean, n, nothing, nothing)
         return recommendation_table(u, i, s, self.user_ids_, self.item_ids_)
 
     def fold_in(self, ratings: Any, side: str = "users") -> FunkSVD:
@@ -169,11 +172,11 @@ class FunkSVD:
 
         self._fitted()
         table = ratings if isinstance(ratings, pa.Table) else pa.Table.from_pandas(ratings, preserve_index=False)
-        factors, info, user_ids, item_ids, _ = fold_in_model(self.model_dir_, table, side)
-        self.factors_, self.info_, self.user_ids_, self.item_ids_ = factors, info, user_ids, item_ids
-        saved = Path(tempfile.mkdtemp(prefix="funkflow-folded-")) / "model"
-        write_model(saved, factors, info, user_ids, item_ids)
-        self.model_dir_ = saved
+        folded = fold_in_model(self.model_dir_, table, side, base_run=self.model_dir_.parent)
+        # The folded model lives as long as this object; save() keeps it for good.
+        model_dir = _scratch_dir(self, "funkflow-folded-") / "model"
+        folded.write(model_dir)
+        self._load(model_dir)
         return self
 
     # -- persistence ------------------------------------------------------------------------------------------
@@ -183,10 +186,11 @@ class FunkSVD:
         factors = self._fitted()
         fs, path = fsspec.core.url_to_fs(str(url))
         if "file" in fs.protocol or fs.protocol == "local":
-            write_model(Path(path), factors, self.info_, self.user_ids_, self.item_ids_)
+            write_model(Path(path), factors, self.info_, self.user_ids_, self.item_ids_, self.folded_ratings_)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            write_model(Path(tmp) / "model", factors, self.info_, self.user_ids_, self.item_ids_)
+            write_model(Path(tmp) / "model", factors, self.info_, self.user_ids_, self.item_ids_,
+                        self.folded_ratings_)
             fs.put(str(Path(tmp) / "model") + "/", path, recursive=True)
 
     @classmethod
@@ -194,15 +198,13 @@ class FunkSVD:
         """A model written by :meth:`save` (or a run's ``model/``), checked against its manifest: a damaged or
         foreign file (a pickle among them) is refused with a :class:`DataError` naming it."""
         fs, path = fsspec.core.url_to_fs(str(url))
-        if "file" in fs.protocol or fs.protocol == "local":
-            local, keep = Path(path), None
-        else:
-            keep = tempfile.TemporaryDirectory()
-            fs.get(path + "/", keep.name, recursive=True)
-            local = Path(keep.name)
         model = cls()
+        if "file" in fs.protocol or fs.protocol == "local":
+            local = Path(path)
+        else:  # a remote model's local copy lives as long as the model
+            local = _scratch_dir(model, "funkflow-model-")
+            fs.get(path + "/", str(local), recursive=True)
         model._load(local)  # verified against its manifest: a damaged or foreign file is a DataError
         cfg = model.info_.get("config", {})
         model.params.update({f"model.{k}": v for k, v in cfg.get("model", {}).items() if f"model.{k}" in model.params})
-        model._keep = keep  # a remote model's local copy lives as long as the model
         return model

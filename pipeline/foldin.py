@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 
 from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.ingest import IngestOptions, read_rating_rows
-from funkflow.pipeline.model import read_id_maps, read_model, write_model
+from funkflow.pipeline.model import read_folded_ratings, read_id_maps, read_model, write_model
 from funkflow.pipeline.train import Factors
 from funkflow.tasks.foldin import fold_in
 from funkflow.tasks.ingest import index_of
@@ -35,6 +35,47 @@ class FoldInReport:
     ratings_of_unknown_other_side: int
 
 
+@dataclass(frozen=True)
+class FoldedModel:
+    """A model with new users (or items) folded in, as :func:`funkflow.pipeline.model.write_model` takes it."""
+
+    factors: Factors
+    info: dict
+    user_ids: pa.Array
+    item_ids: pa.Array
+    folded_ratings: tuple[np.ndarray, np.ndarray] | None  # what the folded-in users rated, by index
+    report: FoldInReport
+
+    def write(self, out: Path) -> None:
+        write_model(out, self.factors, self.info, self.user_ids, self.item_ids, self.folded_ratings)
+
+
+def _merged_ratings(earlier: tuple[np.ndarray, np.ndarray] | None, new: tuple[np.ndarray, np.ndarray] | None,
+                    new_position: np.ndarray, side: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The folded-in users' (user, item) pairs after a merge that moved old index j to ``new_position[j]`` on
+    ``side``: the earlier pairs moved, the new ones added (already in merged indices), sorted and unique."""
+    if earlier is not None:
+        users, items = earlier
+        earlier = (new_position[users], items) if side == "users" else (users, new_position[items])
+    parts = [pair for pair in (earlier, new) if pair is not None]
+    if not parts:
+        return None
+    users, items = (np.concatenate(column) for column in zip(*parts))
+    pairs = np.unique(np.stack([users, items], axis=1), axis=0)
+    return pairs[:, 0].copy(), pairs[:, 1].copy()
+
+
+def _in_type_of(values: pa.Array, ids: pa.Array) -> pa.Array:
+    """``values`` as integers when the model's ids are (a CSV's ids are read as text), so that folding in keeps
+    the id map's type; text that is not an integer stays text."""
+    if pa.types.is_integer(ids.type) and not pa.types.is_integer(values.type):
+        try:
+            return pc.cast(values, ids.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return values
+    return values
+
+
 def _sorted_merge(old_ids: pa.Array, new_ids: pa.Array) -> np.ndarray:
     """Positions that put old then new ids in sorted order (ints by value, strings by text)."""
     if pa.types.is_integer(old_ids.type) and pa.types.is_integer(new_ids.type):
@@ -44,10 +85,10 @@ def _sorted_merge(old_ids: pa.Array, new_ids: pa.Array) -> np.ndarray:
     return pc.sort_indices(both).to_numpy()
 
 
-def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users") -> tuple[Factors, dict, pa.Array, pa.Array,
-                                                                                   FoldInReport]:
+def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users", base_run: Path | None = None) -> FoldedModel:
     """The model of ``model_dir`` with the ``side`` entities of ``rows`` (raw ``user``, ``item``, ``rating``)
-    that it does not know folded in. Returns factors, info and the two id maps, in sorted id order."""
+    that it does not know folded in, in sorted id order. ``base_run``: the run whose blocks hold what the
+    model's trained users rated, recorded so that ``recommend`` can serve them from the folded model too."""
     if side not in ("users", "items"):
         raise UsageError(f"--side must be users or items, got {side!r}")
     factors, info = read_model(model_dir)
@@ -61,7 +102,7 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users") -> tuple
     use = ~known_mine & (other_index >= 0)
     if not use.any():
         raise DataError(f"no ratings of new {side} against known {other}s to fold in")
-    new_values = pc.filter(my_values, pa.array(use))
+    new_values = _in_type_of(pc.filter(my_values, pa.array(use)), my_ids)
     new_ids = pc.unique(new_values)
     new_ids = new_ids.take(pc.sort_indices(new_ids))
     new_index = index_of(new_values, new_ids)
@@ -73,6 +114,8 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users") -> tuple
         added_bias = np.zeros_like(added_bias)
     old_factors, old_bias = (factors.P, factors.user_bias) if side == "users" else (factors.Q, factors.item_bias)
     order = _sorted_merge(my_ids, new_ids)
+    new_position = np.empty_like(order)
+    new_position[order] = np.arange(order.shape[0])
     merged_ids = pa.concat_arrays([my_ids.cast(new_ids.type) if my_ids.type != new_ids.type else my_ids,
                                    new_ids]).take(pa.array(order))
     merged_factors = np.vstack([old_factors, added_factors])[order]
@@ -80,13 +123,18 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users") -> tuple
     if side == "users":
         result = Factors(merged_factors, factors.Q, merged_bias, factors.item_bias, factors.global_mean)
         user_ids = merged_ids
+        rated = (new_position[len(my_ids) + new_index], other_index[use])
     else:
         result = Factors(factors.P, merged_factors, factors.user_bias, merged_bias, factors.global_mean)
         item_ids = merged_ids
+        rated = None
+    if "folded_from" not in info and base_run is not None and (base_run / "blocks" / "blocks.json").is_file():
+        info = {**info, "folded_from": str(base_run.resolve())}
     info = {**info, "folded_in": {**info.get("folded_in", {}), side: len(new_ids)}}
     report = FoldInReport(len(new_ids), int(use.sum()), int(known_mine.sum()),
                           int((~known_mine & (other_index < 0)).sum()))
-    return result, info, user_ids, item_ids, report
+    folded_ratings = _merged_ratings(read_folded_ratings(model_dir), rated, new_position[:len(my_ids)], side)
+    return FoldedModel(result, info, user_ids, item_ids, folded_ratings, report)
 
 
 def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
@@ -101,9 +149,10 @@ def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
     scale = rating_scale or (tuple(info_scale) if info_scale else None)
     fmt = "parquet" if ratings.endswith(".parquet") else "csv"
     rows = read_rating_rows(ratings, IngestOptions(format=fmt, rating_scale=scale))
-    factors, info, user_ids, item_ids, report = fold_in_model(model_dir, rows, side)
+    folded = fold_in_model(model_dir, rows, side, base_run=run_dir)
+    report = folded.report
     out.mkdir(parents=True, exist_ok=True)
-    write_model(out / "model", factors, info, user_ids, item_ids)
+    folded.write(out / "model")
     if report.ratings_of_known or report.ratings_of_unknown_other_side:
         log.warning("fold-in left out %s ratings of %s the model knows and %s against unknown %s",
                     f"{report.ratings_of_known:,}", side, f"{report.ratings_of_unknown_other_side:,}",

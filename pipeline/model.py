@@ -18,14 +18,19 @@ from funkflow.tasks.ingest import read_ids, write_ids
 from funkflow.tasks.io import read_json, write_json, write_npy, write_parquet
 
 ARRAYS = {"P": "P.npy", "Q": "Q.npy", "user_bias": "user_bias.npy", "item_bias": "item_bias.npy"}
+# What the model's folded-in users rated (user and item index pairs, sorted): there are no training blocks for
+# them, and recommend must leave those items out.
+FOLDED_RATINGS = "folded_ratings.parquet"
 
 
-def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.Array, item_ids: pa.Array) -> None:
+def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.Array, item_ids: pa.Array,
+                folded_ratings: tuple[np.ndarray, np.ndarray] | None = None) -> None:
     """Write the model directory whole, or not at all.
 
     ``info`` (k, config, epochs, ...) goes into ``model.json``; ``users.parquet``
     and ``items.parquet`` map row index to raw id (sorted, as in the dataset),
-    so the model answers in raw ids on its own.
+    so the model answers in raw ids on its own. ``folded_ratings``: the (user,
+    item) index pairs its folded-in users rated, sorted.
     """
     for name in ARRAYS:
         if not np.isfinite(getattr(factors, name)).all():
@@ -37,7 +42,13 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
         for name, ids in (("users", user_ids), ("items", item_ids)):
             write_ids(ids, tmp / f"{name}.parquet")
         write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
-        write_manifest(tmp, MODEL, [*ARRAYS.values(), "users.parquet", "items.parquet", "model.json"])
+        extra = []
+        if folded_ratings is not None:
+            users, items = folded_ratings
+            write_parquet(pa.table({"user": pa.array(users, pa.int64()), "item": pa.array(items, pa.int64())}),
+                          tmp / FOLDED_RATINGS)
+            extra.append(FOLDED_RATINGS)
+        write_manifest(tmp, MODEL, [*ARRAYS.values(), "users.parquet", "items.parquet", "model.json", *extra])
         swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -78,6 +89,14 @@ def read_model(path: Path) -> tuple[Factors, dict[str, Any]]:
             raise DataError(f"{path / ARRAYS[name]}: shape {arrays[name].shape}, but model.json and the id maps "
                             f"make it {shape}")
     return Factors(global_mean=float(info["global_mean"]), **arrays), info
+
+
+def read_folded_ratings(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """The (user, item) index pairs a verified model's folded-in users rated, or None if it has none."""
+    if not (path / FOLDED_RATINGS).is_file():
+        return None
+    table = pq.read_table(path / FOLDED_RATINGS)
+    return table["user"].to_numpy(), table["item"].to_numpy()
 
 
 def score_pairs(factors: Factors, users: np.ndarray, items: np.ndarray,

@@ -2,9 +2,10 @@
 
 Each row block's users are scored against all items by the worker that owns
 the block, a chunk of users at a time (:mod:`funkflow.tasks.recommend`); items a user
-rated in training (or validation) are excluded. The lists, in raw ids, go to
-one Parquet file (``user``, ``rank``, ``item``, ``score``), written whole or not
-at all.
+rated in training (or validation) are excluded. Users added by ``fold-in`` have
+no blocks: their ratings are kept in the folded model and they are scored on
+the client. The lists, in raw ids, go to one Parquet file (``user``, ``rank``,
+``item``, ``score``), written whole or not at all.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from funkflow.pipeline.blocking import open_blocks
-from funkflow.pipeline.cluster import open_executor
+from funkflow.pipeline.cluster import Executor, open_executor
 from funkflow.pipeline.config import ClusterConfig, load_config
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import read_id_maps, verify_model
-from funkflow.pipeline.train import BlockPlacement
+from funkflow.pipeline.model import read_folded_ratings, read_id_maps, read_model, verify_model
+from funkflow.pipeline.train import BlockPlacement, Factors
 from funkflow.tasks.ingest import index_of
-from funkflow.tasks.io import write_parquet
-from funkflow.tasks.recommend import positions_in_runs, recommend_row
+from funkflow.tasks.io import read_json, write_parquet
+from funkflow.tasks.recommend import positions_in_runs, recommend_row, recommend_users
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +64,8 @@ def _wanted_users(path: Path, user_ids: pa.Array) -> tuple[np.ndarray, int]:
 
 def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
               cluster: ClusterConfig | None = None) -> RecommendReport:
-    """Write the top-``top`` unseen items of every user of ``run_dir`` (or those in ``users``) to ``out``."""
+    """Write the top-``top`` unseen items of every user of ``run_dir``'s model (or those in ``users``) to
+    ``out``. ``run_dir`` is a trained run or a ``fold-in`` output."""
     import time
 
     if top < 1:
@@ -71,29 +73,98 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
     if out.suffix != ".parquet":
         raise UsageError(f"--out must be a .parquet file, got {out}")
     model_dir = run_dir / "model"
-    if not (model_dir / "model.json").is_file() or not (run_dir / "blocks" / "blocks.json").is_file():
-        raise DataError(f"{run_dir}: no trained model and blocks; run `funkflow train` first")
+    if not (model_dir / "model.json").is_file():
+        raise DataError(f"{run_dir}: no trained model; run `funkflow train` first")
     config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     cluster = cluster or (config.cluster if config else ClusterConfig())
-    blocks = open_blocks(run_dir / "blocks")
     verify_model(model_dir)
     user_ids, item_ids = read_id_maps(model_dir)
     wanted, unknown = (None, 0) if users is None else _wanted_users(users, user_ids)
     began = time.perf_counter()
     with open_executor(cluster) as executor:
-        placement = BlockPlacement(executor, blocks)
-        row_blocks = placement.load_row_blocks()
-        futures = [executor.submit(recommend_row, row_blocks[r], str(model_dir), blocks.n_items, blocks.d,
-                                   blocks.seed, top, wanted, name="recommend_row", worker=placement.owner(r))
-                   for r in range(blocks.d)]
-        parts = executor.gather(futures)
+        lists = recommendation_lists(model_dir, wanted, top, executor)
     seconds = time.perf_counter() - began
-    table = recommendation_table(*(np.concatenate(x) for x in zip(*parts)), user_ids, item_ids)
+    table = recommendation_table(lists.users, lists.items, lists.scores, user_ids, item_ids)
+    if table.num_rows == 0:
+        raise DataError(f"{run_dir}: no recommendations for any of the {lists.unserved:,} users asked for "
+                        f"({lists.why_unserved})")
     write_parquet(table, out)
     if unknown:
         log.warning("%s user ids in %s are not in the model; fold them in first (funkflow fold-in)",
                     f"{unknown:,}", users)
+    if lists.unserved:
+        log.warning("%s users left out: %s", f"{lists.unserved:,}", lists.why_unserved)
     return RecommendReport(len(pc.unique(table["user"])), table.num_rows, unknown, seconds, out)
+
+
+@dataclass(frozen=True)
+class RecommendationLists:
+    """Each served user's list as index rows (per user best first) and the users that could not be served."""
+
+    users: np.ndarray
+    items: np.ndarray
+    scores: np.ndarray
+    unserved: int = 0
+    why_unserved: str = ""
+
+
+def recommendation_lists(model_dir: Path, wanted: np.ndarray | None, top: int,
+                         executor: Executor) -> RecommendationLists:
+    """Top-``top`` lists of the model's users (all, or the sorted indices ``wanted``), leaving out what each
+    rated: trained users' ratings are in their run's blocks, scored on the workers that hold them; folded-in
+    users' ratings are in the model (``folded_ratings.parquet``), scored here."""
+    info = read_json(model_dir / "model.json")
+    if info.get("folded_in", {}).get("items"):
+        raise UsageError(f"{model_dir}: recommend cannot serve a model with folded-in items yet (what the "
+                         "trained users rated is indexed by the items before the fold); retrain with the new items")
+    folded = read_folded_ratings(model_dir)
+    if folded is None:  # a trained model: its run's blocks hold every user's ratings
+        return _from_blocks(model_dir.parent, wanted, top, executor)
+    factors, _ = read_model(model_dir)
+    user_ids = read_id_maps(model_dir)[0]
+    everyone = np.arange(len(user_ids)) if wanted is None else wanted
+    is_folded = np.isin(everyone, folded[0])
+    parts = [recommend_users(everyone[is_folded], factors.P, factors.user_bias, factors.Q, factors.item_bias,
+                             factors.global_mean, top, *folded)]
+    trained = everyone[~is_folded]
+    base = Path(info["folded_from"]) if info.get("folded_from") else None
+    unserved, why = 0, ""
+    if trained.shape[0] and base is not None and _same_trained_model(base / "model", factors):
+        base_index = index_of(user_ids.take(pa.array(trained)), read_id_maps(base / "model")[0])
+        lists = _from_blocks(base, np.sort(base_index), top, executor)
+        # Trained users keep their factors in a fold of users, so their lists are the base run's, re-indexed.
+        by_base = np.argsort(base_index)
+        parts.append((trained[by_base][np.searchsorted(base_index[by_base], lists.users)], lists.items,
+                      lists.scores))
+    elif trained.shape[0]:
+        unserved = int(trained.shape[0])
+        why = (f"they were trained in {base}, whose blocks or model are gone or changed; recommend them there"
+               if base is not None else "the model has no record of its training run's blocks")
+    users, items, scores = (np.concatenate(column) for column in zip(*parts))
+    return RecommendationLists(users, items, scores, unserved, why)
+
+
+def _same_trained_model(base_model: Path, factors: Factors) -> bool:
+    if not (base_model.parent / "blocks" / "blocks.json").is_file() or not (base_model / "model.json").is_file():
+        return False
+    try:
+        base_factors, _ = read_model(base_model)
+    except DataError:
+        return False
+    return np.array_equal(base_factors.Q, factors.Q) and base_factors.global_mean == factors.global_mean
+
+
+def _from_blocks(run_dir: Path, wanted: np.ndarray | None, top: int, executor: Executor) -> RecommendationLists:
+    if not (run_dir / "blocks" / "blocks.json").is_file():
+        raise DataError(f"{run_dir}: no blocks/ beside the model, so what its users rated is unknown; recommend "
+                        "from the run directory that trained it")
+    blocks = open_blocks(run_dir / "blocks")
+    placement = BlockPlacement(executor, blocks)
+    row_blocks = placement.load_row_blocks()
+    futures = [executor.submit(recommend_row, row_blocks[r], str(run_dir / "model"), blocks.n_items, blocks.d,
+                               blocks.seed, top, wanted, name="recommend_row", worker=placement.owner(r))
+               for r in range(blocks.d)]
+    return RecommendationLists(*(np.concatenate(column) for column in zip(*executor.gather(futures))))
 
 
 def recommendation_table(users: np.ndarray, items: np.ndarray, scores: np.ndarray, user_ids: pa.Array,

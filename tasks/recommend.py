@@ -65,6 +65,35 @@ def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_m
             scores[rows, item_members[col][block.items[positions]]] = -np.inf
 
 
+def recommend_users(users: np.ndarray, P: np.ndarray, user_bias: np.ndarray, Q: np.ndarray, item_bias: np.ndarray,
+                    global_mean: float, top: int, seen_users: np.ndarray, seen_items: np.ndarray,
+                    chunk_users: int = CHUNK_USERS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-``top`` items of each of ``users`` (global indices) from factors in memory, leaving out the pairs
+    (``seen_users``, ``seen_items``), which are sorted by user: a model without training blocks, such as one
+    with folded-in users, whose ratings are the pairs.
+
+    Returns
+    -------
+    (users, items, scores) as :func:`recommend_row` does.
+    """
+    out_users, out_items, out_scores = [], [], []
+    for start in range(0, users.shape[0], chunk_users):
+        chunk = users[start:start + chunk_users]
+        scores = np.asarray(P[chunk], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
+        scores += item_bias[None, :]
+        starts = np.searchsorted(seen_users, chunk)
+        counts = np.searchsorted(seen_users, chunk, side="right") - starts
+        rows = np.repeat(np.arange(chunk.shape[0]), counts)
+        scores[rows, seen_items[np.repeat(starts, counts) + positions_in_runs(rows)]] = -np.inf
+        r, items = top_n(scores, top)
+        out_users.append(chunk[r])
+        out_items.append(items)
+        out_scores.append((scores[r, items] + global_mean + user_bias[chunk[r]]).astype(np.float32))
+    if not out_users:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return np.concatenate(out_users), np.concatenate(out_items), np.concatenate(out_scores)
+
+
 def _item_model(model_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
     import json
 

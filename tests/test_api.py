@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from funkflow import FunkSVD
+from funkflow.pipeline.cli import main
 from funkflow.pipeline.errors import DataError
 from funkflow.pipeline.model import read_model
 
@@ -77,6 +80,35 @@ def test_fold_in_a_new_user(fitted, tmp_path):
     after = model.predict(["newbie", "newbie"], ["i0", "i3"])
     assert after[0] != before and after[0] > after[1]  # likes what it rated high
     assert model.recommend(["newbie"], n=3, exclude_seen=False).num_rows == 3
+    # What the newcomer rated is left out; a trained user's list is the one the trained model gives.
+    lists = model.recommend(["newbie", "u1"], n=5)
+    newbie = [row["item"] for row in lists.to_pylist() if row["user"] == "newbie"]
+    assert len(newbie) == 5 and not set(newbie) & {f"i{j}" for j in range(6)}
+    trained = fitted.recommend(["u1"], n=5).to_pylist()
+    assert [row for row in lists.to_pylist() if row["user"] == "u1"] == trained
+    # Saved and loaded, and through the CLI, the folded model serves the newcomer the same list.
+    model.save(tmp_path / "folded" / "model")
+    assert FunkSVD.load(tmp_path / "folded" / "model").recommend(["newbie"], n=5) == lists.slice(0, 5)
+    (tmp_path / "who.txt").write_text("newbie\n")
+    assert main(["recommend", str(tmp_path / "folded"), "--top", "5", "--users", str(tmp_path / "who.txt"),
+                 "--out", str(tmp_path / "top.parquet"), "--scheduler", "inprocess"]) == 0
+    assert pq.read_table(tmp_path / "top.parquet").to_pylist() == lists.slice(0, 5).to_pylist()
+
+
+def test_fit_and_fold_in_leave_no_temporary_directory_behind(fitted):
+    import gc
+    import tempfile
+
+    def scratch() -> set[Path]:
+        return set(Path(tempfile.gettempdir()).glob("funkflow-*"))
+
+    before = scratch()
+    model = FunkSVD(k=2, epochs=2, options={"cluster.scheduler": "inprocess"}).fit(_table(n_users=40, n_items=20))
+    model.fold_in(pa.table({"user": ["late"] * 3, "item": ["i0", "i1", "i2"], "rating": [4.0, 3.0, 5.0]}))
+    assert len(scratch() - before) == 2  # the run directory and the folded model
+    del model
+    gc.collect()
+    assert scratch() == before
 
 
 def test_fit_on_a_callers_client_gives_the_in_process_bits(fitted, local_cluster, tmp_path):

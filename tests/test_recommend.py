@@ -126,3 +126,36 @@ def test_evaluate_reports_ranking_beside_popularity(tiny_config, tmp_path):
         for block in row_block.split(TEST):
             relevant_users |= set(row_block.user_ids[block.users[block.ratings >= 4]].tolist())
     assert ranking["users"] == len(relevant_users)
+
+
+def test_recommend_after_fold_in_serves_new_and_trained_users(trained, tmp_path, caplog):
+    rng = np.random.default_rng(11)
+    rated = {500 + u: sorted(rng.choice(80, 12, replace=False).tolist()) for u in range(4)}
+    (tmp_path / "new.csv").write_text("user,item,rating\n" + "".join(
+        f"{u},{i},{rng.uniform(1, 5):.2f}\n" for u, items in rated.items() for i in items))
+    folded = tmp_path / "folded"
+    assert main(["fold-in", str(trained), "--ratings", str(tmp_path / "new.csv"), "--out", str(folded),
+                 "--rating-scale=-10,10"]) == 0
+    assert main(["recommend", str(folded), "--top", "4", "--out", str(tmp_path / "all.parquet"),
+                 "--scheduler", "inprocess"]) == 0
+    rows = [(r["user"], r["rank"], r["item"]) for r in pq.read_table(tmp_path / "all.parquet").to_pylist()]
+    # Trained users: the trained run's lists. Newcomers: their best items but none they rated.
+    assert [row for row in rows if row[0] < 500] == _brute_force(trained, 4)
+    factors, _ = read_model(folded / "model")
+    for user, items in rated.items():
+        index = 120 + user - 500  # raw ids sort after the trained users' 0..119
+        scores = factors.P[index] @ factors.Q.T + factors.item_bias
+        scores[items] = -np.inf
+        expected = sorted(range(80), key=lambda i: (-scores[i], i))[:4]
+        assert [row[2] for row in rows if row[0] == user] == expected
+
+    # The training run retrained since the fold-in: its users cannot be served from the folded model.
+    run_pipeline(load_config(None, [f"data.source={trained.parent / 'data'}", "data.generate=null", "model.k=3",
+                                    "train.epochs=2", "train.d=3", "cluster.scheduler=inprocess",
+                                    f"output.run_dir={trained}"]), last="train", retrain=True)
+    caplog.set_level("WARNING", logger="funkflow")
+    assert main(["recommend", str(folded), "--top", "4", "--out", str(tmp_path / "some.parquet"),
+                 "--scheduler", "inprocess"]) == 0
+    assert "120 users left out: they were trained in" in caplog.text
+    served = pq.read_table(tmp_path / "some.parquet").to_pylist()
+    assert {r["user"] for r in served} == set(rated)
