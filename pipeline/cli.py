@@ -14,7 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from funkflow.pipeline.cluster import open_executor
-from funkflow.pipeline.config import GenerateConfig, load_config, shipped_configs
+from funkflow.pipeline.config import Config, GenerateConfig, load_config, shipped_configs
 from funkflow.pipeline.dataset import generate_dataset
 from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from funkflow.pipeline.foldin import fold_in_run
@@ -25,6 +25,7 @@ from funkflow.pipeline.predict import predict
 from funkflow.pipeline.recommend import recommend
 from funkflow.pipeline.report import report as write_report
 from funkflow.pipeline.stages import package_version, run_pipeline, synthetic_spec
+from funkflow.pipeline.tune import tune, with_values
 from funkflow.tasks.artifacts import ArtifactError
 from funkflow.tasks.ingest import DUPLICATE_POLICIES
 
@@ -70,6 +71,17 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb, (_, help_text) in STAGE_VERBS.items():
         _add_run_flags(verbs.add_parser(verb, help=help_text, description=help_text))
+    tune = verbs.add_parser(
+        "tune", help="search k, reg, bias_reg and lr on the validation RMSE, then train the winner",
+        description="Successive halving over trials drawn from the config's tune.space, trained side by side on "
+                    "the workers; every trial goes to RUN_DIR/tune.jsonl as it ends (a re-run takes them up), "
+                    "the winner's config to RUN_DIR/best.yaml, which is then trained on the training and "
+                    "validation ratings and evaluated once on the test ratings.")
+    _add_run_flags(tune)
+    tune.add_argument("--trials", type=int, metavar="N", help="trials to draw (tune.trials; the first is the "
+                                                              "config's own values)")
+    tune.add_argument("--time-budget", type=float, metavar="SECONDS",
+                      help="stop starting trials after this long and keep the best so far (tune.time_budget)")
     verbs.add_parser("configs", help="list the configs shipped with funkflow, to run by name",
                      description="List the shipped configs: `funkflow run NAME` runs one.")
 
@@ -164,7 +176,8 @@ def _config_of(args: argparse.Namespace) -> Path | None:
     run on it never trains the embedded demo over its model); else None, the embedded default."""
     if args.config is not None or args.run_dir is None:
         return args.config
-    saved = args.run_dir / "config.yaml"
+    # A tune's run directory holds the winner's config; the tune's own is kept beside its trials.
+    saved = args.run_dir / ("tune/config.yaml" if args.verb == "tune" else "config.yaml")
     if saved.is_file():
         log.info("using the configuration %s was made with: %s", args.run_dir, saved)
         return saved
@@ -198,6 +211,20 @@ def _print_summary(summary: dict) -> None:
               f"{model['recall']:.4f}  NDCG {model['ndcg']:.4f}  MAP {model['map']:.4f}  coverage "
               f"{model['coverage']:.3f}  (popularity: NDCG {popular['ndcg']:.4f}, coverage {popular['coverage']:.3f})")
     print(f"run directory: {summary['run_dir']}")
+
+
+def _tune(config: Config, args: argparse.Namespace) -> None:
+    given = {"tune.trials": args.trials, "tune.time_budget": args.time_budget}
+    try:
+        config = with_values(config, {key: value for key, value in given.items() if value is not None})
+    except ValidationError as exc:
+        raise UsageError(f"--trials and --time-budget must be positive: {exc.errors()[0]['msg']}") from None
+    result = tune(config, retrain=args.retrain)
+    best = result.best
+    print(f"best of {len({r.trial for r in result.results})} trials: trial {best.trial} "
+          f"({', '.join(f'{k} {v:g}' for k, v in best.params.items())}), validation RMSE {best.best_val:.4f} at "
+          f"epoch {best.best_epoch}; config in {result.best_config}")
+    _print_summary(result.summary)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -285,8 +312,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{report.n_pairs:,} predictions in {report.out} ({report.unknown_users:,} unknown users, "
                   f"{report.unknown_items:,} unknown items)")
             return EXIT_OK
-        last = STAGE_VERBS[args.verb][0]
         config = load_config(_config_of(args), [*args.overrides, *_cluster_overrides(args)])
+        if args.verb == "tune":
+            _tune(config, args)
+            return EXIT_OK
+        last = STAGE_VERBS[args.verb][0]
         summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report,
                                retrain=args.retrain)
         if summary is not None:

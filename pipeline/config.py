@@ -155,6 +155,34 @@ class EvaluateConfig(_Section):
     ranking_users: int = Field(10_000, ge=0)
 
 
+# What `funkflow tune` may search (tune.space's keys) and the config key each sets.
+TUNABLE = {"k": "model.k", "reg": "model.reg", "bias_reg": "model.bias_reg", "init_std": "model.init_std",
+           "lr": "train.lr"}
+
+
+class TuneConfig(_Section):
+    trials: int = Field(30, ge=1)
+    seed: int = 0
+    min_epochs: int = Field(3, ge=1)
+    max_epochs: int = Field(60, ge=1)
+    reduction: int = Field(3, ge=2)
+    time_budget: float | None = Field(None, gt=0)
+    space: dict[str, tuple[float, float]] = {"k": (8, 128), "reg": (0.005, 0.3), "bias_reg": (0.001, 0.1),
+                                             "lr": (0.002, 0.05)}
+
+    @model_validator(mode="after")
+    def _searchable(self) -> TuneConfig:
+        for key, (low, high) in self.space.items():
+            if key not in TUNABLE:
+                raise ValueError(f"tune.space.{key}: not a searchable key ({', '.join(TUNABLE)})")
+            if not 0 < low <= high:
+                raise ValueError(f"tune.space.{key}: needs 0 < low <= high (a log-uniform range), got "
+                                 f"[{low}, {high}]")
+        if self.min_epochs > self.max_epochs:
+            raise ValueError("tune.min_epochs must be <= tune.max_epochs")
+        return self
+
+
 class ClusterConfig(_Section):
     scheduler: str | None = None
     scheduler_file: str | None = None
@@ -183,6 +211,7 @@ class Config(_Section):
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    tune: TuneConfig = TuneConfig()
     cluster: ClusterConfig = ClusterConfig()
     output: OutputConfig = OutputConfig()
 

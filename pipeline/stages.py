@@ -297,7 +297,8 @@ def _check_checkpoint_storage(config: Config) -> None:
 
 # What may differ from the configuration a run directory's model was trained with: where and how the run
 # goes, what it measures, and how long it trains (a longer train.epochs extends the same model).
-_FREE_KEYS = ("cluster", "output", "evaluate", "train.epochs", "train.checkpoint_every", "train.keep_checkpoints")
+_FREE_KEYS = ("cluster", "output", "evaluate", "tune", "train.epochs", "train.checkpoint_every",
+              "train.keep_checkpoints")
 
 
 def _refuse_another_model(run: RunDir, config: Config) -> None:
