@@ -1,10 +1,12 @@
 """``funkflow report RUN_DIR``: learning curves as a PNG, and one self-contained HTML page.
 
 The PNG has two panels, RMSE per epoch and per second of training, with the
-train and validation curves, the test RMSE, the floor when known and the
-baselines. The HTML page embeds that PNG (base64) beside the summary and the
-run's config, so it can be mailed or archived as one file. Plotting needs
-matplotlib (``pip install 'funkflow[report]'``).
+train and validation curves, the epoch the model kept, the test RMSE, the
+floor when known and the baselines. A tuned run adds ``tune.png``: each
+trial's best validation RMSE against each searched value, and the trials'
+curves. The HTML page embeds the PNGs (base64) beside the summary, the trials
+and the run's config, so it can be mailed or archived as one file. Plotting
+needs matplotlib (``pip install 'funkflow[report]'``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.tune import RungResult, read_tune_log
 from funkflow.tasks.io import write_bytes, write_text
 
 
@@ -27,8 +30,7 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def learning_curves_png(rows: list[dict[str, Any]], summary: dict[str, Any] | None) -> bytes:
-    """The two-panel learning-curve figure as PNG bytes."""
+def _pyplot():
     try:
         import matplotlib
 
@@ -36,6 +38,20 @@ def learning_curves_png(rows: list[dict[str, Any]], summary: dict[str, Any] | No
         import matplotlib.pyplot as plt
     except ImportError:
         raise UsageError("funkflow report needs matplotlib: pip install 'funkflow[report]'") from None
+    return plt
+
+
+def _png(fig) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    _pyplot().close(fig)
+    return buffer.getvalue()
+
+
+def learning_curves_png(rows: list[dict[str, Any]], summary: dict[str, Any] | None,
+                        kept_epoch: int | None = None) -> bytes:
+    """The two-panel learning-curve figure as PNG bytes; ``kept_epoch``: the epoch the model is from."""
+    plt = _pyplot()
     epochs = [r["epoch"] for r in rows]
     elapsed, total = [], 0.0
     for r in rows:
@@ -52,16 +68,47 @@ def learning_curves_png(rows: list[dict[str, Any]], summary: dict[str, Any] | No
             for name, value, color in lines:
                 if value is not None:
                     ax.axhline(value, ls="--", lw=1, color=color, label=f"{name} {value:.4f}")
+        if kept_epoch is not None and 0 < kept_epoch <= len(rows):
+            ax.axvline(x[kept_epoch - 1], ls=":", lw=1.2, color="tab:red", label=f"model: epoch {kept_epoch}")
         ax.set_xlabel(label)
         ax.set_ylabel("RMSE")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("funkflow learning curves")
     fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
-    plt.close(fig)
-    return buffer.getvalue()
+    return _png(fig)
+
+
+def tune_png(results: list[RungResult]) -> bytes:
+    """Each trial's best validation RMSE (at the last rung it reached) against each searched value, and the
+    trials' validation curves, the winner's in bold."""
+    plt = _pyplot()
+    last = {}
+    for result in sorted(results, key=lambda r: r.rung):
+        last[result.trial] = result
+    trials = list(last.values())
+    best = min(trials, key=lambda r: (-r.rung, r.best_val, r.trial))
+    keys = sorted(best.params)
+    fig, axes = plt.subplots(1, len(keys) + 1, figsize=(3.2 * (len(keys) + 1), 3.4), dpi=100, squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.scatter([r.params[key] for r in trials], [r.best_val for r in trials], c=[r.rung for r in trials],
+                   cmap="viridis", s=14)
+        ax.scatter([best.params[key]], [best.best_val], marker="*", s=120, color="tab:red")
+        ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("best validation RMSE (colour: rung reached)")
+    curves = axes[0][-1]
+    for r in trials:
+        winner = r is best
+        curves.plot(range(1, len(r.val_rmse) + 1), r.val_rmse, lw=2 if winner else 0.7,
+                    color="tab:red" if winner else "tab:gray", alpha=1 if winner else 0.5)
+    curves.set_xlabel("epoch")
+    curves.set_ylabel("validation RMSE")
+    curves.grid(alpha=0.3)
+    fig.suptitle(f"funkflow tune: {len(trials)} trials, trial {best.trial} won")
+    fig.tight_layout()
+    return _png(fig)
 
 
 def report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
@@ -69,10 +116,23 @@ def report(run_dir: Path, out_dir: Path | None = None) -> tuple[Path, Path]:
     out_dir = out_dir or run_dir
     rows = _rows(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else None
-    png = learning_curves_png(rows, summary)
+    train_record = run_dir / "stages" / "train.json"
+    kept = json.loads(train_record.read_text()).get("best_epoch") if train_record.is_file() else None
+    png = learning_curves_png(rows, summary, kept)
     out_dir.mkdir(parents=True, exist_ok=True)
     png_path, html_path = out_dir / "learning_curves.png", out_dir / "report.html"
     write_bytes(png, png_path)
+    trials = read_tune_log(run_dir)
+    tune_section = ""
+    if trials:
+        tune_image = tune_png(trials)
+        write_bytes(tune_image, out_dir / "tune.png")
+        cells = "".join(f"<tr><td>{r.trial}</td><td>{r.epochs}</td><td>{r.best_val:.4f}</td><td>{r.best_epoch}</td>"
+                        f"<td>{html.escape(', '.join(f'{k} {v:g}' for k, v in r.params.items()))}</td></tr>"
+                        for r in sorted(trials, key=lambda r: (-r.rung, r.best_val, r.trial)))
+        tune_section = (f'<h2>Tune</h2><img alt="trials" src="data:image/png;base64,'
+                        f'{base64.b64encode(tune_image).decode()}"><table><tr><th>trial</th><th>epochs (rung)</th>'
+                        f"<th>best validation RMSE</th><th>at epoch</th><th>values</th></tr>{cells}</table>")
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     table = "".join(f"<tr><td>{r['epoch']}</td><td>{r['train_rmse']:.4f}</td><td>"
                     f"{'' if r.get('val_rmse') is None else format(r['val_rmse'], '.4f')}</td><td>{r['lr']:.4g}</td>"
@@ -84,6 +144,7 @@ pre{{background:#f4f4f4;padding:1em;overflow:auto}}</style></head><body>
 <h1>funkflow run {html.escape(str(run_dir))}</h1>
 <h2>Summary</h2><pre>{html.escape(json.dumps(summary, indent=2)) if summary else "not evaluated yet"}</pre>
 <h2>Learning curves</h2><img alt="learning curves" src="data:image/png;base64,{base64.b64encode(png).decode()}">
+{tune_section}
 <h2>Epochs</h2><table><tr><th>epoch</th><th>train RMSE</th><th>validation RMSE</th><th>lr</th><th>seconds</th></tr>
 {table}</table>
 <h2>Config</h2><pre>{html.escape(config)}</pre>

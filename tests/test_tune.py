@@ -127,3 +127,16 @@ def test_tune_without_validation_ratings_is_refused(tmp_path, capsys):
     assert main(["tune", "--run-dir", str(tmp_path / "run"),
                  *_sets("cluster.scheduler=inprocess", "split.validation_fraction=0")]) == EXIT_CONFIG
     assert "tune chooses by the validation RMSE" in capsys.readouterr().err
+
+
+def test_report_shows_the_trials_and_the_kept_epoch(tuned, tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    assert main(["report", str(tuned), "--out", str(tmp_path)]) == EXIT_OK
+    image = np.asarray(Image.open(tmp_path / "tune.png").convert("L"))
+    assert image.shape[1] > 1000 and np.unique(image).shape[0] > 20  # drawn, not blank
+    page = (tmp_path / "report.html").read_text()
+    assert "<h2>Tune</h2>" in page and page.count("<tr><td>") >= 6 + 1  # every trial, and the epochs table
+    winner = next(r for r in read_tune_log(tuned) if r.rung == 2)
+    assert f"<td>{winner.best_val:.4f}</td>" in page

@@ -1,0 +1,117 @@
+"""What `funkflow tune` buys: test RMSE and wall time against the shipped config and a grid without early stopping.
+
+On generated data of several shapes (MovieLens 100k: 943 users × 1,682 items; ml-latest-small: 610 × 9,724;
+both 100k ratings, heavy-tailed; optionally Netflix-shaped and sparse, 480,189 × 17,770 × 10M), in one run:
+
+- the shipped config (``configs/movielens.yaml``'s model and training values) trained as is;
+- ``funkflow tune`` with each of ``--trials`` from that config (its trial 0), by successive halving with early
+  stopping, the winner refit on train and validation;
+- a grid of the same size: every trial of the tune's draw trained for the full ``tune.max_epochs`` without
+  early stopping, the best by its last validation RMSE kept (its test RMSE as trained, no refit).
+
+Every row reads the same test ratings. Wall times include the trials' set-up; the machine is shared, so read
+them as ratios within one run.
+
+    python scripts/bench_tune.py [--trials 30 100] [--shapes ml-100k ml-latest-small] [--out tune.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from funkflow.pipeline.config import TUNABLE, Config, load_config
+from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.tune import draw_trials, tune, with_values
+
+SHAPES = {  # users, items, ratings, largest share of the items one user rates
+    "ml-100k": (943, 1682, 100_000, 0.44),
+    "ml-latest-small": (610, 9724, 100_000, 0.28),
+    "netflix-sparse-10M": (480_189, 17_770, 10_000_000, 0.6),
+}
+SHIPPED = ("model.k", "model.reg", "model.bias_reg", "train.lr", "train.epochs", "train.early_stopping_patience")
+
+
+def _base(shape: str, root: Path) -> Config:
+    users, items, ratings, max_fraction = SHAPES[shape]
+    return load_config(None, [f"data.generate.n_users={users}", f"data.generate.n_items={items}",
+                              f"data.generate.n_ratings={ratings}", f"data.generate.max_user_fraction={max_fraction}",
+                              "data.generate.activity_sigma=1.1", "data.generate.popularity_sigma=1.6",
+                              f"output.run_dir={root / 'base'}"])
+
+
+def _summary(config: Config) -> tuple[float, float]:
+    began = time.perf_counter()
+    summary = run_pipeline(config, retrain=True)
+    return summary["test_rmse"], time.perf_counter() - began
+
+
+def _grid(config: Config, root: Path, dataset: str) -> tuple[float, float, int]:
+    """Every trial of the tune's draw for max_epochs without early stopping; the test RMSE of the best."""
+    began = time.perf_counter()
+    best = None
+    for trial in draw_trials(config):
+        run_dir = root / f"grid-{trial.index:03d}"
+        trial_config = with_values(config, {
+            **{TUNABLE[k]: v for k, v in trial.params.items()}, "train.epochs": config.tune.max_epochs,
+            "train.early_stopping_patience": 0, "train.checkpoint_every": 0, "data.source": dataset,
+            "data.format": "canonical", "data.generate": None, "output.run_dir": str(run_dir)})
+        summary = run_pipeline(trial_config, retrain=True)
+        last_val = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])["val_rmse"]
+        if best is None or last_val < best[0]:
+            best = (last_val, summary["test_rmse"], trial.index)
+        shutil.rmtree(run_dir / "blocks", ignore_errors=True)
+    return best[1], time.perf_counter() - began, best[2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shapes", nargs="+", default=["ml-100k", "ml-latest-small"], choices=list(SHAPES))
+    parser.add_argument("--trials", type=int, nargs="+", default=[30, 100])
+    parser.add_argument("--grid", action=argparse.BooleanOptionalAction, default=True,
+                        help="also train the grid of each trial count without early stopping")
+    parser.add_argument("--max-epochs", type=int, default=60)
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/funkflow-bench-tune"))
+    parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    shipped = load_config("movielens").to_dict()
+    rows = ["| shape | what | test RMSE | seconds | note |", "| --- | --- | ---: | ---: | --- |"]
+    for shape in args.shapes:
+        root = args.cache / shape
+        shutil.rmtree(root, ignore_errors=True)
+        values = {key: shipped[key.split(".")[0]][key.split(".")[1]] for key in SHIPPED}
+        base = with_values(_base(shape, root), values)  # the tune's trial 0 is the shipped config
+        rmse, seconds = _summary(base)
+        rows.append(f"| {shape} | shipped movielens.yaml | {rmse:.4f} | {seconds:.1f} | "
+                    + ", ".join(f"{k.split('.')[1]} {v}" for k, v in values.items()) + " |")
+        dataset = str((root / "base" / "data").resolve())
+        for trials in args.trials:
+            config = with_values(base, {"tune.trials": trials, "tune.max_epochs": args.max_epochs,
+                                        "output.run_dir": str(root / f"tune-{trials}")})
+            began = time.perf_counter()
+            result = tune(config)
+            seconds = time.perf_counter() - began
+            best = result.best
+            rows.append(f"| {shape} | tune, {trials} trials | {result.summary['test_rmse']:.4f} | {seconds:.1f} | "
+                        f"trial {best.trial}: " + ", ".join(f"{k} {v:g}" for k, v in best.params.items())
+                        + f", {best.best_epoch} epochs; {len(result.results)} rung trainings |")
+            if args.grid:
+                grid_config = with_values(config, {"data.source": dataset, "data.format": "canonical",
+                                                   "data.generate": None})
+                rmse, seconds, index = _grid(grid_config, root, dataset)
+                rows.append(f"| {shape} | grid of the same {trials}, {args.max_epochs} epochs each | {rmse:.4f} | "
+                            f"{seconds:.1f} | trial {index} |")
+        print("\n".join(rows[-1 - len(args.trials) * (1 + args.grid):]), flush=True)
+    table = "\n".join(rows)
+    print(table)
+    if args.out:
+        args.out.write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
