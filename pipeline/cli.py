@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -64,14 +66,22 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="funkflow", description="Funk-SVD by DSGD on Dask.")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and the final result")
-    parser.add_argument("--log-format", choices=("text", "json"), default="text",
-                        help="json: one JSON object per log line (time, level, stage, epoch, message, metrics)")
+    # The global flags, accepted after the verb too (`funkflow run -q`); there they override.
+    logging_flags = argparse.ArgumentParser(add_help=False)
+    for flags, default in ((parser, None), (logging_flags, argparse.SUPPRESS)):
+        flags.add_argument("-q", "--quiet", action="store_true", default=default or False,
+                           help="only warnings and the final result")
+        flags.add_argument("--log-format", choices=("text", "json"), default=default or "text",
+                           help="json: one JSON object per log line (time, level, stage, epoch, message, metrics)")
     parser.add_argument("--version", action="version", version=f"funkflow {package_version('funkflow')}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+    def add_verb(name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        return verbs.add_parser(name, parents=[logging_flags], **kwargs)
+
     for verb, (_, help_text) in STAGE_VERBS.items():
-        _add_run_flags(verbs.add_parser(verb, help=help_text, description=help_text))
-    tune = verbs.add_parser(
+        _add_run_flags(add_verb(verb, help=help_text, description=help_text))
+    tune = add_verb(
         "tune", help="search k, reg, bias_reg and lr on the validation RMSE, then train the winner",
         description="Successive halving over trials drawn from the config's tune.space, trained side by side on "
                     "the workers; every trial goes to RUN_DIR/tune.jsonl as it ends (a re-run takes them up), "
@@ -82,23 +92,25 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "config's own values)")
     tune.add_argument("--time-budget", type=float, metavar="SECONDS",
                       help="stop starting trials after this long and keep the best so far (tune.time_budget)")
-    verbs.add_parser("configs", help="list the configs shipped with funkflow, to run by name",
+    add_verb("configs", help="list the configs shipped with funkflow, to run by name",
                      description="List the shipped configs: `funkflow run NAME` runs one.")
 
-    generate = verbs.add_parser("generate", help="write a synthetic Netflix-shaped dataset",
+    generate = add_verb("generate", help="write a synthetic Netflix-shaped dataset",
                                 description="Write synthetic Netflix-shaped ratings with a known true model.")
     generate.add_argument("--scale", type=float, required=True,
                           help="1.0 = 480,189 users × 17,770 items, 100,480,507 ratings")
     generate.add_argument("--out", type=Path, required=True, help="dataset directory to create")
-    generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--seed", type=int, default=0, help="generator seed: the same seed, the same ratings")
     generate.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
 
-    ingest = verbs.add_parser(
+    ingest = add_verb(
         "ingest", help="turn rating files (Netflix, MovieLens, CSV, Parquet) into a canonical dataset",
         description="Parse rating files in parallel into a canonical dataset. Strict by default: a bad line "
                     "ends the ingest (exit 65) naming file, line and reason; --rejects sets bad lines aside.")
     ingest.add_argument("sources", nargs="+", metavar="SRC", help="file, directory, glob or fsspec URL")
-    ingest.add_argument("--format", required=True, choices=FORMATS)
+    ingest.add_argument("--format", required=True, choices=FORMATS,
+                        help="netflix: the Prize's per-movie text files; movielens: u.data, ratings.dat or "
+                             "ratings.csv; csv: delimited text, by header names or --*-col; parquet")
     ingest.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     ingest.add_argument("--rejects", type=Path, metavar="FILE",
                         help="write bad lines here (CSV, or Parquet for .parquet) and go on")
@@ -118,51 +130,54 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB")
     ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
 
-    predict = verbs.add_parser("predict", help="predict ratings for (user, item) pairs of raw ids",
+    predict = add_verb("predict", help="predict ratings for (user, item) pairs of raw ids",
                                description="Predict ratings for pairs (CSV/TSV, Parquet, or the Netflix probe / "
                                            "qualifying layout); unknown ids fall back to biases and are counted.")
-    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    predict.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run or a fold-in output")
     predict.add_argument("--pairs", required=True, metavar="FILE", help="the pairs to predict")
     predict.add_argument("--out", type=Path, required=True, metavar="FILE", help=".parquet, .csv or .tsv")
     predict.add_argument("--user-col", metavar="NAME|N", help="user column of the pairs (default: first / 'user')")
     predict.add_argument("--item-col", metavar="NAME|N", help="item column of the pairs (default: second / 'item')")
 
-    rec = verbs.add_parser("recommend", help="top-N unseen items per user, computed on the workers",
+    rec = add_verb("recommend", help="top-N unseen items per user, computed on the workers",
                            description="Top-N items per user, excluding those rated in training, computed by "
                                        "user block on the workers; Parquet (user, rank, item, score) in raw ids.")
-    rec.add_argument("run_dir", type=Path, metavar="RUN_DIR")
-    rec.add_argument("--top", type=int, required=True, metavar="N")
+    rec.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run or a fold-in output")
+    rec.add_argument("--top", type=int, required=True, metavar="N", help="items per user")
     rec.add_argument("--users", type=Path, metavar="FILE", help="only these raw user ids (text lines or Parquet)")
-    rec.add_argument("--out", type=Path, required=True, metavar="FILE.parquet")
+    rec.add_argument("--out", type=Path, required=True, metavar="FILE.parquet",
+                     help="the lists: user, rank, item, score (written whole or not at all)")
     rec.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: the run's cluster config")
 
-    fold = verbs.add_parser("fold-in", help="add users (or items) that arrived after training, without a retrain",
+    fold = add_verb("fold-in", help="add users (or items) that arrived after training, without a retrain",
                             description="Compute factors and biases of users (or items) absent from training "
                                         "from their ratings against the fixed factors of the other side (closed-"
                                         "form regularised least squares); write OUT/model for predict.")
-    fold.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    fold.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run (or an earlier fold-in output)")
     fold.add_argument("--ratings", required=True, metavar="FILE",
                       help="raw (user, item, rating) ratings, CSV/TSV (header or positions 0,1,2) or Parquet")
     fold.add_argument("--out", type=Path, required=True, metavar="DIR", help="writes DIR/model")
-    fold.add_argument("--side", choices=("users", "items"), default="users")
+    fold.add_argument("--side", choices=("users", "items"), default="users",
+                      help="fold in the new users of the ratings (default) or the new items")
     fold.add_argument("--rating-scale", metavar="MIN,MAX", help="valid ratings (default: the model's)")
 
-    rep = verbs.add_parser("report", help="learning curves (PNG) and a self-contained HTML page of a run",
+    rep = add_verb("report", help="learning curves (PNG) and a self-contained HTML page of a run",
                            description="Write learning_curves.png and report.html (summary, curves, config).")
-    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    rep.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained (or tuned) run directory")
     rep.add_argument("--out", type=Path, metavar="DIR", help="where to write them (default: RUN_DIR)")
 
-    plan = verbs.add_parser("plan", help="memory per worker, bytes moved and epoch time for a given problem",
+    plan = add_verb("plan", help="memory per worker, bytes moved and epoch time for a given problem",
                             description="Size a cluster: memory per worker, bytes moved per epoch and an "
                                         "estimated epoch time from this machine's measured kernel throughput.")
     plan.add_argument("--ratings", type=float, required=True, help="number of ratings (1e10 is fine)")
-    plan.add_argument("--users", type=float, required=True)
-    plan.add_argument("--items", type=float, required=True)
-    plan.add_argument("--k", type=int, default=50)
+    plan.add_argument("--users", type=float, required=True, help="number of users")
+    plan.add_argument("--items", type=float, required=True, help="number of items")
+    plan.add_argument("--k", type=int, default=50, help="latent factors")
     plan.add_argument("--d", type=int, default=None, help="blocks per side (default: what train.d: auto picks)")
-    plan.add_argument("--workers", type=int, default=2)
-    plan.add_argument("--threads-per-worker", type=int, default=1)
-    plan.add_argument("--train-fraction", type=float, default=0.85)
+    plan.add_argument("--workers", type=int, default=2, help="worker processes")
+    plan.add_argument("--threads-per-worker", type=int, default=1, help="threads of each worker")
+    plan.add_argument("--train-fraction", type=float, default=0.85,
+                      help="share of the ratings that train (the default split holds out 10%% test, 5%% validation)")
     plan.add_argument("--rate", type=float, help="kernel ratings/s per thread (default: measure it here)")
     plan.add_argument("--hop-ms", type=float, default=HOP_SECONDS * 1e3,
                       help="milliseconds to hand an item block to the next worker, beyond its transfer "
@@ -332,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("funkflow: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `funkflow configs | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except Exception:
         log.exception("funkflow: internal error")
         return EXIT_SOFTWARE

@@ -118,3 +118,31 @@ def test_the_package_installs_under_its_own_name_only():
     version = subprocess.run([sys.executable, "-m", "funkflow", "--version"], capture_output=True, text=True,
                              check=True, cwd=Path(__file__).parent)
     assert version.stdout.startswith("funkflow ")
+
+
+def test_every_option_of_every_verb_has_help():
+    import argparse
+
+    from funkflow.pipeline.cli import build_parser
+
+    missing = []
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for verb, sub in action.choices.items():
+                    walk(sub, verb)
+            elif action.help is None:
+                missing.append(f"{name} {'/'.join(action.option_strings) or action.dest}")
+
+    walk(build_parser(), "funkflow")
+    assert not missing
+
+
+def test_global_flags_after_the_verb(capsys):
+    from funkflow.pipeline.cli import build_parser
+
+    args = build_parser().parse_args(["configs", "-q", "--log-format", "json"])
+    assert args.quiet and args.log_format == "json"
+    args = build_parser().parse_args(["-q", "configs"])
+    assert args.quiet and args.log_format == "text"
