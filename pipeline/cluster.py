@@ -166,6 +166,17 @@ def _local_threads(cfg: ClusterConfig) -> int:
     return (cfg.n_workers or os.cpu_count() or 1) * cfg.threads_per_worker
 
 
+def dask_setup(worker: Any) -> None:
+    """Preloaded into the worker processes of the LocalClusters funkflow starts: Ctrl-C in a terminal reaches
+    the whole process group, and it is the driver's to handle (it closes the cluster). A worker that took it
+    too would print a traceback per process."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 @contextlib.contextmanager
 def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[Executor]:
     """Connect to ``cfg.scheduler``, start a LocalCluster (``local``), or run in-process (``inprocess``).
@@ -193,7 +204,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
                   "distributed.scheduler.allowed-failures": cfg.allowed_failures}
         with dask.config.set({**SCHEDULER_CONFIG, **budget}), LocalCluster(
             n_workers=n_workers, threads_per_worker=cfg.threads_per_worker, processes=True,
-            dashboard_address=":0", silence_logs=logging.WARNING,
+            dashboard_address=":0", silence_logs=logging.WARNING, preload=[__name__],
         ) as cluster, Client(cluster) as client:
             yield DaskExecutor(client)
         return

@@ -192,3 +192,29 @@ def test_nightly_script_trains_day_one_cold_and_day_two_warm(tmp_path):
     assert len((runs / "2026-01-02" / "metrics.jsonl").read_text().splitlines()) == 3
     again = night("2026-01-02", day2)
     assert again.returncode == 0 and "train: up to date" in again.stderr
+
+
+@pytest.mark.cluster
+def test_ctrl_c_on_a_local_cluster_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C in a terminal reaches the whole process group, the LocalCluster's workers too: the driver
+    answers with one line and 130, and no worker prints a traceback."""
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    command = [sys.executable, "-m", "funkflow", "run", "--run-dir", str(tmp_path / "run"), *TINY,
+               "--set", "cluster.scheduler=local", "--set", "train.epochs=100000",
+               "--set", "train.early_stopping_patience=0", "--set", "train.checkpoint_every=0"]
+    # As a shell starts a foreground job: its own process group, SIGINT not ignored.
+    driver = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, process_group=0,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, driver.stderr.read()[-2000:]
+        os.killpg(driver.pid, signal.SIGINT)
+        _, err = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    assert driver.returncode == 130, err[-3000:]
+    assert err.rstrip().endswith("funkflow: interrupted") and "Traceback" not in err, err[-3000:]
