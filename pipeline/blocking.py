@@ -64,17 +64,20 @@ def open_blocks(root: Path) -> Blocks:
     return Blocks(root, read_json(root / BLOCKS_JSON))
 
 
-def given_test_set(split: SplitConfig, dataset: Dataset) -> Dataset:
-    """The test set of ``split.method: given``, checked to be indexed like ``dataset``."""
-    test_set = open_dataset(split.test_source)
+def given_test_set(source: str | Path, dataset: Dataset) -> Dataset:
+    """The canonical test set at ``source`` (``split.method: given``), checked to be indexed like ``dataset``."""
+    test_set = open_dataset(source)
     if test_set.meta.get("id_maps_of") != dataset.fingerprint:
-        raise DataError(f"{split.test_source}: not indexed like {dataset.root}; ingest it with "
-                        f"`funkflow ingest ... --id-maps {dataset.root}`")
+        raise DataError(f"{source}: not indexed like {dataset.root}; ingest it with "
+                        f"`funkflow ingest ... --id-maps {dataset.root}`, or give the raw files as "
+                        "split.test_source")
     return test_set
 
 
-def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split: SplitConfig, seed: int) -> Blocks:
-    """Split ``dataset`` and write its ``d`` row blocks to ``out``."""
+def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split: SplitConfig, seed: int,
+                  test_set: Dataset | None = None) -> Blocks:
+    """Split ``dataset`` and write its ``d`` row blocks to ``out``; ``test_set``: the test ratings of
+    ``split.method: given``, indexed like ``dataset``."""
     if split.method == "per_user" and not dataset.meta.get("user_partitioned"):
         raise DataError(f"{dataset.root}: split.method per_user needs every user's ratings in one part, as "
                         "`funkflow ingest` and `funkflow generate` write them")
@@ -84,7 +87,8 @@ def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split
                      split.validation_per_user, split.cutoff_seconds())
     parts = [(part, rule) for part in dataset.parts]
     if split.method == "given":
-        test_set = given_test_set(split, dataset)
+        if test_set is None:
+            raise ValueError("split.method given needs the test set")
         parts += [(part, SplitRule("test_set")) for part in test_set.parts]
     tmp = temporary_dir(out)
     try:

@@ -86,8 +86,8 @@ class SplitConfig(_Section):
         if self.test_fraction + self.validation_fraction >= 1:
             raise ValueError("split.test_fraction + split.validation_fraction must be < 1 to leave training data")
         if self.method == "given" and self.test_source is None:
-            raise ValueError("split.method given needs split.test_source: a dataset ingested with "
-                             "--id-maps of the training data")
+            raise ValueError("split.method given needs split.test_source: the test ratings' files, or a dataset "
+                             "ingested with --id-maps of the training data")
         if self.method == "time":
             if self.cutoff is None:
                 raise ValueError("split.method time needs split.cutoff (a date such as 2005-06-01, or Unix seconds)")

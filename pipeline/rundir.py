@@ -50,6 +50,11 @@ class RunDir:
         return self.root / "data"
 
     @property
+    def test_data(self) -> Path:
+        """A given test set (``split.test_source``) ingested from raw files with the training id maps."""
+        return self.root / "test_data"
+
+    @property
     def blocks(self) -> Path:
         return self.root / "blocks"
 

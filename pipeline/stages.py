@@ -21,6 +21,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import fsspec
+
 from funkflow.pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
 from funkflow.pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
 from funkflow.pipeline.cluster import IN_PROCESS, Executor, open_executor
@@ -145,13 +147,36 @@ class Pipeline:
         self._stage("generate", fingerprint, work, self.run.data / "dataset.json")
         return open_dataset(self.run.data), fingerprint
 
+    def test_set(self, dataset: Dataset) -> Dataset | None:
+        """The test ratings of ``split.method: given``: a dataset ingested with the training id maps, or raw
+        files ingested here with them (and the training data's rating scale)."""
+        split, data = self.config.split, self.config.data
+        if split.method != "given":
+            return None
+        fs, path = fsspec.core.url_to_fs(split.test_source)
+        if fs.isfile(f"{path.rstrip('/')}/dataset.json"):
+            return given_test_set(split.test_source, dataset)
+        files = expand_sources([split.test_source])
+        fmt = data.format if data.format != "canonical" else "parquet" if files[0].endswith(".parquet") else "csv"
+        scale = dataset.meta.get("rating_scale")
+        options = ingest_options(data).model_copy(update={
+            "format": fmt, "id_maps": dataset.root, "rating_scale": tuple(scale) if scale else None})
+
+        def work() -> dict[str, Any]:
+            meta = ingest(self.executor, files, options, self.run.test_data).meta
+            return {"n_ratings": meta["n_ratings"], "rejects": meta["rejects"]["total"]}
+
+        fingerprint = _chain(dataset.fingerprint, options.model_dump_json(), *(source_stamp(f) for f in files))
+        self._stage("ingest-test", fingerprint, work, self.run.test_data / "dataset.json")
+        return given_test_set(self.run.test_data, dataset)
+
     def blocks(self, dataset: Dataset, upstream: str) -> tuple[Blocks, str]:
         t = self.config.train
-        test_set = given_test_set(self.config.split, dataset).fingerprint if self.config.split.method == "given" else ""
+        test_set = self.test_set(dataset)
 
         def fingerprint_at(d: int) -> str:
-            return _chain(upstream, dataset.fingerprint, test_set, self.config.fingerprint("split"), str(d),
-                          str(t.seed))
+            return _chain(upstream, dataset.fingerprint, test_set.fingerprint if test_set else "",
+                          self.config.fingerprint("split"), str(d), str(t.seed))
 
         d = t.d
         if d == "auto":
@@ -167,7 +192,7 @@ class Pipeline:
         fingerprint = fingerprint_at(d)
 
         def work() -> None:
-            block_dataset(self.executor, dataset, self.run.blocks, d, self.config.split, t.seed)
+            block_dataset(self.executor, dataset, self.run.blocks, d, self.config.split, t.seed, test_set)
 
         self._stage("block", fingerprint, work, self.run.blocks / "blocks.json")
         return open_blocks(self.run.blocks), fingerprint

@@ -166,20 +166,26 @@ _NOISE = 1e-3
 
 
 def _bold_driver_factor(history: list[EpochReport]) -> float:
-    """×0.5 after the training loss rose; after it fell, ×1.05 while the validation RMSE stays at its best.
+    """×1.05 after progress, ×0.5 after a setback; where there is a validation split, progress is judged on it.
 
-    The training loss keeps falling long after the model starts to overfit (on sparse data from the third epoch
-    or so), so a step grown on it alone climbs past the best validation epoch: there the step is held instead.
-    It is not cut for a validation rise, since validation also rises for a few epochs at the start, while the
-    factors grow from their small initial values, before it falls far below its first value."""
+    The training loss keeps falling long after the model starts to overfit, so a step grown on it alone climbs
+    past the best validation epoch. Against the best validation RMSE so far: within noise of it or better, the
+    step grows; above it, the step is halved, which lets SGD settle into a lower validation RMSE than its noise
+    at a large step allows. While validation has not yet beaten its first epoch, a rise only holds the step:
+    validation can rise for a dozen epochs while the factors grow from their small initial values, and then
+    fall far below where it began. A rise of the training loss always halves the step."""
     last, earlier = history[-1], history[:-1]
     if not earlier:
         return 1.05
     if last.train_rmse >= earlier[-1].train_rmse:
         return 0.5
-    if last.val_rmse is None or last.val_rmse <= min(r.val_rmse for r in earlier) * (1 + _NOISE):
+    if last.val_rmse is None:
         return 1.05
-    return 1.0
+    best = min(r.val_rmse for r in earlier)
+    if last.val_rmse <= best * (1 + _NOISE):
+        return 1.05
+    improved_on_first = best < earlier[0].val_rmse
+    return 0.5 if improved_on_first else 1.0
 
 
 def _version(epoch: int) -> str:

@@ -400,6 +400,33 @@ def test_given_test_set_indexed_with_the_training_maps(ingested_movielens, tmp_p
             f"output.run_dir={tmp_path / 'run2'}"]))
 
 
+def test_a_raw_test_file_is_ingested_in_the_run_with_the_training_id_maps(tmp_path, caplog):
+    """data.source and split.test_source both raw files: one run ingests both, the test set indexed by the
+    training ids (unseen ids left out and counted), and a re-run touches neither."""
+    import logging
+
+    from funkflow.pipeline.config import load_config
+    from funkflow.pipeline.stages import run_pipeline
+
+    rng = np.random.default_rng(9)
+    rows = [f"u{u},m{i},{rng.integers(1, 6)}" for u in range(60) for i in rng.choice(30, 12, replace=False)]
+    (tmp_path / "train.csv").write_text("user,item,stars\n" + "\n".join(rows) + "\n")
+    (tmp_path / "test.csv").write_text("user,item,stars\nu1,m3,4\nu2,m5,2\nnewcomer,m1,5\nu3,unseen,1\n")
+    config = load_config(None, [f"data.source={tmp_path / 'train.csv'}", "data.format=csv", "split.method=given",
+                                f"split.test_source={tmp_path / 'test.csv'}", "model.k=4", "train.epochs=3",
+                                "cluster.scheduler=inprocess", f"output.run_dir={tmp_path / 'run'}"])
+    caplog.set_level(logging.INFO, logger="funkflow")
+    summary = run_pipeline(config)
+    assert summary["n_test"] == 2
+    meta = json.loads((tmp_path / "run" / "test_data" / "dataset.json").read_text())
+    assert meta["unseen"] == {"rows_with_unseen_user": 1, "rows_with_unseen_item": 1}
+    assert meta["rating_scale"] == json.loads((tmp_path / "run" / "data" / "dataset.json").read_text())["rating_scale"]
+    assert "ingest-test: done" in caplog.text
+    caplog.clear()
+    run_pipeline(config)
+    assert "ingest-test: up to date" in caplog.text and "train: up to date" in caplog.text
+
+
 def test_run_ingests_raw_files_as_a_stage_and_only_again_when_they_change(tmp_path, caplog):
     import logging
 

@@ -272,12 +272,13 @@ def _reports(*val_rmse: float | None, train_rmse: list[float] | None = None) -> 
     ((0.95,), [0.9], 1.05),                                   # the first epoch
     ((0.95, 0.94), [0.9, 0.8], 1.05),                         # progress on both
     ((0.95, 0.94, 0.9401), [0.9, 0.8, 0.7], 1.05),            # validation within noise of its best
-    ((0.95, 0.94, 0.945), [0.9, 0.8, 0.7], 1.0),              # validation rose, training fell: held, not grown
+    ((0.95, 0.94, 0.945), [0.9, 0.8, 0.7], 0.5),              # validation rose, training fell: halved
+    ((0.95, 0.96, 0.97), [0.9, 0.8, 0.7], 1.0),               # never better than epoch 1 yet: held
     ((0.95, 0.94, 0.93), [0.9, 0.8, 0.85], 0.5),              # the training loss rose: halved
     ((None, None), [0.9, 0.8], 1.05),                         # no validation: the training loss alone
     ((None, None), [0.8, 0.9], 0.5),
 ])
-def test_the_bold_driver_holds_the_step_when_validation_rises(val_rmse, train_rmse, factor):
+def test_the_bold_driver_watches_validation(val_rmse, train_rmse, factor):
     assert _bold_driver_factor(_reports(*val_rmse, train_rmse=train_rmse)) == factor
 
 
