@@ -1,8 +1,9 @@
 """funkflow against its peers on one data set, one split, the same k, epochs and threads, in one run.
 
 Peers, each where installed (``pip install 'funkflow[bench]'``; Spark also needs Java):
-LIBMF (PyPI ``libmf``), Surprise's SVD (``scikit-surprise``) and Spark ALS
-(``pyspark``, ``local[threads]``). A peer that is not installed is reported as
+LIBMF (PyPI ``libmf``) twice, as the wheel ships it and built from its sdist with LIBMF's own Makefile flags
+(``-march=native -DUSEAVX``, needs g++; the faster is the reference), Surprise's SVD (``scikit-surprise``)
+and Spark ALS (``pyspark``, ``local[threads]``). A peer that is not installed is reported as
 such. Each runs in its own process, whose process tree is sampled for its peak
 RSS. The table gives the epoch time, training ratings per second, test RMSE on
 the same test ratings, the training time if the final model is within 2% of
@@ -33,8 +34,31 @@ from _bench_data import dataset_at
 from bench_libmf import split_arrays, time_funkflow, time_libmf
 from peak_rss import _tree_rss
 
-PEERS = {"funkflow": "funkflow", "LIBMF": "libmf", "Surprise": "surprise", "Spark ALS": "pyspark"}
-PIP_NAMES = {"LIBMF": "libmf", "Surprise": "scikit-surprise", "Spark ALS": "pyspark"}
+PEERS = {"funkflow": "funkflow", "LIBMF": "libmf", "LIBMF AVX": "libmf", "Surprise": "surprise",
+         "Spark ALS": "pyspark"}
+PIP_NAMES = {"LIBMF": "libmf", "LIBMF AVX": "libmf", "Surprise": "scikit-surprise", "Spark ALS": "pyspark"}
+# LIBMF's own Makefile flags (CXXFLAGS and DFLAG=-DUSEAVX): the PyPI wheel is built without them, and is
+# slower; the faster of the two builds is funkflow's reference.
+LIBMF_AVX_FLAGS = ["-Wall", "-O3", "-pthread", "-std=c++0x", "-march=native", "-DUSEAVX", "-fPIC", "-shared"]
+
+
+def build_libmf_avx(cache: Path) -> Path:
+    """LIBMF's C++ sources from the binding's sdist, compiled with LIBMF's own flags, once per cache."""
+    import glob
+    import tarfile
+
+    target = cache / "libmf-avx" / "libmf-avx.so"
+    if target.is_file():
+        return target
+    work = target.parent
+    work.mkdir(parents=True, exist_ok=True)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+                    "--dest", str(work), "libmf"], check=True)
+    with tarfile.open(sorted(glob.glob(str(work / "libmf-*.tar.gz")))[-1]) as sdist:
+        sdist.extractall(work, filter="data")
+    sources = sorted(glob.glob(str(work / "libmf-*" / "src_cpp" / "*.cpp")))
+    subprocess.run(["g++", *LIBMF_AVX_FLAGS, *sources, "-o", str(target)], check=True, capture_output=True)
+    return target
 # Surprise holds every rating as Python objects: 3.59 GiB of peak RSS for 8.5M training ratings
 # (scale 0.1), ~450 bytes each. At scale 1 that is ~38 GB; a peer that cannot fit is reported, not run.
 BYTES_PER_TRAIN_RATING = {"Surprise": 450}
@@ -108,7 +132,7 @@ def run_one(peer: str, args: argparse.Namespace) -> dict:
         result = time_funkflow(dataset_at(args.scale, args.cache), args.cache, args.k, args.epochs, args.threads)
         return {k: result[k] for k in ("epoch_seconds", "test_rmse", "floor_rmse", "curve")}
     train, test = _arrays(args.cache, args.scale)
-    if peer == "LIBMF":
+    if peer in ("LIBMF", "LIBMF AVX"):  # the build is chosen by LIBMF_OBJ, set by the parent
         return time_libmf(train, test, args.k, args.epochs, args.threads)
     if peer == "Surprise":
         return time_surprise(train, test, args.k, args.epochs)  # Surprise is single-threaded
@@ -129,8 +153,16 @@ def _measured(peer: str, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--run", peer, "--scale", str(args.scale), "--k", str(args.k),
                "--epochs", str(args.epochs), "--threads", str(args.threads), "--cache", str(args.cache)]
     log_file = args.cache / f"peers-{peer.replace(' ', '_')}.log"
+    env = dict(os.environ)
+    if peer == "LIBMF AVX":
+        try:
+            env["LIBMF_OBJ"] = str(build_libmf_avx(args.cache))
+        except (subprocess.CalledProcessError, OSError) as exc:
+            return {"error": f"not built ({exc})"}
+    else:
+        env.pop("LIBMF_OBJ", None)
     with open(log_file, "w") as log:
-        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
+        child = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
         peak = 0
         while child.poll() is None:
             peak = max(peak, sum(_tree_rss(child.pid)))
@@ -191,6 +223,11 @@ def main() -> None:
         lines.append(f"| {peer} | {r['epoch_seconds']:.3f} | {n_train / r['epoch_seconds']:,.0f} | "
                      f"{r['test_rmse']:.4f} | {reached} | {r['peak_rss'] / 1024**3:.2f} GiB | {ratio} | "
                      f"{'1.00' if peer == 'funkflow' else _to_same_rmse(r, ours, args.epochs)} |")
+    builds = [r for peer, r in results.items() if peer.startswith("LIBMF") and "epoch_seconds" in r]
+    if builds and "epoch_seconds" in ours:
+        reference = min(builds, key=lambda r: r["epoch_seconds"])
+        lines.append(f"\nfunkflow's epoch over LIBMF's faster build's: "
+                     f"{ours['epoch_seconds'] / reference['epoch_seconds']:.2f} (goal: 0.5 or less)")
     if floor:
         lines.append(f"\nfloor (RMSE of the true expected rating on the test ratings): {floor:.4f}")
     table = "\n".join(lines)
