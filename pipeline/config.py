@@ -163,7 +163,7 @@ TUNABLE = {"k": "model.k", "reg": "model.reg", "bias_reg": "model.bias_reg", "in
 class TuneConfig(_Section):
     trials: int = Field(30, ge=1)
     seed: int = 0
-    min_epochs: int = Field(3, ge=1)
+    min_epochs: int = Field(6, ge=1)
     max_epochs: int = Field(60, ge=1)
     reduction: int = Field(3, ge=2)
     time_budget: float | None = Field(None, gt=0)
