@@ -20,7 +20,7 @@ from funkflow.pipeline.config import Config, GenerateConfig, load_config, shippe
 from funkflow.pipeline.dataset import generate_dataset
 from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from funkflow.pipeline.foldin import fold_in_run
-from funkflow.pipeline.ingest import FORMATS, IngestOptions, estimated_ratings, ingest
+from funkflow.pipeline.ingest import IngestOptions, estimated_ratings, ingest
 from funkflow.pipeline.logs import configure
 from funkflow.pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.pipeline.predict import predict
@@ -29,7 +29,7 @@ from funkflow.pipeline.report import report as write_report
 from funkflow.pipeline.stages import package_version, run_pipeline, synthetic_spec
 from funkflow.pipeline.tune import tune, with_values
 from funkflow.tasks.artifacts import ArtifactError
-from funkflow.tasks.ingest import DUPLICATE_POLICIES
+from funkflow.tasks.ingest import DUPLICATE_POLICIES, FORMATS
 
 log = logging.getLogger("funkflow.pipeline.cli")
 

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from funkflow.pipeline.errors import ConfigError
+from funkflow.tasks.ingest import DuplicatePolicy, RawFormat
 
 
 class _Section(BaseModel):
@@ -48,13 +49,13 @@ class IngestConfig(_Section):
     rating_col: str | None = None
     time_col: str | None = None
     delimiter: str | None = None
-    duplicates: Literal["keep_last", "keep_first", "mean", "error"] = "keep_last"
+    duplicates: DuplicatePolicy = "keep_last"
     rejects: Path | None = None
 
 
 class DataConfig(_Section):
     source: str | list[str] | None = None
-    format: Literal["canonical", "netflix", "movielens", "csv", "parquet"] = "canonical"
+    format: Literal["canonical", RawFormat] = "canonical"
     ingest: IngestConfig = IngestConfig()
     generate: GenerateConfig | None = None
 

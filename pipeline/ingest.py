@@ -34,6 +34,7 @@ from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.rundir import swap_in, temporary_dir
 from funkflow.tasks import parse
 from funkflow.tasks.ingest import (
+    FORMATS,
     LINE_BITS,
     REJECT_SCHEMA,
     Chunk,
@@ -54,7 +55,6 @@ from funkflow.tasks.io import file_sha256, write_bytes, write_json, write_parque
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("netflix", "movielens", "csv", "parquet")
 # MovieLens's files say their scale: u.data (100k) and ratings.dat (1M, 10M) whole stars, ratings.csv (20M,
 # 25M, latest) half stars. Other CSV and Parquet files without --rating-scale: inferred from the data.
 NETFLIX_SCALE = (1.0, 5.0)

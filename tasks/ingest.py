@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import fsspec
 import numpy as np
@@ -30,7 +30,11 @@ from funkflow.tasks.io import file_sha256, write_parquet
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
 LINE_BITS = 40
 PIECE_BYTES = 32 << 20
-DUPLICATE_POLICIES = ("keep_last", "keep_first", "mean", "error")
+# The layouts ingest reads, and what it does with a (user, item) pair rated twice.
+RawFormat = Literal["netflix", "movielens", "csv", "parquet"]
+FORMATS: tuple[str, ...] = get_args(RawFormat)
+DuplicatePolicy = Literal["keep_last", "keep_first", "mean", "error"]
+DUPLICATE_POLICIES: tuple[str, ...] = get_args(DuplicatePolicy)
 
 
 class SourceError(ValueError):
