@@ -7,7 +7,6 @@ row block and writes it out; the driver only adds up counts, in part order.
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from funkflow.pipeline.cluster import Executor
 from funkflow.pipeline.config import SplitConfig
 from funkflow.pipeline.dataset import Dataset, open_dataset
 from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.pipeline.rundir import built_in_place
 from funkflow.tasks.blocks import BLOCKS_JSON, SPLIT_NAMES, TRAIN, SplitRule, split_part
 from funkflow.tasks.io import read_json, write_json
 
@@ -90,8 +89,7 @@ def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split
         if test_set is None:
             raise ValueError("split.method given needs the test set")
         parts += [(part, SplitRule("test_set")) for part in test_set.parts]
-    tmp = temporary_dir(out)
-    try:
+    with built_in_place(out) as tmp:
         futures = [
             executor.submit(split_part, str(part), j, str(tmp), d, dataset.n_users, part_rule, seed,
                             name="split_part")
@@ -117,10 +115,6 @@ def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split
             "has_expected": bool(dataset.meta.get("has_expected", False)),
         }
         write_json(meta, tmp / BLOCKS_JSON)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     sizes = ", ".join(f"{name} {int(counts[:, code].sum()):,}" for code, name in enumerate(SPLIT_NAMES))
     log.info("blocked %s ratings into %d×%d blocks (%s)", f"{int(counts.sum()):,}", d, d, sizes)
     return Blocks(out, meta)

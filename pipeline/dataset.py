@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.cluster import Executor
 from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.pipeline.rundir import built_in_place
 from funkflow.tasks.ingest import write_ids
 from funkflow.tasks.io import read_json, write_json
 from funkflow.tasks.synthetic import (
@@ -110,8 +109,7 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
     The true model is drawn by one task; chunks of users are generated and written
     by parallel tasks, each holding only its own chunk in memory.
     """
-    tmp = temporary_dir(out)
-    try:
+    with built_in_place(out) as tmp:
         (tmp / "ratings").mkdir()
         model = executor.submit(make_true_model, spec, name="make_true_model")
         bounds = executor.gather([executor.submit(chunk_bounds, model, ratings_per_part, name="chunk_bounds")])[0]
@@ -142,10 +140,6 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
             "fingerprint": digest.hexdigest(),
         }
         write_json(meta, tmp / DATASET_JSON)
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("generated %s ratings of %s users × %s items in %s", f"{meta['n_ratings']:,}",
              f"{spec.n_users:,}", f"{spec.n_items:,}", out)
     return Dataset(out, meta)

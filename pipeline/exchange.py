@@ -292,7 +292,8 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
 
 def write_checkpoint_share(train_id: str, version: str, index: int, n_workers: int, address: str | None,
                            url: str) -> dict[str, str]:
-    """Write this worker's share of ``version`` as a checkpoint at ``url`` (see :func:`funkflow.tasks.epoch.write_share`)."""
+    """Write this worker's share of ``version`` as a checkpoint at ``url``
+    (see :func:`funkflow.tasks.epoch.write_share`)."""
     exchange, _ = _exchange(address)
     return write_share(exchange.version(train_id, version), index, n_workers, url)
 

@@ -31,7 +31,7 @@ from funkflow.pipeline.cluster import Executor
 from funkflow.pipeline.config import DataConfig, IngestConfig
 from funkflow.pipeline.dataset import DATASET_JSON, Dataset, open_dataset
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.pipeline.rundir import built_in_place
 from funkflow.tasks import parse
 from funkflow.tasks.ingest import (
     FORMATS,
@@ -342,108 +342,103 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
     maps_of = None if options.id_maps is None else open_dataset(options.id_maps)
     sources = make_sources(expand_sources(srcs), options)
     scale = options.scale() or (_movielens_scale(sources) if options.format == "movielens" else None)
-    tmp = temporary_dir(out)
     try:
-        staging = tmp / "_staging"
-        staging.mkdir()
-        stats, user_sets, item_sets = stage_sources(executor, sources, options, scale or ANY_RATING, staging)
-        reasons: Counter[str] = Counter()
-        for s in stats:
-            reasons.update(s["rejects"])
-        n_rejected = sum(reasons.values())
-        if n_rejected and options.rejects is None:
-            first = next(s["first_reject"] for s in stats if s["first_reject"])
-            raise DataError(f"{first['source']}:{first['line']}: {first['detail']} ({first['reason']}); "
-                            f"{n_rejected:,} bad line{'s' if n_rejected > 1 else ''} in all. Fix the input, or "
-                            "pass --rejects FILE to set bad lines aside and go on")
-        n_rows = sum(s["rows"] for s in stats)
-        if n_rows == 0:
-            raise DataError(f"{', '.join(srcs)}: no ratings found"
-                            + (f" ({n_rejected:,} lines rejected)" if n_rejected else ""))
-        if scale is None:
-            rated = [s for s in stats if s["rows"]]
-            scale = inferred_scale(min(s["rating_min"] for s in rated), max(s["rating_max"] for s in rated),
-                                   all(s["whole"] for s in rated), all(s["halves"] for s in rated))
-            log.info("rating scale inferred from the data: [%g, %g] (--rating-scale sets it; predictions are "
-                     "clipped to it)", *scale)
-        has_time = any(s["has_time"] for s in stats)
-        user_int = all(s["int_like"]["user"] for s in stats if s["rows"])
-        item_int = all(s["int_like"]["item"] for s in stats if s["rows"])
+        with built_in_place(out) as tmp:
+            staging = tmp / "_staging"
+            staging.mkdir()
+            stats, user_sets, item_sets = stage_sources(executor, sources, options, scale or ANY_RATING, staging)
+            reasons: Counter[str] = Counter()
+            for s in stats:
+                reasons.update(s["rejects"])
+            n_rejected = sum(reasons.values())
+            if n_rejected and options.rejects is None:
+                first = next(s["first_reject"] for s in stats if s["first_reject"])
+                raise DataError(f"{first['source']}:{first['line']}: {first['detail']} ({first['reason']}); "
+                                f"{n_rejected:,} bad line{'s' if n_rejected > 1 else ''} in all. Fix the input, or "
+                                "pass --rejects FILE to set bad lines aside and go on")
+            n_rows = sum(s["rows"] for s in stats)
+            if n_rows == 0:
+                raise DataError(f"{', '.join(srcs)}: no ratings found"
+                                + (f" ({n_rejected:,} lines rejected)" if n_rejected else ""))
+            if scale is None:
+                rated = [s for s in stats if s["rows"]]
+                scale = inferred_scale(min(s["rating_min"] for s in rated), max(s["rating_max"] for s in rated),
+                                       all(s["whole"] for s in rated), all(s["halves"] for s in rated))
+                log.info("rating scale inferred from the data: [%g, %g] (--rating-scale sets it; predictions are "
+                         "clipped to it)", *scale)
+            has_time = any(s["has_time"] for s in stats)
+            user_int = all(s["int_like"]["user"] for s in stats if s["rows"])
+            item_int = all(s["int_like"]["item"] for s in stats if s["rows"])
 
-        if options.id_maps is None:
-            user_ids = executor.submit(sorted_ids, _merge_tree(executor, user_sets, "merge_user_ids"), user_int,
-                                       name="sorted_user_ids")
-            item_ids = executor.submit(sorted_ids, _merge_tree(executor, item_sets, "merge_item_ids"), item_int,
-                                       name="sorted_item_ids")
-        else:  # a test set, say, indexed like the training data it goes with
-            user_ids, item_ids = (executor.submit(read_ids, str(options.id_maps / f"{name}.parquet"),
-                                                  name=f"read_{name}") for name in ("users", "items"))
-        n_buckets = max(1, math.ceil(n_rows / ROWS_PER_BUCKET))
-        buckets = staging / "buckets"
-        encoded = [executor.submit(encode_chunk, s["staged"], j, user_ids, item_ids, n_buckets, str(buckets),
-                                   name="encode_chunk") for j, s in enumerate(stats) if s["staged"]]
-        encoded = executor.gather(encoded)
-        unseen = {"rows_with_unseen_user": sum(e["unseen_users"] for e in encoded),
-                  "rows_with_unseen_item": sum(e["unseen_items"] for e in encoded)}
-        (tmp / "ratings").mkdir()
-        resolved = executor.gather([
-            executor.submit(resolve_bucket, str(buckets), b, options.duplicates,
-                            str(tmp / "ratings" / f"part-{b:05d}.parquet"), has_time, name="resolve_bucket")
-            for b in range(n_buckets)])
-        duplicates = {"policy": options.duplicates, "pairs": sum(r["pairs"] for r in resolved),
-                      "rows_dropped": sum(r["dropped"] for r in resolved)}
-        if options.duplicates == "error" and duplicates["pairs"]:
-            a, b = min((r["first_duplicate"] for r in resolved if r["first_duplicate"]), key=lambda p: p[0])
-            raise DataError(f"{_position(b, sources)}: duplicate of the (user, item) pair at "
-                            f"{_position(a, sources)}; {duplicates['pairs']:,} duplicated pairs in all "
-                            "(--duplicates keep_last, keep_first or mean resolves them)")
+            if options.id_maps is None:
+                user_ids = executor.submit(sorted_ids, _merge_tree(executor, user_sets, "merge_user_ids"), user_int,
+                                           name="sorted_user_ids")
+                item_ids = executor.submit(sorted_ids, _merge_tree(executor, item_sets, "merge_item_ids"), item_int,
+                                           name="sorted_item_ids")
+            else:  # a test set, say, indexed like the training data it goes with
+                user_ids, item_ids = (executor.submit(read_ids, str(options.id_maps / f"{name}.parquet"),
+                                                      name=f"read_{name}") for name in ("users", "items"))
+            n_buckets = max(1, math.ceil(n_rows / ROWS_PER_BUCKET))
+            buckets = staging / "buckets"
+            encoded = [executor.submit(encode_chunk, s["staged"], j, user_ids, item_ids, n_buckets, str(buckets),
+                                       name="encode_chunk") for j, s in enumerate(stats) if s["staged"]]
+            encoded = executor.gather(encoded)
+            unseen = {"rows_with_unseen_user": sum(e["unseen_users"] for e in encoded),
+                      "rows_with_unseen_item": sum(e["unseen_items"] for e in encoded)}
+            (tmp / "ratings").mkdir()
+            resolved = executor.gather([
+                executor.submit(resolve_bucket, str(buckets), b, options.duplicates,
+                                str(tmp / "ratings" / f"part-{b:05d}.parquet"), has_time, name="resolve_bucket")
+                for b in range(n_buckets)])
+            duplicates = {"policy": options.duplicates, "pairs": sum(r["pairs"] for r in resolved),
+                          "rows_dropped": sum(r["dropped"] for r in resolved)}
+            if options.duplicates == "error" and duplicates["pairs"]:
+                a, b = min((r["first_duplicate"] for r in resolved if r["first_duplicate"]), key=lambda p: p[0])
+                raise DataError(f"{_position(b, sources)}: duplicate of the (user, item) pair at "
+                                f"{_position(a, sources)}; {duplicates['pairs']:,} duplicated pairs in all "
+                                "(--duplicates keep_last, keep_first or mean resolves them)")
 
-        users, items = executor.gather([user_ids, item_ids])
-        for name, ids in (("users", users), ("items", items)):
-            if len(ids) >= 2**31:
-                raise DataError(f"{len(ids):,} distinct {name}: more than int32 indices can hold")
-            write_ids(ids, tmp / f"{name}.parquet")
-        if options.rejects is not None:
-            _write_rejects(sorted(staging.glob("rejects-*.parquet")), options.rejects)
-        shutil.rmtree(staging)
+            users, items = executor.gather([user_ids, item_ids])
+            for name, ids in (("users", users), ("items", items)):
+                if len(ids) >= 2**31:
+                    raise DataError(f"{len(ids):,} distinct {name}: more than int32 indices can hold")
+                write_ids(ids, tmp / f"{name}.parquet")
+            if options.rejects is not None:
+                _write_rejects(sorted(staging.glob("rejects-*.parquet")), options.rejects)
+            shutil.rmtree(staging)
 
-        parts = [r for r in resolved if r["path"]]
-        digest = hashlib.sha256()
-        for r in parts:
-            digest.update(r["sha256"].encode())
-        for name in ("users.parquet", "items.parquet"):
-            digest.update(file_sha256(tmp / name).encode())
-        kept, rejected = Counter(), Counter()
-        for chunk_stats in stats:
-            kept[chunk_stats["source"]] += chunk_stats["rows"]
-            rejected[chunk_stats["source"]] += sum(chunk_stats["rejects"].values())
-        meta = {
-            "source": options.format,
-            "sources": [{"url": s.url, "rows": kept[s.index], "rejected": rejected[s.index]} for s in sources],
-            "n_users": len(users),
-            "n_items": len(items),
-            "n_ratings": sum(r["n_ratings"] for r in parts),
-            "rating_scale": list(scale),
-            "has_time": has_time,
-            "user_partitioned": True,  # parts are user-range buckets
-            "id_types": {"user": str(users.type), "item": str(items.type)},
-            "rejects": {"total": n_rejected, "by_reason": dict(sorted(reasons.items())),
-                        "file": str(options.rejects) if options.rejects else None},
-            "duplicates": duplicates,
-            "id_maps_of": None if maps_of is None else maps_of.fingerprint,
-            "unseen": unseen,
-            "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
-                       "sha256": r["sha256"]} for r in parts],
-            "fingerprint": digest.hexdigest(),
-        }
-        write_json(meta, tmp / DATASET_JSON)
-        swap_in(tmp, out)
+            parts = [r for r in resolved if r["path"]]
+            digest = hashlib.sha256()
+            for r in parts:
+                digest.update(r["sha256"].encode())
+            for name in ("users.parquet", "items.parquet"):
+                digest.update(file_sha256(tmp / name).encode())
+            kept, rejected = Counter(), Counter()
+            for chunk_stats in stats:
+                kept[chunk_stats["source"]] += chunk_stats["rows"]
+                rejected[chunk_stats["source"]] += sum(chunk_stats["rejects"].values())
+            meta = {
+                "source": options.format,
+                "sources": [{"url": s.url, "rows": kept[s.index], "rejected": rejected[s.index]} for s in sources],
+                "n_users": len(users),
+                "n_items": len(items),
+                "n_ratings": sum(r["n_ratings"] for r in parts),
+                "rating_scale": list(scale),
+                "has_time": has_time,
+                "user_partitioned": True,  # parts are user-range buckets
+                "id_types": {"user": str(users.type), "item": str(items.type)},
+                "rejects": {"total": n_rejected, "by_reason": dict(sorted(reasons.items())),
+                            "file": str(options.rejects) if options.rejects else None},
+                "duplicates": duplicates,
+                "id_maps_of": None if maps_of is None else maps_of.fingerprint,
+                "unseen": unseen,
+                "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
+                           "sha256": r["sha256"]} for r in parts],
+                "fingerprint": digest.hexdigest(),
+            }
+            write_json(meta, tmp / DATASET_JSON)
     except SourceError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(str(exc)) from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     if n_rejected:
         log.warning("%s lines rejected (%s), written to %s", f"{n_rejected:,}",
                     ", ".join(f"{k} {v:,}" for k, v in sorted(reasons.items())), options.rejects)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.rundir import swap_in, temporary_dir
+from funkflow.pipeline.rundir import built_in_place
 from funkflow.pipeline.train import Factors
 from funkflow.tasks.artifacts import MODEL, ArtifactError, load_array, verify, write_manifest
 from funkflow.tasks.ingest import read_ids, write_ids
@@ -35,8 +34,7 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
     for name in ARRAYS:
         if not np.isfinite(getattr(factors, name)).all():
             raise ValueError(f"refusing to write non-finite {name} to {out}")
-    tmp = temporary_dir(out)
-    try:
+    with built_in_place(out) as tmp:
         for name, filename in ARRAYS.items():
             write_npy(getattr(factors, name), tmp / filename)
         for name, ids in (("users", user_ids), ("items", item_ids)):
@@ -49,10 +47,6 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
                           tmp / FOLDED_RATINGS)
             extra.append(FOLDED_RATINGS)
         write_manifest(tmp, MODEL, [*ARRAYS.values(), "users.parquet", "items.parquet", "model.json", *extra])
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def verify_model(path: Path) -> dict[str, Any]:
@@ -119,8 +113,7 @@ def export_model(model_dir: Path, out: Path) -> dict[str, Any]:
     raw ``id``, its ``bias`` and its ``factors`` (a fixed-size list of k float32), plus ``model.json``.
     Written whole or not at all."""
     factors, info = read_model(model_dir)
-    tmp = temporary_dir(out)
-    try:
+    with built_in_place(out) as tmp:
         for name, vectors, bias in (("users", factors.P, factors.user_bias), ("items", factors.Q, factors.item_bias)):
             ids = pq.read_table(model_dir / f"{name}.parquet", columns=["id"])["id"]
             k = vectors.shape[1]
@@ -128,8 +121,4 @@ def export_model(model_dir: Path, out: Path) -> dict[str, Any]:
             write_parquet(pa.table({"id": ids, "bias": pa.array(bias, pa.float32()), "factors": lists}),
                           tmp / f"{name}.parquet")
         write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
-        swap_in(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"users": int(factors.P.shape[0]), "items": int(factors.Q.shape[0])}

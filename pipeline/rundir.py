@@ -30,6 +30,19 @@ def temporary_dir(final: Path) -> Path:
     return tmp
 
 
+@contextlib.contextmanager
+def built_in_place(final: Path) -> Iterator[Path]:
+    """A fresh sibling of ``final`` to build it in: swapped in whole when the block ends, removed if it fails,
+    so ``final`` is the old one or the new one, never half of either."""
+    tmp = temporary_dir(final)
+    try:
+        yield tmp
+        swap_in(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def swap_in(tmp: Path, final: Path) -> None:
     """Move the finished ``tmp`` to ``final``, replacing an older ``final`` whole."""
     old = None

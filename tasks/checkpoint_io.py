@@ -40,5 +40,5 @@ def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[st
 def read_factor_state(directory: str, stem: str) -> FactorState:
     """Read a factor block written by :func:`write_factor_state`."""
     fs, root = fsspec.core.url_to_fs(directory)
-    return tuple(np.load(io.BytesIO(fs.cat_file(f"{root}/{stem}.{part}.npy")), allow_pickle=False)  # type: ignore[return-value]
-                 for part in FACTOR_PARTS)
+    parts = (np.load(io.BytesIO(fs.cat_file(f"{root}/{stem}.{part}.npy")), allow_pickle=False) for part in FACTOR_PARTS)
+    return tuple(parts)  # type: ignore[return-value]

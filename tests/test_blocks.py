@@ -31,7 +31,8 @@ def test_blocks_hold_every_rating_once(planted_low_rank, tmp_path, d):
     ratings = np.concatenate([t["rating"].to_numpy() for t in tables])
     n_users, n_items = 120, 80
     out = tmp_path / "blocks"
-    results = [split_part(str(p), j, str(out), d, n_users, SplitRule("hash", 0.2, 0.1, 3), 9) for j, p in enumerate(parts)]
+    rule = SplitRule("hash", 0.2, 0.1, 3)
+    results = [split_part(str(p), j, str(out), d, n_users, rule, 9) for j, p in enumerate(parts)]
     counts = sum(r["counts"] for r in results)
     assert counts.sum() == users.shape[0]
     write_json({"counts": counts.tolist()}, out / BLOCKS_JSON)  # as the block stage does, last

@@ -71,14 +71,15 @@ def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path, ch
     sections = []
     for movie in range(1, 41):
         users = rng.choice(5000, size=rng.integers(1, 60), replace=False) + 1
-        sections.append(f"{movie}:\n" + "".join(f"{u},{rng.integers(1, 6)},2005-0{rng.integers(1, 10)}-1{rng.integers(0, 10)}\n"
-                                                for u in users))
+        sections.append(f"{movie}:\n" + "".join(
+            f"{u},{rng.integers(1, 6)},2005-0{rng.integers(1, 10)}-1{rng.integers(0, 10)}\n" for u in users))
     text = "".join(sections)
     (tmp_path / "combined_data_1.txt").write_text(text)
     expected = sorted(((int(line.split(",")[0]), movie, float(line.split(",")[1])) for movie, section in
                        enumerate(sections, start=1) for line in section.splitlines()[1:]), key=repr)
     executor = InProcessExecutor()
-    whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix"), tmp_path / "whole")
+    whole = ingest(executor, [str(tmp_path / "combined_data_1.txt")], IngestOptions(format="netflix"),
+                   tmp_path / "whole")
     monkeypatch.setattr(funkflow.tasks.ingest, "PIECE_BYTES", 3000)  # scans and parses read several pieces
     cut = ingest(executor, [str(tmp_path / "combined_data_1.txt")],
                  IngestOptions(format="netflix", chunk_bytes=chunk_bytes), tmp_path / "cut")
@@ -353,7 +354,8 @@ def test_ingested_dataset_trains_with_each_split(ingested_movielens, tmp_path, s
         times = np.concatenate([pq.read_table(p)["time"].to_numpy() for p in open_dataset(ingested_movielens).parts])
         split = ["split.method=time", f"split.cutoff={int(np.quantile(times, 0.9))}"]
     summary = run_pipeline(load_config(None, [
-        f"data.source={ingested_movielens}", "data.generate=null", *split, "model.k=4", "train.epochs=40", "train.lr=0.03",
+        f"data.source={ingested_movielens}", "data.generate=null", *split, "model.k=4", "train.epochs=40",
+        "train.lr=0.03",
         "train.d=2", "cluster.scheduler=inprocess", f"output.run_dir={tmp_path / 'run'}"]))
     blocks = json.loads((tmp_path / "run" / "blocks" / "blocks.json").read_text())
     counts = np.array(blocks["counts"]).sum(axis=0)
