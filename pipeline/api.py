@@ -70,14 +70,14 @@ class FunkSVD:
 
     # -- fitting ---------------------------------------------------------------------------------------------
 
-    def _data_overrides(self, data: Any, run_dir: Path) -> list[str]:
+    def _data_values(self, data: Any, run_dir: Path) -> dict[str, Any]:
+        """The ``data`` config values that read ``data`` (a table is written to the run directory first)."""
         if isinstance(data, str | Path) or hasattr(data, "root"):
             source = str(getattr(data, "root", data))
             fs, path = fsspec.core.url_to_fs(source)
             if fs.isdir(path) and fs.isfile(f"{path}/dataset.json"):
-                return [f"data.source={source}", "data.format=canonical"]
-            fmt = "parquet" if source.endswith(".parquet") else "csv"
-            return [f"data.source={source}", f"data.format={fmt}"]
+                return {"data.source": source, "data.format": "canonical"}
+            return {"data.source": source, "data.format": "parquet" if source.endswith(".parquet") else "csv"}
         if not isinstance(data, pa.Table) and hasattr(data, "to_arrow"):  # polars
             data = data.to_arrow()
         elif not isinstance(data, pa.Table) and hasattr(data, "columns"):  # pandas
@@ -91,10 +91,10 @@ class FunkSVD:
         path = run_dir / "input.parquet"
         pq.write_table(data, path)
         low, high = (float(x) for x in (np.nanmin(data["rating"]), np.nanmax(data["rating"])))
-        overrides = [f"data.source={path}", "data.format=parquet", f"data.ingest.rating_scale=[{low}, {high}]"]
+        values = {"data.source": str(path), "data.format": "parquet", "data.ingest.rating_scale": [low, high]}
         if "time" in data.column_names:
-            overrides.append("data.ingest.time_col=time")
-        return overrides
+            values["data.ingest.time_col"] = "time"
+        return values
 
     def fit(self, data: Any, client: Any = None) -> FunkSVD:
         """Train on ``data``: a canonical dataset directory, a rating file or URL (Parquet, or CSV with a
@@ -109,10 +109,9 @@ class FunkSVD:
 
         if self.run_dir is None:
             self.run_dir = _scratch_dir(self, "funkflow-")
-        overrides = [*self._data_overrides(data, self.run_dir), "data.generate=null",
-                     f"output.run_dir={self.run_dir}", *(f"{k}={v}" for k, v in self.params.items()),
-                     *(f"{k}={v}" for k, v in self.options.items())]
-        config = load_config(None, overrides)
+        config = load_config(None).with_values({
+            **self._data_values(data, self.run_dir), "data.generate": None, "output.run_dir": str(self.run_dir),
+            **self.params, **self.options})
         executor = DaskExecutor(client) if client is not None else None
         # fit() trains anew by definition, as in scikit-learn: a model already in run_dir is replaced.
         self.summary_ = run_pipeline(config, callbacks=self.callbacks, executor=executor, retrain=True)

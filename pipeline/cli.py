@@ -27,7 +27,7 @@ from funkflow.pipeline.predict import predict
 from funkflow.pipeline.recommend import recommend
 from funkflow.pipeline.report import report as write_report
 from funkflow.pipeline.stages import package_version, run_pipeline, synthetic_spec
-from funkflow.pipeline.tune import tune, with_values
+from funkflow.pipeline.tune import tune
 from funkflow.tasks.artifacts import ArtifactError
 from funkflow.tasks.ingest import DUPLICATE_POLICIES, FORMATS
 
@@ -199,15 +199,16 @@ def _config_of(args: argparse.Namespace) -> Path | None:
     return None
 
 
-def _cluster_overrides(args: argparse.Namespace) -> list[str]:
-    extra = []
+def _command_line_values(args: argparse.Namespace) -> dict[str, Any]:
+    """Config values the flags give (``--scheduler``, ``--scheduler-file``, ``--run-dir``), as values."""
+    values: dict[str, Any] = {}
     if args.scheduler:
-        extra.append(f"cluster.scheduler={args.scheduler}")
+        values["cluster.scheduler"] = args.scheduler
     if getattr(args, "scheduler_file", None):
-        extra.append(f"cluster.scheduler_file={args.scheduler_file}")
+        values["cluster.scheduler_file"] = args.scheduler_file
     if getattr(args, "run_dir", None):
-        extra.append(f"output.run_dir={args.run_dir}")
-    return extra
+        values["output.run_dir"] = str(args.run_dir)
+    return values
 
 
 def _print_summary(summary: dict) -> None:
@@ -230,10 +231,7 @@ def _print_summary(summary: dict) -> None:
 
 def _tune(config: Config, args: argparse.Namespace) -> None:
     given = {"tune.trials": args.trials, "tune.time_budget": args.time_budget}
-    try:
-        config = with_values(config, {key: value for key, value in given.items() if value is not None})
-    except ValidationError as exc:
-        raise UsageError(f"--trials and --time-budget must be positive: {exc.errors()[0]['msg']}") from None
+    config = config.with_values({key: value for key, value in given.items() if value is not None})
     result = tune(config, retrain=args.retrain)
     best = result.best
     print(f"best of {len({r.trial for r in result.results})} trials: trial {best.trial} "
@@ -250,7 +248,7 @@ def _generate(args: argparse.Namespace) -> None:
         gen = GenerateConfig(scale=args.scale, seed=args.seed)
     except ValidationError as exc:
         raise UsageError(f"--scale must be > 0, got {args.scale}") from exc
-    cluster = load_config(None, _cluster_overrides(args)).cluster
+    cluster = load_config(None).with_values(_command_line_values(args)).cluster
     with open_executor(cluster) as executor:
         dataset = generate_dataset(executor, synthetic_spec(gen), args.out, gen.ratings_per_part)
     print(f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
@@ -273,7 +271,7 @@ def _ingest(args: argparse.Namespace) -> None:
                             user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
                             time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
                             rejects=args.rejects, chunk_bytes=args.chunk_mb << 20, id_maps=args.id_maps)
-    cluster = load_config(None, _cluster_overrides(args)).cluster
+    cluster = load_config(None).with_values(_command_line_values(args)).cluster
     with open_executor(cluster, estimated_ratings(args.sources)) as executor:
         dataset = ingest(executor, args.sources, options, args.out)
     meta = dataset.meta
@@ -317,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.out / 'model'}")
             return EXIT_OK
         if args.verb == "recommend":
-            cluster = load_config(None, _cluster_overrides(args)).cluster if args.scheduler else None
+            cluster = load_config(None).with_values(_command_line_values(args)).cluster if args.scheduler else None
             report = recommend(args.run_dir, args.top, args.out, args.users, cluster)
             print(f"top {args.top} for {report.n_users:,} users ({report.n_rows:,} rows) in {report.out}, "
                   f"computed in {report.seconds:.1f}s")
@@ -327,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{report.n_pairs:,} predictions in {report.out} ({report.unknown_users:,} unknown users, "
                   f"{report.unknown_items:,} unknown items)")
             return EXIT_OK
-        config = load_config(_config_of(args), [*args.overrides, *_cluster_overrides(args)])
+        config = load_config(_config_of(args), args.overrides).with_values(_command_line_values(args))
         if args.verb == "tune":
             _tune(config, args)
             return EXIT_OK

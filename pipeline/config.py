@@ -219,6 +219,24 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def with_values(self, values: dict[str, Any]) -> Config:
+        """This config with dotted keys set to values: Python objects, never YAML text to parse again (a path
+        with ``" #"`` in it, or a value YAML reads as a date, stays what it is). Validated; errors name the key."""
+        data = self.to_dict()
+        for key, value in values.items():
+            *sections, name = key.split(".")
+            node = data
+            for section in sections:
+                child = node.get(section)
+                if not isinstance(child, dict):
+                    child = node[section] = {}
+                node = child
+            node[name] = value
+        try:
+            return Config.model_validate(data)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc.errors(), "the values given")) from None
+
     def fingerprint(self, *sections: str) -> str:
         """SHA-256 of the named sections (all when none), for stage up-to-date checks."""
         data = self.to_dict()

@@ -98,18 +98,6 @@ def rung_epochs(min_epochs: int, max_epochs: int, reduction: int) -> list[int]:
     return epochs
 
 
-def with_values(config: Config, values: dict[str, Any]) -> Config:
-    """``config`` with dotted keys set to values (objects, never YAML text), validated."""
-    data = config.to_dict()
-    for key, value in values.items():
-        *sections, name = key.split(".")
-        node = data
-        for section in sections:
-            node = node[section]
-        node[name] = value
-    return Config.model_validate(data)
-
-
 def refit_values(config: Config, epochs: int) -> dict[str, Any]:
     """The keys that turn a config into its refit: the validation ratings train too, for ``epochs`` epochs.
 
@@ -155,7 +143,7 @@ def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -
 
 def _trial_config(config: Config, trial: Trial, dataset: str, root: Path, epochs: int, parallel: bool) -> Config:
     values = {TUNABLE[key]: value for key, value in trial.params.items()}
-    return with_values(config, {
+    return config.with_values({
         **values, "data.source": dataset, "data.format": "canonical", "data.generate": None,
         "train.epochs": epochs, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
         "output.run_dir": str(root / f"trial-{trial.index:03d}"), "output.checkpoints": None,
@@ -205,7 +193,7 @@ def _prepared_dataset(config: Config, root: Path) -> tuple[str, str, int]:
         dataset = open_dataset(config.data.source)
         return str(Path(config.data.source).resolve()), dataset.fingerprint, dataset.n_ratings
     with _quiet():
-        run_pipeline(with_values(config, {"output.run_dir": str(root / "prepared")}), last="generate", retrain=True)
+        run_pipeline(config.with_values({"output.run_dir": str(root / "prepared")}), last="generate", retrain=True)
     dataset = open_dataset(root / "prepared" / "data")
     return str(Path(dataset.root).resolve()), dataset.fingerprint, dataset.n_ratings
 
@@ -296,7 +284,7 @@ def tune(config: Config, retrain: bool = False) -> TuneResult:
         raise ConfigError(f"tune.time_budget {t.time_budget}s ran out before any trial ended; allow more")
     top_rung = max(r.rung for r in results)
     best = min((r for r in results if r.rung == top_rung), key=lambda r: (r.best_val, r.trial))
-    best_config = with_values(config, {
+    best_config = config.with_values({
         **{TUNABLE[k]: v for k, v in best.params.items()}, **refit_values(config, best.best_epoch),
         "data.source": dataset, "data.format": "canonical", "data.generate": None})
     path = run_dir / BEST_CONFIG

@@ -54,7 +54,7 @@ def build_libmf_avx(cache: Path) -> Path:
     work.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
                     "--dest", str(work), "libmf"], check=True)
-    with tarfile.open(sorted(glob.glob(str(work / "libmf-*.tar.gz")))[-1]) as sdist:
+    with tarfile.open(max(glob.glob(str(work / "libmf-*.tar.gz")))) as sdist:
         sdist.extractall(work, filter="data")
     sources = sorted(glob.glob(str(work / "libmf-*" / "src_cpp" / "*.cpp")))
     subprocess.run(["g++", *LIBMF_AVX_FLAGS, *sources, "-o", str(target)], check=True, capture_output=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from funkflow.pipeline.config import TUNABLE, Config, load_config
 from funkflow.pipeline.stages import run_pipeline
-from funkflow.pipeline.tune import draw_trials, tune, with_values
+from funkflow.pipeline.tune import draw_trials, tune
 
 SHAPES = {  # users, items, ratings, largest share of the items one user rates
     "ml-100k": (943, 1682, 100_000, 0.44),
@@ -56,7 +56,7 @@ def _grid(config: Config, root: Path, dataset: str) -> tuple[float, float, int]:
     best = None
     for trial in draw_trials(config):
         run_dir = root / f"grid-{trial.index:03d}"
-        trial_config = with_values(config, {
+        trial_config = config.with_values({
             **{TUNABLE[k]: v for k, v in trial.params.items()}, "train.epochs": config.tune.max_epochs,
             "train.early_stopping_patience": 0, "train.checkpoint_every": 0, "data.source": dataset,
             "data.format": "canonical", "data.generate": None, "output.run_dir": str(run_dir)})
@@ -85,13 +85,13 @@ def main() -> None:
         root = args.cache / shape
         shutil.rmtree(root, ignore_errors=True)
         values = {key: shipped[key.split(".")[0]][key.split(".")[1]] for key in SHIPPED}
-        base = with_values(_base(shape, root), values)  # the tune's trial 0 is the shipped config
+        base = _base(shape, root).with_values(values)  # the tune's trial 0 is the shipped config
         rmse, seconds = _summary(base)
         rows.append(f"| {shape} | shipped movielens.yaml | {rmse:.4f} | {seconds:.1f} | "
                     + ", ".join(f"{k.split('.')[1]} {v}" for k, v in values.items()) + " |")
         dataset = str((root / "base" / "data").resolve())
         for trials in args.trials:
-            config = with_values(base, {"tune.trials": trials, "tune.max_epochs": args.max_epochs,
+            config = base.with_values({"tune.trials": trials, "tune.max_epochs": args.max_epochs,
                                         "output.run_dir": str(root / f"tune-{trials}")})
             began = time.perf_counter()
             result = tune(config)
@@ -101,7 +101,7 @@ def main() -> None:
                         f"trial {best.trial}: " + ", ".join(f"{k} {v:g}" for k, v in best.params.items())
                         + f", {best.best_epoch} epochs; {len(result.results)} rung trainings |")
             if args.grid:
-                grid_config = with_values(config, {"data.source": dataset, "data.format": "canonical",
+                grid_config = config.with_values({"data.source": dataset, "data.format": "canonical",
                                                    "data.generate": None})
                 rmse, seconds, index = _grid(grid_config, root, dataset)
                 rows.append(f"| {shape} | grid of the same {trials}, {args.max_epochs} epochs each | {rmse:.4f} | "

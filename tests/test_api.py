@@ -138,3 +138,13 @@ def test_the_readme_example_runs_from_a_plain_script_without_a_main_guard(tmp_pa
                           env=cli_env(), check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "predicted" in done.stdout
+
+
+def test_fit_passes_values_not_yaml_text(tmp_path):
+    """A path with " #" in it (YAML would cut a comment there) and an option YAML would read as a date."""
+    run_dir = tmp_path / "runs #1" / "it's: here"
+    model = FunkSVD(k=2, epochs=2, run_dir=run_dir, options={"cluster.scheduler": "inprocess",
+                                                             "evaluate.relevance_threshold": 4})
+    model.fit(_table(n_users=40, n_items=20))
+    assert (run_dir / "model" / "model.json").is_file()
+    assert model.summary_["run_dir"] == str(run_dir)

@@ -202,10 +202,11 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_and_exit_130(tmp_path):
     command = [sys.executable, "-m", "funkflow", "run", "--run-dir", str(tmp_path / "run"), *TINY,
                "--set", "cluster.scheduler=local", "--set", "train.epochs=100000",
                "--set", "train.early_stopping_patience=0", "--set", "train.checkpoint_every=0"]
-    # As a shell starts a foreground job: its own process group, SIGINT not ignored.
-    driver = subprocess.Popen(command, cwd=tmp_path, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True, process_group=0,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # As a shell starts a foreground job: its own process group, SIGINT not ignored (a test runner started in
+    # the background would pass SIG_IGN on; exec keeps the default set here).
+    restore = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    driver = subprocess.Popen([sys.executable, "-c", restore, *command], cwd=tmp_path, env=cli_env(),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
     try:
         deadline = time.monotonic() + 120
         while not (metrics.exists() and len(metrics.read_text().splitlines()) > 3) and time.monotonic() < deadline:
