@@ -28,9 +28,16 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.config import load_config
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import read_folded_ratings, read_id_maps, read_model, score_pairs, write_model
-from funkflow.pipeline.train import EpochReport, Factors
-from funkflow.tasks.ingest import index_of
+from funkflow.pipeline.model import (
+    Factors,
+    read_folded_ratings,
+    read_id_maps,
+    read_model,
+    score_pairs,
+    write_model,
+)
+from funkflow.pipeline.train import EpochReport
+from funkflow.tasks.idmap import index_of
 
 log = logging.getLogger(__name__)
 

@@ -150,7 +150,8 @@ class CheckpointStore:
         otherwise it is passed over.
         """
         for path in self._epoch_dirs():
-            if max_epoch is not None and int(_EPOCH_DIR.search(path.rstrip("/"))[1]) > max_epoch:
+            found = _EPOCH_DIR.search(path.rstrip("/"))
+            if max_epoch is not None and found is not None and int(found[1]) > max_epoch:
                 continue
             checkpoint = self._verified(path, strict)
             if checkpoint is not None:

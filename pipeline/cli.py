@@ -237,7 +237,8 @@ def _tune(config: Config, args: argparse.Namespace) -> None:
     print(f"best of {len({r.trial for r in result.results})} trials: trial {best.trial} "
           f"({', '.join(f'{k} {v:g}' for k, v in best.params.items())}), validation RMSE {best.best_val:.4f} at "
           f"epoch {best.best_epoch}; config in {result.best_config}")
-    _print_summary(result.summary)
+    if result.summary is not None:
+        _print_summary(result.summary)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -310,20 +311,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{png}\n{page}")
             return EXIT_OK
         if args.verb == "fold-in":
-            report = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
-            print(f"{report.added:,} {args.side} folded in from {report.ratings_used:,} ratings; model in "
+            folded = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
+            print(f"{folded.added:,} {args.side} folded in from {folded.ratings_used:,} ratings; model in "
                   f"{args.out / 'model'}")
             return EXIT_OK
         if args.verb == "recommend":
             cluster = load_config(None).with_values(_command_line_values(args)).cluster if args.scheduler else None
-            report = recommend(args.run_dir, args.top, args.out, args.users, cluster)
-            print(f"top {args.top} for {report.n_users:,} users ({report.n_rows:,} rows) in {report.out}, "
-                  f"computed in {report.seconds:.1f}s")
+            lists = recommend(args.run_dir, args.top, args.out, args.users, cluster)
+            print(f"top {args.top} for {lists.n_users:,} users ({lists.n_rows:,} rows) in {lists.out}, "
+                  f"computed in {lists.seconds:.1f}s")
             return EXIT_OK
         if args.verb == "predict":
-            report = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
-            print(f"{report.n_pairs:,} predictions in {report.out} ({report.unknown_users:,} unknown users, "
-                  f"{report.unknown_items:,} unknown items)")
+            predicted = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
+            print(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
+                  f"users, {predicted.unknown_items:,} unknown items)")
             return EXIT_OK
         config = load_config(_config_of(args), args.overrides).with_values(_command_line_values(args))
         if args.verb == "tune":

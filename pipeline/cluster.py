@@ -13,7 +13,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from funkflow.pipeline.config import ClusterConfig
 from funkflow.pipeline.errors import ClusterError, ConfigError, WorkersLost
@@ -51,6 +51,33 @@ def _resolve(arg: Any) -> Any:
     if isinstance(arg, list | tuple):
         return type(arg)(_resolve(a) for a in arg)
     return arg
+
+
+class Executor(Protocol):
+    """Where tasks run: this process (:class:`InProcessExecutor`) or a Dask cluster (:class:`DaskExecutor`).
+
+    ``workers`` are the addresses a task can be pinned to (``[None]`` in-process); ``threads`` each one's
+    thread count. Results of one ``gather`` come back in submission order, whatever order they end in.
+    """
+
+    workers: list[str | None]
+    threads: dict[str | None, int]
+    total_threads: int
+    dashboard_link: str | None
+
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any: ...
+
+    def gather(self, futures: Sequence[Any]) -> list[Any]: ...
+
+    def gather_watching(self, futures: Sequence[Any]) -> list[Any]: ...
+
+    def cancel(self, futures: Sequence[Any]) -> None: ...
+
+    def run_everywhere(self, fn: Callable, *args: Any) -> None: ...
+
+    def refresh(self) -> None: ...
+
+    def install_exchange(self) -> None: ...
 
 
 class InProcessExecutor:
@@ -148,7 +175,7 @@ class DaskExecutor:
             except TimeoutError:  # no progress for a while: are the workers still there?
                 lost = expected - set(self.client.scheduler_info()["workers"])
                 if lost:
-                    raise WorkersLost(f"lost worker(s) {', '.join(sorted(lost))}") from None
+                    raise WorkersLost(f"lost worker(s) {', '.join(sorted(map(str, lost)))}") from None
             failed = [f for f in futures if f.status == "error"]
             if failed:
                 exc = failed[0].exception()
@@ -159,7 +186,6 @@ class DaskExecutor:
         return self.gather(futures)
 
 
-Executor = InProcessExecutor | DaskExecutor
 
 
 def _local_threads(cfg: ClusterConfig) -> int:
@@ -210,6 +236,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
         return
 
     address = cfg.scheduler if cfg.scheduler_file is None else _address_in(cfg.scheduler_file)
+    assert address is not None, "unset cluster.scheduler runs here or on a LocalCluster, above"
     security = _security(cfg, address)
     try:
         client = Client(address, timeout=f"{cfg.timeout}s", security=security)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -70,6 +71,11 @@ class DataConfig(_Section):
 
     def sources(self) -> list[str]:
         return [self.source] if isinstance(self.source, str) else list(self.source or [])
+
+    def dataset_dir(self) -> str:
+        """The dataset directory of ``format: canonical`` (one directory, as validated)."""
+        assert isinstance(self.source, str), "a canonical data.source is one directory"
+        return self.source
 
 
 class SplitConfig(_Section):
@@ -317,7 +323,7 @@ def _field_names(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(errors: list[dict], source: str) -> str:
+def _describe(errors: Sequence[Any], source: str) -> str:
     lines = []
     for err in errors:
         loc = tuple(str(p) for p in err["loc"])

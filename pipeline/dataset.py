@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 from funkflow.pipeline.cluster import Executor
 from funkflow.pipeline.errors import DataError
 from funkflow.pipeline.rundir import built_in_place
-from funkflow.tasks.ingest import write_ids
+from funkflow.tasks.idmap import write_ids
 from funkflow.tasks.io import read_json, write_json
 from funkflow.tasks.synthetic import (
     RATING_MAX,

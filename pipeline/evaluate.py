@@ -17,7 +17,7 @@ import numpy as np
 from funkflow.pipeline.cluster import Executor
 from funkflow.pipeline.config import EvaluateConfig
 from funkflow.pipeline.model import verify_model
-from funkflow.pipeline.train import BlockPlacement, rmse, sum_row_errors
+from funkflow.pipeline.placement import BlockPlacement, rmse, sum_row_errors
 from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
 from funkflow.tasks.blocks import TEST, TRAIN
 from funkflow.tasks.recommend import item_counts, ranking_row

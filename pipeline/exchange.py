@@ -157,7 +157,7 @@ class DSGDExchange(WorkerPlugin):
 
         def send(index: int, step: int, col: int, state: FactorState) -> None:
             address = plan.workers[index]
-            if address == self.address:
+            if address is None or address == self.address:  # None: a plan for one process
                 mailbox.put(step, col, state)
                 return
             if address not in outboxes:

@@ -18,10 +18,9 @@ import pyarrow.compute as pc
 
 from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.ingest import IngestOptions, read_rating_rows
-from funkflow.pipeline.model import read_folded_ratings, read_id_maps, read_model, write_model
-from funkflow.pipeline.train import Factors
+from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
 from funkflow.tasks.foldin import fold_in
-from funkflow.tasks.ingest import index_of
+from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json
 
 log = logging.getLogger(__name__)

@@ -33,6 +33,7 @@ from funkflow.pipeline.dataset import DATASET_JSON, Dataset, open_dataset
 from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.rundir import built_in_place
 from funkflow.tasks import parse
+from funkflow.tasks.idmap import merge_ids, read_ids, sorted_ids, write_ids
 from funkflow.tasks.ingest import (
     FORMATS,
     LINE_BITS,
@@ -42,14 +43,10 @@ from funkflow.tasks.ingest import (
     SourceError,
     chunk_pieces,
     encode_chunk,
-    merge_ids,
     parquet_chunks,
     parse_chunk,
-    read_ids,
     resolve_bucket,
     scan_text,
-    sorted_ids,
-    write_ids,
 )
 from funkflow.tasks.io import file_sha256, write_bytes, write_json, write_parquet
 
@@ -248,7 +245,7 @@ def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
 def _movielens_layout(url: str) -> parse.Layout:
     name = _file_name(url)
     first = first_line(url)
-    four = {"user": 0, "item": 1, "rating": 2, "time": 3}
+    four: dict[str, int | None] = {"user": 0, "item": 1, "rating": 2, "time": 3}
     if name == "ratings.dat" or "::" in first:
         return parse.Layout("delimited", "::", 4, four, int_ids=True, time_kind="unix")
     if name == "u.data" or "\t" in first:
@@ -413,7 +410,8 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
                 digest.update(r["sha256"].encode())
             for name in ("users.parquet", "items.parquet"):
                 digest.update(file_sha256(tmp / name).encode())
-            kept, rejected = Counter(), Counter()
+            kept: Counter[int] = Counter()  # by source index
+            rejected: Counter[int] = Counter()
             for chunk_stats in stats:
                 kept[chunk_stats["source"]] += chunk_stats["rows"]
                 rejected[chunk_stats["source"]] += sum(chunk_stats["rejects"].values())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +12,27 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.errors import DataError
 from funkflow.pipeline.rundir import built_in_place
-from funkflow.pipeline.train import Factors
 from funkflow.tasks.artifacts import MODEL, ArtifactError, load_array, verify, write_manifest
-from funkflow.tasks.ingest import read_ids, write_ids
+from funkflow.tasks.idmap import read_ids, write_ids
 from funkflow.tasks.io import read_json, write_json, write_npy, write_parquet
+
+
+@dataclass(frozen=True)
+class Factors:
+    """A trained model in global index order.
+
+    ``P`` (n_users, k) float32, ``Q`` (n_items, k) float32, ``user_bias``
+    (n_users,) float32, ``item_bias`` (n_items,) float32; ``global_mean`` is 0.0
+    for a k-only model.
+    """
+
+    P: np.ndarray
+    Q: np.ndarray
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    global_mean: float
+
+
 
 ARRAYS = {"P": "P.npy", "Q": "Q.npy", "user_bias": "user_bias.npy", "item_bias": "item_bias.npy"}
 # What the model's folded-in users rated (user and item index pairs, sorted): there are no training blocks for

@@ -155,7 +155,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     n, n_users, n_items = 1_000_000, 20_000, 4_000
     keys = np.unique(rng.integers(0, n_users * n_items, n))
     block = BlockRatings((keys // n_items).astype(np.int32), (keys % n_items).astype(np.int32),
-                         rng.integers(1, 6, keys.shape[0]).astype(np.float32))
+                         np.asarray(rng.integers(1, 6, keys.shape[0]), dtype=np.float32))
     train = TrainConfig()
     visit = visiting_order(block, train.order, train.users_per_run, train.tile_items, seed=0)
     P = padded_rows(rng.normal(0, 0.1, (n_users, k)).astype(np.float32))

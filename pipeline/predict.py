@@ -24,7 +24,8 @@ from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.ingest import expand_sources, first_line
 from funkflow.pipeline.model import read_id_maps, read_model, score_pairs
 from funkflow.tasks import parse
-from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces, index_of
+from funkflow.tasks.idmap import index_of
+from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces
 
 log = logging.getLogger(__name__)
 

@@ -23,9 +23,9 @@ from funkflow.pipeline.blocking import open_blocks
 from funkflow.pipeline.cluster import Executor, open_executor
 from funkflow.pipeline.config import ClusterConfig, load_config
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import read_folded_ratings, read_id_maps, read_model, verify_model
-from funkflow.pipeline.train import BlockPlacement, Factors
-from funkflow.tasks.ingest import index_of
+from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
+from funkflow.pipeline.placement import BlockPlacement
+from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, write_parquet
 from funkflow.tasks.recommend import positions_in_runs, recommend_row, recommend_users
 
@@ -164,7 +164,8 @@ def _from_blocks(run_dir: Path, wanted: np.ndarray | None, top: int, executor: E
     futures = [executor.submit(recommend_row, row_blocks[r], str(run_dir / "model"), blocks.n_items, blocks.d,
                                blocks.seed, top, wanted, name="recommend_row", worker=placement.owner(r))
                for r in range(blocks.d)]
-    return RecommendationLists(*(np.concatenate(column) for column in zip(*executor.gather(futures))))
+    users, items, scores = (np.concatenate(column) for column in zip(*executor.gather(futures)))
+    return RecommendationLists(users, items, scores)
 
 
 def recommendation_table(users: np.ndarray, items: np.ndarray, scores: np.ndarray, user_ids: pa.Array,

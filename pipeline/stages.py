@@ -39,10 +39,11 @@ from funkflow.pipeline.evaluate import evaluate
 from funkflow.pipeline.ingest import estimated_ratings, expand_sources, ingest, ingest_options, source_stamp
 from funkflow.pipeline.logs import stage_context
 from funkflow.pipeline.model import export_model, read_id_maps, verify_model, write_model
+from funkflow.pipeline.placement import BlockPlacement
 from funkflow.pipeline.plan import auto_d
 from funkflow.pipeline.rundir import RunDir
-from funkflow.pipeline.train import BlockPlacement, EpochReport, WarmStart, train
-from funkflow.tasks.ingest import index_of
+from funkflow.pipeline.train import EpochReport, WarmStart, train
+from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, update_text, write_json, write_text
 from funkflow.tasks.synthetic import SyntheticSpec
 
@@ -116,16 +117,21 @@ class Pipeline:
                 began = time.perf_counter()
                 facts = work() or {}
                 self.run.mark_complete(name, fingerprint, time.perf_counter() - began, **facts)
-                record = self.run.completed(name, fingerprint)
+                record = self._stage_record(name, fingerprint)
                 self.ran.append(name)
                 log.info("%s: done in %.1fs", name, record["seconds"])
         self.seconds[name] = record["seconds"]
         return record
 
+    def _stage_record(self, name: str, fingerprint: str) -> dict[str, Any]:
+        record = self.run.completed(name, fingerprint)
+        assert record is not None, f"{name} ran before"
+        return record
+
     def dataset(self) -> tuple[Dataset, str]:
         data = self.config.data
         if data.generate is None and data.format == "canonical":
-            dataset = open_dataset(data.source)
+            dataset = open_dataset(data.dataset_dir())
             return dataset, dataset.fingerprint
         if data.generate is None:
             files = expand_sources(data.sources())
@@ -139,10 +145,11 @@ class Pipeline:
             self._stage("ingest", fingerprint, ingest_work, self.run.data / "dataset.json")
             return open_dataset(self.run.data), fingerprint
         fingerprint = self.config.fingerprint("data")
+        generate = data.generate
+        assert generate is not None, "data.source or data.generate, as validated"
 
         def work() -> None:
-            generate_dataset(self.executor, synthetic_spec(data.generate), self.run.data,
-                             data.generate.ratings_per_part)
+            generate_dataset(self.executor, synthetic_spec(generate), self.run.data, generate.ratings_per_part)
 
         self._stage("generate", fingerprint, work, self.run.data / "dataset.json")
         return open_dataset(self.run.data), fingerprint
@@ -153,10 +160,12 @@ class Pipeline:
         split, data = self.config.split, self.config.data
         if split.method != "given":
             return None
-        fs, path = fsspec.core.url_to_fs(split.test_source)
+        source = split.test_source
+        assert source is not None, "split.method given has a test_source, as validated"
+        fs, path = fsspec.core.url_to_fs(source)
         if fs.isfile(f"{path.rstrip('/')}/dataset.json"):
-            return given_test_set(split.test_source, dataset)
-        files = expand_sources([split.test_source])
+            return given_test_set(source, dataset)
+        files = expand_sources([source])
         fmt = data.format if data.format != "canonical" else "parquet" if files[0].endswith(".parquet") else "csv"
         scale = dataset.meta.get("rating_scale")
         options = ingest_options(data).model_copy(update={
@@ -280,7 +289,7 @@ class Pipeline:
             **{k: record[k] for k in ("test_rmse", "test_mae", "train_rmse", "baselines", "n_test")},
             "ranking": record.get("ranking"),
             "floor_rmse": record.get("floor_rmse"),
-            "epochs": self.run.completed("train", upstream)["epochs"],
+            "epochs": self._stage_record("train", upstream)["epochs"],
             "k": c.model.k, "d": blocks.d, "seed": c.train.seed,
             "n_ratings": dataset.n_ratings,
             "dataset_fingerprint": dataset.fingerprint,
@@ -359,7 +368,7 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     if config.data.generate is not None:
         n_ratings = synthetic_spec(config.data.generate).n_ratings
     elif config.data.format == "canonical":
-        n_ratings = open_dataset(config.data.source).n_ratings
+        n_ratings = open_dataset(config.data.dataset_dir()).n_ratings
     else:
         n_ratings = estimated_ratings(config.data.sources())
         ingest_options(config.data).scale()

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.blocking import Blocks
 from funkflow.pipeline.checkpoints import Checkpoint, CheckpointStore
 from funkflow.pipeline.cluster import Executor
 from funkflow.pipeline.config import ModelConfig, TrainConfig
@@ -41,11 +40,12 @@ from funkflow.pipeline.exchange import (
     release_training,
     write_checkpoint_share,
 )
-from funkflow.tasks.blocks import TRAIN, VALIDATION, load_row_block
+from funkflow.pipeline.model import Factors
+from funkflow.pipeline.placement import BlockPlacement, rmse, row_sum
+from funkflow.tasks.blocks import TRAIN, VALIDATION
 from funkflow.tasks.epoch import EpochPlan, StartFrom, rows_of
-from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 from funkflow.tasks.schedule import stratum_shifts
-from funkflow.tasks.training import Hyper, row_errors
+from funkflow.tasks.training import Hyper
 
 log = logging.getLogger(__name__)
 
@@ -70,22 +70,6 @@ class EpochReport:
 
 
 @dataclass(frozen=True)
-class Factors:
-    """A trained model in global index order.
-
-    ``P`` (n_users, k) float32, ``Q`` (n_items, k) float32, ``user_bias``
-    (n_users,) float32, ``item_bias`` (n_items,) float32; ``global_mean`` is 0.0
-    for a k-only model.
-    """
-
-    P: np.ndarray
-    Q: np.ndarray
-    user_bias: np.ndarray
-    item_bias: np.ndarray
-    global_mean: float
-
-
-@dataclass(frozen=True)
 class WarmStart:
     """A previous model to start from: ``user_previous[u]`` is new user u's row in it, or -1; items alike."""
 
@@ -99,57 +83,6 @@ class TrainResult:
     factors: Factors
     history: list[EpochReport]
     best_epoch: int
-
-
-class BlockPlacement:
-    """Which worker owns each row block, and the users / items of every block."""
-
-    def __init__(self, executor: Executor, blocks: Blocks) -> None:
-        self.executor = executor
-        self.blocks = blocks
-        self.user_members = block_layout(blocks.n_users, blocks.d, blocks.seed, SALT_ROWS)[2]
-        self.item_members = block_layout(blocks.n_items, blocks.d, blocks.seed, SALT_COLUMNS)[2]
-
-    def owner(self, row: int) -> str | None:
-        workers = self.executor.workers
-        return workers[row % len(workers)]
-
-    def load_row_blocks(self) -> list[Any]:
-        """Futures of the d row blocks, each read from Parquet on its owner."""
-        b = self.blocks
-        return [
-            self.executor.submit(load_row_block, str(b.root), r, b.d, b.n_users, b.n_items, b.seed,
-                                 name="load_row_block", worker=self.owner(r))
-            for r in range(b.d)
-        ]
-
-
-def submit_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
-                      item_states: list[Any], global_mean: float, splits: tuple[int, ...]) -> list[Any]:
-    """Futures of each row block's error sums over ``splits`` (see :func:`funkflow.tasks.training.row_errors`)."""
-    return [executor.submit(row_errors, row_blocks[r], user_states[r], item_states, global_mean, splits,
-                            name="row_errors", worker=placement.owner(r))
-            for r in range(len(row_blocks))]
-
-
-def summed_row_errors(executor: Executor, futures: list[Any]) -> np.ndarray:
-    """The sum of :func:`submit_row_errors`' results, array of shape (3, d, 3): ``[split, col] = (Σe², Σ|e|, n)``.
-
-    Row blocks are added in row order, never in the order results arrive.
-    """
-    return _row_sum(np.asarray(executor.gather(futures)))
-
-
-def sum_row_errors(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], user_states: list[Any],
-                   item_states: list[Any], global_mean: float, splits: tuple[int, ...]) -> np.ndarray:
-    """Error sums of all blocks over ``splits`` (see :func:`summed_row_errors`)."""
-    return summed_row_errors(executor, submit_row_errors(executor, placement, row_blocks, user_states, item_states,
-                                                         global_mean, splits))
-
-
-def rmse(errors: np.ndarray, code: int) -> float | None:
-    sse, _, n = errors[code].sum(axis=0)
-    return math.sqrt(sse / n) if n else None
 
 
 def _next_lr(lr: float, cfg: TrainConfig, history: list[EpochReport]) -> float:
@@ -179,12 +112,13 @@ def _bold_driver_factor(history: list[EpochReport]) -> float:
         return 1.05
     if last.train_rmse >= earlier[-1].train_rmse:
         return 0.5
-    if last.val_rmse is None:
+    earlier_val = [r.val_rmse for r in earlier if r.val_rmse is not None]
+    if last.val_rmse is None or not earlier_val:
         return 1.05
-    best = min(r.val_rmse for r in earlier)
+    best = min(earlier_val)
     if last.val_rmse <= best * (1 + _NOISE):
         return 1.05
-    improved_on_first = best < earlier[0].val_rmse
+    improved_on_first = best < earlier_val[0]
     return 0.5 if improved_on_first else 1.0
 
 
@@ -250,7 +184,7 @@ class _Session:
         per_worker = self._gather(self._submit_each(load_share, "load_share", source, self.train_id, version,
                                                     self._rows, lambda i: self.workers[i], self.global_mean,
                                                     measure))
-        return _row_sum(self._by_row(per_worker))
+        return row_sum(self._by_row(per_worker))
 
     def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...],
               write_start: str | None) -> tuple[float, np.ndarray, dict[str, str]]:
@@ -271,7 +205,7 @@ class _Session:
         sse = self._by_row([o.sse for o in outcomes])
         files = {name: digest for o in outcomes for name, digest in o.files.items()}
         train_sse = sum(float(sse[r, t]) for t in range(d) for r in range(d))
-        return train_sse, _row_sum(self._by_row([o.errors for o in outcomes])), files
+        return train_sse, row_sum(self._by_row([o.errors for o in outcomes])), files
 
     def write(self, version: str, url: str) -> dict[str, str]:
         """Write ``version`` as a checkpoint at ``url``; the files written, name → SHA-256."""
@@ -302,14 +236,6 @@ class _Session:
             self.executor.run_everywhere(release_training, self.train_id)
         except Exception as exc:  # the cluster may be what failed; its workers drop the run with it
             log.debug("could not release training %s: %r", self.train_id, exc)
-
-
-def _row_sum(by_row: np.ndarray) -> np.ndarray:
-    """Sum over the first axis, row after row."""
-    total = np.zeros(by_row.shape[1:])
-    for part in by_row:
-        total += part
-    return total
 
 
 @dataclass
@@ -412,17 +338,18 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
     unwritten: dict[int, dict[str, Any]] = {}
 
     def commit(epoch: int, files: dict[str, str]) -> None:
+        assert checkpoints is not None, "only due checkpoints are committed"
         began = time.perf_counter()
         checkpoints.commit(epoch, files, unwritten.pop(epoch), protect=loop.best[1] if loop.best else None)
         log.debug("checkpoint of epoch %d committed in %.3fs", epoch, time.perf_counter() - began)
 
     while loop.epoch < cfg.epochs:
-        if loop.stops_early(cfg):
+        if loop.stops_early(cfg) and loop.best is not None:
             log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
                      cfg.early_stopping_patience, loop.best[1])
             break
         epoch = loop.epoch
-        write_start = checkpoints.prepare(epoch) if epoch in unwritten else None
+        write_start = checkpoints.prepare(epoch) if checkpoints is not None and epoch in unwritten else None
         hyper = Hyper(lr=loop.lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
                       global_mean=session.global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
                       tile_items=cfg.tile_items)
@@ -458,7 +385,7 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
         if due(loop.epoch):
             unwritten[loop.epoch] = loop.state(cfg)
 
-    if loop.epoch in unwritten:  # the last epoch's checkpoint has no next epoch to hide behind
+    if checkpoints is not None and loop.epoch in unwritten:  # the last checkpoint has no next epoch to hide behind
         commit(loop.epoch, session.write(_version(loop.epoch), checkpoints.prepare(loop.epoch)))
     best_epoch = loop.best[1] if loop.best else loop.epoch
     return TrainResult(factors=session.collect(_version(best_epoch), model.k), history=loop.history,

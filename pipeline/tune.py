@@ -102,9 +102,8 @@ def refit_values(config: Config, epochs: int) -> dict[str, Any]:
     """The keys that turn a config into its refit: the validation ratings train too, for ``epochs`` epochs.
 
     The test ratings stay the same: every split method draws them before validation."""
-    split = {"hash": {"split.validation_fraction": 0.0}, "time": {"split.validation_fraction": 0.0},
-             "given": {"split.validation_fraction": 0.0},
-             "per_user": {"split.validation_per_user": 0}}[config.split.method]
+    key = "split.validation_per_user" if config.split.method == "per_user" else "split.validation_fraction"
+    split: dict[str, Any] = {key: 0}
     return {**split, "train.epochs": epochs, "train.early_stopping_patience": 0}
 
 
@@ -190,8 +189,8 @@ def _prepared_dataset(config: Config, root: Path) -> tuple[str, str, int]:
     """The canonical dataset the trials and the final run read: the config's own, or its files ingested
     (its ratings generated) once under ``root``."""
     if config.data.generate is None and config.data.format == "canonical":
-        dataset = open_dataset(config.data.source)
-        return str(Path(config.data.source).resolve()), dataset.fingerprint, dataset.n_ratings
+        dataset = open_dataset(config.data.dataset_dir())
+        return str(Path(config.data.dataset_dir()).resolve()), dataset.fingerprint, dataset.n_ratings
     with _quiet():
         run_pipeline(config.with_values({"output.run_dir": str(root / "prepared")}), last="generate", retrain=True)
     dataset = open_dataset(root / "prepared" / "data")

@@ -32,8 +32,9 @@ from funkflow.pipeline.blocking import block_dataset, open_blocks
 from funkflow.pipeline.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
 from funkflow.pipeline.config import load_config
 from funkflow.pipeline.dataset import generate_dataset, open_dataset
+from funkflow.pipeline.placement import BlockPlacement
 from funkflow.pipeline.stages import synthetic_spec
-from funkflow.pipeline.train import BlockPlacement, train
+from funkflow.pipeline.train import train
 
 log = logging.getLogger("bench")
 

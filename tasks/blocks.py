@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -40,6 +41,10 @@ def split_codes(users: np.ndarray, items: np.ndarray, test_fraction: float, vali
     return codes
 
 
+# How ratings are split; ``test_set`` marks the parts of a given test set (split.method given).
+SplitMethod = Literal["hash", "per_user", "time", "given", "test_set"]
+
+
 @dataclass(frozen=True)
 class SplitRule:
     """How ratings are split (plain values, cheap to ship; see ``split`` in the config).
@@ -53,7 +58,7 @@ class SplitRule:
     another dataset (whose parts use ``test_set``); the hash picks validation.
     """
 
-    method: str = "hash"
+    method: SplitMethod = "hash"
     test_fraction: float = 0.1
     validation_fraction: float = 0.05
     seed: int = 0
@@ -73,6 +78,7 @@ def assign_splits(users: np.ndarray, items: np.ndarray, times: np.ndarray | None
         codes = np.full(users.shape[0], TRAIN, dtype=np.int8)
         codes[u < rule.validation_fraction] = VALIDATION
         if rule.method == "time":
+            assert times is not None and rule.cutoff is not None, "a time split has times and a cutoff"
             codes[times >= rule.cutoff] = TEST
         return codes
     # per_user: rank each user's ratings from the latest.

@@ -23,7 +23,7 @@ import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar
+from typing import Literal, TypeVar, cast
 
 import numpy as np
 
@@ -190,9 +190,9 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
     def work() -> None:
         try:
             while (got := mailbox.wait_for(next_block, check)) is not _DONE:
-                step, r, item = got  # type: ignore[misc]
+                step, r, item_state = cast(tuple[int, int, FactorState], got)
                 c = plan.col(r, step)
-                user, item, block_sse = sgd_update(row_blocks[r], c, users[r], item, plan.hyper,
+                user, item, block_sse = sgd_update(row_blocks[r], c, users[r], item_state, plan.hyper,
                                                    block_order_seed(root, plan.epoch, step, r, c),
                                                    f"epoch {plan.epoch} stratum {step} block {r},{c}")
                 sse[position[r], step] = block_sse

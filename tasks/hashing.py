@@ -7,6 +7,8 @@ worker computes them and however the Parquet parts were cut.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -20,7 +22,7 @@ SALT_ROWS = 2
 SALT_COLUMNS = 3
 
 
-def mix64(x: np.ndarray) -> np.ndarray:
+def mix64(x: Any) -> Any:
     """SplitMix64 finaliser, elementwise over uint64 (wrapping arithmetic)."""
     x = np.asarray(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
@@ -29,7 +31,7 @@ def mix64(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _seed_key(seed: int, salt: int) -> np.uint64:
+def _seed_key(seed: int, salt: int) -> Any:
     with np.errstate(over="ignore"):
         return mix64(np.uint64(seed) * _GOLDEN + np.uint64(salt))[()]
 

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from funkflow.tasks import parse
+from funkflow.tasks.idmap import distinct_ids, index_of
 from funkflow.tasks.io import file_sha256, write_parquet
 
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
@@ -136,14 +137,16 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
     size = fs.size(path)
     if _is_compressed(source.url) or size <= chunk_bytes:
         return [Chunk(source)]
-    netflix = source.layout.kind.startswith("netflix")
+    layout = source.layout
+    assert layout is not None, "a text source has a layout"
+    netflix = layout.kind.startswith("netflix")
     chunks: list[Chunk] = []
     # ``opened``: the header above the chunk being cut; ``seen``: the last header read so far.
     start, first_line, opened, seen = 0, 1, None, None
     offset = 0
     for data, lines_before in read_pieces(source.url, 0, None, PIECE_BYTES):
         if netflix:
-            piece = _HeaderIndex(data, lines_before, source.layout.kind == "netflix_pairs")
+            piece = _HeaderIndex(data, lines_before, layout.kind == "netflix_pairs")
 
         # Boundaries inside this piece: the first line start at or after each multiple of chunk_bytes.
         while offset + len(data) > start + chunk_bytes:
@@ -216,12 +219,14 @@ def chunk_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.Par
         yield from _parquet_pieces(chunk, scale)
         return
     context = chunk.context
+    layout = source.layout
+    assert layout is not None, "a text source has a layout"
     for data, lines_before in read_pieces(source.url, chunk.start, chunk.end, PIECE_BYTES):
         first = chunk.first_line + lines_before
-        if source.layout.kind == "delimited":
-            yield parse.parse_delimited(data, first, source.layout, scale)
+        if layout.kind == "delimited":
+            yield parse.parse_delimited(data, first, layout, scale)
         else:
-            parsed = parse.parse_netflix(data, first, context, scale, pairs=source.layout.kind == "netflix_pairs")
+            parsed = parse.parse_netflix(data, first, context, scale, pairs=layout.kind == "netflix_pairs")
             context = parsed.context
             yield parsed
 
@@ -285,71 +290,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject,
              "int_like": int_like, "has_time": has_time, "staged": str(out) if rows else None,
              "rating_min": low, "rating_max": high, "whole": whole, "halves": halves}
-    return {"stats": stats, "users": _union(users), "items": _union(items)}
-
-
-def _as_strings(ids: pa.Array) -> pa.Array:
-    return ids if pa.types.is_large_string(ids.type) else pc.cast(ids, pa.large_string())
-
-
-def _union(arrays: list[Any]) -> pa.Array:
-    """The distinct ids of ``arrays`` (int64, or strings when any array holds strings)."""
-    arrays = [a for a in arrays if a is not None and len(a)]
-    if not arrays:
-        return pa.array([], type=pa.int64())
-    if any(not pa.types.is_integer(a.type) for a in arrays):
-        arrays = [_as_strings(a) for a in arrays]
-    else:
-        arrays = [pc.cast(a, pa.int64()) for a in arrays]
-    return pc.unique(pa.concat_arrays(arrays))
-
-
-def merge_ids(*arrays: pa.Array) -> pa.Array:
-    """Distinct ids of several chunks (a node of the merge tree)."""
-    return _union(list(arrays))
-
-
-def sorted_ids(ids: pa.Array, as_int: bool) -> pa.Array:
-    """The final id map: distinct ids in sorted order (numeric when ``as_int``), index = position."""
-    if as_int:
-        values = np.unique(pc.cast(ids, pa.int64()).to_numpy(zero_copy_only=False))
-        return pa.array(values, type=pa.int64())
-    ids = _as_strings(ids)
-    return pc.take(ids, pc.sort_indices(ids))
-
-
-def index_of(values: pa.Array, ids: pa.Array) -> np.ndarray:
-    """Position of each raw id in the sorted id map ``ids``, int64, or -1 when the map lacks it.
-
-    Integer maps match integer-looking strings by value; string maps match
-    integers by their decimal text.
-    """
-    if pa.types.is_integer(ids.type):
-        if pa.types.is_integer(values.type):
-            good = np.ones(len(values), dtype=bool)
-            wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
-        else:
-            digits, overflow = parse.int_like(values)
-            good = digits & ~overflow
-            wanted = np.full(len(values), -1, dtype=np.int64)
-            wanted[good] = pc.cast(pc.filter(values, pa.array(good)), pa.int64()).to_numpy()
-        sorted_ids = ids.to_numpy()
-        if sorted_ids.shape[0] == 0:
-            return np.full(len(values), -1, dtype=np.int64)
-        pos = np.minimum(np.searchsorted(sorted_ids, wanted), sorted_ids.shape[0] - 1)
-        return np.where(good & (sorted_ids[pos] == wanted), pos, -1)
-    found = pc.index_in(_as_strings(values), value_set=_as_strings(ids))
-    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-
-
-def write_ids(ids: pa.Array, path: str | Path) -> None:
-    """Write an id map: ``index`` (int32, the dense index) and the raw ``id`` at that index."""
-    write_parquet(pa.table({"index": pa.array(np.arange(len(ids), dtype=np.int32)), "id": ids}), path)
-
-
-def read_ids(path: str) -> pa.Array:
-    """The ``id`` column of an id map (``users.parquet`` / ``items.parquet``), in index order."""
-    return pq.read_table(path, columns=["id"])["id"].combine_chunks()
+    return {"stats": stats, "users": distinct_ids(users), "items": distinct_ids(items)}
 
 
 def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array, n_buckets: int,
@@ -412,7 +353,8 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     starts = np.flatnonzero(new_pair)
     sizes = np.diff(np.append(starts, users.shape[0]))
     duplicated = sizes > 1
-    result = {"pairs": int(duplicated.sum()), "dropped": int((sizes - 1).sum()), "first_duplicate": None}
+    result: dict[str, Any] = {"pairs": int(duplicated.sum()), "dropped": int((sizes - 1).sum()),
+                              "first_duplicate": None}
     if duplicated.any():
         where = starts[duplicated]
         first = int(np.argmin(pos[where]))  # report the pair whose first row comes first in the sources

@@ -29,6 +29,8 @@ call them (``tasks/training.py``) hand them private copies.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numba
 import numpy as np
 
@@ -36,7 +38,7 @@ import numpy as np
 # deterministic for a given machine, which is what the bit-identity guarantees
 # need. No 'nnan'/'ninf': divergence must stay visible as NaN/inf.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
-_JIT = dict(nopython=True, nogil=True, cache=True, fastmath=_FASTMATH)
+_JIT: dict[str, Any] = {"nopython": True, "nogil": True, "cache": True, "fastmath": _FASTMATH}
 
 
 @numba.jit(**_JIT)

@@ -117,6 +117,7 @@ def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: i
     ratings (float32; the popularity for the baseline); per user best first.
     """
     if popularity is None:
+        assert model_dir is not None, "a model or a popularity"
         P = read_model_array(model_dir, "P.npy", mmap=True)
         user_bias = read_model_array(model_dir, "user_bias.npy", mmap=True)
         Q, item_bias, global_mean = _item_model(model_dir)
@@ -182,13 +183,13 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
     from funkflow.tasks.blocks import TEST
 
     item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
-    users, items = [], []
+    user_parts, item_parts = [], []
     for col, block in enumerate(row_block.split(TEST)):
         good = block.ratings >= threshold
-        users.append(row_block.user_ids[block.users[good]].astype(np.int64))
-        items.append(item_members[col][block.items[good]])
-    users = np.concatenate(users) if users else np.zeros(0, np.int64)
-    items = np.concatenate(items) if items else np.zeros(0, np.int64)
+        user_parts.append(row_block.user_ids[block.users[good]].astype(np.int64))
+        item_parts.append(item_members[col][block.items[good]])
+    users = np.concatenate(user_parts) if user_parts else np.zeros(0, np.int64)
+    items = np.concatenate(item_parts) if item_parts else np.zeros(0, np.int64)
     if wanted is not None:
         keep = np.isin(users, wanted)
         users, items = users[keep], items[keep]

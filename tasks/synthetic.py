@@ -165,7 +165,7 @@ def _sample_items(users: np.ndarray, want: np.ndarray, first_user: int, cdf: np.
     leave the working set once complete so late rounds stay small.
     """
     n_items = cdf.shape[0]
-    finished = []
+    finished: list[np.ndarray] = []
     pending = np.empty(0, dtype=np.int64)
     need = want.copy()
     for _ in range(1000):

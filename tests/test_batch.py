@@ -204,7 +204,8 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_and_exit_130(tmp_path):
                "--set", "train.early_stopping_patience=0", "--set", "train.checkpoint_every=0"]
     # As a shell starts a foreground job: its own process group, SIGINT not ignored (a test runner started in
     # the background would pass SIG_IGN on; exec keeps the default set here).
-    restore = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    restore = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+               "os.execv(sys.argv[1], sys.argv[1:])")
     driver = subprocess.Popen([sys.executable, "-c", restore, *command], cwd=tmp_path, env=cli_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, process_group=0)
     try:

@@ -1,0 +1,82 @@
+"""Id maps: the sorted raw ids of a dataset's users (or items), whose positions are their dense indices.
+
+Integers when every raw id is one, else strings; ``users.parquet`` and ``items.parquet`` hold them. Every
+stage that meets raw ids (ingest, predict, recommend, fold-in, warm starts, the API) goes through here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from funkflow.tasks import parse
+from funkflow.tasks.io import write_parquet
+
+
+def _as_strings(ids: pa.Array) -> pa.Array:
+    return ids if pa.types.is_large_string(ids.type) else pc.cast(ids, pa.large_string())
+
+
+def distinct_ids(arrays: list[Any]) -> pa.Array:
+    """The distinct ids of ``arrays`` (int64, or strings when any array holds strings)."""
+    arrays = [a for a in arrays if a is not None and len(a)]
+    if not arrays:
+        return pa.array([], type=pa.int64())
+    if any(not pa.types.is_integer(a.type) for a in arrays):
+        arrays = [_as_strings(a) for a in arrays]
+    else:
+        arrays = [pc.cast(a, pa.int64()) for a in arrays]
+    return pc.unique(pa.concat_arrays(arrays))
+
+
+def merge_ids(*arrays: pa.Array) -> pa.Array:
+    """Distinct ids of several chunks (a node of the merge tree)."""
+    return distinct_ids(list(arrays))
+
+
+def sorted_ids(ids: pa.Array, as_int: bool) -> pa.Array:
+    """The final id map: distinct ids in sorted order (numeric when ``as_int``), index = position."""
+    if as_int:
+        values = np.unique(pc.cast(ids, pa.int64()).to_numpy(zero_copy_only=False))
+        return pa.array(values, type=pa.int64())
+    ids = _as_strings(ids)
+    return pc.take(ids, pc.sort_indices(ids))
+
+
+def index_of(values: pa.Array, ids: pa.Array) -> np.ndarray:
+    """Position of each raw id in the sorted id map ``ids``, int64, or -1 when the map lacks it.
+
+    Integer maps match integer-looking strings by value; string maps match
+    integers by their decimal text.
+    """
+    if pa.types.is_integer(ids.type):
+        if pa.types.is_integer(values.type):
+            good = np.ones(len(values), dtype=bool)
+            wanted = pc.cast(values, pa.int64()).to_numpy(zero_copy_only=False)
+        else:
+            digits, overflow = parse.int_like(values)
+            good = digits & ~overflow
+            wanted = np.full(len(values), -1, dtype=np.int64)
+            wanted[good] = pc.cast(pc.filter(values, pa.array(good)), pa.int64()).to_numpy()
+        sorted_ids = ids.to_numpy()
+        if sorted_ids.shape[0] == 0:
+            return np.full(len(values), -1, dtype=np.int64)
+        pos = np.minimum(np.searchsorted(sorted_ids, wanted), sorted_ids.shape[0] - 1)
+        return np.where(good & (sorted_ids[pos] == wanted), pos, -1)
+    found = pc.index_in(_as_strings(values), value_set=_as_strings(ids))
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+
+
+def write_ids(ids: pa.Array, path: str | Path) -> None:
+    """Write an id map: ``index`` (int32, the dense index) and the raw ``id`` at that index."""
+    write_parquet(pa.table({"index": pa.array(np.arange(len(ids), dtype=np.int32)), "id": ids}), path)
+
+
+def read_ids(path: str) -> pa.Array:
+    """The ``id`` column of an id map (``users.parquet`` / ``items.parquet``), in index order."""
+    return pq.read_table(path, columns=["id"])["id"].combine_chunks()
