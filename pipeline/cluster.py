@@ -79,6 +79,9 @@ class Executor(Protocol):
 
     def install_exchange(self) -> None: ...
 
+    def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
+        """Call ``report(done, total)`` as the tasks end (in-process they have all ended)."""
+
 
 class InProcessExecutor:
     """Runs every task immediately in this process, in submission order; an epoch on ``threads`` threads."""
@@ -110,6 +113,9 @@ class InProcessExecutor:
 
     def install_exchange(self) -> None:
         pass
+
+    def watch(self, futures: Sequence[Done], report: Callable[[int, int], None]) -> None:
+        report(len(futures), len(futures))
 
 
 class DaskExecutor:
@@ -144,6 +150,12 @@ class DaskExecutor:
         # Unique keys: the same block is legitimately recomputed (e.g. after a rollback).
         placement = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
         return self.client.submit(fn, *args, key=f"{name}-{uuid.uuid4().hex}", pure=False, **placement)
+
+    def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
+        from distributed import as_completed
+
+        for done, _ in enumerate(as_completed(list(futures)), start=1):
+            report(done, len(futures))
 
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         from distributed import KilledWorker

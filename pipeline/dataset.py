@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,6 +105,22 @@ def _synthetic_ids(n: int) -> pa.Array:
     return pa.array(np.arange(1, n + 1, dtype=np.int64))
 
 
+def progress_log(what: str, unit: str, every_seconds: float = 2.0) -> Callable[[int, int], None]:
+    """A ``report(done, total)`` that logs progress with an ETA at most every ``every_seconds``, and at the end."""
+    began = time.monotonic()
+    last = -every_seconds
+
+    def report(done: int, total: int) -> None:
+        nonlocal last
+        now = time.monotonic() - began
+        if done == total or now - last >= every_seconds:
+            last = now
+            eta = now / done * (total - done) if done else 0.0
+            log.info("%s: %d of %d %s (%d%%)  ETA %.0fs", what, done, total, unit, 100 * done // max(total, 1), eta)
+
+    return report
+
+
 def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings_per_part: int) -> Dataset:
     """Generate synthetic ratings for ``spec`` into the canonical dataset ``out``.
 
@@ -118,6 +136,7 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
                             str(tmp / "ratings" / f"part-{j:05d}.parquet"), name="generate_chunk")
             for j in range(len(bounds) - 1)
         ]
+        executor.watch(parts, progress_log("generate", "parts"))
         results = executor.gather(parts)
         del model, parts
         write_ids(_synthetic_ids(spec.n_users), tmp / "users.parquet")

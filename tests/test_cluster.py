@@ -395,3 +395,13 @@ def test_report_writes_dasks_performance_report(tiny_config, local_cluster, tmp_
                  report=report)
     html = report.read_text()
     assert "<html" in html.lower() and "Dask Performance Report" in html
+
+
+def test_generate_on_a_cluster_shows_its_progress(local_cluster, tmp_path, caplog):
+    from funkflow.pipeline.cli import main
+
+    caplog.set_level("INFO", logger="funkflow")
+    assert main(["generate", "--scale", "0.0005", "--out", str(tmp_path / "data"),
+                 "--scheduler", local_cluster.scheduler_address]) == 0
+    lines = [line for line in caplog.messages if line.startswith("generate: ") and " parts (" in line]
+    assert lines and lines[-1].startswith("generate: ") and "(100%)" in lines[-1]
