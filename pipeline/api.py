@@ -169,7 +169,7 @@ class FunkSVD:
             nothing = np.zeros(0, np.int64)
             u, i, s = recommend_users(wanted, factors.P, factors.user_bias, factors.Q, factors.item_bias,
                                       factors.global_mean, n, nothing, nothing)
-        return recommendation_table(u, i, s, self.user_ids_, self.item_ids_)
+        return recommendation_table(u, i, s, self.user_ids_, self.item_ids_, self.info_.get("rating_scale"))
 
     def fold_in(self, ratings: Any, side: str = "users") -> FunkSVD:
         """Add the users (or items) of ``ratings`` (a table with ``user``, ``item``, ``rating``) that the

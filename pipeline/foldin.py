@@ -20,7 +20,7 @@ from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.ingest import IngestOptions, read_rating_rows
 from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
 from funkflow.tasks.foldin import fold_in
-from funkflow.tasks.idmap import index_of
+from funkflow.tasks.idmap import in_id_type, index_of
 from funkflow.tasks.io import read_json
 
 log = logging.getLogger(__name__)
@@ -64,17 +64,6 @@ def _merged_ratings(earlier: tuple[np.ndarray, np.ndarray] | None, new: tuple[np
     return pairs[:, 0].copy(), pairs[:, 1].copy()
 
 
-def _in_type_of(values: pa.Array, ids: pa.Array) -> pa.Array:
-    """``values`` as integers when the model's ids are (a CSV's ids are read as text), so that folding in keeps
-    the id map's type; text that is not an integer stays text."""
-    if pa.types.is_integer(ids.type) and not pa.types.is_integer(values.type):
-        try:
-            return pc.cast(values, ids.type)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-            return values
-    return values
-
-
 def _sorted_merge(old_ids: pa.Array, new_ids: pa.Array) -> np.ndarray:
     """Positions that put old then new ids in sorted order (ints by value, strings by text)."""
     if pa.types.is_integer(old_ids.type) and pa.types.is_integer(new_ids.type):
@@ -101,7 +90,9 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users", base_run
     use = ~known_mine & (other_index >= 0)
     if not use.any():
         raise DataError(f"no ratings of new {side} against known {other}s to fold in")
-    new_values = _in_type_of(pc.filter(my_values, pa.array(use)), my_ids)
+    new_values = pc.filter(my_values, pa.array(use))
+    as_ids = in_id_type(new_values, my_ids)
+    new_values = new_values if as_ids is None else as_ids  # text that is not an integer stays text
     new_ids = pc.unique(new_values)
     new_ids = new_ids.take(pc.sort_indices(new_ids))
     new_index = index_of(new_values, new_ids)

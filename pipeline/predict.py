@@ -24,7 +24,7 @@ from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.ingest import expand_sources, first_line
 from funkflow.pipeline.model import read_id_maps, read_model, score_pairs
 from funkflow.tasks import parse
-from funkflow.tasks.idmap import index_of
+from funkflow.tasks.idmap import in_id_type, index_of
 from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces
 
 log = logging.getLogger(__name__)
@@ -92,10 +92,16 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
                 raise DataError(f"{url}:{parsed.reject_lines[0]}: {parsed.reject_details[0]} "
                                 f"({parsed.reject_reasons[0]})")
             rows = parsed.rows
-            u = index_of(rows["user"].combine_chunks(), user_ids)
-            i = index_of(rows["item"].combine_chunks(), item_ids)
+            raw = {}
+            for side, ids in (("user", user_ids), ("item", item_ids)):
+                raw[side] = in_id_type(rows[side].combine_chunks(), ids)
+                if raw[side] is None:
+                    raise DataError(f"{url}: a {side} id is not an integer, and all of the model's are "
+                                    f"(columns swapped? --{side}-col names the column)")
+            u, i = index_of(raw["user"], user_ids), index_of(raw["item"], item_ids)
             known_u, known_i = u >= 0, i >= 0
-            table = pa.table({"user": rows["user"], "item": rows["item"],
+            # Ids go out as the model holds them, as recommend writes them.
+            table = pa.table({"user": raw["user"], "item": raw["item"],
                               "prediction": pa.array(score_pairs(factors, u, i, scale))})
             if writer is None:
                 writer = (pq.ParquetWriter(tmp, table.schema) if out.suffix == ".parquet" else

@@ -11,6 +11,7 @@ the client. The lists, in raw ids, go to one Parquet file (``user``, ``rank``,
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,7 +85,8 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
     with open_executor(cluster) as executor:
         lists = recommendation_lists(model_dir, wanted, top, executor)
     seconds = time.perf_counter() - began
-    table = recommendation_table(lists.users, lists.items, lists.scores, user_ids, item_ids)
+    table = recommendation_table(lists.users, lists.items, lists.scores, user_ids, item_ids,
+                                 read_json(model_dir / "model.json").get("rating_scale"))
     if table.num_rows == 0:
         raise DataError(f"{run_dir}: no recommendations for any of the {lists.unserved:,} users asked for "
                         f"({lists.why_unserved})")
@@ -169,11 +171,14 @@ def _from_blocks(run_dir: Path, wanted: np.ndarray | None, top: int, executor: E
 
 
 def recommendation_table(users: np.ndarray, items: np.ndarray, scores: np.ndarray, user_ids: pa.Array,
-                         item_ids: pa.Array) -> pa.Table:
+                         item_ids: pa.Array, rating_scale: Sequence[float] | None = None) -> pa.Table:
     """Lists of (user, item, score) index rows, each user's best first, as ``user``, ``rank``, ``item``,
-    ``score`` in raw ids, ordered by user index."""
+    ``score`` in raw ids, ordered by user index. Scores are clipped to ``rating_scale`` as ``predict``
+    clips them, after ranking (which uses the unclipped scores, so two items over the top stay ordered)."""
     order = np.lexsort((np.arange(users.shape[0]), users))  # stable: each list stays best first
     users, items, scores = users[order], items[order], scores[order]
+    if rating_scale is not None:
+        scores = np.clip(scores, *rating_scale)
     return pa.table({"user": user_ids.take(pa.array(users)),
                      "rank": pa.array(positions_in_runs(users) + 1, pa.int32()),
                      "item": item_ids.take(pa.array(items)), "score": pa.array(scores, pa.float32())})

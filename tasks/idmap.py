@@ -80,3 +80,14 @@ def write_ids(ids: pa.Array, path: str | Path) -> None:
 def read_ids(path: str) -> pa.Array:
     """The ``id`` column of an id map (``users.parquet`` / ``items.parquet``), in index order."""
     return pq.read_table(path, columns=["id"])["id"].combine_chunks()
+
+
+def in_id_type(values: pa.Array, ids: pa.Array) -> pa.Array | None:
+    """``values`` in the id map's type: raw ids read from text become integers when the map's are (None if
+    one of them is not an integer); against a string map, or already integers, they stay as they are."""
+    if pa.types.is_integer(ids.type) and not pa.types.is_integer(values.type):
+        try:
+            return pc.cast(values, ids.type)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            return None
+    return values

@@ -42,8 +42,8 @@ def test_csv_pairs_with_unknown_ids(trained, tmp_path, capsys):
                  "--out", str(tmp_path / "p.parquet")]) == 0
     assert "5 predictions" in capsys.readouterr().out
     table = pq.read_table(tmp_path / "p.parquet").to_pylist()
-    assert [(r["user"], r["item"]) for r in table] == [("1", "1"), ("300", "120"), ("5", "999"), ("9999", "3"),
-                                                       ("9999", "999")]
+    # Written as the model holds its ids (integers here), as recommend writes them.
+    assert [(r["user"], r["item"]) for r in table] == [(1, 1), (300, 120), (5, 999), (9999, 3), (9999, 999)]
     for row in table:
         assert row["prediction"] == pytest.approx(_expected(trained, int(row["user"]), int(row["item"])), abs=1e-5)
 

@@ -159,3 +159,18 @@ def test_recommend_after_fold_in_serves_new_and_trained_users(trained, tmp_path,
     assert "120 users left out: they were trained in" in caplog.text
     served = pq.read_table(tmp_path / "some.parquet").to_pylist()
     assert {r["user"] for r in served} == set(rated)
+
+
+def test_recommend_and_predict_agree_on_ids_and_scores(trained, tmp_path):
+    assert main(["recommend", str(trained), "--top", "3", "--out", str(tmp_path / "top.parquet"),
+                 "--scheduler", "inprocess"]) == 0
+    lists = pq.read_table(tmp_path / "top.parquet")
+    (tmp_path / "pairs.csv").write_text("user,item\n" + "".join(
+        f"{r['user']},{r['item']}\n" for r in lists.to_pylist()))
+    assert main(["predict", str(trained), "--pairs", str(tmp_path / "pairs.csv"),
+                 "--out", str(tmp_path / "p.parquet")]) == 0
+    predicted = pq.read_table(tmp_path / "p.parquet")
+    assert predicted["user"].type == lists["user"].type and predicted["item"].type == lists["item"].type
+    np.testing.assert_allclose(predicted["prediction"].to_numpy(), lists["score"].to_numpy(), atol=1e-5)
+    scale = json.loads((trained / "model" / "model.json").read_text())["rating_scale"]
+    assert scale[0] <= lists["score"].to_numpy().min() and lists["score"].to_numpy().max() <= scale[1]
