@@ -162,7 +162,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     Q = padded_rows(rng.normal(0, 0.1, (n_items, k)).astype(np.float32))
 
     def private_args() -> tuple:
-        return (block.users, block.items, block.ratings, *visit, P.copy(), Q.copy(), np.zeros(n_users, np.float32),
+        return (*visit, P.copy(), Q.copy(), np.zeros(n_users, np.float32),
                 np.zeros(n_items, np.float32), np.float32(3.6), np.float32(0.005), np.float32(0.05),
                 np.float32(0.01), True)
 

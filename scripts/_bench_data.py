@@ -14,13 +14,16 @@ from funkflow.tasks.synthetic import SyntheticSpec
 log = logging.getLogger("bench")
 
 
-def dataset_at(scale: float, cache: Path, seed: int = 0) -> Dataset:
-    """The Netflix-shaped dataset at ``scale``, generated on a LocalCluster unless cached."""
-    root = cache / f"scale-{scale:g}-seed-{seed}"
+def dataset_at(scale: float, cache: Path, seed: int = 0, shape: tuple[int, int, int] | None = None) -> Dataset:
+    """The Netflix-shaped dataset at ``scale`` (or of ``shape``: users, items, ratings, with Netflix's heavy
+    tails), generated on a LocalCluster unless cached."""
+    overrides = {} if shape is None else dict(zip(("n_users", "n_items", "n_ratings"), shape))
+    name = f"scale-{scale:g}" if shape is None else "shape-" + "x".join(map(str, shape))
+    root = cache / f"{name}-seed-{seed}"
     if not (root / "dataset.json").exists():
-        log.info("generating scale %g into %s", scale, root)
+        log.info("generating %s into %s", name, root)
         with open_executor(ClusterConfig()) as executor:
-            generate_dataset(executor, SyntheticSpec.netflix_shaped(scale, seed=seed), root, 2_000_000)
+            generate_dataset(executor, SyntheticSpec.netflix_shaped(scale, seed=seed, **overrides), root, 2_000_000)
     return open_dataset(root)
 
 

@@ -64,10 +64,11 @@ def build_libmf_avx(cache: Path) -> Path:
 BYTES_PER_TRAIN_RATING = {"Surprise": 450}
 
 
-def _arrays(cache: Path, scale: float) -> tuple[np.ndarray, np.ndarray]:
-    train_file, test_file = cache / f"peers-{scale:g}-train.npy", cache / f"peers-{scale:g}-test.npy"
+def _arrays(cache: Path, scale: float, shape: tuple[int, int, int] | None) -> tuple[np.ndarray, np.ndarray]:
+    name = f"{scale:g}" if shape is None else "x".join(map(str, shape))
+    train_file, test_file = cache / f"peers-{name}-train.npy", cache / f"peers-{name}-test.npy"
     if not train_file.exists():
-        train, test = split_arrays(dataset_at(scale, cache))
+        train, test = split_arrays(dataset_at(scale, cache, shape=shape))
         np.save(train_file, train, allow_pickle=False)
         np.save(test_file, test, allow_pickle=False)
     return np.load(train_file, allow_pickle=False), np.load(test_file, allow_pickle=False)
@@ -129,9 +130,10 @@ def time_spark(train: np.ndarray, test: np.ndarray, k: int, epochs: int, threads
 
 def run_one(peer: str, args: argparse.Namespace) -> dict:
     if peer == "funkflow":
-        result = time_funkflow(dataset_at(args.scale, args.cache), args.cache, args.k, args.epochs, args.threads)
+        result = time_funkflow(dataset_at(args.scale, args.cache, shape=args.shape), args.cache, args.k, args.epochs,
+                               args.threads)
         return {k: result[k] for k in ("epoch_seconds", "test_rmse", "floor_rmse", "curve")}
-    train, test = _arrays(args.cache, args.scale)
+    train, test = _arrays(args.cache, args.scale, args.shape)
     if peer in ("LIBMF", "LIBMF AVX"):  # the build is chosen by LIBMF_OBJ, set by the parent
         return time_libmf(train, test, args.k, args.epochs, args.threads)
     if peer == "Surprise":
@@ -150,7 +152,8 @@ def _to_same_rmse(peer: dict, ours: dict, epochs: int) -> str:
 
 def _measured(peer: str, args: argparse.Namespace) -> dict:
     """Run one peer in a child process; its JSON result plus the peak RSS of its process tree."""
-    command = [sys.executable, __file__, "--run", peer, "--scale", str(args.scale), "--k", str(args.k),
+    shape = [] if args.shape is None else ["--shape", *map(str, args.shape)]
+    command = [sys.executable, __file__, "--run", peer, "--scale", str(args.scale), *shape, "--k", str(args.k),
                "--epochs", str(args.epochs), "--threads", str(args.threads), "--cache", str(args.cache)]
     log_file = args.cache / f"peers-{peer.replace(' ', '_')}.log"
     env = dict(os.environ)
@@ -176,6 +179,9 @@ def _measured(peer: str, args: argparse.Namespace) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=0.1)
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("USERS", "ITEMS", "RATINGS"),
+                        help="instead of --scale's Netflix shape: e.g. 480189 17770 10000000 (sparse), "
+                             "2000000 500000 20000000 (a shop)")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--threads", type=int, default=2)
@@ -190,8 +196,8 @@ def main() -> None:
         print(json.dumps(run_one(args.run, args)))
         return
 
-    dataset = dataset_at(args.scale, args.cache)
-    n_train = _arrays(args.cache, args.scale)[0].shape[0]
+    dataset = dataset_at(args.scale, args.cache, shape=args.shape)
+    n_train = _arrays(args.cache, args.scale, args.shape)[0].shape[0]
     results = {}
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     for peer in args.peers:
@@ -208,7 +214,8 @@ def main() -> None:
             results[peer] = _measured(peer, args)
     ours = results["funkflow"]
     floor = ours.get("floor_rmse")
-    lines = [f"scale {args.scale:g} ({dataset.n_ratings:,} ratings, {n_train:,} for training), k={args.k}, "
+    what = f"scale {args.scale:g}" if args.shape is None else f"{dataset.n_users:,} users × {dataset.n_items:,} items"
+    lines = [f"{what} ({dataset.n_ratings:,} ratings, {n_train:,} for training), k={args.k}, "
              f"{args.epochs} epochs, {args.threads} threads; one run",
              "", "| | epoch s | train ratings/s | test RMSE | within 2% of floor | peak RSS | epoch time / funkflow's "
              "| time to its RMSE / funkflow's |",

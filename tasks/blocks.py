@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -137,6 +137,15 @@ def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users
     return {"counts": counts, "train_sum": float(ratings[codes == TRAIN].sum(dtype=np.float64))}
 
 
+class RunLayout(NamedTuple):
+    """A block's ratings in visiting order within runs, and where each run starts (``n`` at the end)."""
+
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+    run_starts: np.ndarray
+
+
 @dataclass(frozen=True)
 class BlockRatings:
     """Ratings of one block over block-local indices.
@@ -159,6 +168,28 @@ class BlockRatings:
     def nbytes(self) -> int:
         extra = 0 if self.expected is None else self.expected.nbytes
         return self.users.nbytes + self.items.nbytes + self.ratings.nbytes + extra
+
+    @cached_property
+    def _layouts(self) -> dict[tuple[int, int], RunLayout]:
+        return {}
+
+    def in_runs(self, users_per_run: int, tile_items: int) -> RunLayout:
+        """The ratings laid out for ``train.order: user_runs``: runs of ``users_per_run`` consecutive users,
+        each contiguous, and inside a run tile by tile (``tile_items`` consecutive item indices; 0: one tile),
+        in a tile user by user in item order. The same updates in the same order as walking the tiles of each
+        run; computed once per block and settings, on the worker that holds the block."""
+        key = (users_per_run, tile_items)
+        if key not in self._layouts:
+            bounds = self.user_bounds
+            n_users = bounds.shape[0] - 1
+            run_of = np.repeat(np.arange(n_users, dtype=np.int64) // users_per_run, np.diff(bounds))
+            n_runs = -(-n_users // users_per_run)
+            tile_of = (self.items // tile_items).astype(np.int64) if tile_items > 0 else np.zeros(self.n, np.int64)
+            n_tiles = int(tile_of.max()) + 1 if self.n else 1
+            order = np.argsort(run_of * n_tiles + tile_of, kind="stable")  # ties keep (user, item) order
+            run_starts = np.concatenate(([0], np.cumsum(np.bincount(run_of, minlength=n_runs)))).astype(np.int64)
+            self._layouts[key] = RunLayout(self.users[order], self.items[order], self.ratings[order], run_starts)
+        return self._layouts[key]
 
     @cached_property
     def user_bounds(self) -> np.ndarray:

@@ -4,16 +4,18 @@ Pure functions over arrays and scalars: no I/O, no Dask, no config objects, no
 randomness (the visiting order comes in as arguments). Factors are float32,
 indices int32; sums of squared errors are accumulated in float64.
 
-An SGD pass visits a block through three arguments. ``segment_starts`` cuts the
-block's positions into *segments* (one user's ratings, or single ratings), each
-sorted by item. ``run_bounds`` groups consecutive segments into *runs*, and
-``run_order`` says in which order the runs are taken. Inside a run the items are
-taken in *tiles* of ``tile_items`` consecutive item indices: for each tile, every
-segment of the run in turn applies its ratings with items in that tile. So a run
-of a few thousand users reads one tile's item factors many times while they are
-in cache, as LIBMF's small blocks do, while each user's ratings still come as a
-streak. One tile as wide as the block gives plain runs of users; runs of one
-rating each in a random order give plain random-order SGD.
+An SGD pass takes a block's ratings laid out in *runs*: ``run_starts`` cuts the
+positions into runs, and ``run_order`` says in which order the runs are taken;
+inside a run, the positions are applied front to back. For ``train.order:
+user_runs`` a run is ``users_per_run`` consecutive users whose ratings are laid
+out in *tiles* of ``tile_items`` consecutive item indices: tile by tile, and in
+a tile user by user in item order (:meth:`BlockRatings.in_runs
+<funkflow.tasks.blocks.BlockRatings.in_runs>`, computed once per block). So a
+run of a thousand users reads one tile's item factors many times while they are
+in cache, as LIBMF's small blocks do, and the loop does no work per (tile, user)
+pair: on sparse blocks, with about one rating per user and tile, that
+bookkeeping cost as much as a rating. Runs of one rating each in a random order
+give plain random-order SGD.
 
 The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
 ``e = r - r̂``::
@@ -46,10 +48,8 @@ def sgd_block(
     users: np.ndarray,
     items: np.ndarray,
     ratings: np.ndarray,
-    segment_starts: np.ndarray,
-    run_bounds: np.ndarray,
+    run_starts: np.ndarray,
     run_order: np.ndarray,
-    tile_items: int,
     P: np.ndarray,
     Q: np.ndarray,
     user_bias: np.ndarray,
@@ -60,23 +60,18 @@ def sgd_block(
     bias_reg: np.float32,
     use_bias: bool,
 ) -> float:
-    """One SGD pass of Funk SVD over a block, run by run and tile by tile.
+    """One SGD pass of Funk SVD over a block, run by run.
 
     Parameters
     ----------
     users, items : arrays of shape (n,), int32
-        Block-local row indices into ``P`` / ``user_bias`` and ``Q`` / ``item_bias``.
+        Block-local row indices into ``P`` / ``user_bias`` and ``Q`` / ``item_bias``, in visiting order
+        within each run (:meth:`funkflow.tasks.blocks.BlockRatings.in_runs` lays them out).
     ratings : array of shape (n,), float32
-    segment_starts : array of shape (n_segments + 1,), int64
-        Segment ``s`` is positions ``segment_starts[s]`` to ``segment_starts[s + 1] - 1``,
-        in ascending item order (otherwise the tiles take them in another order, but
-        every rating is still visited once: the last tile takes all that are left).
-    run_bounds : array of shape (n_runs + 1,), int64
-        Run ``r`` is segments ``run_bounds[r]`` to ``run_bounds[r + 1] - 1``.
+    run_starts : array of shape (n_runs + 1,), int64
+        Run ``r`` is positions ``run_starts[r]`` to ``run_starts[r + 1] - 1``.
     run_order : array of shape (n_runs,), int64
         The runs, in the order they are visited.
-    tile_items : int
-        Width of an item tile; 0 for one tile over all items.
     P : array of shape (n_users_block, k'), float32, updated in place
     Q : array of shape (n_items_block, k'), float32, updated in place
     user_bias : array of shape (n_users_block,), float32, updated in place
@@ -91,40 +86,26 @@ def sgd_block(
     """
     k = P.shape[1]
     sse = 0.0
-    longest = 0
-    for run in range(run_bounds.shape[0] - 1):
-        longest = max(longest, run_bounds[run + 1] - run_bounds[run])
-    cursor = np.empty(longest, dtype=np.int64)  # each segment's next position in the current run
-    tile = tile_items if tile_items > 0 else max(Q.shape[0], 1)
     for t in range(run_order.shape[0]):
-        first = run_bounds[run_order[t]]
-        last = run_bounds[run_order[t] + 1]
-        for s in range(first, last):
-            cursor[s - first] = segment_starts[s]
-        for tile_end in range(tile, Q.shape[0] + tile, tile):
-            for s in range(first, last):
-                j = cursor[s - first]
-                end = segment_starts[s + 1]
-                while j < end and items[j] < tile_end:
-                    u = users[j]
-                    i = items[j]
-                    pred = np.float32(0.0)
-                    if use_bias:
-                        pred = global_mean + user_bias[u] + item_bias[i]
-                    for f in range(k):
-                        pred += P[u, f] * Q[i, f]
-                    e = ratings[j] - pred
-                    sse += np.float64(e) * np.float64(e)
-                    if use_bias:
-                        user_bias[u] += lr * (e - bias_reg * user_bias[u])
-                        item_bias[i] += lr * (e - bias_reg * item_bias[i])
-                    for f in range(k):
-                        p = P[u, f]
-                        q = Q[i, f]
-                        P[u, f] = p + lr * (e * q - reg * p)
-                        Q[i, f] = q + lr * (e * p - reg * q)
-                    j += 1
-                cursor[s - first] = j
+        run = run_order[t]
+        for j in range(run_starts[run], run_starts[run + 1]):
+            u = users[j]
+            i = items[j]
+            pred = np.float32(0.0)
+            if use_bias:
+                pred = global_mean + user_bias[u] + item_bias[i]
+            for f in range(k):
+                pred += P[u, f] * Q[i, f]
+            e = ratings[j] - pred
+            sse += np.float64(e) * np.float64(e)
+            if use_bias:
+                user_bias[u] += lr * (e - bias_reg * user_bias[u])
+                item_bias[i] += lr * (e - bias_reg * item_bias[i])
+            for f in range(k):
+                p = P[u, f]
+                q = Q[i, f]
+                P[u, f] = p + lr * (e * q - reg * p)
+                Q[i, f] = q + lr * (e * p - reg * q)
     return sse
 
 

@@ -44,16 +44,18 @@ class Hyper:
 
 
 class Visit(NamedTuple):
-    """A block's visiting order, as :func:`funkflow.tasks.kernels.sgd_block` takes it."""
+    """A block's ratings in visiting order within runs and the order of the runs, as
+    :func:`funkflow.tasks.kernels.sgd_block` takes them."""
 
-    segment_starts: np.ndarray
-    run_bounds: np.ndarray
+    users: np.ndarray
+    items: np.ndarray
+    ratings: np.ndarray
+    run_starts: np.ndarray
     run_order: np.ndarray
-    tile_items: int
 
 
 def visiting_order(block: BlockRatings, order: str, users_per_run: int, tile_items: int, seed: int) -> Visit:
-    """The segments and runs of a block and the random order to visit the runs in (see :mod:`funkflow.tasks.kernels`).
+    """The runs of a block and the random order to visit them in (see :mod:`funkflow.tasks.kernels`).
 
     ``"user_runs"``: runs of ``users_per_run`` consecutive users (blocks are stored
     sorted by user, then item) in random order, each taken in tiles of
@@ -64,13 +66,13 @@ def visiting_order(block: BlockRatings, order: str, users_per_run: int, tile_ite
     """
     if order == "ratings":
         singles = np.arange(block.n + 1, dtype=np.int64)
-        return Visit(singles, singles, np.random.default_rng(seed).permutation(block.n), 0)
-    segments = block.user_bounds
-    n_users = segments.shape[0] - 1
+        return Visit(block.users, block.items, block.ratings, singles,
+                     np.random.default_rng(seed).permutation(block.n))
     if order == "sorted":
-        return Visit(segments, np.array([0, n_users], dtype=np.int64), np.zeros(1, dtype=np.int64), 0)
-    run_bounds = np.append(np.arange(0, n_users, users_per_run, dtype=np.int64), n_users)
-    return Visit(segments, run_bounds, np.random.default_rng(seed).permutation(run_bounds.shape[0] - 1), tile_items)
+        return Visit(block.users, block.items, block.ratings, np.array([0, block.n], dtype=np.int64),
+                     np.zeros(1, dtype=np.int64))
+    layout = block.in_runs(users_per_run, tile_items)
+    return Visit(*layout, np.random.default_rng(seed).permutation(layout.run_starts.shape[0] - 1))
 
 
 def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
@@ -137,7 +139,7 @@ def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_stat
         user_bias, item_bias = user_state[1].copy(), item_state[1].copy()
         visit = visiting_order(block, hyper.order, hyper.users_per_run, hyper.tile_items, order_seed)
         sse = kernels.sgd_block(
-            block.users, block.items, block.ratings, *visit, P, Q, user_bias, item_bias,
+            *visit, P, Q, user_bias, item_bias,
             np.float32(hyper.global_mean), np.float32(hyper.lr), np.float32(hyper.reg), np.float32(hyper.bias_reg),
             hyper.use_bias)
     except Exception as exc:

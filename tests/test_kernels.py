@@ -40,18 +40,23 @@ def _visit(users: np.ndarray, items: np.ndarray, users_per_run: int, tile_items:
 
 @pytest.mark.parametrize("use_bias", [True, False])
 @pytest.mark.parametrize("users_per_run,tile_items", [(1, 0), (3, 0), (3, 2), (7, 1)])
-def test_sgd_kernel_matches_reference(use_bias, users_per_run, tile_items):
+def test_sgd_kernel_in_runs_matches_reference(use_bias, users_per_run, tile_items):
+    """The block laid out in runs (BlockRatings.in_runs), the runs in a shuffled order: the kernel applies
+    exactly the updates of the reference visiting run by run, tile by tile, user by user, item by item."""
+    from funkflow.tasks.blocks import BlockRatings
+
     users, items, ratings, _, P, Q, ub, ib = _problem(0)
     by_user_item = np.lexsort((items, users))
     users, items, ratings = users[by_user_item], items[by_user_item], ratings[by_user_item]
-    segments, run_bounds, run_order, order = _visit(users, items, users_per_run, tile_items)
+    _, _, run_order, order = _visit(users, items, users_per_run, tile_items)
     assert sorted(order.tolist()) == list(range(users.shape[0]))
+    layout = BlockRatings(users, items, ratings).in_runs(users_per_run, tile_items)
     mu, lr, reg, bias_reg = 3.5, 0.05, 0.02, 0.01
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, mu, lr, reg, bias_reg, use_bias=use_bias)
     P0, Q0, ub0, ib0 = P.copy(), Q.copy(), ub.copy(), ib.copy()
-    sse = kernels.sgd_block(users, items, ratings, segments, run_bounds, run_order, tile_items, P, Q, ub, ib,
-                            np.float32(mu), np.float32(lr), np.float32(reg), np.float32(bias_reg), use_bias)
+    sse = kernels.sgd_block(*layout, run_order, P, Q, ub, ib, np.float32(mu), np.float32(lr), np.float32(reg),
+                            np.float32(bias_reg), use_bias)
     assert not np.allclose(P, P0) and not np.allclose(Q, Q0)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Q, ref[1], rtol=1e-4, atol=1e-5)
@@ -64,13 +69,31 @@ def test_sgd_kernel_matches_reference(use_bias, users_per_run, tile_items):
     assert sse == pytest.approx(sse_ref, rel=1e-4)
 
 
+@pytest.mark.parametrize("users_per_run,tile_items", [(1, 0), (3, 0), (3, 2), (7, 1), (1024, 4), (2, 100)])
+def test_runs_are_laid_out_tile_by_tile_user_by_user(users_per_run, tile_items):
+    """in_runs puts each run's ratings in the order of walking its tiles, user by user, item by item."""
+    from funkflow.tasks.blocks import BlockRatings
+
+    rng = np.random.default_rng(7)
+    keys = np.unique(rng.integers(0, 40 * 30, 300))
+    users, items = (keys // 30).astype(np.int32), (keys % 30).astype(np.int32)
+    ratings = rng.uniform(1, 5, keys.shape[0]).astype(np.float32)
+    _, run_bounds, run_order, order = _visit(users, items, users_per_run, tile_items)
+    layout = BlockRatings(users, items, ratings).in_runs(users_per_run, tile_items)
+    assert layout.run_starts.shape[0] == run_bounds.shape[0]
+    walked = np.concatenate([np.arange(layout.run_starts[r], layout.run_starts[r + 1]) for r in run_order])
+    np.testing.assert_array_equal(layout.users[walked], users[order])
+    np.testing.assert_array_equal(layout.items[walked], items[order])
+    np.testing.assert_array_equal(layout.ratings[walked], ratings[order])
+
+
 def test_sgd_kernel_in_random_rating_order_matches_reference():
     """Runs of one rating each: plain random-order SGD, in any position order."""
     users, items, ratings, order, P, Q, ub, ib = _problem(4)
     singles = np.arange(users.shape[0] + 1, dtype=np.int64)
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, 3.0, 0.05, 0.02, 0.01)
-    sse = kernels.sgd_block(users, items, ratings, singles, singles, order, 0, P, Q, ub, ib, np.float32(3.0),
+    sse = kernels.sgd_block(users, items, ratings, singles, order, P, Q, ub, ib, np.float32(3.0),
                             np.float32(0.05), np.float32(0.02), np.float32(0.01), True)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     assert sse == pytest.approx(sse_ref, rel=1e-4)
@@ -86,8 +109,8 @@ def test_kernel_uses_old_user_factors_in_item_step():
     p_new = P[0] + lr * (e * Q[0] - reg * P[0])
     q_new = Q[0] + lr * (e * P[0] - reg * Q[0])
     kernels.sgd_block(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32), np.array([0, 1]),
-                      np.array([0, 1]), np.zeros(1, np.int64), 0, P, Q, ub, ib, np.float32(3.0), np.float32(lr),
-                      np.float32(reg), np.float32(0.0), True)
+                      np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr), np.float32(reg),
+                      np.float32(0.0), True)
     np.testing.assert_allclose(P[0], p_new, rtol=1e-6)
     np.testing.assert_allclose(Q[0], q_new, rtol=1e-6)
     assert ub[0] == pytest.approx(lr * e, rel=1e-6)
@@ -139,9 +162,8 @@ def test_empty_block_is_a_no_op():
     users, items, ratings, _, P, Q, ub, ib = _problem(3)
     before = P.copy()
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    sse = kernels.sgd_block(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(1, np.int64),
-                            np.zeros(0, np.int64), 0, P, Q[:0], ub, ib[:0], np.float32(3), np.float32(0.1),
-                            np.float32(0.1), np.float32(0.1), True)
+    sse = kernels.sgd_block(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64), P, Q[:0],
+                            ub, ib[:0], np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1), True)
     assert sse == 0.0
     np.testing.assert_array_equal(P, before)
 
@@ -153,22 +175,22 @@ def test_visiting_order_covers_each_rating_once(order, users_per_run):
     from funkflow.tasks.training import visiting_order
 
     users = np.array([0, 0, 0, 2, 2, 5, 7, 7, 7, 7], dtype=np.int32)
-    block = BlockRatings(users, np.arange(10, dtype=np.int32), np.ones(10, np.float32))
-    segments, run_bounds, run_order, tile = visiting_order(block, order, users_per_run, 4, seed=3)
-    assert tile == (4 if order == "user_runs" else 0)  # only runs of users are tiled
-    assert sorted(run_order.tolist()) == list(range(run_bounds.shape[0] - 1))
-    runs = [np.arange(segments[run_bounds[r]], segments[run_bounds[r + 1]]) for r in run_order]
-    visited = np.concatenate(runs)
+    block = BlockRatings(users, np.arange(10, dtype=np.int32), np.arange(10, dtype=np.float32))
+    visit = visiting_order(block, order, users_per_run, 4, seed=3)
+    assert sorted(visit.run_order.tolist()) == list(range(visit.run_starts.shape[0] - 1))
+    runs = [np.arange(visit.run_starts[r], visit.run_starts[r + 1]) for r in visit.run_order]
+    visited = visit.ratings[np.concatenate(runs)].astype(int)  # the ratings are the original positions
     assert sorted(visited.tolist()) == list(range(10))
     if order == "user_runs":
         assert len(runs) == -(-4 // users_per_run)
-        assert all(len(set(users[run].tolist())) <= users_per_run for run in runs)
-        assert sorted(u for run in runs for u in set(users[run].tolist())) == [0, 2, 5, 7]  # no user split
+        assert all(len(set(visit.users[run].tolist())) <= users_per_run for run in runs)
+        assert sorted(u for run in runs for u in set(visit.users[run].tolist())) == [0, 2, 5, 7]  # no user split
     if order == "sorted":
         assert visited.tolist() == list(range(10))
     empty = BlockRatings(users[:0], users[:0], np.ones(0, np.float32))
-    segments, run_bounds, run_order, _ = visiting_order(empty, order, users_per_run, 4, seed=3)
-    assert segments.tolist() == [0] and run_order.shape[0] == run_bounds.shape[0] - 1
+    visit = visiting_order(empty, order, users_per_run, 4, seed=3)
+    assert visit.run_starts.tolist() == [0] * visit.run_starts.shape[0]
+    assert visit.run_order.shape[0] == visit.run_starts.shape[0] - 1
 
 
 def test_tiles_reorder_only_updates_that_commute():
