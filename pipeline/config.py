@@ -130,6 +130,7 @@ class TrainConfig(_Section):
     tile_items: int = Field(1024, ge=0)
     seed: int = 0
     early_stopping_patience: int = Field(3, ge=0)
+    refit: bool = False
     max_rollbacks: int = Field(3, ge=0)
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
@@ -224,6 +225,13 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def refit_values(self, epochs: int) -> dict[str, Any]:
+        """The keys that turn this config into its refit: the validation ratings train too, for ``epochs`` epochs
+        (what early stopping chose), without early stopping. The test ratings stay the same: every split
+        method draws them before validation."""
+        key = "split.validation_per_user" if self.split.method == "per_user" else "split.validation_fraction"
+        return {key: 0, "train.epochs": epochs, "train.early_stopping_patience": 0, "train.refit": False}
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """This config with dotted keys set to values: Python objects, never YAML text to parse again (a path

@@ -178,7 +178,8 @@ def recommendation_table(users: np.ndarray, items: np.ndarray, scores: np.ndarra
     order = np.lexsort((np.arange(users.shape[0]), users))  # stable: each list stays best first
     users, items, scores = users[order], items[order], scores[order]
     if rating_scale is not None:
-        scores = np.clip(scores, *rating_scale)
+        low, high = rating_scale
+        scores = np.clip(scores, low, high)
     return pa.table({"user": user_ids.take(pa.array(users)),
                      "rank": pa.array(positions_in_runs(users) + 1, pa.int32()),
                      "item": item_ids.take(pa.array(items)), "score": pa.array(scores, pa.float32())})

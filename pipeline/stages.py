@@ -363,6 +363,8 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     refused (:class:`ConfigError`) unless ``retrain`` (or ``resume``, whose
     checkpoint must match instead).
     """
+    if config.train.refit and last in ("train", "export", "evaluate"):
+        return _refit(config, last, resume, force, report, callbacks, executor, retrain)
     # Everything that can be checked without the cluster is checked before it starts, and the data's size
     # found, for the choice between a cluster and this process when cluster.scheduler is unset.
     if config.data.generate is not None:
@@ -404,6 +406,27 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
         if pipeline.ran:  # an up-to-date re-run leaves every file, this one too, as it was
             _write_run_manifest(run, config, pipeline, started, None)
         return result
+
+
+def _refit(config: Config, last: str, resume: bool, force: bool, report: Path | None,
+           callbacks: Sequence[Callable[[EpochReport], None]], executor: Executor | None,
+           retrain: bool) -> dict[str, Any] | None:
+    """``train.refit``: train with validation and early stopping in ``RUN_DIR/selection``, then the final model
+    in the run directory on the training and validation ratings for the epoch count early stopping chose.
+    The run directory's ``config.yaml`` is that final config; the one asked for is the selection's."""
+    run_dir = Path(config.output.run_dir)
+    selection = config.with_values({"train.refit": False, "output.run_dir": str(run_dir / "selection")})
+    run_pipeline(selection, last="train", resume=resume, force=force, callbacks=callbacks, executor=executor,
+                 retrain=True)
+    best_epoch = read_json(run_dir / "selection" / "stages" / "train.json")["best_epoch"]
+    canonical = config.data.generate is None and config.data.format == "canonical"
+    dataset = config.data.dataset_dir() if canonical else str((run_dir / "selection" / "data").resolve())
+    final = config.with_values({**config.refit_values(best_epoch), "data.source": dataset,
+                                "data.format": "canonical", "data.generate": None})
+    log.info("train.refit: early stopping kept epoch %d; training it again on the training and validation "
+             "ratings for %d epochs", best_epoch, best_epoch)
+    return run_pipeline(final, last, resume=resume, force=force, report=report, callbacks=callbacks,
+                        executor=executor, retrain=retrain)
 
 
 @contextlib.contextmanager

@@ -98,15 +98,6 @@ def rung_epochs(min_epochs: int, max_epochs: int, reduction: int) -> list[int]:
     return epochs
 
 
-def refit_values(config: Config, epochs: int) -> dict[str, Any]:
-    """The keys that turn a config into its refit: the validation ratings train too, for ``epochs`` epochs.
-
-    The test ratings stay the same: every split method draws them before validation."""
-    key = "split.validation_per_user" if config.split.method == "per_user" else "split.validation_fraction"
-    split: dict[str, Any] = {key: 0}
-    return {**split, "train.epochs": epochs, "train.early_stopping_patience": 0}
-
-
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
     """A trial's stage and epoch lines would drown the tuner's own: warnings only while it runs."""
@@ -284,7 +275,7 @@ def tune(config: Config, retrain: bool = False) -> TuneResult:
     top_rung = max(r.rung for r in results)
     best = min((r for r in results if r.rung == top_rung), key=lambda r: (r.best_val, r.trial))
     best_config = config.with_values({
-        **{TUNABLE[k]: v for k, v in best.params.items()}, **refit_values(config, best.best_epoch),
+        **{TUNABLE[k]: v for k, v in best.params.items()}, **config.refit_values(best.best_epoch),
         "data.source": dataset, "data.format": "canonical", "data.generate": None})
     path = run_dir / BEST_CONFIG
     write_text(_best_yaml(best, len(trials), rungs[top_rung], best_config), path)

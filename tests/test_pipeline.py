@@ -288,3 +288,22 @@ def test_early_stopping_without_validation_says_so(tiny_config, tmp_path, caplog
     assert "no validation split: all 4 epochs run and the last is kept" in caplog.text
     rows = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 4
+
+
+def test_refit_trains_the_kept_epochs_again_on_train_and_validation(tiny_config, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="funkflow")
+    run_dir = tmp_path / "run"
+    config = tiny_config(run_dir, "train.refit=true", "train.epochs=12", "train.lr_schedule=constant",
+                         "train.lr=0.03", "model.reg=0", "model.k=16")
+    summary = run_pipeline(config)
+    kept = json.loads((run_dir / "selection" / "stages" / "train.json").read_text())["best_epoch"]
+    final = load_config(run_dir / "config.yaml")
+    assert final.split.validation_fraction == 0 and final.train.epochs == kept and not final.train.refit
+    blocks = json.loads((run_dir / "blocks" / "blocks.json").read_text())
+    selection_blocks = json.loads((run_dir / "selection" / "blocks" / "blocks.json").read_text())
+    counts, before = np.array(blocks["counts"]).sum(axis=0), np.array(selection_blocks["counts"]).sum(axis=0)
+    assert counts[1] == 0 and counts[0] == before[0] + before[1] and counts[2] == before[2]  # same test ratings
+    assert summary["epochs"] == kept and f"early stopping kept epoch {kept}" in caplog.text
+    caplog.clear()
+    run_pipeline(config)
+    assert caplog.text.count("train: up to date") == 2

@@ -18,7 +18,7 @@ def test_the_package_type_checks(tmp_path):
     (tmp_path / "root").mkdir()
     (tmp_path / "root" / "funkflow").symlink_to(package, target_is_directory=True)
     config = Path(__file__).parents[1] / "pyproject.toml"
-    done = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir",
-                           str(tmp_path / "cache"), "-p", "funkflow.pipeline", "-p", "funkflow.tasks", "-m", "funkflow"],
-                          cwd=tmp_path / "root", capture_output=True, text=True, timeout=280, check=False)
+    command = [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir", str(tmp_path / "cache"),
+               "-p", "funkflow.pipeline", "-p", "funkflow.tasks", "-m", "funkflow"]
+    done = subprocess.run(command, cwd=tmp_path / "root", capture_output=True, text=True, timeout=280, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
