@@ -346,7 +346,10 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     ratings = table["rating"].to_numpy()
     times = pc.fill_null(table["time"], np.iinfo(np.int64).min).to_numpy()
     pos = table["pos"].to_numpy()
-    order = np.lexsort((pos, times, items, users))
+    if has_time:
+        order = np.lexsort((pos, times, items, users))
+    else:  # one stable sort on (user, item): the bucket's rows arrive in source order, so ties keep it
+        order = np.argsort(users.astype(np.int64) * (int(items.max()) + 1) + items, kind="stable")
     users, items, ratings, times, pos = users[order], items[order], ratings[order], times[order], pos[order]
     new_pair = np.ones(users.shape[0], dtype=bool)
     new_pair[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
