@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from funkflow.tasks import parse
 from funkflow.tasks.idmap import distinct_ids, index_of
-from funkflow.tasks.io import file_sha256, write_parquet
+from funkflow.tasks.io import file_sha256, read_arrow, write_arrow, write_parquet
 
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
 LINE_BITS = 40
@@ -232,7 +232,7 @@ def chunk_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.Par
 
 
 def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: int) -> dict[str, Any]:
-    """Parse one chunk into ``staging/chunk-NNNNN.parquet`` (raw ids) and its rejects.
+    """Parse one chunk into ``staging/chunk-NNNNN.arrow`` (raw ids) and its rejects.
 
     Returns
     -------
@@ -243,8 +243,8 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         chunk's distinct raw ids.
     """
     source = chunk.source
-    out = Path(staging) / f"chunk-{index:05d}.parquet"
-    writer: pq.ParquetWriter | None = None
+    out = Path(staging) / f"chunk-{index:05d}.arrow"
+    writer: pa.ipc.RecordBatchFileWriter | None = None
     rejects: list[pa.Table] = []
     reasons: Counter[str] = Counter()
     rows = 0
@@ -260,7 +260,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
             table = table.set_column(table.schema.get_field_index("line"), "line",
                                      pc.add(table["line"], pa.scalar(source.index << LINE_BITS, pa.int64())))
             if writer is None:
-                writer = pq.ParquetWriter(out, table.schema)
+                writer = pa.ipc.new_file(str(out), table.schema)
             writer.write_table(table)
             rows += table.num_rows
             for role, acc in (("user", users), ("item", items)):
@@ -305,7 +305,7 @@ def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array
     dict with the row ``counts`` written to each bucket, and ``unseen_users`` /
     ``unseen_items``: rows left out for an unknown user / item.
     """
-    table = pq.read_table(staged)
+    table = read_arrow(staged)
     users = index_of(table["user"].combine_chunks(), user_ids)
     items = index_of(table["item"].combine_chunks(), item_ids)
     unseen_users, unseen_items = int((users < 0).sum()), int((items < 0).sum())
@@ -313,8 +313,9 @@ def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array
     if not known.all():
         table, users, items = table.filter(pa.array(known)), users[known], items[known]
     users, items = users.astype(np.int32), items.astype(np.int32)
-    bucket = (users.astype(np.int64) * n_buckets // max(len(user_ids), 1)).astype(np.int32)
-    order = np.argsort(bucket, kind="stable")
+    bucket = users.astype(np.int64) * n_buckets // max(len(user_ids), 1)
+    # A stable sort of 16-bit keys is a radix sort in numpy: linear, where int32 keys take a merge sort.
+    order = np.argsort(bucket.astype(np.int16 if n_buckets < 2**15 else np.int32), kind="stable")
     bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
     encoded = pa.table({"user": users, "item": items, "rating": table["rating"], "time": table["time"],
                         "pos": table["line"]})
@@ -325,7 +326,7 @@ def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array
         if take.shape[0]:
             out = Path(buckets_dir) / f"bucket-{b:05d}"
             out.mkdir(parents=True, exist_ok=True)
-            write_parquet(encoded.take(take), out / f"chunk-{index:05d}.parquet")
+            write_arrow(encoded.take(take), out / f"chunk-{index:05d}.arrow")
     return {"counts": counts, "unseen_users": unseen_users, "unseen_items": unseen_items}
 
 
@@ -337,8 +338,8 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     latest time); ``error`` keeps all and reports the first duplicate pair.
     """
     folder = Path(buckets_dir) / f"bucket-{bucket:05d}"
-    files = sorted(folder.glob("chunk-*.parquet")) if folder.exists() else []
-    table = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+    files = sorted(folder.glob("chunk-*.arrow")) if folder.exists() else []
+    table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
     if table is None or table.num_rows == 0:
         return {"n_ratings": 0, "pairs": 0, "dropped": 0, "first_duplicate": None, "path": None}
     users = table["user"].to_numpy()

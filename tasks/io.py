@@ -35,6 +35,25 @@ def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_arrow(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write ``table`` to ``path`` as an Arrow IPC file, atomically: for intermediate files that this run
+    reads back once, where Parquet's encoding costs more than it saves."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        with pa.ipc.new_file(tmp, table.schema) as writer:
+            writer.write_table(table)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_arrow(path: str | os.PathLike) -> pa.Table:
+    """An Arrow IPC file written by :func:`write_arrow` (or an IPC file writer)."""
+    with pa.OSFile(str(path)) as source:  # read into memory: the file may be removed while the table lives
+        return pa.ipc.open_file(source).read_all()
+
+
 def npy_bytes(array: np.ndarray) -> bytes:
     """``array`` serialised as .npy; an object array (which would need pickle) is refused."""
     if array.dtype.hasobject:

@@ -93,7 +93,7 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
 
     def reached() -> bool:
         if moment == "ingest":
-            return any(run_dir.glob(".data.tmp-*/_staging/chunk-*.parquet"))
+            return any(run_dir.glob(".data.tmp-*/_staging/chunk-*.arrow"))
         if moment == "export":
             return (run_dir / "stages" / "train.json").exists()
         return (run_dir / "checkpoints" / "epoch-000003" / "manifest.json").exists()
