@@ -66,6 +66,15 @@ class RungResult:
 
 
 @dataclass(frozen=True)
+class TrialCurve:
+    """What a trial's training returns: its validation RMSE by epoch and the epoch early stopping kept."""
+
+    val_rmse: list[float]
+    best_epoch: int
+    seconds: float
+
+
+@dataclass(frozen=True)
 class TuneResult:
     best: RungResult
     results: list[RungResult]
@@ -110,7 +119,7 @@ def _quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -> dict[str, Any]:
+def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -> TrialCurve:
     """Train one trial's run directory up to its ``train.epochs`` (from its newest checkpoint, if any) and
     return its validation curve and the epoch early stopping kept. In one process on one thread unless given
     an ``executor``; its blocks are removed afterwards, since a tune may hold many trials."""
@@ -127,8 +136,7 @@ def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     best_epoch = read_json(run_dir / "stages" / "train.json")["best_epoch"]
     shutil.rmtree(run_dir / "blocks", ignore_errors=True)
-    return {"val_rmse": [row["val_rmse"] for row in rows], "best_epoch": best_epoch,
-            "seconds": time.perf_counter() - began}
+    return TrialCurve([row["val_rmse"] for row in rows], best_epoch, time.perf_counter() - began)
 
 
 def _trial_config(config: Config, trial: Trial, dataset: str, root: Path, epochs: int, parallel: bool) -> Config:
@@ -136,7 +144,7 @@ def _trial_config(config: Config, trial: Trial, dataset: str, root: Path, epochs
     return config.with_values({
         **values, "data.source": dataset, "data.format": "canonical", "data.generate": None,
         "train.epochs": epochs, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
-        "output.run_dir": str(root / f"trial-{trial.index:03d}"), "output.checkpoints": None,
+        "train.refit": False, "output.run_dir": str(root / f"trial-{trial.index:03d}"), "output.checkpoints": None,
         **({"cluster.scheduler": "inprocess", "cluster.threads_per_worker": 1} if parallel else {})})
 
 
@@ -228,13 +236,12 @@ class _Search:
                                         for trial, data in zip(batch, configs)])
         else:
             outcomes = [train_trial(data, executor) for data in configs]
-        for trial, outcome in zip(batch, outcomes):
-            curve, best_epoch = outcome["val_rmse"], outcome["best_epoch"]
-            result = RungResult(trial.index, rung, epochs, trial.params, curve, curve[best_epoch - 1], best_epoch,
-                                outcome["seconds"])
+        for trial, curve in zip(batch, outcomes):
+            result = RungResult(trial.index, rung, epochs, trial.params, curve.val_rmse,
+                                curve.val_rmse[curve.best_epoch - 1], curve.best_epoch, curve.seconds)
             self.done[(trial.index, rung)] = result
             log.info("trial %d, %d epochs: best validation RMSE %.4f at epoch %d (%s)", trial.index, epochs,
-                     result.best_val, best_epoch, ", ".join(f"{k} {v:g}" for k, v in trial.params.items()))
+                     result.best_val, curve.best_epoch, ", ".join(f"{k} {v:g}" for k, v in trial.params.items()))
         _write_log(self.log_path, self.identity, list(self.done.values()))
 
 
