@@ -27,9 +27,7 @@ from funkflow.tasks.training import read_factor_block
 def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],
                      global_mean: float) -> list[np.ndarray]:
     n_items = [len(m) for m in placement.item_members]
-    futures = [executor.submit(item_residual_sums, row_blocks[r], n_items, global_mean,
-                               name="item_residual_sums", worker=placement.owner(r))
-               for r in range(len(row_blocks))]
+    futures = placement.on_rows(row_blocks, item_residual_sums, n_items, global_mean, name="item_residual_sums")
     totals = [np.zeros((2, n)) for n in n_items]
     for per_row in executor.gather(futures):  # row order
         for c, sums in enumerate(per_row):
@@ -42,16 +40,14 @@ def ranking(executor: Executor, placement: BlockPlacement, row_blocks: list[Any]
     """precision, recall, NDCG and MAP at ``cfg.ranking_k`` and catalogue coverage, for the model and for
     the popularity baseline, over users with a relevant test rating (a sample of ``cfg.ranking_users``)."""
     b = placement.blocks
-    counts = executor.gather([executor.submit(item_counts, row_blocks[r], b.n_items, b.d, b.seed,
-                                              name="item_counts", worker=placement.owner(r)) for r in range(b.d)])
+    counts = executor.gather(placement.on_rows(row_blocks, item_counts, b.n_items, b.d, b.seed, name="item_counts"))
     popularity = np.sum(counts, axis=0).astype(np.float32)
     wanted = None
     if cfg.ranking_users and cfg.ranking_users < b.n_users:
         wanted = np.sort(np.random.default_rng(seed).choice(b.n_users, cfg.ranking_users, replace=False))
-    parts = executor.gather([
-        executor.submit(ranking_row, row_blocks[r], str(model_dir), popularity, b.n_items, b.d, b.seed,
-                        cfg.ranking_k, cfg.relevance_threshold, wanted, name="ranking_row", worker=placement.owner(r))
-        for r in range(b.d)])
+    parts = executor.gather(placement.on_rows(row_blocks, ranking_row, str(model_dir), popularity, b.n_items, b.d,
+                                              b.seed, cfg.ranking_k, cfg.relevance_threshold, wanted,
+                                              name="ranking_row"))
     result: dict[str, Any] = {"k": cfg.ranking_k, "relevance_threshold": cfg.relevance_threshold}
     for name in ("model", "popularity"):
         sums = np.sum([p[name] for p in parts], axis=0)
@@ -81,8 +77,7 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
     sse, sae, n = errors[TEST].sum(axis=0)
 
     item_bias = _fit_item_biases(executor, placement, row_blocks, b.global_mean)
-    futures = [executor.submit(baseline_errors, row_blocks[r], item_bias, b.global_mean,
-                               name="baseline_errors", worker=placement.owner(r)) for r in range(b.d)]
+    futures = placement.on_rows(row_blocks, baseline_errors, item_bias, b.global_mean, name="baseline_errors")
     base = np.zeros((len(BASELINES), 3))
     for per_row in executor.gather(futures):
         base += per_row

@@ -8,6 +8,7 @@ row order, never in the order results arrive, so every decision made on them is 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,11 @@ class BlockPlacement:
     def owner(self, row: int) -> str | None:
         workers = self.executor.workers
         return workers[row % len(workers)]
+
+    def on_rows(self, row_blocks: list[Any], fn: Callable, *args: Any, name: str) -> list[Any]:
+        """Futures of ``fn(row_blocks[r], *args)`` for every row block, each on the block's owner, in row order."""
+        return [self.executor.submit(fn, row_blocks[r], *args, name=name, worker=self.owner(r))
+                for r in range(len(row_blocks))]
 
     def load_row_blocks(self) -> list[Any]:
         """Futures of the d row blocks, each read from Parquet on its owner."""

@@ -163,9 +163,8 @@ def _from_blocks(run_dir: Path, wanted: np.ndarray | None, top: int, executor: E
     blocks = open_blocks(run_dir / "blocks")
     placement = BlockPlacement(executor, blocks)
     row_blocks = placement.load_row_blocks()
-    futures = [executor.submit(recommend_row, row_blocks[r], str(run_dir / "model"), blocks.n_items, blocks.d,
-                               blocks.seed, top, wanted, name="recommend_row", worker=placement.owner(r))
-               for r in range(blocks.d)]
+    futures = placement.on_rows(row_blocks, recommend_row, str(run_dir / "model"), blocks.n_items, blocks.d,
+                                blocks.seed, top, wanted, name="recommend_row")
     users, items, scores = (np.concatenate(column) for column in zip(*executor.gather(futures)))
     return RecommendationLists(users, items, scores)
 
