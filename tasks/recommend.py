@@ -17,6 +17,14 @@ from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock
 from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
 
 CHUNK_USERS = 1024
+# Scores held at once per chunk of users (256 MiB of float32): with a catalogue of 500k items, 1024 users'
+# scores and the selection's temporaries took 5.8 GiB in one worker.
+CHUNK_SCORES = 1 << 26
+
+
+def users_per_chunk(n_items: int, most: int = CHUNK_USERS) -> int:
+    """Users scored at once against ``n_items`` items: ``most``, fewer for a large catalogue."""
+    return max(1, min(most, CHUNK_SCORES // max(n_items, 1)))
 
 
 def positions_in_runs(keys: np.ndarray) -> np.ndarray:
@@ -77,6 +85,7 @@ def recommend_users(users: np.ndarray, P: np.ndarray, user_bias: np.ndarray, Q: 
     (users, items, scores) as :func:`recommend_row` does.
     """
     out_users, out_items, out_scores = [], [], []
+    chunk_users = users_per_chunk(Q.shape[0], chunk_users)
     for start in range(0, users.shape[0], chunk_users):
         chunk = users[start:start + chunk_users]
         scores = np.asarray(P[chunk], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
@@ -125,6 +134,7 @@ def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: i
     local = np.arange(members.shape[0]) if wanted is None else np.flatnonzero(np.isin(members, wanted))
     item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
     out_users, out_items, out_scores = [], [], []
+    chunk_users = users_per_chunk(n_items, chunk_users)
     for start in range(0, local.shape[0], chunk_users):
         chunk = local[start:start + chunk_users]
         users = members[chunk]

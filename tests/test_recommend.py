@@ -174,3 +174,18 @@ def test_recommend_and_predict_agree_on_ids_and_scores(trained, tmp_path):
     np.testing.assert_allclose(predicted["prediction"].to_numpy(), lists["score"].to_numpy(), atol=1e-5)
     scale = json.loads((trained / "model" / "model.json").read_text())["rating_scale"]
     assert scale[0] <= lists["score"].to_numpy().min() and lists["score"].to_numpy().max() <= scale[1]
+
+
+def test_a_large_catalogue_is_scored_in_smaller_chunks_with_the_same_lists(trained, tmp_path, monkeypatch):
+    """Scores held at once are bounded (CHUNK_SCORES): a large catalogue takes fewer users a chunk."""
+    from funkflow.tasks import recommend as worker_side
+
+    assert worker_side.users_per_chunk(500_000) < worker_side.CHUNK_USERS
+    assert worker_side.users_per_chunk(80) == worker_side.CHUNK_USERS
+    assert main(["recommend", str(trained), "--top", "5", "--out", str(tmp_path / "whole.parquet"),
+                 "--scheduler", "inprocess"]) == 0
+    monkeypatch.setattr(worker_side, "CHUNK_SCORES", 2 * 80)  # two users of the 80 items at a time
+    assert worker_side.users_per_chunk(80) == 2
+    assert main(["recommend", str(trained), "--top", "5", "--out", str(tmp_path / "chunked.parquet"),
+                 "--scheduler", "inprocess"]) == 0
+    assert pq.read_table(tmp_path / "chunked.parquet").equals(pq.read_table(tmp_path / "whole.parquet"))
