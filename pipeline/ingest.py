@@ -39,6 +39,7 @@ from funkflow.tasks.ingest import (
     LINE_BITS,
     REJECT_SCHEMA,
     Chunk,
+    ChunkStats,
     Source,
     SourceError,
     chunk_pieces,
@@ -319,7 +320,7 @@ def _write_rejects(parts: list[Path], out: Path) -> None:
 
 
 def stage_sources(executor: Executor, sources: list[Source], options: IngestOptions, scale: tuple[float, float],
-                  staging: Path) -> tuple[list[dict[str, Any]], list[Any], list[Any]]:
+                  staging: Path) -> tuple[list[ChunkStats], list[Any], list[Any]]:
     """Scan and parse every source into ``staging``, refusing ratings outside ``scale``; the chunks' stats and
     id-set futures, in source order."""
     scans = [executor.submit(parquet_chunks, s, ROWS_PER_BUCKET, name="plan_parquet") if s.is_parquet
@@ -327,10 +328,10 @@ def stage_sources(executor: Executor, sources: list[Source], options: IngestOpti
     chunks: list[Chunk] = [c for found in executor.gather(scans) for c in found]
     parsed = [executor.submit(parse_chunk, chunk, scale, str(staging), j, name="parse_chunk")
               for j, chunk in enumerate(chunks)]
-    stats = executor.gather([executor.submit(operator.getitem, p, "stats", name="chunk_stats")
+    stats = executor.gather([executor.submit(operator.attrgetter("stats"), p, name="chunk_stats")
                                        for p in parsed])
-    users = [executor.submit(operator.getitem, p, "users", name="chunk_users") for p in parsed]
-    items = [executor.submit(operator.getitem, p, "items", name="chunk_items") for p in parsed]
+    users = [executor.submit(operator.attrgetter("users"), p, name="chunk_users") for p in parsed]
+    items = [executor.submit(operator.attrgetter("items"), p, name="chunk_items") for p in parsed]
     return stats, users, items
 
 
@@ -346,26 +347,26 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
             stats, user_sets, item_sets = stage_sources(executor, sources, options, scale or ANY_RATING, staging)
             reasons: Counter[str] = Counter()
             for s in stats:
-                reasons.update(s["rejects"])
+                reasons.update(s.rejects)
             n_rejected = sum(reasons.values())
             if n_rejected and options.rejects is None:
-                first = next(s["first_reject"] for s in stats if s["first_reject"])
+                first = next(s.first_reject for s in stats if s.first_reject)
                 raise DataError(f"{first['source']}:{first['line']}: {first['detail']} ({first['reason']}); "
                                 f"{n_rejected:,} bad line{'s' if n_rejected > 1 else ''} in all. Fix the input, or "
                                 "pass --rejects FILE to set bad lines aside and go on")
-            n_rows = sum(s["rows"] for s in stats)
+            n_rows = sum(s.rows for s in stats)
             if n_rows == 0:
                 raise DataError(f"{', '.join(srcs)}: no ratings found"
                                 + (f" ({n_rejected:,} lines rejected)" if n_rejected else ""))
             if scale is None:
-                rated = [s for s in stats if s["rows"]]
-                scale = inferred_scale(min(s["rating_min"] for s in rated), max(s["rating_max"] for s in rated),
-                                       all(s["whole"] for s in rated), all(s["halves"] for s in rated))
+                rated = [s for s in stats if s.rows]
+                scale = inferred_scale(min(s.rating_min for s in rated), max(s.rating_max for s in rated),
+                                       all(s.whole for s in rated), all(s.halves for s in rated))
                 log.info("rating scale inferred from the data: [%g, %g] (--rating-scale sets it; predictions are "
                          "clipped to it)", *scale)
-            has_time = any(s["has_time"] for s in stats)
-            user_int = all(s["int_like"]["user"] for s in stats if s["rows"])
-            item_int = all(s["int_like"]["item"] for s in stats if s["rows"])
+            has_time = any(s.has_time for s in stats)
+            user_int = all(s.user_ids_int for s in stats if s.rows)
+            item_int = all(s.item_ids_int for s in stats if s.rows)
 
             if options.id_maps is None:
                 user_ids = executor.submit(sorted_ids, _merge_tree(executor, user_sets, "merge_user_ids"), user_int,
@@ -377,8 +378,8 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
                                                       name=f"read_{name}") for name in ("users", "items"))
             n_buckets = max(1, math.ceil(n_rows / ROWS_PER_BUCKET))
             buckets = staging / "buckets"
-            encoded = [executor.submit(encode_chunk, s["staged"], j, user_ids, item_ids, n_buckets, str(buckets),
-                                       name="encode_chunk") for j, s in enumerate(stats) if s["staged"]]
+            encoded = [executor.submit(encode_chunk, s.staged, j, user_ids, item_ids, n_buckets, str(buckets),
+                                       name="encode_chunk") for j, s in enumerate(stats) if s.staged]
             encoded = executor.gather(encoded)
             unseen = {"rows_with_unseen_user": sum(e["unseen_users"] for e in encoded),
                       "rows_with_unseen_item": sum(e["unseen_items"] for e in encoded)}
@@ -413,8 +414,8 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
             kept: Counter[int] = Counter()  # by source index
             rejected: Counter[int] = Counter()
             for chunk_stats in stats:
-                kept[chunk_stats["source"]] += chunk_stats["rows"]
-                rejected[chunk_stats["source"]] += sum(chunk_stats["rejects"].values())
+                kept[chunk_stats.source] += chunk_stats.rows
+                rejected[chunk_stats.source] += sum(chunk_stats.rejects.values())
             meta = {
                 "source": options.format,
                 "sources": [{"url": s.url, "rows": kept[s.index], "rejected": rejected[s.index]} for s in sources],

@@ -231,17 +231,34 @@ def chunk_pieces(chunk: Chunk, scale: tuple[float, float]) -> Iterator[parse.Par
             yield parsed
 
 
-def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: int) -> dict[str, Any]:
-    """Parse one chunk into ``staging/chunk-NNNNN.arrow`` (raw ids) and its rejects.
+@dataclass(frozen=True)
+class ChunkStats:
+    """What parsing one chunk found, for the driver's decisions (scale, id types, time, rejects)."""
 
-    Returns
-    -------
-    dict
-        ``stats``: rows, rejects by reason, the first reject, whether ids look
-        like integers, whether any row has a time, the least and greatest
-        rating and whether all are whole or halves; ``users`` and ``items``: the
-        chunk's distinct raw ids.
-    """
+    source: int  # the source's index
+    rows: int
+    rejects: dict[str, int]  # by reason
+    first_reject: dict[str, Any] | None  # source, line, reason, detail
+    user_ids_int: bool  # every user id looks like an integer
+    item_ids_int: bool
+    has_time: bool
+    staged: str | None  # the staged Arrow file of the chunk's rows, None without rows
+    rating_min: float
+    rating_max: float
+    whole: bool  # every rating a whole number
+    halves: bool  # every rating a multiple of 0.5
+
+
+@dataclass(frozen=True)
+class ParsedChunk:
+    stats: ChunkStats
+    users: pa.Array  # the chunk's distinct raw ids
+    items: pa.Array
+
+
+def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: int) -> ParsedChunk:
+    """Parse one chunk into ``staging/chunk-NNNNN.arrow`` (raw ids) and its rejects; its stats and distinct
+    raw ids."""
     source = chunk.source
     out = Path(staging) / f"chunk-{index:05d}.arrow"
     writer: pa.ipc.RecordBatchFileWriter | None = None
@@ -287,10 +304,9 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         all_rejects = pa.concat_tables(rejects)
         write_parquet(all_rejects, Path(staging) / f"rejects-{index:05d}.parquet")
         first_reject = {k: all_rejects[k][0].as_py() for k in ("source", "line", "reason", "detail")}
-    stats = {"source": source.index, "rows": rows, "rejects": dict(reasons), "first_reject": first_reject,
-             "int_like": int_like, "has_time": has_time, "staged": str(out) if rows else None,
-             "rating_min": low, "rating_max": high, "whole": whole, "halves": halves}
-    return {"stats": stats, "users": distinct_ids(users), "items": distinct_ids(items)}
+    stats = ChunkStats(source.index, rows, dict(reasons), first_reject, int_like["user"], int_like["item"], has_time,
+                       str(out) if rows else None, low, high, whole, halves)
+    return ParsedChunk(stats, distinct_ids(users), distinct_ids(items))
 
 
 def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array, n_buckets: int,
