@@ -265,6 +265,27 @@ class _Loop:
                 "history": [asdict(r) for r in self.history],
                 "best_epoch": self.best[1] if self.best else None, "best_val": self.best[0] if self.best else None}
 
+    def roll_back(self, cfg: TrainConfig, epoch: int, train_rmse: float) -> None:
+        """The epoch after ``epoch`` diverged: halve the step for another try, or raise after the last."""
+        where = f"epoch {epoch + 1} (train RMSE {train_rmse:.4g})"
+        self.rollbacks += 1
+        if self.rollbacks > cfg.max_rollbacks:
+            raise TrainingDiverged(
+                f"training diverged at {where} with train.lr {self.lr:.4g} after {cfg.max_rollbacks} "
+                f"rollbacks; lower train.lr (e.g. --set train.lr={self.lr / 4:.3g}) or raise model.reg")
+        log.warning("%s diverged at lr %.4g: rolled back to the state after epoch %d, lr halved to %.4g",
+                    where, self.lr, epoch, self.lr / 2)
+        self.lr /= 2
+
+    def accept(self, report: EpochReport, cfg: TrainConfig) -> None:
+        """Take an epoch that did not diverge: its report, the next step size, the best epoch so far."""
+        self.history.append(report)
+        self.lr = _next_lr(self.lr, cfg, self.history)
+        self.epoch = report.epoch
+        if cfg.early_stopping_patience and report.val_rmse is not None and (
+                self.best is None or report.val_rmse < self.best[0]):
+            self.best = (report.val_rmse, self.epoch)
+
     def stops_early(self, cfg: TrainConfig) -> bool:
         # Counted only once validation has improved on the first epoch: before the factors grow from their
         # small initial values, validation can rise for many epochs and then fall far below where it began.
@@ -313,6 +334,20 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
             session.close()
 
 
+def _started(session: _Session, cfg: TrainConfig, checkpoints: CheckpointStore | None,
+             start: Checkpoint | None) -> _Loop:
+    """The loop's state, with the factors it starts from (and the best epoch's, if kept) on the workers."""
+    if start is None:
+        errors = session.load(_version(0), measure=True)
+        return _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (rmse(errors, TRAIN) or 1.0), [])
+    loop = _Loop.resumed(start, cfg)
+    session.load(_version(loop.epoch), start.url)
+    if loop.best is not None and loop.best[1] != loop.epoch and checkpoints is not None:
+        session.load(_version(loop.best[1]), checkpoints.at(loop.best[1]).url)
+    log.info("resuming after epoch %d from %s", loop.epoch, start.url)
+    return loop
+
+
 def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Callable[[EpochReport], None],
            checkpoints: CheckpointStore | None, start: Checkpoint | None) -> TrainResult:
     n_train = session.blocks.n_split(TRAIN)
@@ -320,15 +355,7 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
         log.warning("early stopping is on (train.early_stopping_patience %d) but there is no validation split: "
                     "all %d epochs run and the last is kept%s", cfg.early_stopping_patience, cfg.epochs,
                     "; the bold driver watches the training loss" if cfg.lr_schedule == "bold_driver" else "")
-    if start is None:
-        errors = session.load(_version(0), measure=True)
-        loop = _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (rmse(errors, TRAIN) or 1.0), [])
-    else:
-        loop = _Loop.resumed(start, cfg)
-        session.load(_version(loop.epoch), start.url)
-        if loop.best is not None and loop.best[1] != loop.epoch and checkpoints is not None:
-            session.load(_version(loop.best[1]), checkpoints.at(loop.best[1]).url)
-        log.info("resuming after epoch %d from %s", loop.epoch, start.url)
+    loop = _started(session, cfg, checkpoints, start)
 
     def due(epoch: int) -> bool:
         return checkpoints is not None and epoch > 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs)
@@ -363,25 +390,12 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
         val_rmse = rmse(errors, VALIDATION)
 
         if not math.isfinite(train_rmse) or train_rmse > loop.exploded_at or not math.isfinite(val_rmse or 0.0):
-            where = f"epoch {epoch + 1} (train RMSE {train_rmse:.4g})"
-            loop.rollbacks += 1
-            if loop.rollbacks > cfg.max_rollbacks:
-                raise TrainingDiverged(
-                    f"training diverged at {where} with train.lr {loop.lr:.4g} after {cfg.max_rollbacks} "
-                    f"rollbacks; lower train.lr (e.g. --set train.lr={loop.lr / 4:.3g}) or raise model.reg")
-            log.warning("%s diverged at lr %.4g: rolled back to the state after epoch %d, lr halved to %.4g",
-                        where, loop.lr, epoch, loop.lr / 2)
-            loop.lr /= 2
+            loop.roll_back(cfg, epoch, train_rmse)  # the factors after ``epoch`` are still on the workers
             continue
-
         report = EpochReport(epoch=epoch + 1, train_rmse=train_rmse, val_rmse=val_rmse, lr=loop.lr, seconds=seconds,
                              ratings_per_second=n_train / seconds)
-        loop.history.append(report)
         on_epoch(report)
-        loop.lr = _next_lr(loop.lr, cfg, loop.history)
-        loop.epoch = epoch + 1
-        if cfg.early_stopping_patience and val_rmse is not None and (loop.best is None or val_rmse < loop.best[0]):
-            loop.best = (val_rmse, loop.epoch)
+        loop.accept(report, cfg)
         if due(loop.epoch):
             unwritten[loop.epoch] = loop.state(cfg)
 
