@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.config import load_config
 from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.ingest import rating_file_format
 from funkflow.pipeline.model import (
     Factors,
     read_folded_ratings,
@@ -84,7 +85,7 @@ class FunkSVD:
             fs, path = fsspec.core.url_to_fs(source)
             if fs.isdir(path) and fs.isfile(f"{path}/dataset.json"):
                 return {"data.source": source, "data.format": "canonical"}
-            return {"data.source": source, "data.format": "parquet" if source.endswith(".parquet") else "csv"}
+            return {"data.source": source, "data.format": rating_file_format(source)}
         if not isinstance(data, pa.Table) and hasattr(data, "to_arrow"):  # polars
             data = data.to_arrow()
         elif not isinstance(data, pa.Table) and hasattr(data, "columns"):  # pandas

@@ -226,6 +226,13 @@ class Config(_Section):
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
+    def value(self, key: str) -> Any:
+        """The value of a dotted key (``model.k``)."""
+        node: Any = self.to_dict()
+        for part in key.split("."):
+            node = node[part]
+        return node
+
     def refit_values(self, epochs: int) -> dict[str, Any]:
         """The keys that turn this config into its refit: the validation ratings train too, for ``epochs`` epochs
         (what early stopping chose), without early stopping. The test ratings stay the same: every split

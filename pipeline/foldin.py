@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.ingest import IngestOptions, read_rating_rows
+from funkflow.pipeline.ingest import IngestOptions, rating_file_format, read_rating_rows
 from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
 from funkflow.tasks.foldin import fold_in
 from funkflow.tasks.idmap import in_id_type, index_of
@@ -137,8 +137,7 @@ def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
         raise UsageError(f"{out}/model exists; choose a new --out")
     info_scale = read_json(model_dir / "model.json").get("rating_scale")
     scale = rating_scale or (tuple(info_scale) if info_scale else None)
-    fmt = "parquet" if ratings.endswith(".parquet") else "csv"
-    rows = read_rating_rows(ratings, IngestOptions(format=fmt, rating_scale=scale))
+    rows = read_rating_rows(ratings, IngestOptions(format=rating_file_format(ratings), rating_scale=scale))
     folded = fold_in_model(model_dir, rows, side, base_run=run_dir)
     report = folded.report
     out.mkdir(parents=True, exist_ok=True)

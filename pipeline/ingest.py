@@ -100,6 +100,11 @@ def _movielens_scale(sources: list[Source]) -> tuple[float, float] | None:
     return scales.pop() if len(scales) == 1 else None
 
 
+def rating_file_format(path: str) -> str:
+    """The format of a rating file named without one: Parquet by its suffix, else delimited text."""
+    return "parquet" if path.endswith(".parquet") else "csv"
+
+
 def ingest_options(data: DataConfig) -> IngestOptions:
     """The ingest options of a config's ``data`` section (``data.format`` and ``data.ingest``)."""
     return IngestOptions(format=data.format, **data.ingest.model_dump())

@@ -36,7 +36,14 @@ from funkflow.pipeline.errors import (
     UsageError,
 )
 from funkflow.pipeline.evaluate import evaluate
-from funkflow.pipeline.ingest import estimated_ratings, expand_sources, ingest, ingest_options, source_stamp
+from funkflow.pipeline.ingest import (
+    estimated_ratings,
+    expand_sources,
+    ingest,
+    ingest_options,
+    rating_file_format,
+    source_stamp,
+)
 from funkflow.pipeline.logs import stage_context
 from funkflow.pipeline.model import export_model, read_id_maps, verify_model, write_model
 from funkflow.pipeline.placement import BlockPlacement
@@ -166,7 +173,7 @@ class Pipeline:
         if fs.isfile(f"{path.rstrip('/')}/dataset.json"):
             return given_test_set(source, dataset)
         files = expand_sources([source])
-        fmt = data.format if data.format != "canonical" else "parquet" if files[0].endswith(".parquet") else "csv"
+        fmt = data.format if data.format != "canonical" else rating_file_format(files[0])
         scale = dataset.meta.get("rating_scale")
         options = ingest_options(data).model_copy(update={
             "format": fmt, "id_maps": dataset.root, "rating_scale": tuple(scale) if scale else None})

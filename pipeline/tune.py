@@ -84,8 +84,8 @@ class TuneResult:
 
 def draw_trials(config: Config) -> list[Trial]:
     """Trial 0: the config's own values; then ``tune.trials - 1`` draws, log-uniform in ``tune.space``."""
-    tune, values = config.tune, config.to_dict()
-    own = {key: values[TUNABLE[key].split(".")[0]][TUNABLE[key].split(".")[1]] for key in tune.space}
+    tune = config.tune
+    own = {key: config.value(TUNABLE[key]) for key in tune.space}
     rng = np.random.default_rng(tune.seed)
     trials = [Trial(0, own)]
     for index in range(1, tune.trials):

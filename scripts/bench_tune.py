@@ -118,12 +118,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    shipped = load_config("movielens").to_dict()
+    shipped = load_config("movielens")
     rows = ["| shape | what | test RMSE | seconds | note |", "| --- | --- | ---: | ---: | --- |"]
     for shape in args.shapes:
         root = args.cache / shape
         shutil.rmtree(root, ignore_errors=True)
-        values = {key: shipped[key.split(".")[0]][key.split(".")[1]] for key in SHIPPED}
+        values = {key: shipped.value(key) for key in SHIPPED}
         base = _base(shape, root).with_values(values)  # the tune's trial 0 is the shipped config
         rmse, seconds = _summary(base)
         rows.append(f"| {shape} | shipped movielens.yaml | {rmse:.4f} | {seconds:.1f} | "

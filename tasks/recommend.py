@@ -55,6 +55,15 @@ def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     return rows[keep], cols[keep]
 
 
+def rated_by(sorted_users: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every rating of the users in ``chunk`` among ratings sorted by user: (j, position) pairs, ``j`` the
+    user's place in ``chunk``, found by binary search (the work follows the chunk's ratings)."""
+    starts = np.searchsorted(sorted_users, chunk)
+    counts = np.searchsorted(sorted_users, chunk, side="right") - starts
+    rows = np.repeat(np.arange(chunk.shape[0]), counts)
+    return rows, np.repeat(starts, counts) + positions_in_runs(rows)
+
+
 def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_members: list[np.ndarray],
               codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> None:
     """Set ``scores[j, item]`` to -inf for every rating of local user ``chunk[j]`` in the splits ``codes``.
@@ -62,14 +71,10 @@ def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_m
     Each block is sorted by user, so every user's ratings are found by binary
     search: the work and memory follow the chunk's ratings, not the row block's.
     """
-    rows_of_chunk = np.arange(chunk.shape[0])
     for code in codes:
         for col, block in enumerate(row_block.split(code)):
-            wanted = chunk.astype(block.users.dtype)  # same dtype: searchsorted would copy the block to cast it
-            starts = np.searchsorted(block.users, wanted)
-            counts = np.searchsorted(block.users, wanted, side="right") - starts
-            rows = np.repeat(rows_of_chunk, counts)
-            positions = np.repeat(starts, counts) + positions_in_runs(rows)
+            # Same dtype: searchsorted would copy the block to cast it.
+            rows, positions = rated_by(block.users, chunk.astype(block.users.dtype))
             scores[rows, item_members[col][block.items[positions]]] = -np.inf
 
 
@@ -90,10 +95,8 @@ def recommend_users(users: np.ndarray, P: np.ndarray, user_bias: np.ndarray, Q: 
         chunk = users[start:start + chunk_users]
         scores = np.asarray(P[chunk], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
         scores += item_bias[None, :]
-        starts = np.searchsorted(seen_users, chunk)
-        counts = np.searchsorted(seen_users, chunk, side="right") - starts
-        rows = np.repeat(np.arange(chunk.shape[0]), counts)
-        scores[rows, seen_items[np.repeat(starts, counts) + positions_in_runs(rows)]] = -np.inf
+        rows, positions = rated_by(seen_users, chunk)
+        scores[rows, seen_items[positions]] = -np.inf
         r, items = top_n(scores, top)
         out_users.append(chunk[r])
         out_items.append(items)
