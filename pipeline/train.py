@@ -70,6 +70,21 @@ class EpochReport:
 
 
 @dataclass(frozen=True)
+class EpochOutcome:
+    """What one epoch came to: its training and validation RMSE, its wall time, and the checkpoint files the
+    workers wrote meanwhile (name → SHA-256)."""
+
+    train_rmse: float
+    val_rmse: float | None
+    seconds: float
+    files: dict[str, str]
+
+    def diverged(self, exploded_at: float) -> bool:
+        return (not math.isfinite(self.train_rmse) or self.train_rmse > exploded_at
+                or not math.isfinite(self.val_rmse or 0.0))
+
+
+@dataclass(frozen=True)
 class WarmStart:
     """A previous model to start from: ``user_previous[u]`` is new user u's row in it, or -1; items alike."""
 
@@ -186,15 +201,13 @@ class _Session:
                                                     measure))
         return row_sum(self._by_row(per_worker))
 
-    def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...],
-              write_start: str | None) -> tuple[float, np.ndarray, dict[str, str]]:
-        """One epoch from version ``epoch`` to ``epoch + 1``.
+    def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...], write_start: str | None) -> EpochOutcome:
+        """One epoch from version ``epoch`` to ``epoch + 1``, keeping versions ``keep`` on the workers.
 
-        ``write_start``: a checkpoint directory the workers write version ``epoch`` to
-        meanwhile. Returns the training SSE the pass met (blocks added stratum by
-        stratum, row by row: never in the order results arrive), the validation error
-        sums, and the checkpoint files written.
+        ``write_start``: a checkpoint directory the workers write version ``epoch`` to meanwhile. The training
+        SSE is the one the pass met, added stratum by stratum, row by row: never in the order results arrive.
         """
+        began = time.perf_counter()
         d = self.blocks.d
         plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch,
                          shifts=stratum_shifts(d, epoch, self.root), seed=self.cfg.seed, hyper=hyper,
@@ -205,7 +218,9 @@ class _Session:
         sse = self._by_row([o.sse for o in outcomes])
         files = {name: digest for o in outcomes for name, digest in o.files.items()}
         train_sse = sum(float(sse[r, t]) for t in range(d) for r in range(d))
-        return train_sse, row_sum(self._by_row([o.errors for o in outcomes])), files
+        errors = row_sum(self._by_row([o.errors for o in outcomes]))
+        return EpochOutcome(math.sqrt(train_sse / self.blocks.n_split(TRAIN)), rmse(errors, VALIDATION),
+                            time.perf_counter() - began, files)
 
     def write(self, version: str, url: str) -> dict[str, str]:
         """Write ``version`` as a checkpoint at ``url``; the files written, name → SHA-256."""
@@ -286,11 +301,74 @@ class _Loop:
                 self.best is None or report.val_rmse < self.best[0]):
             self.best = (report.val_rmse, self.epoch)
 
-    def stops_early(self, cfg: TrainConfig) -> bool:
+    def kept(self) -> tuple[str, ...]:
+        """The factor versions the workers keep besides the newest: the best epoch's."""
+        return (_version(self.best[1]),) if self.best else ()
+
+
+class _Callback:
+    """A part of the loop that watches it: asked before each epoch whether to stop and where to write a
+    checkpoint, told after it ran and after it was accepted, and at the end."""
+
+    def stops(self, loop: _Loop) -> bool:
+        return False
+
+    def write_start_to(self, epoch: int) -> str | None:
+        return None
+
+    def ran(self, epoch: int, outcome: EpochOutcome, loop: _Loop) -> None:
+        pass
+
+    def accepted(self, loop: _Loop) -> None:
+        pass
+
+    def finished(self, session: _Session, loop: _Loop) -> None:
+        pass
+
+
+class _EarlyStopping(_Callback):
+    """Stop once validation has not improved for ``patience`` epochs; the best epoch's factors are kept."""
+
+    def __init__(self, patience: int) -> None:
+        self.patience = patience
+
+    def stops(self, loop: _Loop) -> bool:
         # Counted only once validation has improved on the first epoch: before the factors grow from their
         # small initial values, validation can rise for many epochs and then fall far below where it began.
-        return bool(cfg.early_stopping_patience and self.best is not None and self.best[1] > 1
-                    and self.epoch - self.best[1] >= cfg.early_stopping_patience)
+        if loop.best is None or loop.best[1] <= 1 or loop.epoch - loop.best[1] < self.patience:
+            return False
+        log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d", self.patience,
+                 loop.best[1])
+        return True
+
+
+class _Checkpointing(_Callback):
+    """Every ``checkpoint_every`` epochs and after the last, a checkpoint: the workers write an epoch's factors
+    while the next epoch runs, and the driver commits them with the loop's state when it returns."""
+
+    def __init__(self, store: CheckpointStore, cfg: TrainConfig) -> None:
+        self.store, self.cfg = store, cfg
+        self.unwritten: dict[int, dict[str, Any]] = {}  # epoch → the loop's state after it, until committed
+
+    def write_start_to(self, epoch: int) -> str | None:
+        return self.store.prepare(epoch) if epoch in self.unwritten else None
+
+    def ran(self, epoch: int, outcome: EpochOutcome, loop: _Loop) -> None:
+        if epoch in self.unwritten:  # the start version was written whatever this epoch turns out to be
+            self._commit(epoch, outcome.files, loop)
+
+    def accepted(self, loop: _Loop) -> None:
+        if loop.epoch % self.cfg.checkpoint_every == 0 or loop.epoch == self.cfg.epochs:
+            self.unwritten[loop.epoch] = loop.state(self.cfg)
+
+    def finished(self, session: _Session, loop: _Loop) -> None:
+        if loop.epoch in self.unwritten:  # the last checkpoint has no next epoch to hide behind
+            self._commit(loop.epoch, session.write(_version(loop.epoch), self.store.prepare(loop.epoch)), loop)
+
+    def _commit(self, epoch: int, files: dict[str, str], loop: _Loop) -> None:
+        began = time.perf_counter()
+        self.store.commit(epoch, files, self.unwritten.pop(epoch), protect=loop.best[1] if loop.best else None)
+        log.debug("checkpoint of epoch %d committed in %.3fs", epoch, time.perf_counter() - began)
 
 
 def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
@@ -350,57 +428,39 @@ def _started(session: _Session, cfg: TrainConfig, checkpoints: CheckpointStore |
 
 def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Callable[[EpochReport], None],
            checkpoints: CheckpointStore | None, start: Checkpoint | None) -> TrainResult:
-    n_train = session.blocks.n_split(TRAIN)
     if cfg.early_stopping_patience and not session.validate and start is None:
         log.warning("early stopping is on (train.early_stopping_patience %d) but there is no validation split: "
                     "all %d epochs run and the last is kept%s", cfg.early_stopping_patience, cfg.epochs,
                     "; the bold driver watches the training loss" if cfg.lr_schedule == "bold_driver" else "")
     loop = _started(session, cfg, checkpoints, start)
+    n_train = session.blocks.n_split(TRAIN)
+    callbacks: list[_Callback] = []
+    if cfg.early_stopping_patience:
+        callbacks.append(_EarlyStopping(cfg.early_stopping_patience))
+    if checkpoints is not None:
+        callbacks.append(_Checkpointing(checkpoints, cfg))
 
-    def due(epoch: int) -> bool:
-        return checkpoints is not None and epoch > 0 and (epoch % cfg.checkpoint_every == 0 or epoch == cfg.epochs)
-
-    # The state after each epoch whose checkpoint is due and not yet on disk: the workers write an epoch's
-    # factors while the next epoch runs, and the driver commits them when it returns.
-    unwritten: dict[int, dict[str, Any]] = {}
-
-    def commit(epoch: int, files: dict[str, str]) -> None:
-        assert checkpoints is not None, "only due checkpoints are committed"
-        began = time.perf_counter()
-        checkpoints.commit(epoch, files, unwritten.pop(epoch), protect=loop.best[1] if loop.best else None)
-        log.debug("checkpoint of epoch %d committed in %.3fs", epoch, time.perf_counter() - began)
-
-    while loop.epoch < cfg.epochs:
-        if loop.stops_early(cfg) and loop.best is not None:
-            log.info("early stop: validation RMSE has not improved for %d epochs; keeping epoch %d",
-                     cfg.early_stopping_patience, loop.best[1])
-            break
+    while loop.epoch < cfg.epochs and not any(c.stops(loop) for c in callbacks):
         epoch = loop.epoch
-        write_start = checkpoints.prepare(epoch) if checkpoints is not None and epoch in unwritten else None
+        write_start = next((url for c in callbacks if (url := c.write_start_to(epoch))), None)
         hyper = Hyper(lr=loop.lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
                       global_mean=session.global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
                       tile_items=cfg.tile_items)
-        keep = (_version(loop.best[1]),) if loop.best else ()
-        began = time.perf_counter()
-        train_sse, errors, files = session.epoch(epoch, hyper, keep, write_start)
-        seconds = time.perf_counter() - began
-        if write_start is not None:  # the start version was written whatever this epoch turns out to be
-            commit(epoch, files)
-        train_rmse = math.sqrt(train_sse / n_train)
-        val_rmse = rmse(errors, VALIDATION)
-
-        if not math.isfinite(train_rmse) or train_rmse > loop.exploded_at or not math.isfinite(val_rmse or 0.0):
-            loop.roll_back(cfg, epoch, train_rmse)  # the factors after ``epoch`` are still on the workers
+        outcome = session.epoch(epoch, hyper, loop.kept(), write_start)
+        for c in callbacks:
+            c.ran(epoch, outcome, loop)
+        if outcome.diverged(loop.exploded_at):
+            loop.roll_back(cfg, epoch, outcome.train_rmse)  # the factors after ``epoch`` are still on the workers
             continue
-        report = EpochReport(epoch=epoch + 1, train_rmse=train_rmse, val_rmse=val_rmse, lr=loop.lr, seconds=seconds,
-                             ratings_per_second=n_train / seconds)
+        report = EpochReport(epoch=epoch + 1, train_rmse=outcome.train_rmse, val_rmse=outcome.val_rmse, lr=loop.lr,
+                             seconds=outcome.seconds, ratings_per_second=n_train / outcome.seconds)
         on_epoch(report)
         loop.accept(report, cfg)
-        if due(loop.epoch):
-            unwritten[loop.epoch] = loop.state(cfg)
+        for c in callbacks:
+            c.accepted(loop)
 
-    if checkpoints is not None and loop.epoch in unwritten:  # the last checkpoint has no next epoch to hide behind
-        commit(loop.epoch, session.write(_version(loop.epoch), checkpoints.prepare(loop.epoch)))
+    for c in callbacks:
+        c.finished(session, loop)
     best_epoch = loop.best[1] if loop.best else loop.epoch
     return TrainResult(factors=session.collect(_version(best_epoch), model.k), history=loop.history,
                        best_epoch=best_epoch)
