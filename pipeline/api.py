@@ -28,7 +28,6 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.config import load_config
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.ingest import rating_file_format
 from funkflow.pipeline.model import (
     Factors,
     read_folded_ratings,
@@ -37,6 +36,8 @@ from funkflow.pipeline.model import (
     score_pairs,
     write_model,
 )
+from funkflow.pipeline.rundir import RunDir
+from funkflow.pipeline.sources import rating_file_format
 from funkflow.pipeline.train import EpochReport
 from funkflow.tasks.idmap import index_of
 
@@ -123,7 +124,7 @@ class FunkSVD:
         executor = DaskExecutor(client) if client is not None else None
         # fit() trains anew by definition, as in scikit-learn: a model already in run_dir is replaced.
         self.summary_ = run_pipeline(config, callbacks=self.callbacks, executor=executor, retrain=True)
-        self._load(self.run_dir / "model")
+        self._load(RunDir(self.run_dir).model)
         return self
 
     def _load(self, model_dir: Path) -> None:

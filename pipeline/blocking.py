@@ -96,13 +96,13 @@ def block_dataset(executor: Executor, dataset: Dataset, out: Path, d: int, split
             for j, (part, part_rule) in enumerate(parts)
         ]
         results = executor.gather(futures)
-        counts = np.sum([r["counts"] for r in results], axis=0)
+        counts = np.sum([r.counts for r in results], axis=0)
         n_train = int(counts[:, TRAIN].sum())
         if n_train == 0:
             raise DataError(f"{dataset.root}: the split leaves no training ratings")
         train_sum = 0.0
         for r in results:  # part order: the mean must not depend on task timing
-            train_sum += r["train_sum"]
+            train_sum += r.train_sum
         meta = {
             "d": d,
             "seed": seed,

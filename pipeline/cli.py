@@ -20,12 +20,13 @@ from funkflow.pipeline.config import Config, GenerateConfig, load_config, shippe
 from funkflow.pipeline.dataset import generate_dataset
 from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from funkflow.pipeline.foldin import fold_in_run
-from funkflow.pipeline.ingest import IngestOptions, estimated_ratings, ingest
+from funkflow.pipeline.ingest import ingest
 from funkflow.pipeline.logs import configure
 from funkflow.pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.pipeline.predict import predict
 from funkflow.pipeline.recommend import recommend
 from funkflow.pipeline.report import report as write_report
+from funkflow.pipeline.sources import IngestOptions, estimated_ratings
 from funkflow.pipeline.stages import package_version, run_pipeline, synthetic_spec
 from funkflow.pipeline.tune import tune
 from funkflow.tasks.artifacts import ArtifactError

@@ -143,19 +143,18 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
         write_ids(_synthetic_ids(spec.n_items), tmp / "items.parquet")
         digest = hashlib.sha256()
         for result in results:
-            digest.update(result["sha256"].encode())
+            digest.update(result.sha256.encode())
         meta = {
             "source": "synthetic",
             "generator": spec.as_dict(),
             "n_users": spec.n_users,
             "n_items": spec.n_items,
-            "n_ratings": sum(r["n_ratings"] for r in results),
+            "n_ratings": sum(r.n_ratings for r in results),
             "rating_scale": [RATING_MIN, RATING_MAX],
             "has_expected": True,
             "has_time": False,
             "user_partitioned": True,  # each part holds whole users (chunks of users)
-            "parts": [{"path": f"ratings/{Path(r['path']).name}", "n_ratings": r["n_ratings"],
-                       "sha256": r["sha256"]} for r in results],
+            "parts": [r.entry() for r in results],
             "fingerprint": digest.hexdigest(),
         }
         write_json(meta, tmp / DATASET_JSON)

@@ -20,7 +20,7 @@ from funkflow.pipeline.model import verify_model
 from funkflow.pipeline.placement import BlockPlacement, rmse, sum_row_errors
 from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
 from funkflow.tasks.blocks import TEST, TRAIN
-from funkflow.tasks.recommend import item_counts, ranking_row
+from funkflow.tasks.recommend import RANKERS, item_counts, ranking_row
 from funkflow.tasks.training import read_factor_block
 
 
@@ -49,14 +49,14 @@ def ranking(executor: Executor, placement: BlockPlacement, row_blocks: list[Any]
                                               b.seed, cfg.ranking_k, cfg.relevance_threshold, wanted,
                                               name="ranking_row"))
     result: dict[str, Any] = {"k": cfg.ranking_k, "relevance_threshold": cfg.relevance_threshold}
-    for name in ("model", "popularity"):
-        sums = np.sum([p[name] for p in parts], axis=0)
-        covered = np.any([p[f"{name}_items"] for p in parts], axis=0)
-        users = int(sums[4])
+    sums = np.sum([p.sums for p in parts], axis=0)
+    covered = np.any([p.recommended for p in parts], axis=0)
+    for ranker, name in enumerate(RANKERS):
+        users = int(sums[ranker, 4])
         result["users"] = users
-        result[name] = {metric: (float(sums[j] / users) if users else None)
+        result[name] = {metric: (float(sums[ranker, j] / users) if users else None)
                         for j, metric in enumerate(("precision", "recall", "ndcg", "map"))}
-        result[name]["coverage"] = float(covered.sum() / b.n_items)
+        result[name]["coverage"] = float(covered[ranker].sum() / b.n_items)
     return result
 
 

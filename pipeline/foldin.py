@@ -17,8 +17,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.ingest import IngestOptions, rating_file_format, read_rating_rows
 from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
+from funkflow.pipeline.rundir import RunDir
+from funkflow.pipeline.sources import IngestOptions, rating_file_format, read_rating_rows
+from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.foldin import fold_in
 from funkflow.tasks.idmap import in_id_type, index_of
 from funkflow.tasks.io import read_json
@@ -118,7 +120,7 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users", base_run
         result = Factors(factors.P, merged_factors, factors.user_bias, merged_bias, factors.global_mean)
         item_ids = merged_ids
         rated = None
-    if "folded_from" not in info and base_run is not None and (base_run / "blocks" / "blocks.json").is_file():
+    if "folded_from" not in info and base_run is not None and RunDir(base_run).blocks_json.is_file():
         info = {**info, "folded_from": str(base_run.resolve())}
     info = {**info, "folded_in": {**info.get("folded_in", {}), side: len(new_ids)}}
     report = FoldInReport(len(new_ids), int(use.sum()), int(known_mine.sum()),
@@ -130,18 +132,17 @@ def fold_in_model(model_dir: Path, rows: pa.Table, side: str = "users", base_run
 def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
                 rating_scale: tuple[float, float] | None = None) -> FoldInReport:
     """Fold the new ``side`` of the ratings file into the model of ``run_dir``; write ``out/model``."""
-    model_dir = run_dir / "model"
-    if not (model_dir / "model.json").is_file():
-        raise DataError(f"{run_dir}: no trained model (model/model.json)")
-    if (out / "model").exists():
-        raise UsageError(f"{out}/model exists; choose a new --out")
-    info_scale = read_json(model_dir / "model.json").get("rating_scale")
+    model_dir = RunDir(run_dir).trained_model()
+    folded_dir = RunDir(out).model
+    if folded_dir.exists():
+        raise UsageError(f"{folded_dir} exists; choose a new --out")
+    info_scale = read_json(model_dir / MODEL_JSON).get("rating_scale")
     scale = rating_scale or (tuple(info_scale) if info_scale else None)
     rows = read_rating_rows(ratings, IngestOptions(format=rating_file_format(ratings), rating_scale=scale))
     folded = fold_in_model(model_dir, rows, side, base_run=run_dir)
     report = folded.report
     out.mkdir(parents=True, exist_ok=True)
-    folded.write(out / "model")
+    folded.write(folded_dir)
     if report.ratings_of_known or report.ratings_of_unknown_other_side:
         log.warning("fold-in left out %s ratings of %s the model knows and %s against unknown %s",
                     f"{report.ratings_of_known:,}", side, f"{report.ratings_of_unknown_other_side:,}",

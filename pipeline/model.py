@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from funkflow.pipeline.errors import DataError
 from funkflow.pipeline.rundir import built_in_place
-from funkflow.tasks.artifacts import MODEL, ArtifactError, load_array, verify, write_manifest
+from funkflow.tasks.artifacts import MODEL, MODEL_JSON, ArtifactError, load_array, verify, write_manifest
 from funkflow.tasks.idmap import read_ids, write_ids
 from funkflow.tasks.io import read_json, write_json, write_npy, write_parquet
 
@@ -57,14 +57,14 @@ def write_model(out: Path, factors: Factors, info: dict[str, Any], user_ids: pa.
             write_npy(getattr(factors, name), tmp / filename)
         for name, ids in (("users", user_ids), ("items", item_ids)):
             write_ids(ids, tmp / f"{name}.parquet")
-        write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
+        write_json({"global_mean": factors.global_mean, **info}, tmp / MODEL_JSON)
         extra = []
         if folded_ratings is not None:
             users, items = folded_ratings
             write_parquet(pa.table({"user": pa.array(users, pa.int64()), "item": pa.array(items, pa.int64())}),
                           tmp / FOLDED_RATINGS)
             extra.append(FOLDED_RATINGS)
-        write_manifest(tmp, MODEL, [*ARRAYS.values(), "users.parquet", "items.parquet", "model.json", *extra])
+        write_manifest(tmp, MODEL, [*ARRAYS.values(), "users.parquet", "items.parquet", MODEL_JSON, *extra])
 
 
 def verify_model(path: Path) -> dict[str, Any]:
@@ -88,7 +88,7 @@ def read_model(path: Path) -> tuple[Factors, dict[str, Any]]:
     """Load a verified model directory (no pickle): the arrays agree with the manifest, with ``model.json``'s
     k and with the id maps' lengths, or a :class:`DataError` names the file."""
     files = verify_model(path)
-    info = read_json(path / "model.json")
+    info = read_json(path / MODEL_JSON)
     try:
         arrays = {name: load_array(path, filename, files) for name, filename in ARRAYS.items()}
     except ArtifactError as exc:
@@ -138,5 +138,5 @@ def export_model(model_dir: Path, out: Path) -> dict[str, Any]:
             lists = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1), pa.float32()), k)
             write_parquet(pa.table({"id": ids, "bias": pa.array(bias, pa.float32()), "factors": lists}),
                           tmp / f"{name}.parquet")
-        write_json({"global_mean": factors.global_mean, **info}, tmp / "model.json")
+        write_json({"global_mean": factors.global_mean, **info}, tmp / MODEL_JSON)
     return {"users": int(factors.P.shape[0]), "items": int(factors.Q.shape[0])}

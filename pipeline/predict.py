@@ -11,8 +11,6 @@ every prediction is clipped to the rating scale.
 from __future__ import annotations
 
 import logging
-import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +19,13 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.ingest import expand_sources, first_line
 from funkflow.pipeline.model import read_id_maps, read_model, score_pairs
-from funkflow.tasks import parse
+from funkflow.pipeline.rundir import RunDir
+from funkflow.pipeline.sources import expand_sources, pair_source
 from funkflow.tasks.idmap import in_id_type, index_of
-from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces
+from funkflow.tasks.ingest import Chunk, SourceError, chunk_pieces
 
 log = logging.getLogger(__name__)
-
-_HEADER_NAMES = {"user", "item", "userid", "movieid", "itemid", "user_id", "item_id", "movie_id", "customerid"}
-
 
 @dataclass(frozen=True)
 class PredictReport:
@@ -40,44 +35,12 @@ class PredictReport:
     out: Path
 
 
-def _pair_layout(url: str, user_col: str | None, item_col: str | None) -> parse.Layout:
-    first = first_line(url)
-    if re.fullmatch(r"\s*[0-9]+:\s*", first):
-        return parse.Layout("netflix_pairs", int_ids=True)
-    delimiter = next((d for d in ("::", "\t", ",", ";", "|") if d in first), ",")
-    fields = [f.strip().strip('"') for f in first.split(delimiter)]
-    header = user_col is not None or item_col is not None or any(f.lower() in _HEADER_NAMES for f in fields)
-
-    def position(spec: str | None, default: int, role: str) -> int:
-        if spec is None:
-            return default
-        if spec.isdigit():
-            return int(spec)
-        if spec not in fields:
-            raise DataError(f"{url}: no {role} column named {spec!r} (line 1: {', '.join(fields)})")
-        return fields.index(spec)
-
-    columns = {"user": position(user_col, 0, "user"), "item": position(item_col, 1, "item"), "rating": None,
-               "time": None}
-    return parse.Layout("delimited", delimiter, len(fields), columns, header=header)
-
-
-def _parsed_pairs(url: str, user_col: str | None, item_col: str | None) -> Iterator[parse.Parsed]:
-    if url.endswith(".parquet"):
-        source = Source(0, url, None, {"user": user_col or "user", "item": item_col or "item"})
-    else:
-        source = Source(0, url, _pair_layout(url, user_col, item_col))
-    return chunk_pieces(Chunk(source), (0.0, 0.0))
-
-
 def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
             item_col: str | None = None) -> PredictReport:
     """Predict the ratings of the pairs in ``pairs`` with the model of ``run_dir``; write ``out``."""
     if out.suffix not in (".parquet", ".csv", ".tsv"):
         raise UsageError(f"--out must end in .parquet, .csv or .tsv, got {out}")
-    model_dir = run_dir / "model"
-    if not (model_dir / "model.json").is_file():
-        raise DataError(f"{run_dir}: no trained model (model/model.json); run `funkflow train` first")
+    model_dir = RunDir(run_dir).trained_model()
     factors, info = read_model(model_dir)
     user_ids, item_ids = read_id_maps(model_dir)
     scale = tuple(info["rating_scale"]) if info.get("rating_scale") else None
@@ -87,7 +50,7 @@ def predict(run_dir: Path, pairs: str, out: Path, user_col: str | None = None,
     writer: pq.ParquetWriter | pacsv.CSVWriter | None = None
     n = unknown_users = unknown_items = 0
     try:  # written to a temporary name, moved into place only when every pair is answered
-        for parsed in _parsed_pairs(url, user_col, item_col):
+        for parsed in chunk_pieces(Chunk(pair_source(url, user_col, item_col)), (0.0, 0.0)):
             if parsed.reject_lines.shape[0]:
                 raise DataError(f"{url}:{parsed.reject_lines[0]}: {parsed.reject_details[0]} "
                                 f"({parsed.reject_reasons[0]})")

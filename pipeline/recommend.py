@@ -26,6 +26,8 @@ from funkflow.pipeline.config import ClusterConfig, load_config
 from funkflow.pipeline.errors import DataError, UsageError
 from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
 from funkflow.pipeline.placement import BlockPlacement
+from funkflow.pipeline.rundir import RunDir
+from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, write_parquet
 from funkflow.tasks.recommend import positions_in_runs, recommend_row, recommend_users
@@ -73,9 +75,7 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
         raise UsageError(f"--top must be at least 1, got {top}")
     if out.suffix != ".parquet":
         raise UsageError(f"--out must be a .parquet file, got {out}")
-    model_dir = run_dir / "model"
-    if not (model_dir / "model.json").is_file():
-        raise DataError(f"{run_dir}: no trained model; run `funkflow train` first")
+    model_dir = RunDir(run_dir).trained_model()
     config = load_config(run_dir / "config.yaml") if (run_dir / "config.yaml").is_file() else None
     cluster = cluster or (config.cluster if config else ClusterConfig())
     verify_model(model_dir)
@@ -86,7 +86,7 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
         lists = recommendation_lists(model_dir, wanted, top, executor)
     seconds = time.perf_counter() - began
     table = recommendation_table(lists.users, lists.items, lists.scores, user_ids, item_ids,
-                                 read_json(model_dir / "model.json").get("rating_scale"))
+                                 read_json(model_dir / MODEL_JSON).get("rating_scale"))
     if table.num_rows == 0:
         raise DataError(f"{run_dir}: no recommendations for any of the {lists.unserved:,} users asked for "
                         f"({lists.why_unserved})")
@@ -115,7 +115,7 @@ def recommendation_lists(model_dir: Path, wanted: np.ndarray | None, top: int,
     """Top-``top`` lists of the model's users (all, or the sorted indices ``wanted``), leaving out what each
     rated: trained users' ratings are in their run's blocks, scored on the workers that hold them; folded-in
     users' ratings are in the model (``folded_ratings.parquet``), scored here."""
-    info = read_json(model_dir / "model.json")
+    info = read_json(model_dir / MODEL_JSON)
     if info.get("folded_in", {}).get("items"):
         raise UsageError(f"{model_dir}: recommend cannot serve a model with folded-in items yet (what the "
                          "trained users rated is indexed by the items before the fold); retrain with the new items")
@@ -131,8 +131,8 @@ def recommendation_lists(model_dir: Path, wanted: np.ndarray | None, top: int,
     trained = everyone[~is_folded]
     base = Path(info["folded_from"]) if info.get("folded_from") else None
     unserved, why = 0, ""
-    if trained.shape[0] and base is not None and _same_trained_model(base / "model", factors):
-        base_index = index_of(user_ids.take(pa.array(trained)), read_id_maps(base / "model")[0])
+    if trained.shape[0] and base is not None and _same_trained_model(RunDir(base), factors):
+        base_index = index_of(user_ids.take(pa.array(trained)), read_id_maps(RunDir(base).model)[0])
         lists = _from_blocks(base, np.sort(base_index), top, executor)
         # Trained users keep their factors in a fold of users, so their lists are the base run's, re-indexed.
         by_base = np.argsort(base_index)
@@ -146,24 +146,25 @@ def recommendation_lists(model_dir: Path, wanted: np.ndarray | None, top: int,
     return RecommendationLists(users, items, scores, unserved, why)
 
 
-def _same_trained_model(base_model: Path, factors: Factors) -> bool:
-    if not (base_model.parent / "blocks" / "blocks.json").is_file() or not (base_model / "model.json").is_file():
+def _same_trained_model(base: RunDir, factors: Factors) -> bool:
+    if not base.blocks_json.is_file() or not base.model_json.is_file():
         return False
     try:
-        base_factors, _ = read_model(base_model)
+        base_factors, _ = read_model(base.model)
     except DataError:
         return False
     return np.array_equal(base_factors.Q, factors.Q) and base_factors.global_mean == factors.global_mean
 
 
 def _from_blocks(run_dir: Path, wanted: np.ndarray | None, top: int, executor: Executor) -> RecommendationLists:
-    if not (run_dir / "blocks" / "blocks.json").is_file():
+    run = RunDir(run_dir)
+    if not run.blocks_json.is_file():
         raise DataError(f"{run_dir}: no blocks/ beside the model, so what its users rated is unknown; recommend "
                         "from the run directory that trained it")
-    blocks = open_blocks(run_dir / "blocks")
+    blocks = open_blocks(run.blocks)
     placement = BlockPlacement(executor, blocks)
     row_blocks = placement.load_row_blocks()
-    futures = placement.on_rows(row_blocks, recommend_row, str(run_dir / "model"), blocks.n_items, blocks.d,
+    futures = placement.on_rows(row_blocks, recommend_row, str(run.model), blocks.n_items, blocks.d,
                                 blocks.seed, top, wanted, name="recommend_row")
     users, items, scores = (np.concatenate(column) for column in zip(*executor.gather(futures)))
     return RecommendationLists(users, items, scores)

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from funkflow.pipeline.errors import ClusterError
+from funkflow.pipeline.errors import ClusterError, DataError
+from funkflow.tasks.artifacts import MODEL_JSON
+from funkflow.tasks.blocks import BLOCKS_JSON
 from funkflow.tasks.io import read_json, write_json
 
 
@@ -74,6 +76,25 @@ class RunDir:
     @property
     def model(self) -> Path:
         return self.root / "model"
+
+    @property
+    def model_json(self) -> Path:
+        return self.model / MODEL_JSON
+
+    def trained_model(self) -> Path:
+        """The model directory, refused as a :class:`DataError` if no model was trained here."""
+        if not self.model_json.is_file():
+            raise DataError(f"{self.root}: no trained model (model/{MODEL_JSON}); run `funkflow train` first")
+        return self.model
+
+    @property
+    def blocks_json(self) -> Path:
+        return self.blocks / BLOCKS_JSON
+
+    @property
+    def selection(self) -> Path:
+        """``train.refit``'s run with validation, whose early stopping chose the epochs of the final model."""
+        return self.root / "selection"
 
     @property
     def export(self) -> Path:

@@ -36,20 +36,21 @@ from funkflow.pipeline.errors import (
     UsageError,
 )
 from funkflow.pipeline.evaluate import evaluate
-from funkflow.pipeline.ingest import (
-    estimated_ratings,
-    expand_sources,
-    ingest,
-    ingest_options,
-    rating_file_format,
-    source_stamp,
-)
+from funkflow.pipeline.ingest import ingest
 from funkflow.pipeline.logs import stage_context
 from funkflow.pipeline.model import export_model, read_id_maps, verify_model, write_model
 from funkflow.pipeline.placement import BlockPlacement
 from funkflow.pipeline.plan import auto_d
 from funkflow.pipeline.rundir import RunDir
+from funkflow.pipeline.sources import (
+    estimated_ratings,
+    expand_sources,
+    ingest_options,
+    rating_file_format,
+    source_stamp,
+)
 from funkflow.pipeline.train import EpochReport, WarmStart, train
+from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, update_text, write_json, write_text
 from funkflow.tasks.synthetic import SyntheticSpec
@@ -245,12 +246,12 @@ class Pipeline:
         source = self.config.train.init_from
         if source is None:
             return None, ""
-        model_dir = Path(source) / "model" if (Path(source) / "model" / "model.json").is_file() else Path(source)
-        if not (model_dir / "model.json").is_file():
-            raise ConfigError(f"train.init_from: no model in {source} (neither {source}/model/model.json nor "
-                              f"{source}/model.json)")
+        model_dir = RunDir(Path(source)).model if RunDir(Path(source)).model_json.is_file() else Path(source)
+        if not (model_dir / MODEL_JSON).is_file():
+            raise ConfigError(f"train.init_from: no model in {source} (neither {source}/model/{MODEL_JSON} nor "
+                              f"{source}/{MODEL_JSON})")
         verify_model(model_dir)
-        info = read_json(model_dir / "model.json")
+        info = read_json(model_dir / MODEL_JSON)
         if info["k"] != self.config.model.k:
             raise ConfigError(f"train.init_from: {source} has k={info['k']}, this run model.k={self.config.model.k}")
         maps = {}
@@ -259,7 +260,7 @@ class Pipeline:
             known = int((maps[name] >= 0).sum())
             log.info("warm start: %s of %s %s known to %s (%s new, %s dropped)", f"{known:,}", f"{len(new_ids):,}",
                      name, source, f"{len(new_ids) - known:,}", f"{len(old_ids) - known:,}")
-        stamp = _chain(*(source_stamp(str(model_dir / f)) for f in ("model.json", "P.npy", "Q.npy")))
+        stamp = _chain(*(source_stamp(str(model_dir / f)) for f in (MODEL_JSON, "P.npy", "Q.npy")))
         return WarmStart(model_dir, maps["users"], maps["items"]), stamp
 
     def train(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> str:
@@ -280,7 +281,7 @@ class Pipeline:
             write_model(self.run.model, result.factors, info, *read_id_maps(dataset.root))
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
-        self._stage("train", fingerprint, work, self.run.model / "model.json")
+        self._stage("train", fingerprint, work, self.run.model_json)
         return fingerprint
 
     def evaluate(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> dict[str, Any]:
@@ -346,7 +347,7 @@ def _refuse_another_model(run: RunDir, config: Config) -> None:
     """A run directory that holds a model keeps it unless the run asks to retrain: a config that would train
     a different one is a config error naming the keys."""
     saved = run.root / "config.yaml"
-    if not saved.is_file() or not (run.model / "model.json").is_file():
+    if not saved.is_file() or not run.model_json.is_file():
         return
     changed = [line for line in differences(load_config(saved).to_dict(), config.to_dict(), "the run has")
                if not any(line.startswith((f"{free}:", f"{free}.")) for free in _FREE_KEYS)]
@@ -421,13 +422,13 @@ def _refit(config: Config, last: str, resume: bool, force: bool, report: Path | 
     """``train.refit``: train with validation and early stopping in ``RUN_DIR/selection``, then the final model
     in the run directory on the training and validation ratings for the epoch count early stopping chose.
     The run directory's ``config.yaml`` is that final config; the one asked for is the selection's."""
-    run_dir = Path(config.output.run_dir)
-    selection = config.with_values({"train.refit": False, "output.run_dir": str(run_dir / "selection")})
+    selected = RunDir(RunDir(Path(config.output.run_dir)).selection)
+    selection = config.with_values({"train.refit": False, "output.run_dir": str(selected.root)})
     run_pipeline(selection, last="train", resume=resume, force=force, callbacks=callbacks, executor=executor,
                  retrain=True)
-    best_epoch = read_json(run_dir / "selection" / "stages" / "train.json")["best_epoch"]
+    best_epoch = read_json(selected.stage_record("train"))["best_epoch"]
     canonical = config.data.generate is None and config.data.format == "canonical"
-    dataset = config.data.dataset_dir() if canonical else str((run_dir / "selection" / "data").resolve())
+    dataset = config.data.dataset_dir() if canonical else str(selected.data.resolve())
     final = config.with_values({**config.refit_values(best_epoch), "data.source": dataset,
                                 "data.format": "canonical", "data.generate": None})
     log.info("train.refit: early stopping kept epoch %d; training it again on the training and validation "
@@ -483,7 +484,10 @@ def _write_run_manifest(run: RunDir, config: Config, pipeline: Pipeline | None, 
         status, code = "interrupted", 130
     else:
         status, code = "failed", EXIT_SOFTWARE
-    stamp = lambda t: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+    def stamp(t: float) -> str:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
     manifest = {
         "status": status,
         "exit_code": code,

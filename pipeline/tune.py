@@ -33,6 +33,7 @@ from funkflow.pipeline.cluster import Executor, InProcessExecutor, open_executor
 from funkflow.pipeline.config import TUNABLE, Config, differences, dump_config
 from funkflow.pipeline.dataset import open_dataset
 from funkflow.pipeline.errors import ConfigError
+from funkflow.pipeline.rundir import RunDir
 from funkflow.pipeline.stages import run_pipeline
 from funkflow.tasks.io import read_json, write_text
 
@@ -134,9 +135,13 @@ def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -
     with _quiet():
         run_pipeline(config, last="train", executor=executor or InProcessExecutor(1), retrain=True)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    best_epoch = read_json(run_dir / "stages" / "train.json")["best_epoch"]
-    shutil.rmtree(run_dir / "blocks", ignore_errors=True)
+    best_epoch = read_json(RunDir(run_dir).stage_record("train"))["best_epoch"]
+    shutil.rmtree(RunDir(run_dir).blocks, ignore_errors=True)
     return TrialCurve([row["val_rmse"] for row in rows], best_epoch, time.perf_counter() - began)
+
+
+def _trial_run(root: Path, trial: Trial) -> RunDir:
+    return RunDir(root / f"trial-{trial.index:03d}")
 
 
 def _trial_config(config: Config, trial: Trial, dataset: str, root: Path, epochs: int, parallel: bool) -> Config:
@@ -144,7 +149,7 @@ def _trial_config(config: Config, trial: Trial, dataset: str, root: Path, epochs
     return config.with_values({
         **values, "data.source": dataset, "data.format": "canonical", "data.generate": None,
         "train.epochs": epochs, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
-        "train.refit": False, "output.run_dir": str(root / f"trial-{trial.index:03d}"), "output.checkpoints": None,
+        "train.refit": False, "output.run_dir": str(_trial_run(root, trial).root), "output.checkpoints": None,
         **({"cluster.scheduler": "inprocess", "cluster.threads_per_worker": 1} if parallel else {})})
 
 
@@ -192,7 +197,7 @@ def _prepared_dataset(config: Config, root: Path) -> tuple[str, str, int]:
         return str(Path(config.data.dataset_dir()).resolve()), dataset.fingerprint, dataset.n_ratings
     with _quiet():
         run_pipeline(config.with_values({"output.run_dir": str(root / "prepared")}), last="generate", retrain=True)
-    dataset = open_dataset(root / "prepared" / "data")
+    dataset = open_dataset(RunDir(root / "prepared").data)
     return str(Path(dataset.root).resolve()), dataset.fingerprint, dataset.n_ratings
 
 
@@ -224,7 +229,7 @@ class _Search:
             keep = {r.trial for r in ranked[:max(1, math.ceil(len(ranked) / self.config.tune.reduction))]}
             for trial in alive:
                 if trial.index not in keep:  # stopped here: its checkpoints are no longer needed
-                    shutil.rmtree(self.root / f"trial-{trial.index:03d}" / "checkpoints", ignore_errors=True)
+                    shutil.rmtree(_trial_run(self.root, trial).checkpoints, ignore_errors=True)
             alive = [trial for trial in alive if trial.index in keep]
 
     def _train(self, batch: list[Trial], rung: int, epochs: int, executor: Executor) -> None:
@@ -254,7 +259,7 @@ def tune(config: Config, retrain: bool = False) -> TuneResult:
                           "split.validation_per_user) above 0")
     run_dir = Path(config.output.run_dir)
     log_path = run_dir / TUNE_LOG
-    if (run_dir / "model" / "model.json").is_file() and not log_path.is_file() and not retrain:
+    if RunDir(run_dir).model_json.is_file() and not log_path.is_file() and not retrain:
         raise ConfigError(f"{run_dir} holds a model that no tune made; choose another --run-dir, or pass "
                           "--retrain to replace it with the tune's")
     (run_dir / "tune").mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,7 @@ def load_array(directory: str | Path, name: str, files: dict[str, Any], mmap: bo
 
 
 MODEL = "model"
+MODEL_JSON = "model.json"  # a model's global mean, k, id types, rating scale and provenance
 
 
 def read_model_array(model_dir: str | Path, name: str, mmap: bool = False) -> np.ndarray:

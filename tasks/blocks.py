@@ -99,16 +99,18 @@ def assign_splits(users: np.ndarray, items: np.ndarray, times: np.ndarray | None
     return codes
 
 
-def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users: int, rule: SplitRule,
-               block_seed: int) -> dict:
-    """Assign one part's ratings to splits and row blocks; write one file per row block.
+@dataclass(frozen=True)
+class SplitCounts:
+    """``counts`` (d, 3) int64 ratings of a part per row block and split, and the float64 ``train_sum`` of its
+    training ratings (the driver forms the global mean by adding these in part order)."""
 
-    Returns
-    -------
-    dict with ``counts`` (d, 3) int64 ratings per row block and split, and the
-    float64 ``train_sum`` of training ratings (the driver forms the global mean
-    by adding these in part order).
-    """
+    counts: np.ndarray
+    train_sum: float
+
+
+def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users: int, rule: SplitRule,
+               block_seed: int) -> SplitCounts:
+    """Assign one part's ratings to splits and row blocks; write one file per row block."""
     columns = ["user", "item", "rating"]
     schema_names = pq.read_schema(part_path).names
     if "expected" in schema_names:
@@ -134,7 +136,7 @@ def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users
         write_parquet(table.take(take), out / f"part-{part_index:05d}.parquet")
         counts[r] = np.bincount(codes[take], minlength=3)
     ratings = table["rating"].to_numpy()
-    return {"counts": counts, "train_sum": float(ratings[codes == TRAIN].sum(dtype=np.float64))}
+    return SplitCounts(counts, float(ratings[codes == TRAIN].sum(dtype=np.float64)))
 
 
 class RunLayout(NamedTuple):

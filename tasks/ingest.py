@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from funkflow.tasks import parse
 from funkflow.tasks.idmap import distinct_ids, index_of
-from funkflow.tasks.io import file_sha256, read_arrow, write_arrow, write_parquet
+from funkflow.tasks.io import WrittenPart, read_arrow, write_arrow, write_parquet
 
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
 LINE_BITS = 40
@@ -309,17 +309,21 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     return ParsedChunk(stats, distinct_ids(users), distinct_ids(items))
 
 
+@dataclass(frozen=True)
+class EncodedChunk:
+    """Rows of a chunk written to each bucket, and rows left out for a user / an item the id maps lack."""
+
+    counts: tuple[int, ...]
+    unseen_users: int
+    unseen_items: int
+
+
 def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array, n_buckets: int,
-                 buckets_dir: str) -> dict[str, Any]:
+                 buckets_dir: str) -> EncodedChunk:
     """Map a staged chunk's raw ids to dense indices and split its rows into user-range buckets.
 
     Rows whose user or item the maps lack (possible only with given maps) are
     left out and counted.
-
-    Returns
-    -------
-    dict with the row ``counts`` written to each bucket, and ``unseen_users`` /
-    ``unseen_items``: rows left out for an unknown user / item.
     """
     table = read_arrow(staged)
     users = index_of(table["user"].combine_chunks(), user_ids)
@@ -343,10 +347,21 @@ def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array
             out = Path(buckets_dir) / f"bucket-{b:05d}"
             out.mkdir(parents=True, exist_ok=True)
             write_arrow(encoded.take(take), out / f"chunk-{index:05d}.arrow")
-    return {"counts": counts, "unseen_users": unseen_users, "unseen_items": unseen_items}
+    return EncodedChunk(tuple(counts), unseen_users, unseen_items)
 
 
-def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_time: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ResolvedBucket:
+    """A bucket with its duplicates resolved: the part written (None for an empty bucket), the duplicated
+    (user, item) pairs and the rows dropped, and the source positions of the first duplicate's first two rows."""
+
+    part: WrittenPart | None
+    pairs: int = 0
+    dropped: int = 0
+    first_duplicate: tuple[int, int] | None = None
+
+
+def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_time: bool) -> ResolvedBucket:
     """Resolve duplicate (user, item) pairs of one bucket by ``policy``; write it sorted by (user, item).
 
     ``keep_last`` keeps the latest rating by time, then by source position;
@@ -357,7 +372,7 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     files = sorted(folder.glob("chunk-*.arrow")) if folder.exists() else []
     table = pa.concat_tables([read_arrow(f) for f in files]) if files else None
     if table is None or table.num_rows == 0:
-        return {"n_ratings": 0, "pairs": 0, "dropped": 0, "first_duplicate": None, "path": None}
+        return ResolvedBucket(None)
     users = table["user"].to_numpy()
     items = table["item"].to_numpy()
     ratings = table["rating"].to_numpy()
@@ -373,13 +388,13 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     starts = np.flatnonzero(new_pair)
     sizes = np.diff(np.append(starts, users.shape[0]))
     duplicated = sizes > 1
-    result: dict[str, Any] = {"pairs": int(duplicated.sum()), "dropped": int((sizes - 1).sum()),
-                              "first_duplicate": None}
+    first_duplicate = None
     if duplicated.any():
         where = starts[duplicated]
         first = int(np.argmin(pos[where]))  # report the pair whose first row comes first in the sources
         group = slice(where[first], where[first] + sizes[duplicated][first])
-        result["first_duplicate"] = sorted(int(p) for p in pos[group][:2])
+        a, b = sorted(int(p) for p in pos[group][:2])
+        first_duplicate = (a, b)
     if policy == "keep_first":
         pick = starts
     else:
@@ -392,8 +407,5 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     if has_time:
         columns["time"] = pa.array(times[pick], mask=times[pick] == np.iinfo(np.int64).min)
     write_parquet(pa.table(columns), out)
-    result.update(n_ratings=int(pick.shape[0]), path=out, sha256=file_sha256(out),
-                  rating_sum=float(kept_ratings.astype(np.float64).sum()))
-    if policy == "error":
-        result["dropped"] = 0
-    return result
+    return ResolvedBucket(WrittenPart.of(out, int(pick.shape[0])), pairs=int(duplicated.sum()),
+                          dropped=0 if policy == "error" else int((sizes - 1).sum()), first_duplicate=first_duplicate)

@@ -12,12 +12,30 @@ import io
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class WrittenPart:
+    """A dataset part a task wrote: its file, its rows and their SHA-256."""
+
+    path: str
+    n_ratings: int
+    sha256: str
+
+    @classmethod
+    def of(cls, path: str | os.PathLike, n_ratings: int) -> WrittenPart:
+        return cls(str(path), n_ratings, file_sha256(path))
+
+    def entry(self) -> dict[str, Any]:
+        """The part as a dataset manifest lists it, relative to the dataset's root."""
+        return {"path": f"ratings/{Path(self.path).name}", "n_ratings": self.n_ratings, "sha256": self.sha256}
 
 
 def _temporary_sibling(path: Path) -> Path:

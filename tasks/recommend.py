@@ -8,6 +8,7 @@ index, so the lists are exact and deterministic.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -189,10 +190,24 @@ def ranking_sums(ranked: list[np.ndarray], relevant: list[set[int]], k: int) -> 
     return total
 
 
+# Whose top-N lists the ranking metrics judge: the model's, and the popularity baseline's.
+RANKERS = ("model", "popularity")
+
+
+@dataclass(frozen=True)
+class RankingPart:
+    """One row block's ranking metrics, a row per ranker of :data:`RANKERS`: ``sums`` (2, 5) of precision,
+    recall, NDCG and MAP over its users and their count; ``recommended`` (2, n_items) bool, the items in any
+    of their lists."""
+
+    sums: np.ndarray
+    recommended: np.ndarray
+
+
 def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_items: int, d: int, seed: int,
-                k: int, threshold: float, wanted: np.ndarray | None) -> dict[str, np.ndarray]:
+                k: int, threshold: float, wanted: np.ndarray | None) -> RankingPart:
     """Ranking metrics of one row block's users that have a relevant test rating (test rating >=
-    ``threshold``), for the model and for the popularity baseline: sums and the items recommended."""
+    ``threshold``), for the model and for the popularity baseline."""
     from funkflow.tasks.blocks import TEST
 
     item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
@@ -210,16 +225,15 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
     users, items = users[order], items[order]
     evaluated, starts = np.unique(users, return_index=True)
     relevant = {int(u): set(group.tolist()) for u, group in zip(evaluated, np.split(items, starts[1:]))}
-    out = {}
-    for name, source in (("model", {"model_dir": model_dir}), ("popularity", {"popularity": popularity,
-                                                                               "model_dir": None})):
+    sums = np.zeros((len(RANKERS), 5))
+    recommended = np.zeros((len(RANKERS), n_items), dtype=bool)
+    sources: tuple[dict, ...] = ({"model_dir": model_dir}, {"popularity": popularity, "model_dir": None})
+    for ranker, source in enumerate(sources):
         rec_users, rec_items, _ = recommend_row(row_block, n_items=n_items, d=d, seed=seed, top=k,
                                                 wanted=evaluated, **source)
         starts = np.flatnonzero(np.diff(rec_users, prepend=-1))
         lists = dict(zip(rec_users[starts].tolist(), np.split(rec_items, starts[1:])))
         ranked = [lists.get(u, np.zeros(0, np.int64)) for u in relevant]
-        recommended = np.zeros(n_items, dtype=bool)
-        recommended[rec_items] = True
-        out[name] = ranking_sums(ranked, list(relevant.values()), k)
-        out[f"{name}_items"] = recommended
-    return out
+        recommended[ranker, rec_items] = True
+        sums[ranker] = ranking_sums(ranked, list(relevant.values()), k)
+    return RankingPart(sums, recommended)

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 from scipy.special import ndtr
 
-from funkflow.tasks.io import file_sha256, write_parquet
+from funkflow.tasks.io import WrittenPart, write_parquet
 
 NETFLIX_USERS = 480_189
 NETFLIX_ITEMS = 17_770
@@ -108,40 +108,48 @@ def _apportion(weights: np.ndarray, total: int, cap: int) -> np.ndarray:
     return extra + 1
 
 
-def make_true_model(spec: SyntheticSpec) -> dict[str, np.ndarray]:
-    """Draw the true model: factors, biases, activity and popularity.
+@dataclass(frozen=True)
+class TrueModel:
+    """The model synthetic ratings are drawn from.
 
-    Returns
-    -------
-    dict with
-        ``P`` (n_users, k_true) float32, ``Q`` (n_items, k_true) float32,
-        ``user_bias`` (n_users,) float32, ``item_bias`` (n_items,) float32,
-        ``counts`` (n_users,) int64 ratings per user, summing to n_ratings,
-        ``popularity_cdf`` (n_items,) float64.
+    ``P`` (n_users, k_true) and ``Q`` (n_items, k_true) float32 factors, ``user_bias`` and ``item_bias``
+    float32; ``counts`` (n_users,) int64 ratings per user, summing to n_ratings; ``popularity_cdf``
+    (n_items,) float64, the cumulative item popularity that items are drawn by.
     """
+
+    P: np.ndarray
+    Q: np.ndarray
+    user_bias: np.ndarray
+    item_bias: np.ndarray
+    counts: np.ndarray
+    popularity_cdf: np.ndarray
+
+
+def make_true_model(spec: SyntheticSpec) -> TrueModel:
+    """Draw the true model: factors, biases, activity and popularity."""
     rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_STREAM_MODEL,)))
     cap = spec.max_ratings_per_user
     activity = rng.lognormal(0.0, spec.activity_sigma, spec.n_users)
     popularity = rng.lognormal(0.0, spec.popularity_sigma, spec.n_items)
     cdf = np.cumsum(popularity)
-    return {
-        "P": rng.normal(0.0, spec.factor_std, (spec.n_users, spec.k_true)).astype(np.float32),
-        "Q": rng.normal(0.0, spec.factor_std, (spec.n_items, spec.k_true)).astype(np.float32),
-        "user_bias": rng.normal(0.0, spec.user_bias_std, spec.n_users).astype(np.float32),
-        "item_bias": rng.normal(0.0, spec.item_bias_std, spec.n_items).astype(np.float32),
-        "counts": _apportion(activity, spec.n_ratings, cap),
-        "popularity_cdf": cdf / cdf[-1],
-    }
+    return TrueModel(
+        P=rng.normal(0.0, spec.factor_std, (spec.n_users, spec.k_true)).astype(np.float32),
+        Q=rng.normal(0.0, spec.factor_std, (spec.n_items, spec.k_true)).astype(np.float32),
+        user_bias=rng.normal(0.0, spec.user_bias_std, spec.n_users).astype(np.float32),
+        item_bias=rng.normal(0.0, spec.item_bias_std, spec.n_items).astype(np.float32),
+        counts=_apportion(activity, spec.n_ratings, cap),
+        popularity_cdf=cdf / cdf[-1],
+    )
 
 
-def chunk_bounds(model: dict[str, np.ndarray], ratings_per_chunk: int) -> np.ndarray:
+def chunk_bounds(model: TrueModel, ratings_per_chunk: int) -> np.ndarray:
     """User-index boundaries of chunks holding about ``ratings_per_chunk`` ratings each.
 
     Returns
     -------
     array of shape (n_chunks + 1,), int64, from 0 to n_users
     """
-    counts = model["counts"]
+    counts = model.counts
     n_chunks = max(1, int(np.ceil(counts.sum() / ratings_per_chunk)))
     targets = np.linspace(0, counts.sum(), n_chunks + 1)[1:-1]
     inner = np.searchsorted(np.cumsum(counts), targets, side="left") + 1
@@ -185,27 +193,23 @@ def _sample_items(users: np.ndarray, want: np.ndarray, first_user: int, cdf: np.
     raise RuntimeError("could not draw distinct items for every user; lower max_user_fraction")
 
 
-def generate_chunk(spec: SyntheticSpec, model: dict[str, np.ndarray], chunk: int, first_user: int,
-                   end_user: int, path: str) -> dict:
+def generate_chunk(spec: SyntheticSpec, model: TrueModel, chunk: int, first_user: int, end_user: int,
+                   path: str) -> WrittenPart:
     """Generate the ratings of users ``[first_user, end_user)`` and write them to ``path``.
 
     The chunk's random stream is derived from (spec.seed, chunk), so the data do
     not depend on which worker, or how many, generated them.
-
-    Returns
-    -------
-    dict with ``n_ratings``, ``sha256`` of the written file, ``path``.
     """
     rng = np.random.default_rng(np.random.SeedSequence(spec.seed, spawn_key=(_STREAM_CHUNK, chunk)))
     users = np.arange(first_user, end_user, dtype=np.int64)
-    keys = _sample_items(users, model["counts"][first_user:end_user], first_user, model["popularity_cdf"], rng)
+    keys = _sample_items(users, model.counts[first_user:end_user], first_user, model.popularity_cdf, rng)
     user = (keys // spec.n_items).astype(np.int32)
     item = (keys % spec.n_items).astype(np.int32)
     score = (
         np.float32(spec.global_mean)
-        + model["user_bias"][user]
-        + model["item_bias"][item]
-        + np.einsum("nk,nk->n", model["P"][user], model["Q"][item])
+        + model.user_bias[user]
+        + model.item_bias[item]
+        + np.einsum("nk,nk->n", model.P[user], model.Q[item])
     ).astype(np.float64)
     noisy = score + rng.normal(0.0, spec.noise_std, score.shape[0])
     rating = np.clip(np.rint(noisy), RATING_MIN, RATING_MAX).astype(np.float32)
@@ -216,7 +220,7 @@ def generate_chunk(spec: SyntheticSpec, model: dict[str, np.ndarray], chunk: int
         "expected": expected_rating(score, spec.noise_std),
     })
     write_parquet(table, path)
-    return {"n_ratings": int(table.num_rows), "sha256": file_sha256(path), "path": path}
+    return WrittenPart.of(path, int(table.num_rows))
 
 
 def write_daily_csvs(folder: Path, seed: int = 11) -> tuple[Path, Path]:

@@ -33,7 +33,7 @@ def test_blocks_hold_every_rating_once(planted_low_rank, tmp_path, d):
     out = tmp_path / "blocks"
     rule = SplitRule("hash", 0.2, 0.1, 3)
     results = [split_part(str(p), j, str(out), d, n_users, rule, 9) for j, p in enumerate(parts)]
-    counts = sum(r["counts"] for r in results)
+    counts = sum(r.counts for r in results)
     assert counts.sum() == users.shape[0]
     write_json({"counts": counts.tolist()}, out / BLOCKS_JSON)  # as the block stage does, last
 
@@ -70,7 +70,7 @@ def test_split_fractions_and_independence_from_partitioning():
 
 def test_row_block_of_another_layout_is_refused(planted_low_rank, tmp_path):
     part = sorted((planted_low_rank / "ratings").glob("*.parquet"))[0]
-    counts = split_part(str(part), 0, str(tmp_path), 2, 120, SplitRule("hash", 0.1, 0.1, 0), 1)["counts"]
+    counts = split_part(str(part), 0, str(tmp_path), 2, 120, SplitRule("hash", 0.1, 0.1, 0), 1).counts
     write_json({"counts": counts.tolist()}, tmp_path / BLOCKS_JSON)
     with pytest.raises(ValueError, match="another row block"):
         load_row_block(str(tmp_path), 0, 2, 120, 80, block_seed=2)

@@ -20,7 +20,8 @@ from funkflow.pipeline.cli import main
 from funkflow.pipeline.cluster import InProcessExecutor
 from funkflow.pipeline.dataset import open_dataset
 from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.ingest import IngestOptions, ingest
+from funkflow.pipeline.ingest import ingest
+from funkflow.pipeline.sources import IngestOptions
 
 
 def _run(tmp_path: Path, sources: list[Path | str], fmt: str, *extra: str, out: str = "out") -> int:

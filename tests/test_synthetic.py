@@ -23,17 +23,17 @@ def test_netflix_shape_at_full_scale():
 def test_chunks_hold_exact_counts_of_distinct_pairs(tmp_path):
     spec = SyntheticSpec.netflix_shaped(0.0005, seed=4)
     model = make_true_model(spec)
-    assert model["counts"].sum() == spec.n_ratings
-    assert model["counts"].min() >= 1
+    assert model.counts.sum() == spec.n_ratings
+    assert model.counts.min() >= 1
     bounds = chunk_bounds(model, 20_000)
     assert bounds[0] == 0 and bounds[-1] == spec.n_users and len(bounds) > 2
-    tables = [pq.read_table(generate_chunk(spec, model, j, int(a), int(b), str(tmp_path / f"{j}.parquet"))["path"])
+    tables = [pq.read_table(generate_chunk(spec, model, j, int(a), int(b), str(tmp_path / f"{j}.parquet")).path)
               for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
     users = np.concatenate([t["user"].to_numpy() for t in tables])
     items = np.concatenate([t["item"].to_numpy() for t in tables])
     ratings = np.concatenate([t["rating"].to_numpy() for t in tables])
     assert users.shape[0] == spec.n_ratings
-    np.testing.assert_array_equal(np.bincount(users, minlength=spec.n_users), model["counts"])
+    np.testing.assert_array_equal(np.bincount(users, minlength=spec.n_users), model.counts)
     assert np.unique(users.astype(np.int64) * spec.n_items + items).shape[0] == spec.n_ratings
     assert set(np.unique(ratings).tolist()) <= {1.0, 2.0, 3.0, 4.0, 5.0}
     popularity = np.sort(np.bincount(items, minlength=spec.n_items))
@@ -45,7 +45,7 @@ def test_same_seed_same_chunk(tmp_path):
     model = make_true_model(spec)
     a = generate_chunk(spec, model, 0, 0, 50, str(tmp_path / "a.parquet"))
     b = generate_chunk(spec, make_true_model(spec), 0, 0, 50, str(tmp_path / "b.parquet"))
-    assert a["sha256"] == b["sha256"]
+    assert a.sha256 == b.sha256
 
 
 @pytest.mark.parametrize("score", [0.2, 1.4, 3.0, 4.7, 6.0])
