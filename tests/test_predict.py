@@ -70,3 +70,18 @@ def test_parquet_pairs_and_a_bad_line(trained, tmp_path, capsys):
     assert main(["predict", str(trained), "--pairs", str(tmp_path / "bad.csv"), "--out", str(tmp_path / "q.csv")]) == 65
     assert "bad.csv:2: expected 2 fields, got 1" in capsys.readouterr().err
     assert not (tmp_path / "q.csv").exists() and not list(tmp_path.glob(".q.csv*"))
+
+
+def test_pairs_columns_found_by_header_names_or_given_by_position(trained, tmp_path):
+    # A header in another spelling and order: columns go by their names, as for rating files.
+    (tmp_path / "named.csv").write_text("productId;customer_id\n120;300\n1;1\n")
+    # No header, columns given by position: the first line is a pair, not a header.
+    (tmp_path / "swapped.tsv").write_text("120\t300\n1\t1\n")
+    runs = {"named.csv": [], "swapped.tsv": ["--user-col", "1", "--item-col", "0"]}
+    for name, flags in runs.items():
+        out = tmp_path / f"{name}.parquet"
+        assert main(["predict", str(trained), "--pairs", str(tmp_path / name), "--out", str(out), *flags]) == 0
+        rows = pq.read_table(out).to_pylist()
+        assert [(r["user"], r["item"]) for r in rows] == [(300, 120), (1, 1)], name
+        for row in rows:
+            assert row["prediction"] == pytest.approx(_expected(trained, row["user"], row["item"]), abs=1e-5)
