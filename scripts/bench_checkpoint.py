@@ -21,9 +21,9 @@ from pathlib import Path
 
 from _bench_data import dataset_at
 
-from funkflow.pipeline.cluster import open_executor
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.cluster import open_executor
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.stages import run_pipeline
 
 _COMMITTED = re.compile(r"checkpoint of epoch (\d+) committed in ([0-9.]+)s")
 
@@ -50,7 +50,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     commits = _CommitTimes()
-    train_log = logging.getLogger("funkflow.pipeline.train")
+    train_log = logging.getLogger("funkflow.pipeline.training.train")
     train_log.setLevel(logging.DEBUG)
     train_log.addHandler(commits)
 

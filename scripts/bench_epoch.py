@@ -22,8 +22,8 @@ from pathlib import Path
 
 from _bench_data import dataset_at
 
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.stages import run_pipeline
 
 
 def main() -> None:

@@ -28,13 +28,13 @@ import dask
 import numpy as np
 from distributed import Client, LocalCluster, get_task_stream
 
-from funkflow.pipeline.blocking import block_dataset, open_blocks
-from funkflow.pipeline.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.dataset import generate_dataset, open_dataset
-from funkflow.pipeline.placement import BlockPlacement
-from funkflow.pipeline.stages import synthetic_spec
-from funkflow.pipeline.train import train
+from funkflow.pipeline.data.blocking import block_dataset, open_blocks
+from funkflow.pipeline.data.dataset import generate_dataset, open_dataset
+from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.stages import synthetic_spec
+from funkflow.pipeline.training.placement import BlockPlacement
+from funkflow.pipeline.training.train import train
 
 log = logging.getLogger("bench")
 
@@ -89,9 +89,9 @@ def main() -> None:
                 print(f"| {workers} | {d} | {seconds:.3f} | {in_process[d]:.3f} | {seconds / in_process[d]:.2f} "
                       f"| {tasks:.1f} |", flush=True)
     if len(beyond_sgd) >= 2:
-        # An epoch waits d hand-offs on its critical path (pipeline/plan.py): fit seconds = fixed + d × hop.
+        # An epoch waits d hand-offs on its critical path (pipeline/training/plan.py): fit seconds = fixed + d × hop.
         hop, fixed = np.polyfit(list(beyond_sgd), list(beyond_sgd.values()), 1)
-        print(f"fit over the 2-worker rows, for pipeline/plan.py: HOP_SECONDS = {hop:.4f}, "
+        print(f"fit over the 2-worker rows, for pipeline/training/plan.py: HOP_SECONDS = {hop:.4f}, "
               f"EPOCH_SECONDS = {max(fixed, 0.0):.4f}")
 
 

@@ -18,9 +18,9 @@ from pathlib import Path
 import dask
 from distributed import Client, LocalCluster
 
-from funkflow.pipeline.cluster import SCHEDULER_CONFIG
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.stages import run_pipeline
 
 
 def _scheduler_facts(dask_scheduler) -> tuple[int, int]:

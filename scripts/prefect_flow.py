@@ -15,9 +15,9 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.errors import ClusterError
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.errors import ClusterError
+from funkflow.pipeline.running.stages import run_pipeline
 
 
 def _retry_cluster_trouble(task, task_run, state) -> bool:

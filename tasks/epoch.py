@@ -14,7 +14,7 @@ them to measure its rows' validation error and to begin the next epoch.
 
 Nothing here knows about Dask: the sender is a function and the mailbox a
 thread-safe dict, so a share runs alike in a test, in-process and on a
-cluster (``pipeline/exchange.py`` carries the blocks between workers there).
+cluster (``pipeline/training/exchange.py`` carries the blocks between workers there).
 """
 
 from __future__ import annotations

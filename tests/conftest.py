@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from funkflow.pipeline.config import load_config
+from funkflow.pipeline.running.config import load_config
 
 
 def write_canonical(root: Path, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
@@ -80,7 +80,7 @@ def local_cluster():
     import dask
     from distributed import LocalCluster
 
-    from funkflow.pipeline.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
 
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                                          dashboard_address=":0") as cluster:

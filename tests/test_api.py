@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from funkflow import FunkSVD
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.model import read_model
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.errors import DataError
+from funkflow.pipeline.serving.model import read_model
 
 
 def _table(seed: int = 0, n_users: int = 200, n_items: int = 60) -> pa.Table:

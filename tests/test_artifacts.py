@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from funkflow.pipeline.api import FunkSVD
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.errors import DataError
+from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.serving.api import FunkSVD
 from funkflow.tasks.artifacts import MANIFEST, ArtifactError, load_array, verify, write_manifest
 
 
@@ -149,7 +149,7 @@ def test_a_dataset_part_cut_short_is_refused_before_any_task(finished_run, tmp_p
 
 
 def test_a_row_block_file_that_lost_ratings_is_refused(finished_run, tmp_path):
-    from funkflow.pipeline.blocking import open_blocks
+    from funkflow.pipeline.data.blocking import open_blocks
     from funkflow.tasks.blocks import load_row_block, row_dir
 
     blocks = open_blocks(finished_run / "blocks")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, kill_when
 
-from funkflow.pipeline.cli import main
+from funkflow.pipeline.running.cli import main
 
 TINY = ["--set", "data.generate.n_users=300", "--set", "data.generate.n_items=120",
         "--set", "data.generate.n_ratings=12000", "--set", "data.generate.max_user_fraction=0.5",
@@ -145,8 +145,8 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
 
 
 def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, caplog):
-    from funkflow.pipeline.config import load_config
-    from funkflow.pipeline.stages import run_pipeline
+    from funkflow.pipeline.running.config import load_config
+    from funkflow.pipeline.running.stages import run_pipeline
     from funkflow.tasks.synthetic import write_daily_csvs
 
     caplog.set_level(logging.INFO, logger="funkflow")

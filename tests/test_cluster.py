@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import cli_env
 
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.stages import run_pipeline
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -158,7 +158,7 @@ def test_small_data_run_in_process_unless_a_cluster_is_asked_for(tiny_config, in
 def test_scheduler_without_workers_exits_75(tmp_path, capsys):
     from distributed import LocalCluster
 
-    from funkflow.pipeline.cli import main
+    from funkflow.pipeline.running.cli import main
 
     with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
         code = main(["run", "--scheduler", empty.scheduler_address, "--set", "cluster.timeout=2",
@@ -172,8 +172,8 @@ def test_only_item_factors_travel_between_workers_and_tasks_grow_with_workers(ti
     exchange, not through Dask; the scheduler sees one task per worker and epoch, not d²."""
     from distributed import Client, get_task_stream
 
-    from funkflow.pipeline.blocking import open_blocks
-    from funkflow.pipeline.exchange import received_bytes
+    from funkflow.pipeline.data.blocking import open_blocks
+    from funkflow.pipeline.training.exchange import received_bytes
     from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
 
     with Client(local_cluster) as client:
@@ -208,7 +208,7 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):
     import dask
     from distributed import Client, LocalCluster
 
-    from funkflow.pipeline.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
 
     sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
             "model.k=16", "train.epochs=8", "train.d=4"]
@@ -269,11 +269,11 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
     before a peer's share started, the wait notices and the worker's only thread is free again."""
     from distributed import Client
 
-    from funkflow.pipeline.blocking import block_dataset
-    from funkflow.pipeline.cluster import DaskExecutor, InProcessExecutor
-    from funkflow.pipeline.config import SplitConfig
-    from funkflow.pipeline.dataset import open_dataset
-    from funkflow.pipeline.exchange import epoch_share, load_share
+    from funkflow.pipeline.data.blocking import block_dataset
+    from funkflow.pipeline.data.dataset import open_dataset
+    from funkflow.pipeline.running.cluster import DaskExecutor, InProcessExecutor
+    from funkflow.pipeline.running.config import SplitConfig
+    from funkflow.pipeline.training.exchange import epoch_share, load_share
     from funkflow.tasks.blocks import load_row_block
     from funkflow.tasks.epoch import EpochPlan, StartFrom
     from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
@@ -302,9 +302,9 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
 
 def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
     """Past cluster.allowed_failures worker deaths under one task, the run ends with exit 75."""
-    from funkflow.pipeline.cluster import open_executor
-    from funkflow.pipeline.config import ClusterConfig
-    from funkflow.pipeline.errors import EXIT_TEMPFAIL, ClusterError
+    from funkflow.pipeline.running.cluster import open_executor
+    from funkflow.pipeline.running.config import ClusterConfig
+    from funkflow.pipeline.running.errors import EXIT_TEMPFAIL, ClusterError
 
     with open_executor(ClusterConfig(n_workers=1, allowed_failures=1, timeout=60)) as executor:
         doomed = executor.submit(os._exit, 1, name="kill_own_worker")
@@ -376,7 +376,7 @@ def test_workers_with_other_versions_are_refused_naming_the_package(tiny_config,
 
     from distributed import Client, LocalCluster
 
-    from funkflow.pipeline.errors import ConfigError
+    from funkflow.pipeline.running.errors import ConfigError
 
     def pretend_old_numba() -> None:
         real = importlib.metadata.version
@@ -398,7 +398,7 @@ def test_report_writes_dasks_performance_report(tiny_config, local_cluster, tmp_
 
 
 def test_generate_on_a_cluster_shows_its_progress(local_cluster, tmp_path, caplog):
-    from funkflow.pipeline.cli import main
+    from funkflow.pipeline.running.cli import main
 
     caplog.set_level("INFO", logger="funkflow")
     assert main(["generate", "--scale", "0.0005", "--out", str(tmp_path / "data"),

@@ -9,10 +9,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from funkflow.pipeline.blocking import block_dataset
-from funkflow.pipeline.cluster import InProcessExecutor
-from funkflow.pipeline.config import SplitConfig
-from funkflow.pipeline.dataset import open_dataset
+from funkflow.pipeline.data.blocking import block_dataset
+from funkflow.pipeline.data.dataset import open_dataset
+from funkflow.pipeline.running.cluster import InProcessExecutor
+from funkflow.pipeline.running.config import SplitConfig
 from funkflow.tasks.blocks import load_row_block
 from funkflow.tasks.epoch import EpochPlan, Mailbox, ShareAborted, StartFrom, Version, run_share, start_version
 from funkflow.tasks.hashing import SALT_COLUMNS, block_layout

@@ -9,10 +9,10 @@ import pyarrow.csv as pacsv
 import pytest
 from conftest import write_canonical
 
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.model import read_model
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.serving.model import read_model
 from funkflow.tasks.foldin import fold_in
 
 

@@ -8,12 +8,12 @@ import logging
 import numpy as np
 import pytest
 
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
-from funkflow.pipeline.model import read_model
-from funkflow.pipeline.stages import run_pipeline
-from funkflow.pipeline.train import EpochReport, _bold_driver_factor
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
+from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.serving.model import read_model
+from funkflow.pipeline.training.train import EpochReport, _bold_driver_factor
 
 
 def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):
@@ -67,7 +67,7 @@ def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replac
     """A stage verb on a copied run directory, with no CONFIG, used to train the embedded demo over its model."""
     import shutil
 
-    from funkflow.pipeline.config import default_config_path
+    from funkflow.pipeline.running.config import default_config_path
 
     run_pipeline(tiny_config(tmp_path / "original", "model.k=4", "train.epochs=2"))
     copy = tmp_path / "copy"
@@ -142,7 +142,7 @@ def test_training_diverged_is_raised_in_process(tiny_config, tmp_path):
 
 
 def test_generate_cli_writes_a_netflix_shaped_dataset(tmp_path, capsys):
-    from funkflow.pipeline.dataset import open_dataset
+    from funkflow.pipeline.data.dataset import open_dataset
     from funkflow.tasks.synthetic import SyntheticSpec
 
     out = tmp_path / "netflix"
@@ -249,7 +249,7 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
 
 
 def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_with(tiny_config, tmp_path):
-    from funkflow.pipeline.cluster import InProcessExecutor
+    from funkflow.pipeline.running.cluster import InProcessExecutor
 
     first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto", "cluster.n_workers=1"))
     assert first["d"] == 1  # 12k ratings on one in-process thread

@@ -6,8 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.training.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
 
 
 def test_plan_arithmetic_for_netflix_on_two_workers():

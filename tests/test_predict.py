@@ -10,9 +10,9 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.model import read_model
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.serving.model import read_model
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.model import read_model
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.serving.model import read_model
 from funkflow.tasks.recommend import top_n
 
 
@@ -44,7 +44,7 @@ def _brute_force(run_dir: Path, top: int) -> list[tuple]:
     """Every user × item score, seen (train and validation) items out, sorted by (-score, item).
 
     The seen ratings come from the data and the hash split rule, not from the blocks."""
-    from funkflow.pipeline.config import SplitConfig
+    from funkflow.pipeline.running.config import SplitConfig
     from funkflow.tasks.blocks import TEST, split_codes
 
     factors, _ = read_model(run_dir / "model")

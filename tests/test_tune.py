@@ -9,11 +9,11 @@ import math
 
 import pytest
 
-from funkflow.pipeline.cli import main
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.errors import EXIT_CONFIG, EXIT_OK
-from funkflow.pipeline.model import read_model
-from funkflow.pipeline.tune import draw_trials, read_tune_log, rung_epochs
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.errors import EXIT_CONFIG, EXIT_OK
+from funkflow.pipeline.serving.model import read_model
+from funkflow.pipeline.training.tune import draw_trials, read_tune_log, rung_epochs
 
 DATA = ["data.generate.n_users=400", "data.generate.n_items=150", "data.generate.n_ratings=20000",
         "data.generate.max_user_fraction=0.5", "tune.trials=6", "tune.min_epochs=2", "tune.max_epochs=12"]

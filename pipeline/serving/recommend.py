@@ -20,13 +20,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from funkflow.pipeline.blocking import open_blocks
-from funkflow.pipeline.cluster import Executor, open_executor
-from funkflow.pipeline.config import ClusterConfig, load_config
-from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
-from funkflow.pipeline.placement import BlockPlacement
-from funkflow.pipeline.rundir import RunDir
+from funkflow.pipeline.data.blocking import open_blocks
+from funkflow.pipeline.running.cluster import Executor, open_executor
+from funkflow.pipeline.running.config import ClusterConfig, load_config
+from funkflow.pipeline.running.errors import DataError, UsageError
+from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
+from funkflow.pipeline.training.placement import BlockPlacement
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, write_parquet

@@ -26,9 +26,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from funkflow.pipeline.config import load_config
-from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import (
+from funkflow.pipeline.data.sources import rating_file_format
+from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.running.errors import DataError, UsageError
+from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.serving.model import (
     Factors,
     read_folded_ratings,
     read_id_maps,
@@ -36,9 +38,7 @@ from funkflow.pipeline.model import (
     score_pairs,
     write_model,
 )
-from funkflow.pipeline.rundir import RunDir
-from funkflow.pipeline.sources import rating_file_format
-from funkflow.pipeline.train import EpochReport
+from funkflow.pipeline.training.train import EpochReport
 from funkflow.tasks.idmap import index_of
 
 log = logging.getLogger(__name__)
@@ -113,8 +113,8 @@ class FunkSVD:
         one). A rating file is ingested with the ``data.ingest`` options (its rating scale inferred from the
         data unless ``options={"data.ingest.rating_scale": [1, 5]}``); a table's scale is taken from its
         smallest and largest rating."""
-        from funkflow.pipeline.cluster import DaskExecutor
-        from funkflow.pipeline.stages import run_pipeline
+        from funkflow.pipeline.running.cluster import DaskExecutor
+        from funkflow.pipeline.running.stages import run_pipeline
 
         if self.run_dir is None:
             self.run_dir = _scratch_dir(self, "funkflow-")
@@ -153,8 +153,8 @@ class FunkSVD:
         ``exclude_seen`` leaves out what each user rated: in training, read from the run's blocks on the
         workers' code path (:mod:`funkflow.tasks.recommend`), or in :meth:`fold_in`, kept with the model.
         """
-        from funkflow.pipeline.cluster import InProcessExecutor
-        from funkflow.pipeline.recommend import recommendation_lists, recommendation_table
+        from funkflow.pipeline.running.cluster import InProcessExecutor
+        from funkflow.pipeline.serving.recommend import recommendation_lists, recommendation_table
         from funkflow.tasks.recommend import recommend_users
 
         factors = self._fitted()
@@ -176,7 +176,7 @@ class FunkSVD:
     def fold_in(self, ratings: Any, side: str = "users") -> FunkSVD:
         """Add the users (or items) of ``ratings`` (a table with ``user``, ``item``, ``rating``) that the
         model does not know, from their ratings against the fixed other side; in place."""
-        from funkflow.pipeline.foldin import fold_in_model
+        from funkflow.pipeline.serving.foldin import fold_in_model
 
         self._fitted()
         table = ratings if isinstance(ratings, pa.Table) else pa.Table.from_pandas(ratings, preserve_index=False)

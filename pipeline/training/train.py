@@ -4,7 +4,7 @@ Row block r (its ratings and its user state ``(P_r, b_r)``) lives on worker
 ``r mod W`` for the whole run; item states ``(Q_c, b_c)`` travel between
 workers. The driver submits one task per worker and epoch: each runs the
 worker's share of every stratum and hands item blocks straight to the peer that
-needs them next (:mod:`funkflow.tasks.epoch`, :mod:`funkflow.pipeline.exchange`), so the scheduler
+needs them next (:mod:`funkflow.tasks.epoch`, :mod:`funkflow.pipeline.training.exchange`), so the scheduler
 sees W tasks an epoch, not d². Every block sees the same inputs as under a
 global stratum barrier, so the factors are the same bits whatever the number of
 workers and threads.
@@ -28,11 +28,12 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.checkpoints import Checkpoint, CheckpointStore
-from funkflow.pipeline.cluster import Executor
-from funkflow.pipeline.config import ModelConfig, TrainConfig
-from funkflow.pipeline.errors import ClusterError, TrainingDiverged, WorkersLost
-from funkflow.pipeline.exchange import (
+from funkflow.pipeline.running.cluster import Executor
+from funkflow.pipeline.running.config import ModelConfig, TrainConfig
+from funkflow.pipeline.running.errors import ClusterError, TrainingDiverged, WorkersLost
+from funkflow.pipeline.serving.model import Factors
+from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore
+from funkflow.pipeline.training.exchange import (
     abort_training,
     collect_share,
     epoch_share,
@@ -40,8 +41,7 @@ from funkflow.pipeline.exchange import (
     release_training,
     write_checkpoint_share,
 )
-from funkflow.pipeline.model import Factors
-from funkflow.pipeline.placement import BlockPlacement, rmse, row_sum
+from funkflow.pipeline.training.placement import BlockPlacement, rmse, row_sum
 from funkflow.tasks.blocks import TRAIN, VALIDATION
 from funkflow.tasks.epoch import EpochPlan, StartFrom, rows_of
 from funkflow.tasks.schedule import stratum_shifts

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.blocking import Blocks
-from funkflow.pipeline.cluster import Executor
+from funkflow.pipeline.data.blocking import Blocks
+from funkflow.pipeline.running.cluster import Executor
 from funkflow.tasks.blocks import load_row_block
 from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 from funkflow.tasks.training import row_errors

@@ -15,8 +15,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from funkflow.pipeline.config import ClusterConfig
-from funkflow.pipeline.errors import ClusterError, ConfigError, WorkersLost
+from funkflow.pipeline.running.config import ClusterConfig
+from funkflow.pipeline.running.errors import ClusterError, ConfigError, WorkersLost
 from funkflow.tasks.epoch import ShareAborted
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,7 @@ class DaskExecutor:
         self.total_threads = sum(self.threads.values())
 
     def install_exchange(self) -> None:
-        from funkflow.pipeline.exchange import install
+        from funkflow.pipeline.training.exchange import install
 
         install(self.client)
 

@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.cluster import Executor
-from funkflow.pipeline.config import EvaluateConfig
-from funkflow.pipeline.model import verify_model
-from funkflow.pipeline.placement import BlockPlacement, rmse, sum_row_errors
+from funkflow.pipeline.running.cluster import Executor
+from funkflow.pipeline.running.config import EvaluateConfig
+from funkflow.pipeline.serving.model import verify_model
+from funkflow.pipeline.training.placement import BlockPlacement, rmse, sum_row_errors
 from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
 from funkflow.tasks.blocks import TEST, TRAIN
 from funkflow.tasks.recommend import RANKERS, item_counts, ranking_row

@@ -146,7 +146,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     (default: one per core, as on a busy worker host), visiting a block as training does by default."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from funkflow.pipeline.config import TrainConfig
+    from funkflow.pipeline.running.config import TrainConfig
     from funkflow.tasks import kernels
     from funkflow.tasks.blocks import BlockRatings
     from funkflow.tasks.training import padded_rows, visiting_order

@@ -1,6 +1,6 @@
 """The ``funkflow`` command line (``python -m funkflow`` runs the same).
 
-Exit codes are sysexits (see :mod:`funkflow.pipeline.errors`) so that schedulers can act
+Exit codes are sysexits (see :mod:`funkflow.pipeline.running.errors`) so that schedulers can act
 on them: 0 done, 2 usage, 65 bad data, 70 diverged, 75 cluster trouble, 78 bad config.
 """
 
@@ -15,24 +15,24 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from funkflow.pipeline.cluster import open_executor
-from funkflow.pipeline.config import Config, GenerateConfig, load_config, shipped_configs
-from funkflow.pipeline.dataset import generate_dataset
-from funkflow.pipeline.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
-from funkflow.pipeline.foldin import fold_in_run
-from funkflow.pipeline.ingest import ingest
-from funkflow.pipeline.logs import configure
-from funkflow.pipeline.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
-from funkflow.pipeline.predict import predict
-from funkflow.pipeline.recommend import recommend
-from funkflow.pipeline.report import report as write_report
-from funkflow.pipeline.sources import IngestOptions, estimated_ratings
-from funkflow.pipeline.stages import package_version, run_pipeline, synthetic_spec
-from funkflow.pipeline.tune import tune
+from funkflow.pipeline.data.dataset import generate_dataset
+from funkflow.pipeline.data.ingest import ingest
+from funkflow.pipeline.data.sources import IngestOptions, estimated_ratings
+from funkflow.pipeline.running.cluster import open_executor
+from funkflow.pipeline.running.config import Config, GenerateConfig, load_config, shipped_configs
+from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from funkflow.pipeline.running.logs import configure
+from funkflow.pipeline.running.report import report as write_report
+from funkflow.pipeline.running.stages import package_version, run_pipeline, synthetic_spec
+from funkflow.pipeline.serving.foldin import fold_in_run
+from funkflow.pipeline.serving.predict import predict
+from funkflow.pipeline.serving.recommend import recommend
+from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
+from funkflow.pipeline.training.tune import tune
 from funkflow.tasks.artifacts import ArtifactError
 from funkflow.tasks.ingest import DUPLICATE_POLICIES, FORMATS
 
-log = logging.getLogger("funkflow.pipeline.cli")
+log = logging.getLogger("funkflow.pipeline.running.cli")
 
 STAGE_VERBS = {
     "run": ("evaluate", "run the whole chain: data, block, train, evaluate"),

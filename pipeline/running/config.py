@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from funkflow.pipeline.errors import ConfigError
+from funkflow.pipeline.running.errors import ConfigError
 from funkflow.tasks.ingest import DuplicatePolicy, RawFormat
 
 

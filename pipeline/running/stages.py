@@ -23,33 +23,33 @@ from typing import Any
 
 import fsspec
 
-from funkflow.pipeline.blocking import Blocks, block_dataset, given_test_set, open_blocks
-from funkflow.pipeline.checkpoints import Checkpoint, CheckpointStore, open_storage
-from funkflow.pipeline.cluster import IN_PROCESS, Executor, open_executor
-from funkflow.pipeline.config import Config, GenerateConfig, differences, dump_config, load_config
-from funkflow.pipeline.dataset import Dataset, generate_dataset, open_dataset
-from funkflow.pipeline.errors import (
-    EXIT_OK,
-    EXIT_SOFTWARE,
-    ConfigError,
-    FunkflowError,
-    UsageError,
-)
-from funkflow.pipeline.evaluate import evaluate
-from funkflow.pipeline.ingest import ingest
-from funkflow.pipeline.logs import stage_context
-from funkflow.pipeline.model import export_model, read_id_maps, verify_model, write_model
-from funkflow.pipeline.placement import BlockPlacement
-from funkflow.pipeline.plan import auto_d
-from funkflow.pipeline.rundir import RunDir
-from funkflow.pipeline.sources import (
+from funkflow.pipeline.data.blocking import Blocks, block_dataset, given_test_set, open_blocks
+from funkflow.pipeline.data.dataset import Dataset, generate_dataset, open_dataset
+from funkflow.pipeline.data.ingest import ingest
+from funkflow.pipeline.data.sources import (
     estimated_ratings,
     expand_sources,
     ingest_options,
     rating_file_format,
     source_stamp,
 )
-from funkflow.pipeline.train import EpochReport, WarmStart, train
+from funkflow.pipeline.running.cluster import IN_PROCESS, Executor, open_executor
+from funkflow.pipeline.running.config import Config, GenerateConfig, differences, dump_config, load_config
+from funkflow.pipeline.running.errors import (
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    ConfigError,
+    FunkflowError,
+    UsageError,
+)
+from funkflow.pipeline.running.logs import stage_context
+from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.serving.evaluate import evaluate
+from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_model, write_model
+from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage
+from funkflow.pipeline.training.placement import BlockPlacement
+from funkflow.pipeline.training.plan import auto_d
+from funkflow.pipeline.training.train import EpochReport, WarmStart, train
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, update_text, write_json, write_text

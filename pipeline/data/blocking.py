@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.cluster import Executor
-from funkflow.pipeline.config import SplitConfig
-from funkflow.pipeline.dataset import Dataset, open_dataset
-from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.rundir import built_in_place
+from funkflow.pipeline.data.dataset import Dataset, open_dataset
+from funkflow.pipeline.running.cluster import Executor
+from funkflow.pipeline.running.config import SplitConfig
+from funkflow.pipeline.running.errors import DataError
+from funkflow.pipeline.running.rundir import built_in_place
 from funkflow.tasks.blocks import BLOCKS_JSON, SPLIT_NAMES, TRAIN, SplitRule, split_part
 from funkflow.tasks.io import read_json, write_json
 

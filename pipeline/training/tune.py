@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.cluster import Executor, InProcessExecutor, open_executor
-from funkflow.pipeline.config import TUNABLE, Config, differences, dump_config
-from funkflow.pipeline.dataset import open_dataset
-from funkflow.pipeline.errors import ConfigError
-from funkflow.pipeline.rundir import RunDir
-from funkflow.pipeline.stages import run_pipeline
+from funkflow.pipeline.data.dataset import open_dataset
+from funkflow.pipeline.running.cluster import Executor, InProcessExecutor, open_executor
+from funkflow.pipeline.running.config import TUNABLE, Config, differences, dump_config
+from funkflow.pipeline.running.errors import ConfigError
+from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.running.stages import run_pipeline
 from funkflow.tasks.io import read_json, write_text
 
 log = logging.getLogger(__name__)

@@ -20,8 +20,8 @@ from typing import Any
 
 import fsspec
 
-from funkflow.pipeline.config import differences
-from funkflow.pipeline.errors import ConfigError
+from funkflow.pipeline.running.config import differences
+from funkflow.pipeline.running.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

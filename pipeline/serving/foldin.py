@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from funkflow.pipeline.errors import DataError, UsageError
-from funkflow.pipeline.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
-from funkflow.pipeline.rundir import RunDir
-from funkflow.pipeline.sources import IngestOptions, rating_file_format, read_rating_rows
+from funkflow.pipeline.data.sources import IngestOptions, rating_file_format, read_rating_rows
+from funkflow.pipeline.running.errors import DataError, UsageError
+from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.foldin import fold_in
 from funkflow.tasks.idmap import in_id_type, index_of
@@ -38,7 +38,7 @@ class FoldInReport:
 
 @dataclass(frozen=True)
 class FoldedModel:
-    """A model with new users (or items) folded in, as :func:`funkflow.pipeline.model.write_model` takes it."""
+    """A model with new users (or items) folded in, as :func:`funkflow.pipeline.serving.model.write_model` takes it."""
 
     factors: Factors
     info: dict

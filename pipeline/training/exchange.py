@@ -12,7 +12,7 @@ states and every item state after an epoch): they stay on the worker between
 epochs, as the row blocks do, and only checkpoints, the final model and the
 driver's decisions cross the scheduler. A version lives in worker memory and is
 lost with the worker; the driver then restarts from the newest checkpoint on the
-workers that are left (``pipeline/train.py``).
+workers that are left (``pipeline/training/train.py``).
 
 Without Dask (``cluster.scheduler: inprocess``) one extension in this process
 plays every role, with the same code.

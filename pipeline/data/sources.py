@@ -16,8 +16,8 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 
-from funkflow.pipeline.config import DataConfig, IngestConfig
-from funkflow.pipeline.errors import DataError, UsageError
+from funkflow.pipeline.running.config import DataConfig, IngestConfig
+from funkflow.pipeline.running.errors import DataError, UsageError
 from funkflow.tasks import parse
 from funkflow.tasks.ingest import FORMATS, Chunk, Source, SourceError, chunk_pieces
 

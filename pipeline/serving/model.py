@@ -10,8 +10,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from funkflow.pipeline.errors import DataError
-from funkflow.pipeline.rundir import built_in_place
+from funkflow.pipeline.running.errors import DataError
+from funkflow.pipeline.running.rundir import built_in_place
 from funkflow.tasks.artifacts import MODEL, MODEL_JSON, ArtifactError, load_array, verify, write_manifest
 from funkflow.tasks.idmap import read_ids, write_ids
 from funkflow.tasks.io import read_json, write_json, write_npy, write_parquet

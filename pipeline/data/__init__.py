@@ -1,0 +1,1 @@
+"""Rating data: sources and their layouts, ingest to a canonical dataset, synthetic data, the DSGD blocks."""
