@@ -220,3 +220,20 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_and_exit_130(tmp_path):
             os.killpg(driver.pid, signal.SIGKILL)
     assert driver.returncode == 130, err[-3000:]
     assert err.rstrip().endswith("funkflow: interrupted") and "Traceback" not in err, err[-3000:]
+
+
+def test_the_interrupt_race_in_distributeds_sync_is_not_printed_and_other_loop_errors_are(capsys):
+    """distributed's sync() can fail to cancel on Ctrl-C with a NameError logged from the event loop (a race
+    the test above meets now and then); that one record is dropped, any other loop error still shows."""
+    from funkflow.pipeline.running.logs import configure
+
+    configure("text", quiet=False)
+    loop_errors = logging.getLogger("tornado.application")
+    for error in (NameError("cannot access free variable 'future' where it is not associated with a value in "
+                            "enclosing scope"), RuntimeError("a real failure")):
+        try:
+            raise error
+        except Exception:
+            loop_errors.error("Exception in callback", exc_info=True)
+    err = capsys.readouterr().err
+    assert "a real failure" in err and "'future'" not in err, err

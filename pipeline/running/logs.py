@@ -57,6 +57,16 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
+class _InterruptRace(logging.Filter):
+    """Drops one traceback of distributed's ``sync()`` (2026.8): on Ctrl-C it cancels its future from a
+    callback on the event loop, which raises NameError when the interrupt came before the future existed.
+    The interrupt itself is reported (one line, exit 130); the race in its clean-up is not the user's news."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(error, NameError) and "'future'" in str(error))
+
+
 def configure(log_format: str, quiet: bool) -> None:
     """Set up the root handler and the levels of funkflow's and distributed's loggers."""
     handler = _StderrHandler()
@@ -69,8 +79,12 @@ def configure(log_format: str, quiet: bool) -> None:
     logging.getLogger("funkflow").setLevel(logging.WARNING if quiet else logging.INFO)
     import distributed  # noqa: F401  (configures its loggers on import; quieten them after)
 
-    for name in ("distributed", "dask"):
+    for name in ("distributed", "dask", "tornado", "tornado.application"):
         logger = logging.getLogger(name)
-        logger.setLevel(logging.WARNING)
+        if name in ("distributed", "dask"):
+            logger.setLevel(logging.WARNING)
         logger.handlers[:] = []  # through the root handler, in the chosen format
         logger.propagate = True
+    tornado_errors = logging.getLogger("tornado.application")
+    if not any(isinstance(f, _InterruptRace) for f in tornado_errors.filters):
+        tornado_errors.addFilter(_InterruptRace())
