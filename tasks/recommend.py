@@ -223,7 +223,8 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
         users, items = users[keep], items[keep]
     order = np.lexsort((items, users))
     users, items = users[order], items[order]
-    evaluated, starts = np.unique(users, return_index=True)
+    starts = np.flatnonzero(np.diff(users, prepend=-1))
+    evaluated = users[starts]
     relevant = {int(u): set(group.tolist()) for u, group in zip(evaluated, np.split(items, starts[1:]))}
     sums = np.zeros((len(RANKERS), 5))
     recommended = np.zeros((len(RANKERS), n_items), dtype=bool)

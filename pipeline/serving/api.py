@@ -39,7 +39,7 @@ from funkflow.pipeline.serving.model import (
     write_model,
 )
 from funkflow.pipeline.training.train import EpochReport
-from funkflow.tasks.idmap import index_of
+from funkflow.tasks.idmap import index_of, sorted_distinct
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ class FunkSVD:
         wanted = index_of(_as_array(users), self.user_ids_)
         if (wanted < 0).any():
             raise DataError(f"{int((wanted < 0).sum())} of the users are not in the model; fold_in() them first")
-        wanted = np.unique(wanted)
+        wanted = sorted_distinct(wanted)
         if exclude_seen:
             lists = recommendation_lists(self.model_dir_, wanted, n, InProcessExecutor())
             if lists.unserved:

@@ -28,7 +28,7 @@ from funkflow.pipeline.running.rundir import RunDir
 from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
 from funkflow.pipeline.training.placement import BlockPlacement
 from funkflow.tasks.artifacts import MODEL_JSON
-from funkflow.tasks.idmap import index_of
+from funkflow.tasks.idmap import index_of, sorted_distinct
 from funkflow.tasks.io import read_json, write_parquet
 from funkflow.tasks.recommend import positions_in_runs, recommend_row, recommend_users
 
@@ -62,7 +62,7 @@ def _wanted_users(path: Path, user_ids: pa.Array) -> tuple[np.ndarray, int]:
     if not (found >= 0).any():
         raise DataError(f"{path}: none of its {len(values):,} user ids is in the model; fold them in first "
                         "(funkflow fold-in), then recommend from the folded model")
-    return np.unique(found[found >= 0]), int((found < 0).sum())
+    return sorted_distinct(found[found >= 0]), int((found < 0).sum())
 
 
 def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,

@@ -149,11 +149,12 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     from funkflow.pipeline.running.config import TrainConfig
     from funkflow.tasks import kernels
     from funkflow.tasks.blocks import BlockRatings
+    from funkflow.tasks.idmap import sorted_distinct
     from funkflow.tasks.training import padded_rows, visiting_order
 
     rng = np.random.default_rng(0)
     n, n_users, n_items = 1_000_000, 20_000, 4_000
-    keys = np.unique(rng.integers(0, n_users * n_items, n))
+    keys = sorted_distinct(rng.integers(0, n_users * n_items, n))
     block = BlockRatings((keys // n_items).astype(np.int32), (keys % n_items).astype(np.int32),
                          np.asarray(rng.integers(1, 6, keys.shape[0]), dtype=np.float32))
     train = TrainConfig()
