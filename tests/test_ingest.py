@@ -463,3 +463,16 @@ def test_typed_parquet_rejects_like_text(tmp_path):
     assert _ratings(tmp_path / "out") == [(1, 7, 4.0, 10)]
     rejects = [(r["line"], r["reason"]) for r in pacsv.read_csv(tmp_path / "bad.csv").to_pylist()]
     assert rejects == [(2, "missing_field"), (3, "rating_nan"), (4, "rating_out_of_scale"), (5, "missing_field")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=300),
+       st.sampled_from([0, 1_000_000, 2**30]))
+def test_pair_order_is_a_stable_sort_of_the_pairs(pairs, spread):
+    """Duplicates keep their row order; ``spread`` widens the ids until pair and row no longer share 63 bits."""
+    from funkflow.tasks.ingest import pair_order
+
+    users = np.array([u * spread + u for u, _ in pairs], dtype=np.int64)
+    items = np.array([i * spread + i for _, i in pairs], dtype=np.int64)
+    expected = np.lexsort((np.arange(len(pairs)), items, users))
+    np.testing.assert_array_equal(pair_order(users, items), expected)
