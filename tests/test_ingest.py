@@ -468,11 +468,14 @@ def test_typed_parquet_rejects_like_text(tmp_path):
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=300),
        st.sampled_from([0, 1_000_000, 2**30]))
-def test_pair_order_is_a_stable_sort_of_the_pairs(pairs, spread):
+def test_sorted_pairs_is_a_stable_sort_of_the_pairs(pairs, spread):
     """Duplicates keep their row order; ``spread`` widens the ids until pair and row no longer share 63 bits."""
-    from funkflow.tasks.ingest import pair_order
+    from funkflow.tasks.ingest import sorted_pairs
 
     users = np.array([u * spread + u for u, _ in pairs], dtype=np.int64)
     items = np.array([i * spread + i for _, i in pairs], dtype=np.int64)
     expected = np.lexsort((np.arange(len(pairs)), items, users))
-    np.testing.assert_array_equal(pair_order(users, items), expected)
+    order, sorted_users, sorted_items = sorted_pairs(users, items)
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_array_equal(sorted_users, users[expected])
+    np.testing.assert_array_equal(sorted_items, items[expected])
