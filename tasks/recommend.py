@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from funkflow.tasks.artifacts import read_model_array
-from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock
+from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock, group_starts
 from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
 
 CHUNK_USERS = 1024
@@ -30,7 +30,7 @@ def users_per_chunk(n_items: int, most: int = CHUNK_USERS) -> int:
 
 def positions_in_runs(keys: np.ndarray) -> np.ndarray:
     """0-based position of each element within its run of equal consecutive ``keys``."""
-    starts = np.flatnonzero(np.diff(keys, prepend=keys[:1] - 1)) if keys.shape[0] else np.zeros(0, np.int64)
+    starts = group_starts(keys)
     return np.arange(keys.shape[0]) - np.repeat(starts, np.diff(np.append(starts, keys.shape[0])))
 
 
@@ -223,7 +223,7 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
         users, items = users[keep], items[keep]
     order = np.lexsort((items, users))
     users, items = users[order], items[order]
-    starts = np.flatnonzero(np.diff(users, prepend=-1))
+    starts = group_starts(users)
     evaluated = users[starts]
     relevant = {int(u): set(group.tolist()) for u, group in zip(evaluated, np.split(items, starts[1:]))}
     sums = np.zeros((len(RANKERS), 5))
@@ -232,7 +232,7 @@ def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_i
     for ranker, source in enumerate(sources):
         rec_users, rec_items, _ = recommend_row(row_block, n_items=n_items, d=d, seed=seed, top=k,
                                                 wanted=evaluated, **source)
-        starts = np.flatnonzero(np.diff(rec_users, prepend=-1))
+        starts = group_starts(rec_users)
         lists = dict(zip(rec_users[starts].tolist(), np.split(rec_items, starts[1:])))
         ranked = [lists.get(u, np.zeros(0, np.int64)) for u in relevant]
         recommended[ranker, rec_items] = True
