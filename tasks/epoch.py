@@ -19,6 +19,7 @@ cluster (``pipeline/training/exchange.py`` carries the blocks between workers th
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,18 @@ import numpy as np
 from funkflow.tasks.blocks import VALIDATION, RowBlock
 from funkflow.tasks.checkpoint_io import read_factor_state, write_factor_state
 from funkflow.tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed
-from funkflow.tasks.training import FactorState, Hyper, init_factors, row_errors, sgd_update, warm_factors
+from funkflow.tasks.training import (
+    FactorState,
+    Hyper,
+    all_finite,
+    init_factors,
+    row_errors,
+    sgd_update_in_place,
+    training_copy,
+    trimmed,
+    updatable,
+    warm_factors,
+)
 
 T = TypeVar("T")
 Side = Literal["user", "item"]
@@ -52,6 +64,7 @@ class EpochPlan:
     keeps those and ``keep`` and drops the rest. ``write_start``: a checkpoint
     directory URL to write the share of the *start* version to while the epoch
     runs (so a checkpoint costs the epoch after it no time on the critical path).
+    ``k``: the model's factors a row; the columns past it are the kernels' padding, never sent between workers.
     """
 
     train_id: str
@@ -60,6 +73,7 @@ class EpochPlan:
     shifts: tuple[int, ...]
     seed: int
     hyper: Hyper
+    k: int
     workers: tuple[str | None, ...]
     start: str
     end: str
@@ -108,10 +122,17 @@ class ShareOutcome:
 
 @dataclass
 class Version:
-    """A worker's copy of the model at one point: its rows' user states and every item state."""
+    """A worker's copy of the model at one point: its rows' user states and every item state, in the
+    kernels' layout (:func:`funkflow.tasks.training.training_copy`), ``k`` factors of each row real."""
 
+    k: int
     users: dict[int, FactorState] = field(default_factory=dict)
     items: dict[int, FactorState] = field(default_factory=dict)
+
+    def trimmed(self) -> Version:
+        """This version without the padding columns (for files and the driver)."""
+        return Version(self.k, {r: trimmed(s, self.k) for r, s in self.users.items()},
+                       {c: trimmed(s, self.k) for c, s in self.items.items()})
 
 
 class Mailbox:
@@ -163,19 +184,22 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
 
     ``start`` must hold the user states of the worker's rows and every item
     state; the result's version holds the new user states and every final item
-    state. Raises :class:`ShareAborted` when the mailbox fails (a peer could not
-    be reached, or the driver called the epoch off) or ``check`` raises.
+    state. ``start`` is left as it was: a row's user state and an item state are
+    copied when the epoch first takes them up and then updated in place, block
+    after block; an item state that came from a peer is the share's own.
+    Raises :class:`ShareAborted` when the mailbox fails (a peer could not be
+    reached, or the driver called the epoch off) or ``check`` raises.
     """
     rows = plan.rows_of(index)
     d, n_workers = plan.d, len(plan.workers)
     root = np.random.SeedSequence(plan.seed)
-    users = {r: start.users[r] for r in rows}
+    users = {r: start.users[r] for r in rows}  # replaced by private copies at step 0
     step_of = dict.fromkeys(rows, 0)
     busy: set[int] = set()
     position = {r: j for j, r in enumerate(rows)}
     sse = np.zeros((len(rows), d))
     for r in rows:
-        mailbox.put(0, plan.col(r, 0), start.items[plan.col(r, 0)])
+        mailbox.put(0, plan.col(r, 0), start.items[plan.col(r, 0)])  # copied when taken up, below
 
     def next_block(items: dict[tuple[int, int], FactorState]) -> object:
         """The ready block of the lowest step (the one its peers wait for longest), or ``_DONE``."""
@@ -190,12 +214,14 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
     def work() -> None:
         try:
             while (got := mailbox.wait_for(next_block, check)) is not _DONE:
-                step, r, item_state = cast(tuple[int, int, FactorState], got)
+                step, r, item = cast(tuple[int, int, FactorState], got)
                 c = plan.col(r, step)
-                user, item, block_sse = sgd_update(row_blocks[r], c, users[r], item_state, plan.hyper,
-                                                   block_order_seed(root, plan.epoch, step, r, c),
-                                                   f"epoch {plan.epoch} stratum {step} block {r},{c}")
-                sse[position[r], step] = block_sse
+                user = training_copy(users[r]) if step == 0 else users[r]
+                if step == 0 or not updatable(item):  # the start's own, or a peer's as it came off the wire
+                    item = training_copy(item)
+                sse[position[r], step] = sgd_update_in_place(
+                    row_blocks[r], c, user, item, plan.hyper, block_order_seed(root, plan.epoch, step, r, c),
+                    f"epoch {plan.epoch} stratum {step} block {r},{c}")
                 if step + 1 < d:
                     send(plan.owner(plan.next_row(c, step)), step + 1, c, item)
                 else:
@@ -216,6 +242,13 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
         _first_real_error([pool.submit(work) for _ in range(threads)])
         items = mailbox.wait_for(lambda arrived: {c: arrived.pop((d, c)) for c in range(d)}
                                  if all((d, c) in arrived for c in range(d)) else None, check)
+        # Peers send their final blocks trimmed; every worker keeps them in one layout, so that its
+        # validation sums and its next epoch are the same bits whoever updated a block last.
+        items = {c: state if updatable(state) else training_copy(state) for c, state in items.items()}
+        # A factor that overflowed in a block's last updates has spoiled no error yet: report it through
+        # the sum, so the driver rolls this epoch back now rather than the next.
+        if not all_finite([*users.values(), *items.values()]):
+            sse[:, d - 1] = math.inf
         errors = np.zeros((len(rows), 3, d, 3))
         if plan.validate:
             ordered = [items[c] for c in range(d)]
@@ -225,7 +258,7 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
                 errors[j] = per_row
         files = {} if written is None else written.result()
     outcome = ShareOutcome(sse=sse, errors=errors, files=files)
-    return outcome, Version(users, items)
+    return outcome, Version(plan.k, users, items)
 
 
 def write_share(version: Version, index: int, n_workers: int, url: str) -> dict[str, str]:
@@ -233,9 +266,9 @@ def write_share(version: Version, index: int, n_workers: int, url: str) -> dict[
     ``c ≡ index (mod n_workers)``. Returns file name → SHA-256."""
     files: dict[str, str] = {}
     for r, state in version.users.items():
-        files.update(write_factor_state(state, url, f"user-{r:04d}"))
+        files.update(write_factor_state(trimmed(state, version.k), url, f"user-{r:04d}"))
     for c in range(index, len(version.items), n_workers):
-        files.update(write_factor_state(version.items[c], url, f"item-{c:04d}"))
+        files.update(write_factor_state(trimmed(version.items[c], version.k), url, f"item-{c:04d}"))
     return files
 
 
@@ -285,5 +318,5 @@ def start_state(source: StartFrom, side: Side, block: int) -> FactorState:
 
 def start_version(source: StartFrom, rows: tuple[int, ...]) -> Version:
     """A worker's starting version: the user states of ``rows`` and every item state."""
-    return Version(users={r: start_state(source, "user", r) for r in rows},
-                   items={c: start_state(source, "item", c) for c in range(len(source.item_sizes))})
+    return Version(source.k, users={r: training_copy(start_state(source, "user", r)) for r in rows},
+                   items={c: training_copy(start_state(source, "item", c)) for c in range(len(source.item_sizes))})

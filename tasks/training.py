@@ -1,8 +1,10 @@
 """Worker tasks of training: initialise factor blocks, update one block, measure a row block.
 
-Thin wrappers named for the Dask dashboard around :mod:`funkflow.tasks.kernels`. They
-never mutate their inputs: a task copies the factor blocks it updates and
-returns the new ones.
+Thin wrappers around :mod:`funkflow.tasks.kernels`. During an epoch a worker
+keeps its factor states in the kernels' layout (rows padded to 16 floats,
+aligned to a cache line) and each block updates them in place: a worker copies
+its states once an epoch (:func:`training_copy`), not once a block, and trims the
+padding only where they leave it (:func:`trimmed`).
 
 A *user state* is ``(P_r, b_r)``: array of shape (n_users_r, k) float32 and
 array of shape (n_users_r,) float32. An *item state* is ``(Q_c, b_c)`` alike.
@@ -12,6 +14,7 @@ Without biases the bias arrays stay zero.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -121,37 +124,61 @@ def padded_rows(factors: np.ndarray) -> np.ndarray:
     return out
 
 
-def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
-               order_seed: int, label: str) -> tuple[FactorState, FactorState, float]:
-    """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``.
+def updatable(state: FactorState) -> bool:
+    """Whether the kernels can update ``state`` in place as it is: writable, and its factors in their layout
+    (C-contiguous, on a cache line, rows of whole 16 floats). An array that came over the network may not be."""
+    factors, bias = state
+    return (factors.flags.writeable and bias.flags.writeable and factors.flags.c_contiguous
+            and factors.ctypes.data % CACHE_LINE == 0 and factors.shape[1] % ALIGN_FLOATS == 0)
 
-    Returns
-    -------
-    (user_state, item_state, sse)
-        New copies of the two factor states, and the sum of squared errors of the
-        block's ratings as the pass met them (each just before its update);
-        ``inf`` when any new factor or bias is not finite.
+
+def training_copy(state: FactorState) -> FactorState:
+    """A private copy of a factor state in the layout the kernels update: rows padded and aligned
+    (:func:`padded_rows`; a state already padded keeps its width), biases copied."""
+    return padded_rows(state[0]), state[1].copy()
+
+
+def trimmed(state: FactorState, k: int) -> FactorState:
+    """The state without the padding columns: ``k`` factors a row, contiguous (for files and the driver)."""
+    factors, bias = state
+    return (factors if factors.shape[1] == k else np.ascontiguousarray(factors[:, :k])), bias
+
+
+def all_finite(states: Iterable[FactorState]) -> bool:
+    """Whether every factor and bias of ``states`` is finite (one summing pass over each array)."""
+    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is the finding, not a fault
+        return all(math.isfinite(a.sum(dtype=np.float64)) for state in states for a in state)
+
+
+def sgd_update_in_place(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState,
+                        hyper: Hyper, order_seed: int, label: str) -> float:
+    """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``, updating
+    the two states in place: they must be private to the caller, in the layout of :func:`training_copy`.
+
+    Returns the sum of squared errors of the block's ratings as the pass met them (each just before its
+    update). A factor that overflows in the block's last updates has not yet spoiled an error: the caller
+    checks the states it ends with (:func:`all_finite`).
     """
     try:
         block = row_block.split(0)[col]
-        k = user_state[0].shape[1]
-        P, Q = padded_rows(user_state[0]), padded_rows(item_state[0])
-        user_bias, item_bias = user_state[1].copy(), item_state[1].copy()
+        (P, user_bias), (Q, item_bias) = user_state, item_state
         visit = visiting_order(block, hyper.order, hyper.users_per_run, hyper.tile_items, order_seed)
-        sse = kernels.sgd_block(
+        return float(kernels.sgd_block(
             *visit, P, Q, user_bias, item_bias,
             np.float32(hyper.global_mean), np.float32(hyper.lr), np.float32(hyper.reg), np.float32(hyper.bias_reg),
-            hyper.use_bias)
+            hyper.use_bias))
     except Exception as exc:
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
-    # A factor that overflowed in this block's last updates has not yet spoiled an
-    # error; report it through the sum so the driver rolls back now, not an epoch later.
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in the sum is the finding, not a fault
-        if not all(math.isfinite(a.sum(dtype=np.float64)) for a in (P, Q, user_bias, item_bias)):
-            sse = math.inf
-    if P.shape[1] != k:
-        P, Q = np.ascontiguousarray(P[:, :k]), np.ascontiguousarray(Q[:, :k])
-    return (P, user_bias), (Q, item_bias), float(sse)
+
+
+def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
+               order_seed: int, label: str) -> tuple[FactorState, FactorState, float]:
+    """:func:`sgd_update_in_place` on copies: the new states, as wide as the given ones, and the block's
+    SSE, ``inf`` when any new factor or bias is not finite. The plain DSGD loop of the tests and benchmarks."""
+    k = user_state[0].shape[1]
+    user, item = training_copy(user_state), training_copy(item_state)
+    sse = sgd_update_in_place(row_block, col, user, item, hyper, order_seed, label)
+    return trimmed(user, k), trimmed(item, k), sse if all_finite((user, item)) else math.inf
 
 
 def row_errors(row_block: RowBlock, user_state: FactorState, item_states: list[FactorState],

@@ -292,7 +292,7 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
         source = StartFrom(k=4, init_std=0.1, seed=0, user_sizes=sizes[0], item_sizes=sizes[1])
         client.submit(load_share, source, "t", "start", (0,), first, 0.0, False, row, workers=[first]).result()
         plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=0, workers=(first, second),
-                         hyper=Hyper(0.01, 0.02, 0.02, True, 3.0, "user_runs", 16, 8), start="start", end="end")
+                         hyper=Hyper(0.01, 0.02, 0.02, True, 3.0, "user_runs", 16, 8), k=4, start="start", end="end")
         waiting = client.submit(epoch_share, plan, 0, 1, row, workers=[first], pure=False)
         time.sleep(1.0)
         assert waiting.status == "pending", "the share waits for the block its peer never sends"

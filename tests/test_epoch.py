@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -43,7 +44,7 @@ def _epochs_on(n_workers: int, threads: int, row_blocks, source: StartFrom, epoc
     root = np.random.SeedSequence(SEED)
     for epoch in range(epochs):
         plan = EpochPlan(train_id="t", run_id=f"e{epoch}", epoch=epoch, shifts=stratum_shifts(d, epoch, root),
-                         seed=SEED, hyper=HYPER, workers=names, start="a", end="b")
+                         seed=SEED, hyper=HYPER, k=4, workers=names, start="a", end="b")
         mailboxes = [Mailbox() for _ in range(n_workers)]
 
         def send(index, step, col, state, mailboxes=mailboxes):
@@ -56,7 +57,7 @@ def _epochs_on(n_workers: int, threads: int, row_blocks, source: StartFrom, epoc
         versions = [version for _, version in results]
         assert all(v.items.keys() == versions[0].items.keys() for v in versions), "every worker gets every item"
     users = {r: state for v in versions for r, state in v.users.items()}
-    return Version(users, versions[0].items)
+    return Version(source.k, users, versions[0].items)
 
 
 def _reference(row_blocks, source: StartFrom, epochs: int) -> Version:
@@ -73,6 +74,7 @@ def _reference(row_blocks, source: StartFrom, epochs: int) -> Version:
 
 
 def _same_bits(a: Version, b: Version) -> bool:
+    a, b = a.trimmed(), b.trimmed()
     return all(a.users[r][j].tobytes() == b.users[r][j].tobytes() for r in a.users for j in (0, 1)) and \
         all(a.items[c][j].tobytes() == b.items[c][j].tobytes() for c in a.items for j in (0, 1)) and \
         a.users.keys() == b.users.keys()
@@ -90,7 +92,7 @@ def test_shares_on_any_number_of_workers_and_threads_equal_the_plain_dsgd_loop(p
 
 def test_a_share_waiting_for_a_lost_peer_is_called_off(planted_low_rank, tmp_path):
     row_blocks, source = _problem(planted_low_rank, tmp_path, 2)
-    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=SEED, hyper=HYPER, workers=("a", "b"),
+    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=SEED, hyper=HYPER, k=4, workers=("a", "b"),
                      start="s", end="e")
     mailbox = Mailbox()
     threading.Timer(0.3, mailbox.fail, ["worker b was lost"]).start()
@@ -102,9 +104,55 @@ def test_a_share_waiting_for_a_lost_peer_is_called_off(planted_low_rank, tmp_pat
 def test_a_failing_block_names_itself_and_stops_the_other_threads(planted_low_rank, tmp_path):
     row_blocks, source = _problem(planted_low_rank, tmp_path, 2)
     start = start_version(source, (0, 1))
-    start.users[1] = (start.users[1][0], None)  # no user biases: the block update fails
-    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=SEED, hyper=HYPER, workers=("a",),
+    # Row 1's ratings cut for a d of 1: its block of column 1 is missing, and that update fails.
+    row_blocks[1] = replace(row_blocks[1], splits=tuple(split[:1] for split in row_blocks[1].splits))
+    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0, 1), seed=SEED, hyper=HYPER, k=4, workers=("a",),
                      start="s", end="e")
     mailbox = Mailbox()
-    with pytest.raises(RuntimeError, match=r"epoch 0 stratum \d block 1,\d"):
+    with pytest.raises(RuntimeError, match=r"epoch 0 stratum \d block 1,1"):
         run_share(plan, 0, dict(enumerate(row_blocks)), start, mailbox, lambda i, s, c, st: mailbox.put(s, c, st), 2)
+
+
+def _copied(version: Version) -> Version:
+    return Version(version.k, {r: (f.copy(), b.copy()) for r, (f, b) in version.users.items()},
+                   {c: (f.copy(), b.copy()) for c, (f, b) in version.items.items()})
+
+
+def test_a_share_updates_its_own_copies_and_leaves_the_start_version_as_it_was(planted_low_rank, tmp_path):
+    """Blocks update factors in place; the start version is what a rollback and a checkpoint read."""
+    row_blocks, source = _problem(planted_low_rank, tmp_path, 2)
+    start = start_version(source, (0, 1))
+    before = _copied(start)
+    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=stratum_shifts(2, 0, np.random.SeedSequence(SEED)),
+                     seed=SEED, hyper=HYPER, k=4, workers=("a",), start="s", end="e")
+    mailbox = Mailbox()
+
+    def send(index, step, col, state):  # as it comes off the wire: read-only, not on a cache line
+        factors = np.empty(state[0].size + 1, np.float32)[1:].reshape(state[0].shape)
+        factors[:] = state[0]
+        factors.flags.writeable = False
+        mailbox.put(step, col, (factors, state[1].copy()))
+
+    _, end = run_share(plan, 0, dict(enumerate(row_blocks)), start, mailbox, send, 1)
+    assert _same_bits(start, before)
+    reference = _reference(row_blocks, source, epochs=1)
+    assert _same_bits(end, reference) and not _same_bits(end, before)
+
+
+def test_a_factor_that_overflows_in_the_last_updates_shows_in_the_share_sse(planted_low_rank, tmp_path):
+    row_blocks, source = _problem(planted_low_rank, tmp_path, 1)
+    start = start_version(source, (0,))
+    plan = EpochPlan(train_id="t", run_id="r", epoch=0, shifts=(0,), seed=SEED, hyper=HYPER, k=4, workers=("a",),
+                     start="s", end="e", validate=False)
+
+    def share(plan, row_block):
+        mailbox = Mailbox()
+        return run_share(plan, 0, {0: row_block}, start, mailbox, lambda i, s, c, st: mailbox.put(s, c, st), 1)[0]
+
+    assert np.isfinite(share(plan, row_blocks[0]).sse).all()
+    # One rating left, and a step that sends its factors past float32's range in that last update.
+    block = row_blocks[0].split(0)[0]
+    last = replace(block, users=block.users[:1], items=block.items[:1], ratings=np.array([1e19], np.float32))
+    one_rating = replace(row_blocks[0], splits=((last,), *row_blocks[0].splits[1:]))
+    blown = replace(plan, hyper=replace(HYPER, lr=1e20, users_per_run=1, tile_items=0))
+    assert share(blown, one_rating).sse[0, 0] == np.inf

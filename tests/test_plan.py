@@ -15,8 +15,9 @@ def test_plan_arithmetic_for_netflix_on_two_workers():
                 train_fraction=0.85, rate=20e6, hop=0.005, bandwidth=1e9)
     rows = dict(plan.rows())
     assert rows["ratings per worker (loaded blocks)"] == "572.2 MiB"        # 2 of 4 blocks × 25M × 12 B
-    assert rows["user factors per worker"] == "91.6 MiB"                    # 240k users × 50 floats × 2 versions
-    assert rows["item factors moved per epoch"] == "10.2 MiB"               # 17,770 × 200 B × (4 × 1/2 + 1)
+    assert rows["user factors per worker"] == "119.0 MiB"                   # 240k users × (64 + 1) floats × 2 versions
+    assert rows["item factors moved per epoch"] == "10.2 MiB"               # 17,770 × 200 B × (4 × 1/2 + 1), unpadded
+    assert rows["checkpoint per epoch"] == "94.9 MiB"                       # 497,770 rows × 50 floats, unpadded
     assert rows["scheduler tasks per epoch"] == "2"
     sgd, waiting, rest = plan.epoch_parts()
     assert sgd == pytest.approx(85e6 / (20e6 * 2 * BALANCE))

@@ -41,7 +41,7 @@ from funkflow.tasks.epoch import (
     start_version,
     write_share,
 )
-from funkflow.tasks.training import FactorState, row_errors
+from funkflow.tasks.training import FactorState, row_errors, trimmed
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ class _Outbox:
                 # an answer would hold the next batch back by a round trip.
                 await self.worker.rpc(self.address).funkflow_item_blocks(
                     train_id=self.plan.train_id, run_id=self.plan.run_id, steps=[b[0] for b in batch],
-                    cols=[b[1] for b in batch], factors=[to_serialize(b[2][0]) for b in batch],
+                    cols=[b[1] for b in batch], factors=[to_serialize(trimmed(b[2], self.plan.k)[0]) for b in batch],
                     biases=[to_serialize(b[2][1]) for b in batch], reply=False)
             except Exception as exc:
                 self.mailbox.fail(f"cannot hand item blocks {[b[1] for b in batch]} to {self.address}: {exc!r}")
@@ -300,10 +300,14 @@ def write_checkpoint_share(train_id: str, version: str, index: int, n_workers: i
 
 def collect_share(train_id: str, version: str, address: str | None,
                   with_items: bool) -> tuple[dict[int, FactorState], dict[int, FactorState]]:
-    """The user states of this worker's rows in ``version``, and every item state when ``with_items``."""
+    """The user states of this worker's rows in ``version``, and every item state when ``with_items``, trimmed
+    to ``k`` factors."""
     exchange, _ = _exchange(address)
     found = exchange.version(train_id, version)
-    return found.users, (found.items if with_items else {})
+    if not with_items:
+        found = Version(found.k, found.users)
+    found = found.trimmed()
+    return found.users, found.items
 
 
 def abort_training(train_id: str, reason: str, dask_worker: Any = None) -> None:

@@ -28,6 +28,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from funkflow.tasks.training import ALIGN_FLOATS
+
 BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
 LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
@@ -76,6 +78,12 @@ class Plan:
 
     @property
     def state_bytes(self) -> int:
+        """Bytes of one row's factors and bias as a worker holds them: padded to whole 16 floats."""
+        return (-(-self.k // ALIGN_FLOATS) * ALIGN_FLOATS + 1) * 4
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes of one row's factors and bias as they are sent and written: ``k`` floats and the bias."""
         return (self.k + 1) * 4
 
     def rows(self) -> list[tuple[str, str]]:
@@ -83,7 +91,7 @@ class Plan:
         ratings_bytes = self.ratings / self.d * blocks_per_worker * BYTES_PER_RATING
         users_bytes = self.users / self.d * blocks_per_worker * self.state_bytes * 2  # the epoch's start and end
         items_bytes = self.items * self.state_bytes * 2                                # every item block, twice
-        checkpoint = (self.users + self.items) * self.state_bytes
+        checkpoint = (self.users + self.items) * self.row_bytes
         sgd, handoffs, rest = self.epoch_parts()
         fastest = self.fastest_workers()
         return [
@@ -109,16 +117,16 @@ class Plan:
         if self.workers == 1:
             return 0.0
         share_elsewhere = (self.workers - 1) / self.workers
-        return self.items * self.state_bytes * (self.d * share_elsewhere + self.workers - 1)
+        return self.items * self.row_bytes * (self.d * share_elsewhere + self.workers - 1)
 
     def epoch_parts(self) -> tuple[float, float, float]:
         """Estimated seconds of an epoch's SGD, of waiting for item blocks beyond it, and of the rest."""
         train = self.ratings * self.train_fraction
         sgd = train / (self.rate * self.parallel * BALANCE)
         block = train / self.d ** 2 / self.rate
-        handoff = 0.0 if self.workers == 1 else self.hop + self.items / self.d * self.state_bytes / self.bandwidth
+        handoff = 0.0 if self.workers == 1 else self.hop + self.items / self.d * self.row_bytes / self.bandwidth
         steps = self.d * max(sgd / self.d, block + handoff)
-        gather = 0.0 if self.workers == 1 else self.hop + self.items * self.state_bytes / self.bandwidth
+        gather = 0.0 if self.workers == 1 else self.hop + self.items * self.row_bytes / self.bandwidth
         validation = self.ratings * (1 - self.train_fraction) / (4 * self.rate * self.parallel)
         return sgd, steps - sgd, gather + validation + EPOCH_SECONDS + self.workers * TASK_SECONDS
 

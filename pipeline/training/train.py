@@ -210,7 +210,7 @@ class _Session:
         began = time.perf_counter()
         d = self.blocks.d
         plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch,
-                         shifts=stratum_shifts(d, epoch, self.root), seed=self.cfg.seed, hyper=hyper,
+                         shifts=stratum_shifts(d, epoch, self.root), seed=self.cfg.seed, hyper=hyper, k=self.source.k,
                          workers=self.workers, start=_version(epoch), end=_version(epoch + 1), keep=keep,
                          validate=self.validate, write_start=write_start)
         outcomes = self._gather(self._submit_each(epoch_share, "epoch_share", plan, lambda i: i,
