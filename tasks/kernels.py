@@ -27,6 +27,15 @@ The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
 
 The kernels update ``P``, ``Q`` and the biases in place; the task functions that
 call them (``tasks/training.py``) hand them private copies.
+
+On sparse data most ratings meet a factor row that is not in cache: with a few
+ratings a user and a few dozen an item in a block, no visiting order keeps both
+sides cached, and a rating waited about 200 ns for memory (2M users × 500k items,
+20M ratings: 3.7M ratings/s a thread). So the SGD pass asks the CPU for the rows
+of the rating ``PREFETCH_AHEAD`` places further on in visiting order while it
+works on this one (2.2-2.7x on that shape, 1.2-1.7x at 480k users and 10M
+ratings, about even on dense blocks: ``scripts/bench_kernel.py --prefetch 16 0``).
+Prefetches change no arithmetic.
 """
 
 from __future__ import annotations
@@ -35,12 +44,67 @@ from typing import Any
 
 import numba
 import numpy as np
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
 
 # 'reassoc' lets LLVM vectorise the dot product; 'contract' allows FMA. Both are
 # deterministic for a given machine, which is what the bit-identity guarantees
 # need. No 'nnan'/'ninf': divergence must stay visible as NaN/inf.
 _FASTMATH = {"reassoc", "contract", "nsz", "arcp"}
 _JIT: dict[str, Any] = {"nopython": True, "nogil": True, "cache": True, "fastmath": _FASTMATH}
+# Ratings between a prefetch and the update that needs its rows: enough to cover a
+# trip to memory at ~20 ns a rating, few enough that the rows are still cached.
+PREFETCH_AHEAD = 16
+_CACHE_LINE_FLOATS = 16
+
+
+def _prefetch_typed(typingctx: Any, array: Any, row: Any, col: Any) -> Any:
+    """``_prefetch(array, row, col)``: ask the CPU to bring the cache line of ``array[row, col]`` (2-D, C order)
+    close, to be written. Numba has no prefetch of its own; this emits LLVM's."""
+    def codegen(context: Any, builder: Any, signature: Any, args: Any) -> Any:
+        array_type = signature.args[0]
+        array_value = context.make_array(array_type)(context, builder, args[0])
+        indices = [context.cast(builder, value, kind, types.intp)
+                   for value, kind in zip(args[1:], signature.args[1:])]
+        address = cgutils.get_item_pointer2(context, builder, data=array_value.data,
+                                            shape=cgutils.unpack_tuple(builder, array_value.shape),
+                                            strides=cgutils.unpack_tuple(builder, array_value.strides),
+                                            layout=array_type.layout, inds=indices)
+        byte_pointer = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        prefetch = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(ir.VoidType(), [byte_pointer, i32, i32, i32]), "llvm.prefetch.p0")
+        # (address, 1: for writing, 3: keep in every cache level, 1: data)
+        builder.call(prefetch, [builder.bitcast(address, byte_pointer), ir.Constant(i32, 1), ir.Constant(i32, 3),
+                                ir.Constant(i32, 1)])
+        return context.get_dummy_value()
+
+    return types.void(array, row, col), codegen
+
+
+_prefetch: Any = intrinsic(_prefetch_typed)  # Any: called from jitted code with three arguments
+
+
+@numba.jit(**_JIT)
+def _prefetch_rows(P: np.ndarray, Q: np.ndarray, u: int, i: int) -> None:
+    for f in range(0, P.shape[1], _CACHE_LINE_FLOATS):
+        _prefetch(P, u, f)
+        _prefetch(Q, i, f)
+
+
+@numba.jit(**_JIT)
+def _advance(run_starts: np.ndarray, run_order: np.ndarray, t: int, j: int, end: int) -> tuple[int, int, int]:
+    """The position after ``j`` (in run ``run_order[t]``, which ends at ``end``) in visiting order: skips to
+    the start of the next non-empty run; ``t`` reaches ``len(run_order)`` past the last rating."""
+    j += 1
+    while j >= end:
+        t += 1
+        if t >= run_order.shape[0]:
+            return t, 0, 0
+        j, end = run_starts[run_order[t]], run_starts[run_order[t] + 1]
+    return t, j, end
 
 
 @numba.jit(**_JIT)
@@ -59,6 +123,7 @@ def sgd_block(
     reg: np.float32,
     bias_reg: np.float32,
     use_bias: bool,
+    prefetch_ahead: int,
 ) -> float:
     """One SGD pass of Funk SVD over a block, run by run.
 
@@ -78,6 +143,7 @@ def sgd_block(
     item_bias : array of shape (n_items_block,), float32, updated in place
     global_mean, lr, reg, bias_reg : float32 scalars
     use_bias : False for k-only Funk SVD (``r̂ = p_u · q_i``): biases and mean unused
+    prefetch_ahead : ask for the rows of the rating this many places ahead (``PREFETCH_AHEAD``; 0: none)
 
     Returns
     -------
@@ -86,9 +152,17 @@ def sgd_block(
     """
     k = P.shape[1]
     sse = 0.0
-    for t in range(run_order.shape[0]):
+    n_runs = run_order.shape[0]
+    # A second cursor walks the visiting order prefetch_ahead ratings ahead: (run t_ahead, position j_ahead).
+    t_ahead, j_ahead, end_ahead = (-1, 0, 0) if prefetch_ahead > 0 else (n_runs, 0, 0)
+    for _ in range(prefetch_ahead + 1 if prefetch_ahead > 0 else 0):
+        t_ahead, j_ahead, end_ahead = _advance(run_starts, run_order, t_ahead, j_ahead, end_ahead)
+    for t in range(n_runs):
         run = run_order[t]
         for j in range(run_starts[run], run_starts[run + 1]):
+            if t_ahead < n_runs:
+                _prefetch_rows(P, Q, users[j_ahead], items[j_ahead])
+                t_ahead, j_ahead, end_ahead = _advance(run_starts, run_order, t_ahead, j_ahead, end_ahead)
             u = users[j]
             i = items[j]
             pred = np.float32(0.0)
@@ -130,7 +204,10 @@ def block_errors(
     k = P.shape[1]
     sse = 0.0
     sae = 0.0
-    for j in range(users.shape[0]):
+    n = users.shape[0]
+    for j in range(n):
+        if j + PREFETCH_AHEAD < n:
+            _prefetch_rows(P, Q, users[j + PREFETCH_AHEAD], items[j + PREFETCH_AHEAD])
         u = users[j]
         i = items[j]
         pred = global_mean + user_bias[u] + item_bias[i]

@@ -151,7 +151,8 @@ def all_finite(states: Iterable[FactorState]) -> bool:
 
 
 def sgd_update_in_place(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState,
-                        hyper: Hyper, order_seed: int, label: str) -> float:
+                        hyper: Hyper, order_seed: int, label: str,
+                        prefetch_ahead: int = kernels.PREFETCH_AHEAD) -> float:
     """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``, updating
     the two states in place: they must be private to the caller, in the layout of :func:`training_copy`.
 
@@ -166,7 +167,7 @@ def sgd_update_in_place(row_block: RowBlock, col: int, user_state: FactorState, 
         return float(kernels.sgd_block(
             *visit, P, Q, user_bias, item_bias,
             np.float32(hyper.global_mean), np.float32(hyper.lr), np.float32(hyper.reg), np.float32(hyper.bias_reg),
-            hyper.use_bias))
+            hyper.use_bias, prefetch_ahead))
     except Exception as exc:
         raise BlockUpdateError(f"SGD update failed at {label}") from exc
 

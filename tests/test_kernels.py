@@ -56,7 +56,7 @@ def test_sgd_kernel_in_runs_matches_reference(use_bias, users_per_run, tile_item
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, mu, lr, reg, bias_reg, use_bias=use_bias)
     P0, Q0, ub0, ib0 = P.copy(), Q.copy(), ub.copy(), ib.copy()
     sse = kernels.sgd_block(*layout, run_order, P, Q, ub, ib, np.float32(mu), np.float32(lr), np.float32(reg),
-                            np.float32(bias_reg), use_bias)
+                            np.float32(bias_reg), use_bias, kernels.PREFETCH_AHEAD)
     assert not np.allclose(P, P0) and not np.allclose(Q, Q0)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(Q, ref[1], rtol=1e-4, atol=1e-5)
@@ -94,7 +94,7 @@ def test_sgd_kernel_in_random_rating_order_matches_reference():
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, 3.0, 0.05, 0.02, 0.01)
     sse = kernels.sgd_block(users, items, ratings, singles, order, P, Q, ub, ib, np.float32(3.0),
-                            np.float32(0.05), np.float32(0.02), np.float32(0.01), True)
+                            np.float32(0.05), np.float32(0.02), np.float32(0.01), True, kernels.PREFETCH_AHEAD)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     assert sse == pytest.approx(sse_ref, rel=1e-4)
 
@@ -110,7 +110,7 @@ def test_kernel_uses_old_user_factors_in_item_step():
     q_new = Q[0] + lr * (e * P[0] - reg * Q[0])
     kernels.sgd_block(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32), np.array([0, 1]),
                       np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr), np.float32(reg),
-                      np.float32(0.0), True)
+                      np.float32(0.0), True, kernels.PREFETCH_AHEAD)
     np.testing.assert_allclose(P[0], p_new, rtol=1e-6)
     np.testing.assert_allclose(Q[0], q_new, rtol=1e-6)
     assert ub[0] == pytest.approx(lr * e, rel=1e-6)
@@ -163,7 +163,8 @@ def test_empty_block_is_a_no_op():
     before = P.copy()
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
     sse = kernels.sgd_block(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64), P, Q[:0],
-                            ub, ib[:0], np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1), True)
+                            ub, ib[:0], np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1), True,
+                            kernels.PREFETCH_AHEAD)
     assert sse == 0.0
     np.testing.assert_array_equal(P, before)
 
@@ -259,3 +260,33 @@ def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
     for a, b in zip((*padded[0], *padded[1]), (*plain[0], *plain[1])):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     assert padded[2] == pytest.approx(plain[2], rel=1e-5)
+
+
+def test_the_prefetch_cursor_walks_the_visiting_order_and_changes_no_bits():
+    """The look-ahead cursor visits every position in visiting order, across empty runs; however far ahead it
+    prefetches, the pass computes the same bits."""
+    rng = np.random.default_rng(5)
+    sizes = np.array([3, 0, 0, 5, 1, 0, 7, 2, 0])
+    run_starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    run_order = rng.permutation(sizes.shape[0]).astype(np.int64)
+    expected = [j for run in run_order for j in range(run_starts[run], run_starts[run + 1])]
+    walked, (t, j, end) = [], (-1, 0, 0)
+    while True:
+        t, j, end = kernels._advance(run_starts, run_order, t, j, end)
+        if t >= run_order.shape[0]:
+            break
+        walked.append(int(j))
+    assert walked == expected
+
+    n = int(run_starts[-1])
+    users, items = rng.integers(0, 6, n).astype(np.int32), rng.integers(0, 4, n).astype(np.int32)
+    ratings = rng.integers(1, 6, n).astype(np.float32)
+    start = [rng.normal(0, 0.1, (6, 16)).astype(np.float32), rng.normal(0, 0.1, (4, 16)).astype(np.float32),
+             np.zeros(6, np.float32), np.zeros(4, np.float32)]
+    results = []
+    for ahead in (0, 1, 16, n + 5):
+        P, Q, ub, ib = (a.copy() for a in start)
+        sse = kernels.sgd_block(users, items, ratings, run_starts, run_order, P, Q, ub, ib, np.float32(3.0),
+                                np.float32(0.05), np.float32(0.02), np.float32(0.01), True, ahead)
+        results.append((sse, P.tobytes(), Q.tobytes(), ub.tobytes(), ib.tobytes()))
+    assert all(r == results[0] for r in results) and results[0][1] != start[0].tobytes()

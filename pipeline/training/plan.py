@@ -173,7 +173,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     def private_args() -> tuple:
         return (*visit, P.copy(), Q.copy(), np.zeros(n_users, np.float32),
                 np.zeros(n_items, np.float32), np.float32(3.6), np.float32(0.005), np.float32(0.05),
-                np.float32(0.01), True)
+                np.float32(0.01), True, kernels.PREFETCH_AHEAD)
 
     def passes(deadline: float) -> int:
         """Kernel passes over private factors until ``deadline``; the kernel releases the GIL."""
