@@ -145,9 +145,8 @@ def trimmed(state: FactorState, k: int) -> FactorState:
 
 
 def all_finite(states: Iterable[FactorState]) -> bool:
-    """Whether every factor and bias of ``states`` is finite (one summing pass over each array)."""
-    with np.errstate(invalid="ignore", over="ignore"):  # inf - inf in a sum is the finding, not a fault
-        return all(math.isfinite(a.sum(dtype=np.float64)) for state in states for a in state)
+    """Whether every factor and bias of ``states`` is finite (one pass over each array)."""
+    return all(kernels.all_finite(a.reshape(-1)) for state in states for a in state)
 
 
 def sgd_update_in_place(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState,

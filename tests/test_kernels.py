@@ -290,3 +290,12 @@ def test_the_prefetch_cursor_walks_the_visiting_order_and_changes_no_bits():
                                 np.float32(0.05), np.float32(0.02), np.float32(0.01), True, ahead)
         results.append((sse, P.tobytes(), Q.tobytes(), ub.tobytes(), ib.tobytes()))
     assert all(r == results[0] for r in results) and results[0][1] != start[0].tobytes()
+
+
+@pytest.mark.parametrize("bad", [np.inf, -np.inf, np.nan])
+def test_all_finite_finds_one_bad_value_and_no_overflow_in_large_ones(bad):
+    values = np.random.default_rng(0).normal(size=10_001).astype(np.float32)
+    assert kernels.all_finite(values) and kernels.all_finite(np.zeros(0, np.float32))
+    assert kernels.all_finite(np.full(1000, 3e38, np.float32)), "a sum of these overflows; they are finite"
+    values[7777] = bad
+    assert not kernels.all_finite(values)
