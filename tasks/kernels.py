@@ -33,8 +33,8 @@ ratings a user and a few dozen an item in a block, no visiting order keeps both
 sides cached, and a rating waited about 200 ns for memory (2M users × 500k items,
 20M ratings: 3.7M ratings/s a thread). So the SGD pass asks the CPU for the rows
 of the rating ``PREFETCH_AHEAD`` places further on in visiting order while it
-works on this one (2.2-2.7x on that shape, 1.2-1.7x at 480k users and 10M
-ratings, about even on dense blocks: ``scripts/bench_kernel.py --prefetch 16 0``).
+works on this one (about 2x on that shape, 1.4x at 480k users and 10M ratings,
+even at Netflix density: ``scripts/bench_kernel.py --prefetch 16 0``).
 Prefetches change no arithmetic.
 """
 

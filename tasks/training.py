@@ -174,7 +174,7 @@ def sgd_update_in_place(row_block: RowBlock, col: int, user_state: FactorState, 
 def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
                order_seed: int, label: str) -> tuple[FactorState, FactorState, float]:
     """:func:`sgd_update_in_place` on copies: the new states, as wide as the given ones, and the block's
-    SSE, ``inf`` when any new factor or bias is not finite. The plain DSGD loop of the tests and benchmarks."""
+    SSE, ``inf`` when any new factor or bias is not finite: one block of the tests' plain DSGD loop."""
     k = user_state[0].shape[1]
     user, item = training_copy(user_state), training_copy(item_state)
     sse = sgd_update_in_place(row_block, col, user, item, hyper, order_seed, label)

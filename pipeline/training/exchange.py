@@ -304,10 +304,8 @@ def collect_share(train_id: str, version: str, address: str | None,
     to ``k`` factors."""
     exchange, _ = _exchange(address)
     found = exchange.version(train_id, version)
-    if not with_items:
-        found = Version(found.k, found.users)
-    found = found.trimmed()
-    return found.users, found.items
+    wanted = Version(found.k, found.users, found.items if with_items else {}).trimmed()
+    return wanted.users, wanted.items
 
 
 def abort_training(train_id: str, reason: str, dask_worker: Any = None) -> None:
