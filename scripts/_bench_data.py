@@ -22,14 +22,15 @@ def dataset_at(scale: float, cache: Path, seed: int = 0, shape: tuple[int, int, 
     root = cache / f"{name}-seed-{seed}"
     if not (root / "dataset.json").exists():
         log.info("generating %s into %s", name, root)
-        with open_executor(ClusterConfig()) as executor:
-            generate_dataset(executor, SyntheticSpec.netflix_shaped(scale, seed=seed, **overrides), root, 2_000_000)
+        spec = SyntheticSpec.netflix_shaped(scale, seed=seed, **overrides)
+        with open_executor(ClusterConfig(), spec.n_ratings) as executor:  # small data: in this process
+            generate_dataset(executor, spec, root, 2_000_000)
     return open_dataset(root)
 
 
 def blocks_of(dataset: Dataset, d: int, cache: Path, seed: int = 0) -> Blocks:
     root = cache / f"{dataset.root.name}-blocks-d{d}"
     if not (root / "blocks.json").exists():
-        with open_executor(ClusterConfig()) as executor:
+        with open_executor(ClusterConfig(), dataset.n_ratings) as executor:
             block_dataset(executor, dataset, root, d, SplitConfig(), seed)
     return open_blocks(root)
