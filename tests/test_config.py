@@ -120,6 +120,17 @@ def test_the_package_installs_under_its_own_name_only():
     assert version.stdout.startswith("funkflow ")
 
 
+def test_the_command_line_loads_dask_and_numba_only_for_the_verbs_that_run_them():
+    """`funkflow --help`, `configs` and the argument errors answer without importing the heavy verbs."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from funkflow.pipeline.running.cli import build_parser; build_parser(); "
+             "print(sorted(m for m in ('numba', 'distributed', 'dask') if m in sys.modules))")
+    loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
+
+
 def test_every_option_of_every_verb_has_help():
     import argparse
 

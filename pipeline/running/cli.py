@@ -15,22 +15,16 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from funkflow.pipeline.data.dataset import generate_dataset
-from funkflow.pipeline.data.ingest import ingest
-from funkflow.pipeline.data.sources import IngestOptions, estimated_ratings
-from funkflow.pipeline.running.cluster import open_executor
 from funkflow.pipeline.running.config import Config, GenerateConfig, load_config, shipped_configs
 from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from funkflow.pipeline.running.logs import configure
-from funkflow.pipeline.running.report import report as write_report
-from funkflow.pipeline.running.stages import package_version, run_pipeline, synthetic_spec
-from funkflow.pipeline.serving.foldin import fold_in_run
-from funkflow.pipeline.serving.predict import predict
-from funkflow.pipeline.serving.recommend import recommend
-from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
-from funkflow.pipeline.training.tune import tune
+from funkflow.pipeline.running.rundir import package_version
+from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS
 from funkflow.tasks.artifacts import ArtifactError
 from funkflow.tasks.ingest import DUPLICATE_POLICIES, FORMATS
+
+# A verb imports what it runs when it runs (Dask, numba, the stages): `funkflow --help` and the light
+# verbs need not wait for the heavy ones' imports.
 
 log = logging.getLogger("funkflow.pipeline.running.cli")
 
@@ -231,6 +225,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def _tune(config: Config, args: argparse.Namespace) -> None:
+    from funkflow.pipeline.training.tune import tune
+
     given = {"tune.trials": args.trials, "tune.time_budget": args.time_budget}
     config = config.with_values({key: value for key, value in given.items() if value is not None})
     result = tune(config, retrain=args.retrain)
@@ -243,6 +239,10 @@ def _tune(config: Config, args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.data.dataset import generate_dataset
+    from funkflow.pipeline.running.cluster import open_executor
+    from funkflow.pipeline.running.stages import synthetic_spec
+
     if args.out.exists() and any(args.out.iterdir()):
         raise UsageError(f"{args.out} exists and is not empty; choose a new --out")
     # Netflix's shape at --scale: the demo's denser overrides in the default config do not apply.
@@ -267,6 +267,10 @@ def _rating_scale(text: str | None) -> tuple[float, float] | None:
 
 
 def _ingest(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.data.ingest import ingest
+    from funkflow.pipeline.data.sources import IngestOptions, estimated_ratings
+    from funkflow.pipeline.running.cluster import open_executor
+
     if args.out.exists() and any(args.out.iterdir()):
         raise UsageError(f"{args.out} exists and is not empty; choose a new --out")
     options = IngestOptions(format=args.format, rating_scale=_rating_scale(args.rating_scale),
@@ -300,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<16} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}")
             return EXIT_OK
         if args.verb == "plan":
+            from funkflow.pipeline.training.plan import Plan, auto_d, calibrate
+
             rate = args.rate or calibrate(args.k)
             d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker)
             sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
@@ -308,21 +314,29 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{label:<40} {value}")
             return EXIT_OK
         if args.verb == "report":
+            from funkflow.pipeline.running.report import report as write_report
+
             png, page = write_report(args.run_dir, args.out)
             print(f"{png}\n{page}")
             return EXIT_OK
         if args.verb == "fold-in":
+            from funkflow.pipeline.serving.foldin import fold_in_run
+
             folded = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
             print(f"{folded.added:,} {args.side} folded in from {folded.ratings_used:,} ratings; model in "
                   f"{args.out / 'model'}")
             return EXIT_OK
         if args.verb == "recommend":
+            from funkflow.pipeline.serving.recommend import recommend
+
             cluster = load_config(None).with_values(_command_line_values(args)).cluster if args.scheduler else None
             lists = recommend(args.run_dir, args.top, args.out, args.users, cluster)
             print(f"top {args.top} for {lists.n_users:,} users ({lists.n_rows:,} rows) in {lists.out}, "
                   f"computed in {lists.seconds:.1f}s")
             return EXIT_OK
         if args.verb == "predict":
+            from funkflow.pipeline.serving.predict import predict
+
             predicted = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
             print(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
                   f"users, {predicted.unknown_items:,} unknown items)")
@@ -331,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "tune":
             _tune(config, args)
             return EXIT_OK
+        from funkflow.pipeline.running.stages import run_pipeline
+
         last = STAGE_VERBS[args.verb][0]
         summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report,
                                retrain=args.retrain)

@@ -156,3 +156,13 @@ class RunDir:
         self.stage_record(stage).parent.mkdir(parents=True, exist_ok=True)
         write_json({"stage": stage, "fingerprint": fingerprint, "seconds": seconds, **facts},
                    self.stage_record(stage))
+
+
+def package_version(name: str) -> str:
+    """The installed version of ``name``, for a run's manifest and ``--version``."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"

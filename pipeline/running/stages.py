@@ -43,7 +43,7 @@ from funkflow.pipeline.running.errors import (
     UsageError,
 )
 from funkflow.pipeline.running.logs import stage_context
-from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.running.rundir import RunDir, package_version
 from funkflow.pipeline.serving.evaluate import evaluate
 from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_model, write_model
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage
@@ -456,15 +456,6 @@ def _performance_report(path: Path | None) -> Iterator[None]:
     with performance_report(filename=str(path)):
         yield
     log.info("Dask performance report: %s", path)
-
-
-def package_version(name: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "not installed"
 
 
 def _versions() -> dict[str, str]:

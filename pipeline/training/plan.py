@@ -28,8 +28,6 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from funkflow.tasks.training import ALIGN_FLOATS
-
 BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
 LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
@@ -79,6 +77,8 @@ class Plan:
     @property
     def state_bytes(self) -> int:
         """Bytes of one row's factors and bias as a worker holds them: padded to whole 16 floats."""
+        from funkflow.tasks.training import ALIGN_FLOATS
+
         return (-(-self.k // ALIGN_FLOATS) * ALIGN_FLOATS + 1) * 4
 
     @property
