@@ -19,7 +19,7 @@ from funkflow.pipeline.running.config import Config, GenerateConfig, load_config
 from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from funkflow.pipeline.running.logs import configure
 from funkflow.pipeline.running.rundir import package_version
-from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS
+from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.tasks.artifacts import ArtifactError
 from funkflow.tasks.ingest import DUPLICATE_POLICIES, FORMATS
 
@@ -304,8 +304,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name:<16} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}")
             return EXIT_OK
         if args.verb == "plan":
-            from funkflow.pipeline.training.plan import Plan, auto_d, calibrate
-
             rate = args.rate or calibrate(args.k)
             d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker)
             sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
