@@ -46,8 +46,9 @@ def test_two_worker_local_cluster_matches_in_process(tiny_config, in_process_run
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 
-def test_one_worker_local_cluster_matches_in_process(tiny_config, in_process_run, tmp_path):
-    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=local", "cluster.n_workers=1"))
+def test_one_single_threaded_worker_matches_in_process(tiny_config, in_process_run, tmp_path):
+    run_pipeline(tiny_config(tmp_path / "run", "train.d=4", "cluster.scheduler=local", "cluster.n_workers=1",
+                             "cluster.threads_per_worker=1"))
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 

@@ -157,3 +157,14 @@ def test_global_flags_after_the_verb(capsys):
     assert args.quiet and args.log_format == "json"
     args = build_parser().parse_args(["-q", "configs"])
     assert args.quiet and args.log_format == "text"
+
+
+@pytest.mark.parametrize("n_workers,threads,expected", [(None, None, (1, 8)), (2, None, (2, 4)), (None, 2, (4, 2)),
+                                                          (3, 1, (3, 1)), (16, None, (16, 1)), (None, 16, (1, 16))])
+def test_a_local_cluster_fills_the_cores_with_one_process_unless_told(monkeypatch, n_workers, threads, expected):
+    """Item blocks pass between the threads of one process by reference: one worker with every core is the default."""
+    from funkflow.pipeline.running.cluster import local_shape
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    overrides = [f"cluster.n_workers={n_workers or 'null'}", f"cluster.threads_per_worker={threads or 'null'}"]
+    assert local_shape(load_config(None, overrides).cluster) == expected

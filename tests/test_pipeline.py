@@ -251,7 +251,8 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
 def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_with(tiny_config, tmp_path):
     from funkflow.pipeline.running.cluster import InProcessExecutor
 
-    first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto", "cluster.n_workers=1"))
+    first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto", "cluster.n_workers=1",
+                                     "cluster.threads_per_worker=1"))
     assert first["d"] == 1  # 12k ratings on one in-process thread
     blocks_json = tmp_path / "run" / "blocks" / "blocks.json"
     built = blocks_json.stat().st_mtime_ns

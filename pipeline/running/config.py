@@ -197,7 +197,7 @@ class ClusterConfig(_Section):
     tls: TLSConfig = TLSConfig()
     check_versions: bool = True
     n_workers: int | None = Field(None, ge=1)
-    threads_per_worker: int = Field(1, ge=1)
+    threads_per_worker: int | None = Field(None, ge=1)
     timeout: float = Field(30.0, gt=0)
     allowed_failures: int = Field(3, ge=0)
 

@@ -402,7 +402,8 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
             with _executor(config, executor, n_ratings) as running, _performance_report(report):
                 update_text(dump_config(config), run.root / "config.yaml")
                 if running.dashboard_link:
-                    log.info("Dask dashboard: %s", running.dashboard_link)
+                    log.info("Dask dashboard: %s (%d worker(s), %d threads)", running.dashboard_link,
+                             len(running.workers), running.total_threads)
                 if config.train.d != "auto" and config.train.d < running.total_threads:
                     log.warning("train.d=%d is below the %d worker threads: some threads will idle; raise "
                                 "train.d", config.train.d, running.total_threads)
