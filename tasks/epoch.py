@@ -222,6 +222,11 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
                 sse[position[r], step] = sgd_update_in_place(
                     row_blocks[r], c, user, item, plan.hyper, block_order_seed(root, plan.epoch, step, r, c),
                     f"epoch {plan.epoch} stratum {step} block {r},{c}")
+                # After the last step both states are final. A factor that overflowed in their last updates has
+                # spoiled no error yet: report it through the sum, so the driver rolls this epoch back now
+                # rather than the next. Each thread checks the pair it finished, beside its neighbours' SGD.
+                if step == d - 1 and not all_finite([user, item]):
+                    sse[position[r], step] = math.inf
                 if step + 1 < d:
                     send(plan.owner(plan.next_row(c, step)), step + 1, c, item)
                 else:
@@ -245,10 +250,6 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
         # Peers send their final blocks trimmed; every worker keeps them in one layout, so that its
         # validation sums and its next epoch are the same bits whoever updated a block last.
         items = {c: state if updatable(state) else training_copy(state) for c, state in items.items()}
-        # A factor that overflowed in a block's last updates has spoiled no error yet: report it through
-        # the sum, so the driver rolls this epoch back now rather than the next.
-        if not all_finite([*users.values(), *items.values()]):
-            sse[:, d - 1] = math.inf
         errors = np.zeros((len(rows), 3, d, 3))
         if plan.validate:
             ordered = [items[c] for c in range(d)]
