@@ -44,7 +44,7 @@ def main() -> None:
         config = load_config(None, [
             f"data.source={dataset.root}", "data.generate=null", f"model.k={args.k}", f"train.d={args.d}",
             f"train.epochs={args.epochs}", "cluster.scheduler=local", f"cluster.n_workers={n_workers}",
-            f"output.run_dir={run_dir}",
+            "cluster.threads_per_worker=1", f"output.run_dir={run_dir}",
         ])
         shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run: stage records would skip training
         run_pipeline(config, last="train")

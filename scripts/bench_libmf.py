@@ -72,7 +72,8 @@ def time_funkflow(dataset, cache: Path, k: int, epochs: int, threads: int, d: in
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(None, [
         f"data.source={dataset.root}", "data.generate=null", f"model.k={k}", f"train.epochs={epochs}",
-        f"train.d={d}", "cluster.scheduler=local", f"cluster.n_workers={threads}", f"output.run_dir={run_dir}",
+        f"train.d={d}", "cluster.scheduler=local", "cluster.n_workers=1", f"cluster.threads_per_worker={threads}",
+        f"output.run_dir={run_dir}",
         "train.checkpoint_every=0",  # LIBMF cannot checkpoint; compare training alone
     ])
     summary = run_pipeline(config)
