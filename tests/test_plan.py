@@ -7,7 +7,16 @@ from dataclasses import replace
 import pytest
 
 from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.training.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
+from funkflow.pipeline.training.plan import (
+    BALANCE,
+    ITEM_BLOCK_BYTES,
+    MIN_BLOCK_RATINGS,
+    MIN_CACHED_BLOCK_RATINGS,
+    Plan,
+    auto_d,
+    calibrate,
+    state_bytes,
+)
 
 
 def test_plan_arithmetic_for_netflix_on_two_workers():
@@ -56,6 +65,17 @@ def test_auto_d_gives_two_blocks_per_thread_only_while_blocks_stay_large():
     assert auto_d(16 * MIN_BLOCK_RATINGS, 2) == 4 and auto_d(16 * MIN_BLOCK_RATINGS - 1, 2) == 2
     assert auto_d(10**11, 64) == 128 and auto_d(10**10, 64) == 64
     assert auto_d(1_000, 1) == 1 and auto_d(1_000, 0) == 1  # never below one block, nor below the threads
+
+
+def test_auto_d_cuts_a_large_catalogue_into_item_blocks_that_stay_cached():
+    assert auto_d(20_000_000, 2, 500_000, 50) == 8          # a shop: 130 MB of item factors, 16 MB blocks
+    assert 500_000 * state_bytes(50) / 8 <= ITEM_BLOCK_BYTES < 500_000 * state_bytes(50) / 6
+    assert auto_d(100_000_000, 2, 17_770, 50) == 4          # Netflix's 4.6 MB of item factors: as before
+    assert auto_d(10_000_000, 2, 17_770, 50) == 2
+    assert auto_d(20_000_000, 2, 500_000, 16) == 4          # k=16: 34 MB of item factors
+    # Too few ratings to cut finer: blocks keep MIN_CACHED_BLOCK_RATINGS.
+    d = auto_d(2_000_000, 2, 10_000_000, 50)
+    assert d == 2 and 2_000_000 / (d + 2) ** 2 < MIN_CACHED_BLOCK_RATINGS
 
 
 def test_plan_command_defaults_d_to_the_auto_choice(capsys):
