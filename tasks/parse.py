@@ -512,18 +512,23 @@ def _numeric_table(table: pa.Table, columns: dict[str, str], first_row: int, sca
     reasons: list[tuple[np.ndarray, str, str]] = []
 
     def fail(mask: np.ndarray, why: str, detail: str) -> None:
-        reasons.append((mask & keep, why, detail))
-        keep[mask] = False
+        if mask.any():
+            reasons.append((mask & keep, why, detail))
+            keep[mask] = False
+
+    def present(column: pa.Array, what: str) -> pa.Array:
+        """``column`` with its nulls rejected as ``missing <what>`` and filled with 0 (a typical export has
+        none, and skips both passes)."""
+        if column.null_count == 0:
+            return column
+        fail(~column.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, f"missing {what}")
+        return pc.fill_null(column, 0)
 
     ids = {}
     for role in ("user", "item"):
-        column = table[columns[role]].combine_chunks()
-        fail(~column.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, f"missing {role} id")
-        ids[role] = pc.cast(pc.fill_null(column, 0), pa.int64()).to_numpy()
+        ids[role] = pc.cast(present(table[columns[role]].combine_chunks(), f"{role} id"), pa.int64()).to_numpy()
     if "rating" in columns:
-        rating = table[columns["rating"]].combine_chunks()
-        fail(~rating.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, "missing rating")
-        ratings = pc.cast(pc.fill_null(rating, 0), pa.float64()).to_numpy()
+        ratings = pc.cast(present(table[columns["rating"]].combine_chunks(), "rating"), pa.float64()).to_numpy()
         fail(np.isnan(ratings), RATING_NAN, "rating is NaN")
         fail(~((ratings >= scale[0]) & (ratings <= scale[1])), RATING_OUT_OF_SCALE,
              f"rating outside [{scale[0]:g}, {scale[1]:g}]")
@@ -535,17 +540,18 @@ def _numeric_table(table: pa.Table, columns: dict[str, str], first_row: int, sca
         time = table[columns["time"]].combine_chunks()
         if pa.types.is_timestamp(time.type) or pa.types.is_date(time.type):
             time = pc.cast(pc.cast(time, pa.timestamp("s")), pa.int64())
-        fail(~time.is_valid().to_numpy(zero_copy_only=False), MISSING_FIELD, "missing time")
-        times = pc.cast(pc.fill_null(time, 0), pa.int64())
+        times = pc.cast(present(time, "time"), pa.int64())
     rejects = _Rejects()
     for mask, why, detail in reasons:
         for i in np.flatnonzero(mask):
             values = ",".join("" if not table[name][int(i)].is_valid else str(table[name][int(i)].as_py())
                               for name in columns.values())
             rejects.add(int(line_no[i]), why, detail, values)
-    take = pa.array(keep)
-    rows = _rows(pa.array(ids["user"][keep]), pa.array(ids["item"][keep]), ratings[keep],
-                 None if times is None else pc.filter(times, take), line_no[keep])
+    if reasons:  # else every row is kept, and nothing needs copying
+        ids = {role: values[keep] for role, values in ids.items()}
+        ratings, line_no = ratings[keep], line_no[keep]
+        times = None if times is None else pc.filter(times, pa.array(keep))
+    rows = _rows(pa.array(ids["user"]), pa.array(ids["item"]), ratings, times, line_no)
     return _finish(rows, rejects)
 
 
