@@ -93,6 +93,8 @@ def index_of(values: pa.Array, ids: pa.Array) -> np.ndarray:
         if _dense(low, high, sorted_ids.shape[0]):
             table = np.full(high - low + 1, -1, dtype=np.int64)
             table[sorted_ids - low] = np.arange(sorted_ids.shape[0])
+            if len(values) and good.all() and low <= wanted.min() and wanted.max() <= high:
+                return table[wanted - low]  # every value in the map's range: one gather, no masks
             found = np.full(len(values), -1, dtype=np.int64)
             inside = good & (wanted >= low) & (wanted <= high)
             found[inside] = table[wanted[inside] - low]
