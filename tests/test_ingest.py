@@ -479,3 +479,8 @@ def test_sorted_pairs_is_a_stable_sort_of_the_pairs(pairs, spread):
     np.testing.assert_array_equal(order, expected)
     np.testing.assert_array_equal(sorted_users, users[expected])
     np.testing.assert_array_equal(sorted_items, items[expected])
+    # Rows already in pair order (an export sorted by user and item) come back as they are.
+    order, again_users, again_items = sorted_pairs(users[expected], items[expected])
+    np.testing.assert_array_equal(order, np.arange(len(pairs)))
+    np.testing.assert_array_equal(again_users, users[expected])
+    np.testing.assert_array_equal(again_items, items[expected])
