@@ -73,6 +73,7 @@ def test_auto_d_cuts_a_large_catalogue_into_item_blocks_that_stay_cached():
     assert auto_d(100_000_000, 2, 17_770, 50) == 4          # Netflix's 4.6 MB of item factors: as before
     assert auto_d(10_000_000, 2, 17_770, 50) == 2
     assert auto_d(20_000_000, 2, 500_000, 16) == 4          # k=16: 34 MB of item factors
+    assert auto_d(20_000_000, 2, 500_000, 50, workers=2) == 2  # between processes a hand-off serialises a block
     # Too few ratings to cut finer: blocks keep MIN_CACHED_BLOCK_RATINGS.
     d = auto_d(2_000_000, 2, 10_000_000, 50)
     assert d == 2 and 2_000_000 / (d + 2) ** 2 < MIN_CACHED_BLOCK_RATINGS

@@ -305,7 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "plan":
             rate = args.rate or calibrate(args.k)
-            d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker, int(args.items), args.k)
+            d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker, int(args.items), args.k,
+                                 args.workers)
             sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
                          args.threads_per_worker, args.train_fraction, rate, args.hop_ms / 1e3, args.bandwidth)
             for label, value in sized.rows():

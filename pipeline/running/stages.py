@@ -197,7 +197,8 @@ class Pipeline:
 
         d = t.d
         if d == "auto":
-            d = auto_d(dataset.n_ratings, self.executor.total_threads, dataset.n_items, self.config.model.k)
+            d = auto_d(dataset.n_ratings, self.executor.total_threads, dataset.n_items, self.config.model.k,
+                       len(self.executor.workers))
             # The run's own blocks keep their d, so a re-run or --resume on another cluster
             # size continues the same model instead of starting over.
             if (self.run.blocks / "blocks.json").exists():

@@ -42,10 +42,12 @@ BANDWIDTH = 1.0e9            # bytes/s between workers (10 GbE, roughly); --band
 # train.d: auto gives each thread two blocks per stratum while a block keeps this many ratings.
 # Measured on 2 workers: 100M ratings, d=4 (5.6M a block) 2.93 s an epoch, d=2 3.18 s, d=8 3.99 s.
 MIN_BLOCK_RATINGS = 4_000_000
-# ... and makes item blocks no larger than a thread's share of a cache, while a block keeps
-# MIN_CACHED_BLOCK_RATINGS: on sparse data every rating of a block meets a random row of its item block.
-# 2M users × 500k items, 17M training ratings, k=50 (130 MB of item factors), one worker with 2 threads:
-# d=8 (16 MB item blocks) 0.76, 0.77, 0.60 s an epoch against 0.83, 1.11, 0.72 s for d=2, alternated.
+# ... and, on one worker (item blocks pass between its threads by reference), makes item blocks no larger
+# than a thread's share of a cache while a block keeps MIN_CACHED_BLOCK_RATINGS: on sparse data every rating
+# of a block meets a random row of its item block. 2M users × 500k items, 17M training ratings, k=50 (130 MB
+# of item factors), one worker with 2 threads: d=8 (16 MB item blocks) 0.76, 0.77, 0.60 s an epoch against
+# 0.83, 1.11, 0.72 s for d=2, alternated. Between two worker processes, where each hand-off serialises a
+# block, d=8 ran 0.94 and 1.07 s against 0.74 and 1.01 s.
 ITEM_BLOCK_BYTES = 16 * 2**20
 MIN_CACHED_BLOCK_RATINGS = 200_000
 
@@ -57,19 +59,19 @@ def state_bytes(k: int) -> int:
     return (-(-k // ALIGN_FLOATS) * ALIGN_FLOATS + 1) * 4
 
 
-def auto_d(n_ratings: int, threads: int, n_items: int = 0, k: int = 0) -> int:
-    """The ``train.d`` that ``auto`` picks for ``n_ratings`` on ``threads`` worker threads.
+def auto_d(n_ratings: int, threads: int, n_items: int = 0, k: int = 0, workers: int = 1) -> int:
+    """The ``train.d`` that ``auto`` picks for ``n_ratings`` on ``threads`` threads of ``workers`` workers.
 
     Two blocks per thread and stratum even out unequal blocks, as long as each block
     keeps ``MIN_BLOCK_RATINGS``; below that, one, so a block's SGD stays well above
     the cost of handing its item block on. Never fewer blocks than threads: a thread
-    without a block idles. A catalogue of ``n_items`` whose factors (at ``k``) make item
-    blocks larger than ``ITEM_BLOCK_BYTES`` gets more blocks, a multiple of the threads,
-    while a block keeps ``MIN_CACHED_BLOCK_RATINGS``.
+    without a block idles. On one worker, a catalogue of ``n_items`` whose factors (at
+    ``k``) make item blocks larger than ``ITEM_BLOCK_BYTES`` gets more blocks, a multiple
+    of the threads, while a block keeps ``MIN_CACHED_BLOCK_RATINGS``.
     """
     threads = max(threads, 1)
     d = 2 * threads if n_ratings / (2 * threads) ** 2 >= MIN_BLOCK_RATINGS else threads
-    item_bytes = n_items * state_bytes(k)
+    item_bytes = n_items * state_bytes(k) if workers == 1 else 0
     while item_bytes / d > ITEM_BLOCK_BYTES and n_ratings / (d + threads) ** 2 >= MIN_CACHED_BLOCK_RATINGS:
         d += threads
     return d
@@ -152,7 +154,7 @@ class Plan:
     def fastest_workers(self) -> Plan:
         """The plan at the worker count (a power of two up to 4096, d as ``auto`` picks) with the fastest
         epoch: past it, hand-offs on the critical path outgrow the SGD each worker saves."""
-        plans = [replace(self, workers=w, d=auto_d(self.ratings, w * self.threads, self.items, self.k))
+        plans = [replace(self, workers=w, d=auto_d(self.ratings, w * self.threads, self.items, self.k, w))
                  for w in (2 ** i for i in range(13))]
         return min(plans, key=Plan.epoch_seconds)
 
