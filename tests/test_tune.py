@@ -37,6 +37,19 @@ def test_trials_are_seeded_draws_in_the_space_after_the_configs_own():
     assert draw_trials(load_config(None, ["tune.trials=40", "tune.seed=1"]))[1:] != trials[1:]
 
 
+def test_a_trial_side_by_side_trains_on_one_thread_whatever_the_cores(monkeypatch, tmp_path):
+    """Its d, and so its bits, must not follow the cores of the worker the trial lands on."""
+    from funkflow.pipeline.running.cluster import local_shape
+    from funkflow.pipeline.training.tune import _trial_config
+
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    config = load_config(None, [])
+    trial = draw_trials(config)[1]
+    side_by_side = _trial_config(config, trial, str(tmp_path / "data"), tmp_path, 6, parallel=True)
+    assert side_by_side.cluster.scheduler == "inprocess" and local_shape(side_by_side.cluster) == (1, 1)
+    assert _trial_config(config, trial, str(tmp_path / "data"), tmp_path, 6, parallel=False).cluster == config.cluster
+
+
 @pytest.mark.parametrize(("low", "high", "factor", "rungs"), [
     (3, 60, 3, [3, 9, 27, 60]), (2, 12, 3, [2, 6, 12]), (5, 5, 3, [5]), (1, 16, 2, [1, 2, 4, 8, 16])])
 def test_rungs_grow_by_the_reduction_factor_up_to_max_epochs(low, high, factor, rungs):

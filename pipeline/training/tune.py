@@ -150,7 +150,9 @@ def _trial_config(config: Config, trial: Trial, dataset: str, root: Path, epochs
         **values, "data.source": dataset, "data.format": "canonical", "data.generate": None,
         "train.epochs": epochs, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
         "train.refit": False, "output.run_dir": str(_trial_run(root, trial).root), "output.checkpoints": None,
-        **({"cluster.scheduler": "inprocess", "cluster.threads_per_worker": 1} if parallel else {})})
+        # One thread each, whatever the cores of the worker it lands on: its d, and so its bits, follow.
+        **({"cluster.scheduler": "inprocess", "cluster.n_workers": 1, "cluster.threads_per_worker": 1}
+           if parallel else {})})
 
 
 def _identity(config: Config, dataset_fingerprint: str) -> dict[str, Any]:
