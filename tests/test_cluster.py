@@ -201,9 +201,11 @@ def test_only_item_factors_travel_between_workers_and_tasks_grow_with_workers(ti
     assert len(tasks) <= 2 * 3 + 4 * 2 + 8, tasks  # epochs, loading, collecting, the 8 row blocks
 
 
-def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):
-    """Kill one of two worker processes mid-run: Dask rebuilds its row blocks from Parquet and its
-    factor blocks from the last checkpoint, and the factors come out bit-identical."""
+@pytest.mark.parametrize("n_workers", [2, 1])
+def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n_workers):
+    """Kill a worker process mid-run (one of two, or the only one, which its nanny restarts): Dask rebuilds
+    its row blocks from Parquet and its factor blocks from the last checkpoint, and the factors come out
+    bit-identical."""
     import threading
 
     import dask
@@ -218,7 +220,7 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path):
     run_dir = tmp_path / "killed"
     killed = threading.Event()
     seen: dict[str, object] = {}
-    with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1,
+    with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                                          dashboard_address=":0") as cluster, Client(cluster) as client:
         def kill_when_training() -> None:
             second = run_dir / "checkpoints" / "epoch-000002" / "manifest.json"

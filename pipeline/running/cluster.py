@@ -121,13 +121,18 @@ class InProcessExecutor:
 class DaskExecutor:
     """Submits to a Dask ``Client``; row-block affinity is a soft preference."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, timeout: float = 30.0) -> None:
         self.client = client
+        self.timeout = timeout
         self.dashboard_link: str | None = client.dashboard_link
         self.refresh()
 
     def refresh(self) -> None:
-        """Read the workers again (after some were lost)."""
+        """Read the workers again (after some were lost). With none left, wait up to ``timeout`` seconds for
+        one: a nanny restarts a worker process that died, and on one machine that is the only worker."""
+        if not self.client.scheduler_info()["workers"]:
+            with contextlib.suppress(TimeoutError):
+                self.client.wait_for_workers(1, timeout=self.timeout)
         info = self.client.scheduler_info()["workers"]
         self.workers: list[str | None] = sorted(info)
         self.threads: dict[str | None, int] = {address: w["nthreads"] for address, w in info.items()}
@@ -253,7 +258,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             dashboard_address=":0", silence_logs=logging.WARNING, preload=[__name__],
         ) as cluster, Client(cluster) as client:
-            yield DaskExecutor(client)
+            yield DaskExecutor(client, cfg.timeout)
         return
 
     address = cfg.scheduler if cfg.scheduler_file is None else _address_in(cfg.scheduler_file)
@@ -273,7 +278,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
                                f"cluster.timeout={cfg.timeout:g}s") from exc
         if cfg.check_versions:
             _check_versions(client)
-        yield DaskExecutor(client)
+        yield DaskExecutor(client, cfg.timeout)
 
 
 def _address_in(scheduler_file: str) -> str:
