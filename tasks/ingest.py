@@ -1,11 +1,13 @@
 """Worker tasks of ingest: scan a source, parse a chunk, merge id sets, encode, resolve duplicates.
 
 A source is cut into chunks that start at a line (and, for Netflix text, carry
-the ``MovieID:`` header above them); each chunk is parsed in pieces of bounded
-size into a staged Parquet file of raw ids, so memory per task stays bounded
-whatever the source size. Ids are then mapped to dense indices by their sorted
-order, rows are bucketed by user range, and each bucket resolves its duplicate
-(user, item) pairs and becomes one canonical part sorted by (user, item).
+the ``MovieID:`` header above them) or at a Parquet row group; each chunk is
+parsed in pieces of bounded size, so memory per task stays bounded whatever
+the source size, and a text chunk's rows are staged as an Arrow file of raw
+ids (a Parquet chunk is cheaper to read again). Ids are then mapped to dense
+indices by their sorted order, rows are bucketed by user range, and each bucket
+resolves its duplicate (user, item) pairs and becomes one canonical part sorted
+by (user, item).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args
 
 import fsspec
+import numba
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -242,7 +245,7 @@ class ChunkStats:
     user_ids_int: bool  # every user id looks like an integer
     item_ids_int: bool
     has_time: bool
-    staged: str | None  # the staged Arrow file of the chunk's rows, None without rows
+    staged: str | None  # the staged Arrow file of a text chunk's rows, None without rows or for Parquet
     rating_min: float
     rating_max: float
     whole: bool  # every rating a whole number
@@ -256,11 +259,21 @@ class ParsedChunk:
     items: pa.Array
 
 
+def _positioned(table: pa.Table, source: Source) -> pa.Table:
+    """``table`` with its line numbers made source positions: the source's index in the high bits."""
+    return table.set_column(table.schema.get_field_index("line"), "line",
+                            pc.add(table["line"], pa.scalar(source.index << LINE_BITS, pa.int64())))
+
+
 def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: int) -> ParsedChunk:
-    """Parse one chunk into ``staging/chunk-NNNNN.arrow`` (raw ids) and its rejects; its stats and distinct
-    raw ids."""
+    """Parse one chunk, and its rejects into ``staging``; its stats and distinct raw ids.
+
+    A text chunk's rows are staged in ``staging/chunk-NNNNN.arrow`` (raw ids) for :func:`encode_chunk`. A
+    Parquet chunk is not: reading it again costs less than writing and reading a staged copy (0.08 s against
+    0.3 s for 4M rows, and 4.5 GB less written for 100M).
+    """
     source = chunk.source
-    out = Path(staging) / f"chunk-{index:05d}.arrow"
+    out = None if source.is_parquet else Path(staging) / f"chunk-{index:05d}.arrow"
     writer: pa.ipc.RecordBatchFileWriter | None = None
     rejects: list[pa.Table] = []
     reasons: Counter[str] = Counter()
@@ -274,11 +287,10 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     for parsed in pieces:
         table = parsed.rows
         if table.num_rows:
-            table = table.set_column(table.schema.get_field_index("line"), "line",
-                                     pc.add(table["line"], pa.scalar(source.index << LINE_BITS, pa.int64())))
-            if writer is None:
-                writer = pa.ipc.new_file(str(out), table.schema)
-            writer.write_table(table)
+            table = _positioned(table, source)
+            if out is not None:
+                writer = writer or pa.ipc.new_file(str(out), table.schema)
+                writer.write_table(table)
             rows += table.num_rows
             for role, acc in (("user", users), ("item", items)):
                 column = table[role].combine_chunks()
@@ -305,8 +317,31 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         write_parquet(all_rejects, Path(staging) / f"rejects-{index:05d}.parquet")
         first_reject = {k: all_rejects[k][0].as_py() for k in ("source", "line", "reason", "detail")}
     stats = ChunkStats(source.index, rows, dict(reasons), first_reject, int_like["user"], int_like["item"], has_time,
-                       str(out) if rows else None, low, high, whole, halves)
+                       str(out) if out is not None and rows else None, low, high, whole, halves)
     return ParsedChunk(stats, distinct_ids(users), distinct_ids(items))
+
+
+@numba.jit(nopython=True, nogil=True, cache=True)
+def bucket_destinations(users: np.ndarray, n_buckets: int, n_users: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row goes when rows are laid out by user-range bucket (``user * n_buckets // n_users``), in
+    row order within a bucket, and where each bucket begins (``n_buckets + 1`` bounds): a counting sort.
+
+    Scattering the columns to these places reads each once; gathering them bucket by bucket through a sorted
+    order read every column once per bucket on shuffled rows (0.10 s against 0.40 s for 4M shuffled rows into
+    26 buckets, on one thread).
+    """
+    bounds = np.zeros(n_buckets + 1, dtype=np.int64)
+    for r in range(users.shape[0]):
+        bounds[np.int64(users[r]) * n_buckets // n_users + 1] += 1
+    for b in range(n_buckets):
+        bounds[b + 1] += bounds[b]
+    next_free = bounds[:-1].copy()
+    destination = np.empty(users.shape[0], dtype=np.int64)
+    for r in range(users.shape[0]):
+        bucket = np.int64(users[r]) * n_buckets // n_users
+        destination[r] = next_free[bucket]
+        next_free[bucket] += 1
+    return destination, bounds
 
 
 @dataclass(frozen=True)
@@ -318,14 +353,20 @@ class EncodedChunk:
     unseen_items: int
 
 
-def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array, n_buckets: int,
-                 buckets_dir: str) -> EncodedChunk:
-    """Map a staged chunk's raw ids to dense indices and split its rows into user-range buckets.
+def encode_chunk(chunk: Chunk, stats: ChunkStats, scale: tuple[float, float], index: int, user_ids: pa.Array,
+                 item_ids: pa.Array, n_buckets: int, buckets_dir: str) -> EncodedChunk:
+    """Map a parsed chunk's raw ids to dense indices and split its rows into user-range buckets.
 
-    Rows whose user or item the maps lack (possible only with given maps) are
-    left out and counted.
+    Reads the chunk's staged rows, or a Parquet chunk again. Rows whose user or item the maps lack (possible
+    only with given maps) are left out and counted.
     """
-    table = read_arrow(staged)
+    if stats.staged is not None:
+        table = read_arrow(stats.staged)
+    else:
+        table = pa.concat_tables([_positioned(p.rows, chunk.source) for p in chunk_pieces(chunk, scale)])
+        if table.num_rows != stats.rows:
+            raise SourceError(f"{chunk.source.url}: changed while being ingested ({table.num_rows:,} rows of "
+                              f"row groups {chunk.row_groups} read again, {stats.rows:,} at first)")
     users = index_of(table["user"].combine_chunks(), user_ids)
     items = index_of(table["item"].combine_chunks(), item_ids)
     unseen_users, unseen_items = int((users < 0).sum()), int((items < 0).sum())
@@ -333,21 +374,26 @@ def encode_chunk(staged: str, index: int, user_ids: pa.Array, item_ids: pa.Array
     if not known.all():
         table, users, items = table.filter(pa.array(known)), users[known], items[known]
     users, items = users.astype(np.int32), items.astype(np.int32)
-    bucket = users.astype(np.int64) * n_buckets // max(len(user_ids), 1)
-    # A stable sort of 16-bit keys is a radix sort in numpy: linear, where int32 keys take a merge sort.
-    order = np.argsort(bucket.astype(np.int16 if n_buckets < 2**15 else np.int32), kind="stable")
-    bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-    encoded = pa.table({"user": users, "item": items, "rating": table["rating"], "time": table["time"],
-                        "pos": table["line"]})
-    counts = []
+    destination, bounds = bucket_destinations(users, n_buckets, max(len(user_ids), 1))
+    columns = {"user": users, "item": items, "rating": table["rating"].to_numpy(), "pos": table["line"].to_numpy()}
+    time = table["time"].combine_chunks()
+    has_time = time.null_count < len(time)
+    if has_time:
+        columns |= {"time": pc.fill_null(time, 0).to_numpy(), "time_valid": time.is_valid().to_numpy(False)}
+    placed = {name: np.empty_like(values) for name, values in columns.items()}
+    for name, values in columns.items():
+        placed[name][destination] = values
     for b in range(n_buckets):
-        take = order[bounds[b]:bounds[b + 1]]
-        counts.append(int(take.shape[0]))
-        if take.shape[0]:
+        rows = {name: values[bounds[b]:bounds[b + 1]] for name, values in placed.items()}
+        n = rows["user"].shape[0]
+        if n:
+            time = pa.array(rows["time"], mask=~rows["time_valid"]) if has_time else pa.nulls(n, pa.int64())
             out = Path(buckets_dir) / f"bucket-{b:05d}"
             out.mkdir(parents=True, exist_ok=True)
-            write_arrow(encoded.take(take), out / f"chunk-{index:05d}.arrow")
-    return EncodedChunk(tuple(counts), unseen_users, unseen_items)
+            write_arrow(pa.table({"user": rows["user"], "item": rows["item"], "rating": rows["rating"], "time": time,
+                                  "pos": rows["pos"]}), out / f"chunk-{index:05d}.arrow")
+    counts = tuple(int(n) for n in np.diff(bounds))
+    return EncodedChunk(counts, unseen_users, unseen_items)
 
 
 @dataclass(frozen=True)

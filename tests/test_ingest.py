@@ -262,6 +262,20 @@ def test_truncated_gzip_and_parquet_exit_65_naming_the_file(tmp_path, capsys):
     assert not (tmp_path / "out").exists() and not (tmp_path / "p").exists()
 
 
+def test_a_parquet_file_that_changes_between_its_two_reads_is_refused(tmp_path):
+    """Parquet chunks are read twice (ids, then encoding): a file rewritten in between must not lose rows."""
+    from funkflow.tasks.ingest import Source, SourceError, encode_chunk, parquet_chunks, parse_chunk
+
+    path = tmp_path / "r.parquet"
+    pq.write_table(pa.table({"user": [1, 2, 3], "item": [1, 2, 1], "rating": [3.0, 4.0, 5.0]}), path)
+    source = Source(0, str(path), None, {"user": "user", "item": "item", "rating": "rating", "time": None})
+    (chunk,) = parquet_chunks(source, 100)
+    parsed = parse_chunk(chunk, (1.0, 5.0), str(tmp_path), 0)
+    pq.write_table(pa.table({"user": [1, 2], "item": [1, 2], "rating": [3.0, 4.0]}), path)
+    with pytest.raises(SourceError, match=r"r\.parquet: changed while being ingested \(2 rows .* 3 at first\)"):
+        encode_chunk(chunk, parsed.stats, (1.0, 5.0), 0, parsed.users, parsed.items, 1, str(tmp_path / "b"))
+
+
 def test_missing_source_and_unknown_column_are_data_errors(tmp_path, capsys):
     assert _run(tmp_path, [tmp_path / "nowhere.csv"], "csv", "--rating-scale", "1,5") == 65
     assert "nowhere.csv: no such file or directory" in capsys.readouterr().err

@@ -91,9 +91,9 @@ def _write_rejects(parts: list[Path], out: Path) -> None:
 
 
 def stage_sources(executor: Executor, sources: list[Source], options: IngestOptions, scale: tuple[float, float],
-                  staging: Path) -> tuple[list[ChunkStats], list[Any], list[Any]]:
-    """Scan and parse every source into ``staging``, refusing ratings outside ``scale``; the chunks' stats and
-    id-set futures, in source order."""
+                  staging: Path) -> tuple[list[Chunk], list[ChunkStats], list[Any], list[Any]]:
+    """Scan and parse every source into ``staging``, refusing ratings outside ``scale``; the chunks, their
+    stats and id-set futures, in source order."""
     scans = [executor.submit(parquet_chunks, s, ROWS_PER_BUCKET, name="plan_parquet") if s.is_parquet
              else executor.submit(scan_text, s, options.chunk_bytes, name="scan_text") for s in sources]
     chunks: list[Chunk] = [c for found in executor.gather(scans) for c in found]
@@ -103,7 +103,7 @@ def stage_sources(executor: Executor, sources: list[Source], options: IngestOpti
                                        for p in parsed])
     users = [executor.submit(operator.attrgetter("users"), p, name="chunk_users") for p in parsed]
     items = [executor.submit(operator.attrgetter("items"), p, name="chunk_items") for p in parsed]
-    return stats, users, items
+    return chunks, stats, users, items
 
 
 def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Path) -> Dataset:
@@ -115,7 +115,8 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
         with built_in_place(out) as tmp:
             staging = tmp / "_staging"
             staging.mkdir()
-            stats, user_sets, item_sets = stage_sources(executor, sources, options, scale or ANY_RATING, staging)
+            parse_scale = scale or ANY_RATING
+            chunks, stats, user_sets, item_sets = stage_sources(executor, sources, options, parse_scale, staging)
             reasons: Counter[str] = Counter()
             for s in stats:
                 reasons.update(s.rejects)
@@ -149,8 +150,9 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
                                                       name=f"read_{name}") for name in ("users", "items"))
             n_buckets = max(1, math.ceil(n_rows / ROWS_PER_BUCKET))
             buckets = staging / "buckets"
-            encoded = [executor.submit(encode_chunk, s.staged, j, user_ids, item_ids, n_buckets, str(buckets),
-                                       name="encode_chunk") for j, s in enumerate(stats) if s.staged]
+            encoded = [executor.submit(encode_chunk, chunk, s, parse_scale, j, user_ids, item_ids, n_buckets,
+                                       str(buckets), name="encode_chunk")
+                       for j, (chunk, s) in enumerate(zip(chunks, stats)) if s.rows]
             encoded = executor.gather(encoded)
             # The staged chunks are spent: removed while the buckets are resolved, since removing large files
             # takes a while on some file systems (1 s for 20M rows here, on ext4 with online discard).
