@@ -479,6 +479,37 @@ def test_typed_parquet_rejects_like_text(tmp_path):
     assert rejects == [(2, "missing_field"), (3, "rating_nan"), (4, "rating_out_of_scale"), (5, "missing_field")]
 
 
+_PLAIN_LINES = ["12:", "0012:", "7,3,2005-09-06", "00123,5,2000-02-29", "9,1,1969-12-31", "",
+                "123456789012345678,2,2005-01-01"]
+_ODD_LINES = ["12", "1,3", "1,6,2005-01-01", "1,3,1900-02-29", "1,3.5,2005-01-01", "x,3,2005-01-01",
+              "1,3,2005-1-01", "1234567890123456789,3,2005-01-01", "1,3,2005-01-01,x", "\u00e9,3,2005-01-01", ":",
+              "1234567890123456789:", "1, 3,2005-01-01"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_PLAIN_LINES + _ODD_LINES), st.sampled_from(["\n", "\r\n"])), max_size=30),
+       st.sampled_from([None, ("5:", 3), ("bad:", 3)]), st.booleans())
+def test_plain_netflix_text_is_read_in_one_pass_as_the_pattern_reads_it(lines, context, last_newline):
+    """The one-pass reader takes exactly the pieces whose every line is plain, and reads them as the line by line
+    parser does: the same rows, positions and context for the next piece."""
+    from funkflow.tasks.parse import _netflix_by_pattern, _plain_netflix, parse_netflix
+
+    text = "".join(line + end for line, end in lines)
+    data = (text if last_newline else text.removesuffix("\n")).encode()
+    expected = _netflix_by_pattern(data, 10, context, (1.0, 5.0), False)
+    parsed = parse_netflix(data, 10, context, (1.0, 5.0))
+    assert parsed.rows.to_pylist() == expected.rows.to_pylist()
+    assert (parsed.reject_lines.tolist(), parsed.reject_reasons) == (expected.reject_lines.tolist(),
+                                                                     expected.reject_reasons)
+    assert parsed.context == expected.context
+    if context != ("bad:", 3):  # a malformed header above the piece: never read in one pass
+        placed, plain = context is not None, True
+        for line, _ in lines:
+            plain &= line in _PLAIN_LINES and (placed or line == "" or line.endswith(":"))
+            placed |= line.endswith(":")
+        assert _plain_netflix(np.frombuffer(data, dtype=np.uint8), 5 if context else -1, 1.0, 5.0)[0] == plain
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 40), st.integers(0, 9)), max_size=300),
        st.sampled_from([0, 1_000_000, 2**30]))
