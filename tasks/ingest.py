@@ -112,22 +112,23 @@ def _is_compressed(url: str) -> bool:
     return fsspec.utils.infer_compression(url) is not None
 
 
-class _HeaderIndex:
-    """Where the ``MovieID:`` headers of one piece of Netflix text are."""
-
-    def __init__(self, data: bytes, lines_before: int, pairs: bool) -> None:
-        self.raw, bad = parse.split_lines(data)
-        self.header = parse.header_mask(parse.strip_lines(self.raw), bad, pairs)
-        self.line_starts = np.concatenate(([0], np.flatnonzero(np.frombuffer(data, np.uint8) == 10)[:-1] + 1))
-        self.lines_before = lines_before
-
-    def header_before(self, position: int, earlier: tuple[str, int] | None) -> tuple[str, int] | None:
-        """The last header line above byte ``position`` (text, line number), or ``earlier`` if none here."""
-        above = np.flatnonzero(self.header[: np.searchsorted(self.line_starts, position)])
-        if not above.shape[0]:
-            return earlier
-        h = int(above[-1])
-        return parse.strip_lines(self.raw[h:h + 1])[0].as_py(), self.lines_before + h + 1
+def _header_above(data: bytes, position: int, lines_before: int, pairs: bool,
+                  earlier: tuple[str, int] | None) -> tuple[str, int] | None:
+    """The last ``MovieID:`` header line of a piece of Netflix text above byte ``position`` (text, line
+    number), or ``earlier`` if there is none: found walking back line by line to the nearest one, which
+    :func:`parse.header_mask` would call a header (a line with a colon, or in training files a non-empty
+    line without a comma; valid UTF-8)."""
+    end = position
+    while end > 0:
+        start = data.rfind(b"\n", 0, end - 1) + 1
+        line = data[start:end].rstrip(b"\r\n")
+        if b":" in line or (not pairs and line and b"," not in line):
+            try:
+                return line.decode("utf-8"), lines_before + data.count(b"\n", 0, start) + 1
+            except UnicodeDecodeError:
+                pass
+        end = start
+    return earlier
 
 
 def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
@@ -147,10 +148,8 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
     # ``opened``: the header above the chunk being cut; ``seen``: the last header read so far.
     start, first_line, opened, seen = 0, 1, None, None
     offset = 0
+    pairs = layout.kind == "netflix_pairs"
     for data, lines_before in read_pieces(source.url, 0, None, PIECE_BYTES):
-        if netflix:
-            piece = _HeaderIndex(data, lines_before, layout.kind == "netflix_pairs")
-
         # Boundaries inside this piece: the first line start at or after each multiple of chunk_bytes.
         while offset + len(data) > start + chunk_bytes:
             target = start + chunk_bytes - offset
@@ -160,9 +159,9 @@ def scan_text(source: Source, chunk_bytes: int) -> list[Chunk]:
             boundary = nl + 1
             chunks.append(Chunk(source, start, offset + boundary, first_line, opened))
             start, first_line = offset + boundary, lines_before + data.count(b"\n", 0, boundary) + 1
-            opened = piece.header_before(boundary, seen) if netflix else None
+            opened = _header_above(data, boundary, lines_before, pairs, seen) if netflix else None
         if netflix:
-            seen = piece.header_before(len(data), seen)
+            seen = _header_above(data, len(data), lines_before, pairs, seen)
         offset += len(data)
     chunks.append(Chunk(source, start, None, first_line, opened))
     return chunks

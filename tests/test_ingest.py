@@ -90,6 +90,27 @@ def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path, ch
     assert whole.fingerprint == cut.fingerprint
 
 
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.sampled_from([b"12:", b"7,3,2005-09-06", b"", b"12", b"\xff:", b"3,4", b"1:x", b"\r", b"5:\r"]),
+                max_size=25), st.booleans())
+def test_the_header_above_a_chunk_is_the_one_the_parser_sees(lines, pairs):
+    """A scan finds the header above each chunk boundary by walking back from it; the parser's header mask
+    must agree on every line start."""
+    from funkflow.tasks import parse
+    from funkflow.tasks.ingest import _header_above
+
+    data = b"".join(line + b"\n" for line in lines)
+    raw, bad = parse.split_lines(data)
+    stripped = parse.strip_lines(raw)
+    header = parse.header_mask(stripped, bad, pairs)
+    position = 0
+    for n in range(len(lines) + 1):
+        above = np.flatnonzero(header[:n])
+        expected = (stripped[int(above[-1])].as_py(), 100 + int(above[-1]) + 1) if above.shape[0] else ("x:", 1)
+        assert _header_above(data, position, 100, pairs, ("x:", 1)) == expected
+        position += len(lines[n]) + 1 if n < len(lines) else 0
+
+
 @pytest.mark.parametrize("name,text,scale", [
     ("u.data", "196\t242\t3\t881250949\n186\t302\t3\t891717742\n", (1, 5)),
     ("ratings.dat", "1::1193::5::978300760\n1::661::3::978302109\n", (1, 5)),
