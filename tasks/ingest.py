@@ -112,22 +112,39 @@ def _is_compressed(url: str) -> bool:
     return fsspec.utils.infer_compression(url) is not None
 
 
+@numba.jit(nopython=True, nogil=True, cache=True)
+def _header_candidate(buf: np.ndarray, end: int, pairs: bool) -> int:
+    """The start of the last line wholly in ``buf[:end]`` that :func:`parse.header_mask` could call a header:
+    one with a colon, or in training files one without a comma that is not empty before its ``\r\n``; -1
+    if none."""
+    colon, comma, filled = False, False, False
+    j = end - 2 if end > 0 and buf[end - 1] == 10 else end - 1  # the last line's own newline is not a start
+    while j >= -1:
+        if j == -1 or buf[j] == 10:  # the line from j + 1 is complete
+            if colon or (not pairs and filled and not comma):
+                return j + 1
+            colon, comma, filled = False, False, False
+        else:
+            colon |= buf[j] == 58
+            comma |= buf[j] == 44
+            filled |= buf[j] != 13
+        j -= 1
+    return -1
+
+
 def _header_above(data: bytes, position: int, lines_before: int, pairs: bool,
                   earlier: tuple[str, int] | None) -> tuple[str, int] | None:
     """The last ``MovieID:`` header line of a piece of Netflix text above byte ``position`` (text, line
-    number), or ``earlier`` if there is none: found walking back line by line to the nearest one, which
-    :func:`parse.header_mask` would call a header (a line with a colon, or in training files a non-empty
-    line without a comma; valid UTF-8)."""
+    number), or ``earlier`` if there is none: the nearest line :func:`parse.header_mask` calls a header."""
+    buf = np.frombuffer(data, dtype=np.uint8)
     end = position
-    while end > 0:
-        start = data.rfind(b"\n", 0, end - 1) + 1
-        line = data[start:end].rstrip(b"\r\n")
-        if b":" in line or (not pairs and line and b"," not in line):
-            try:
-                return line.decode("utf-8"), lines_before + data.count(b"\n", 0, start) + 1
-            except UnicodeDecodeError:
-                pass
-        end = start
+    while (start := _header_candidate(buf, end, pairs)) >= 0:
+        stop = data.find(b"\n", start, position)
+        try:  # a line that is not UTF-8 is no header
+            return (data[start:position if stop < 0 else stop].rstrip(b"\r\n").decode("utf-8"),
+                    lines_before + data.count(b"\n", 0, start) + 1)
+        except UnicodeDecodeError:
+            end = start
     return earlier
 
 

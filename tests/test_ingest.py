@@ -91,8 +91,8 @@ def test_combined_file_gives_the_same_dataset_whatever_the_chunking(tmp_path, ch
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(st.sampled_from([b"12:", b"7,3,2005-09-06", b"", b"12", b"\xff:", b"3,4", b"1:x", b"\r", b"5:\r"]),
-                max_size=25), st.booleans())
+@given(st.lists(st.sampled_from([b"12:", b"7,3,2005-09-06", b"", b"12", b"\xff:", b"3,4", b"1:x", b"\r", b"5:\r",
+                                 b"\r\r", b"\ra", b"\xff", b"a,\xff:"]), max_size=25), st.booleans())
 def test_the_header_above_a_chunk_is_the_one_the_parser_sees(lines, pairs):
     """A scan finds the header above each chunk boundary by walking back from it; the parser's header mask
     must agree on every line start."""
