@@ -1,12 +1,15 @@
 """Ingest against the bare work it cannot avoid, in one run: wall time and peak RSS of `funkflow ingest`.
 
 From one Netflix-shaped generated dataset at ``--scale`` (1.0 = 100,480,507 ratings), the same ratings as
-exports of three kinds: one Parquet file sorted by user, one Parquet file in random row order (float64
-ratings, row groups of 1M rows), and the many Parquet parts of the generated dataset itself. For each,
-`funkflow ingest --format parquet` on a LocalCluster of one worker per core (a subprocess, its process tree
-sampled for peak RSS), and beside it the bare reference: ``pyarrow.parquet.read_table`` of the user and item
-columns and the distinct values of each, in this process, by ``numpy.sort`` and a mask (what ``numpy.unique``
-did before numpy 2.4, whose ``numpy.unique`` takes 60x as long on large integer arrays).
+exports of four kinds: one Parquet file sorted by user, one Parquet file in random row order (float64
+ratings, row groups of 1M rows), the many Parquet parts of the generated dataset itself, and the Netflix
+Prize text layout (four ``combined_data_N.txt`` files, by ``write_netflix_text.py``). For each, `funkflow
+ingest` on the default LocalCluster (one worker process, a thread per core; a subprocess, its process tree
+sampled for peak RSS), and beside it the bare reference in this process: for Parquet,
+``pyarrow.parquet.read_table`` of the user and item columns and the distinct values of each, by
+``numpy.sort`` and a mask (what ``numpy.unique`` did before numpy 2.4, whose ``numpy.unique`` takes 60x as
+long on large integer arrays); for the text, ``pyarrow.csv.read_csv`` of the rating lines (the header lines
+skipped) and the distinct users.
 
     python scripts/bench_ingest.py [--scale 1] [--cache /tmp/funkflow-bench]
 """
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from _bench_data import dataset_at
 from peak_rss import _tree_rss
@@ -50,23 +54,43 @@ def _exports(dataset_root: Path, cache: Path, name: str) -> dict[str, Path]:
         pq.write_table(pa.table({"user": table["user"].to_numpy()[order], "item": table["item"].to_numpy()[order],
                                  "rating": table["rating"].to_numpy().astype(np.float64)[order]}),
                        shuffled_file, row_group_size=1_000_000)
+    text = folder / "netflix-text"
+    if not text.exists():
+        subprocess.run([sys.executable, str(Path(__file__).with_name("write_netflix_text.py")), str(dataset_root),
+                        str(text)], check=True)
     return {"one file, sorted by user": sorted_file, "one file, shuffled": shuffled_file,
-            f"{len(parts)} files": many}
+            f"{len(parts)} files": many, "Netflix Prize text, 4 files": text}
+
+
+def _is_text(source: Path) -> bool:
+    return source.is_dir() and not any(source.glob("*.parquet"))
+
+
+def _distinct(values: np.ndarray) -> np.ndarray:
+    ordered = np.sort(values)
+    return ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
 
 
 def _bare(source: Path) -> float:
     began = time.perf_counter()
+    if _is_text(source):
+        for file in sorted(source.glob("*.txt")):
+            table = pacsv.read_csv(file, read_options=pacsv.ReadOptions(column_names=["user", "rating", "date"]),
+                                   parse_options=pacsv.ParseOptions(invalid_row_handler=lambda row: "skip"),
+                                   convert_options=pacsv.ConvertOptions(column_types={"user": pa.int64()}))
+            _distinct(table["user"].to_numpy())
+        return time.perf_counter() - began
     table = pq.read_table(source, columns=["user", "item"])
     for column in ("user", "item"):
-        ordered = np.sort(table[column].to_numpy())
-        ordered[np.concatenate(([True], ordered[1:] != ordered[:-1]))]
+        _distinct(table[column].to_numpy())
     return time.perf_counter() - began
 
 
 def _ingest(source: Path, out: Path) -> tuple[float, int]:
     shutil.rmtree(out, ignore_errors=True)
+    layout = "netflix" if _is_text(source) else "parquet"
     began = time.perf_counter()
-    child = subprocess.Popen(["funkflow", "-q", "ingest", str(source), "--format", "parquet", "--out", str(out)])
+    child = subprocess.Popen(["funkflow", "-q", "ingest", str(source), "--format", layout, "--out", str(out)])
     peak = 0
     while child.poll() is None:
         peak = max(peak, sum(_tree_rss(child.pid)))

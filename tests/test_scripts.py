@@ -25,7 +25,7 @@ TINY = ["--scale", "0.0005"]
     ("bench_scale.py", ["--ratings", "20000", "--epochs", "2", "--grid", "2:4"], "| 2 | 4 |"),
     ("bench_warm_start.py", ["--epochs", "2", "--upto", "1"], "| 1 |"),
     ("bench_peers.py", [*TINY, "--epochs", "2", "--threads", "1", "--peers", "funkflow", "LIBMF"], "| funkflow |"),
-    ("bench_ingest.py", TINY, "| one file, shuffled |"),
+    ("bench_ingest.py", TINY, "| Netflix Prize text, 4 files |"),
 ])
 def test_benchmark_script_runs_at_tiny_scale(script, args, row, tmp_path):
     done = subprocess.run([sys.executable, str(SCRIPTS / script), "--cache", str(tmp_path), *args],
