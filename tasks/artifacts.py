@@ -103,6 +103,7 @@ def load_array(directory: str | Path, name: str, files: dict[str, Any], mmap: bo
 
 MODEL = "model"
 MODEL_JSON = "model.json"  # a model's global mean, k, id types, rating scale and provenance
+BLOCKS_JSON = "blocks.json"  # the blocks' metadata, written last by the driver
 
 
 def read_model_array(model_dir: str | Path, name: str, mmap: bool = False) -> np.ndarray:

@@ -18,12 +18,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from funkflow.tasks.artifacts import ArtifactError
+from funkflow.tasks.artifacts import BLOCKS_JSON, ArtifactError
+from funkflow.tasks.counting import placed, places_by_key
 from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout, pair_uniform
 from funkflow.tasks.io import read_json, write_parquet
 
 TRAIN, VALIDATION, TEST = 0, 1, 2
-BLOCKS_JSON = "blocks.json"  # the blocks' metadata, written last by the driver
 SPLIT_NAMES = ("train", "validation", "test")
 
 
@@ -259,24 +259,24 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
     if users.size and np.any(row_of_user[users] != row):
         raise ValueError(f"{row_dir(blocks_dir, row)} holds users of another row block; rebuild the blocks")
     col_of_item, local_item, _ = block_layout(n_items, d, block_seed, SALT_COLUMNS)
-    cols = col_of_item[items]
-    group = codes.astype(np.int64) * d + cols
-    if 3 * d * n_users * n_items < 2**62:
-        # One int64 key (group, user, item) sorts like the four-key lexsort, several times faster.
-        order = np.argsort((group * n_users + users) * n_items + items, kind="stable")
-    else:
-        order = np.lexsort((items, users, group))
-    # Sorted by group first, so each group's rows begin where the smaller groups' counts add up to.
-    bounds = np.concatenate(([0], np.cumsum(np.bincount(group, minlength=3 * d))))
+    group = codes.astype(np.int16 if 3 * d < 2**15 else np.int32) * d + col_of_item[items]
+    destination, bounds = places_by_key(group, 3 * d)
+    users, items, ratings = placed(users, destination), placed(items, destination), placed(ratings, destination)
+    expected = None if expected is None else placed(expected, destination)
+    # Rows come from parts sorted by (user, item), a split's rows in part order, so that placing them by
+    # group keeps every block in (user, item) order; rows in another order are sorted within their groups.
+    ascending = (users[1:] > users[:-1]) | ((users[1:] == users[:-1]) & (items[1:] >= items[:-1]))
+    starts = bounds[1:-1]
+    ascending[starts[(starts > 0) & (starts < users.shape[0])] - 1] = True  # a group may start lower
+    if not ascending.all():
+        resort = np.lexsort((items, users, np.repeat(np.arange(3 * d), np.diff(bounds))))
+        users, items, ratings = users[resort], items[resort], ratings[resort]
+        expected = None if expected is None else expected[resort]
 
     def block(code: int, col: int) -> BlockRatings:
-        take = order[bounds[code * d + col]:bounds[code * d + col + 1]]
-        return BlockRatings(
-            users=np.ascontiguousarray(local_user[users[take]]),
-            items=np.ascontiguousarray(local_item[items[take]]),
-            ratings=np.ascontiguousarray(ratings[take]),
-            expected=None if expected is None else np.ascontiguousarray(expected[take]),
-        )
+        rows = slice(bounds[code * d + col], bounds[code * d + col + 1])
+        return BlockRatings(users=local_user[users[rows]], items=local_item[items[rows]], ratings=ratings[rows],
+                            expected=None if expected is None else expected[rows])
 
     splits = tuple(tuple(block(code, col) for col in range(d)) for code in (TRAIN, VALIDATION, TEST))
     return RowBlock(row=row, user_ids=members[row], splits=splits)

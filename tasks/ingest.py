@@ -18,7 +18,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any
 
 import fsspec
 import numba
@@ -28,17 +28,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from funkflow.tasks import parse
+from funkflow.tasks.counting import placed, places_by_key
 from funkflow.tasks.idmap import distinct_ids, index_of
 from funkflow.tasks.io import WrittenPart, read_arrow, write_arrow, write_parquet
 
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
 LINE_BITS = 40
 PIECE_BYTES = 32 << 20
-# The layouts ingest reads, and what it does with a (user, item) pair rated twice.
-RawFormat = Literal["netflix", "movielens", "csv", "parquet"]
-FORMATS: tuple[str, ...] = get_args(RawFormat)
-DuplicatePolicy = Literal["keep_last", "keep_first", "mean", "error"]
-DUPLICATE_POLICIES: tuple[str, ...] = get_args(DuplicatePolicy)
 
 
 class SourceError(ValueError):
@@ -337,29 +333,6 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
     return ParsedChunk(stats, distinct_ids(users), distinct_ids(items))
 
 
-@numba.jit(nopython=True, nogil=True, cache=True)
-def bucket_destinations(users: np.ndarray, n_buckets: int, n_users: int) -> tuple[np.ndarray, np.ndarray]:
-    """Where each row goes when rows are laid out by user-range bucket (``user * n_buckets // n_users``), in
-    row order within a bucket, and where each bucket begins (``n_buckets + 1`` bounds): a counting sort.
-
-    Scattering the columns to these places reads each once; gathering them bucket by bucket through a sorted
-    order read every column once per bucket on shuffled rows (0.10 s against 0.40 s for 4M shuffled rows into
-    26 buckets, on one thread).
-    """
-    bounds = np.zeros(n_buckets + 1, dtype=np.int64)
-    for r in range(users.shape[0]):
-        bounds[np.int64(users[r]) * n_buckets // n_users + 1] += 1
-    for b in range(n_buckets):
-        bounds[b + 1] += bounds[b]
-    next_free = bounds[:-1].copy()
-    destination = np.empty(users.shape[0], dtype=np.int64)
-    for r in range(users.shape[0]):
-        bucket = np.int64(users[r]) * n_buckets // n_users
-        destination[r] = next_free[bucket]
-        next_free[bucket] += 1
-    return destination, bounds
-
-
 @dataclass(frozen=True)
 class EncodedChunk:
     """Rows of a chunk written to each bucket, and rows left out for a user / an item the id maps lack."""
@@ -390,17 +363,17 @@ def encode_chunk(chunk: Chunk, stats: ChunkStats, scale: tuple[float, float], in
     if not known.all():
         table, users, items = table.filter(pa.array(known)), users[known], items[known]
     users, items = users.astype(np.int32), items.astype(np.int32)
-    destination, bounds = bucket_destinations(users, n_buckets, max(len(user_ids), 1))
+    # Rows go to their user-range buckets by a counting sort: 0.10 s against 0.40 s for 4M shuffled rows into
+    # 26 buckets gathered through a sorted order.
+    destination, bounds = places_by_key(users.astype(np.int64) * n_buckets // max(len(user_ids), 1), n_buckets)
     columns = {"user": users, "item": items, "rating": table["rating"].to_numpy(), "pos": table["line"].to_numpy()}
     time = table["time"].combine_chunks()
     has_time = time.null_count < len(time)
     if has_time:
         columns |= {"time": pc.fill_null(time, 0).to_numpy(), "time_valid": time.is_valid().to_numpy(False)}
-    placed = {name: np.empty_like(values) for name, values in columns.items()}
-    for name, values in columns.items():
-        placed[name][destination] = values
+    columns = {name: placed(values, destination) for name, values in columns.items()}
     for b in range(n_buckets):
-        rows = {name: values[bounds[b]:bounds[b + 1]] for name, values in placed.items()}
+        rows = {name: values[bounds[b]:bounds[b + 1]] for name, values in columns.items()}
         n = rows["user"].shape[0]
         if n:
             time = pa.array(rows["time"], mask=~rows["time_valid"]) if has_time else pa.nulls(n, pa.int64())

@@ -18,7 +18,8 @@ from funkflow.pipeline.running.cluster import Executor
 from funkflow.pipeline.running.config import SplitConfig
 from funkflow.pipeline.running.errors import DataError
 from funkflow.pipeline.running.rundir import built_in_place
-from funkflow.tasks.blocks import BLOCKS_JSON, SPLIT_NAMES, TRAIN, SplitRule, split_part
+from funkflow.tasks.artifacts import BLOCKS_JSON
+from funkflow.tasks.blocks import SPLIT_NAMES, TRAIN, SplitRule, split_part
 from funkflow.tasks.io import read_json, write_json
 
 log = logging.getLogger(__name__)

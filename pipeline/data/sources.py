@@ -16,10 +16,10 @@ from pathlib import Path
 import fsspec
 import pyarrow as pa
 
-from funkflow.pipeline.running.config import DataConfig, IngestConfig
+from funkflow.pipeline.running.config import FORMATS, DataConfig, IngestConfig
 from funkflow.pipeline.running.errors import DataError, UsageError
 from funkflow.tasks import parse
-from funkflow.tasks.ingest import FORMATS, Chunk, Source, SourceError, chunk_pieces
+from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces
 
 log = logging.getLogger(__name__)
 

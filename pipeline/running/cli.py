@@ -15,13 +15,19 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from funkflow.pipeline.running.config import Config, GenerateConfig, load_config, shipped_configs
+from funkflow.pipeline.running.config import (
+    DUPLICATE_POLICIES,
+    FORMATS,
+    Config,
+    GenerateConfig,
+    load_config,
+    shipped_configs,
+)
 from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
 from funkflow.pipeline.running.logs import configure
 from funkflow.pipeline.running.rundir import package_version
 from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.tasks.artifacts import ArtifactError
-from funkflow.tasks.ingest import DUPLICATE_POLICIES, FORMATS
 
 # A verb imports what it runs when it runs (Dask, numba, the stages): `funkflow --help` and the light
 # verbs need not wait for the heavy ones' imports.

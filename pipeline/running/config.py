@@ -11,14 +11,19 @@ import json
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from funkflow.pipeline.running.errors import ConfigError
-from funkflow.tasks.ingest import DuplicatePolicy, RawFormat
+
+# The layouts ingest reads, and what it does with a (user, item) pair rated twice.
+RawFormat = Literal["netflix", "movielens", "csv", "parquet"]
+FORMATS: tuple[str, ...] = get_args(RawFormat)
+DuplicatePolicy = Literal["keep_last", "keep_first", "mean", "error"]
+DUPLICATE_POLICIES: tuple[str, ...] = get_args(DuplicatePolicy)
 
 
 class _Section(BaseModel):

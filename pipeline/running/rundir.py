@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from funkflow.pipeline.running.errors import ClusterError, DataError
-from funkflow.tasks.artifacts import MODEL_JSON
-from funkflow.tasks.blocks import BLOCKS_JSON
+from funkflow.tasks.artifacts import BLOCKS_JSON, MODEL_JSON
 from funkflow.tasks.io import read_json, write_json
 
 

@@ -1,0 +1,35 @@
+"""Counting sorts: where each row goes when rows are laid out by a small integer key.
+
+Scattering the columns to these places reads each column once and writes to as many sequential streams as
+there are keys; gathering a group of rows at a time through a sorted order reads every column once per group
+on unsorted rows, and numpy's stable argsort of 16-bit keys took 1.4 s for 25M rows here.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+
+
+@numba.jit(nopython=True, nogil=True, cache=True)
+def places_by_key(keys: np.ndarray, n_keys: int) -> tuple[np.ndarray, np.ndarray]:
+    """Where each row goes when rows are laid out by ``keys`` (``0 <= key < n_keys``), in row order within a
+    key, and where each key's rows begin (``n_keys + 1`` bounds)."""
+    bounds = np.zeros(n_keys + 1, dtype=np.int64)
+    for r in range(keys.shape[0]):
+        bounds[keys[r] + 1] += 1
+    for k in range(n_keys):
+        bounds[k + 1] += bounds[k]
+    next_free = bounds[:-1].copy()
+    destination = np.empty(keys.shape[0], dtype=np.int64)
+    for r in range(keys.shape[0]):
+        destination[r] = next_free[keys[r]]
+        next_free[keys[r]] += 1
+    return destination, bounds
+
+
+def placed(values: np.ndarray, destination: np.ndarray) -> np.ndarray:
+    """``values`` moved to ``destination`` (from :func:`places_by_key`)."""
+    out = np.empty_like(values)
+    out[destination] = values
+    return out
