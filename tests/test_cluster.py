@@ -139,7 +139,7 @@ def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):
     assert done.returncode == 0, done.stderr
     summary = json.loads((tmp_path / "runs" / "default" / "summary.json").read_text())
     assert summary["test_rmse"] <= 1.05 * summary["floor_rmse"]
-    assert "Dask dashboard: http" in done.stderr
+    assert "1,000,000 ratings, below 25,000,000: running in this process" in done.stderr
     assert "run directory: runs/default" in done.stdout
 
 
@@ -147,7 +147,7 @@ def test_small_data_run_in_process_unless_a_cluster_is_asked_for(tiny_config, in
     """Below SMALL_RATINGS a LocalCluster costs more than it saves; `cluster.scheduler: local` starts one."""
     caplog.set_level("INFO", logger="funkflow")
     run_pipeline(tiny_config(tmp_path / "auto", "train.d=4", "cluster.scheduler=null"))
-    assert "12,000 ratings, below 500,000: running in this process" in caplog.text
+    assert "12,000 ratings, below 25,000,000: running in this process" in caplog.text
     assert "Dask dashboard" not in caplog.text
     caplog.clear()
     run_pipeline(tiny_config(tmp_path / "local", "train.d=4", "cluster.scheduler=local", "cluster.n_workers=2"))

@@ -6,6 +6,7 @@ soft worker preference, ``gather``, the worker list, and the dashboard link.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import logging
@@ -23,10 +24,11 @@ log = logging.getLogger(__name__)
 
 IN_PROCESS = "inprocess"
 LOCAL = "local"
-# Below this many ratings a run goes in-process (on threads) unless cluster.scheduler says otherwise:
-# starting a LocalCluster costs 3-5 s here and a 100k-rating training took 18 s on one against about
-# 1 s in-process, while the demo's 1M ratings still gain from worker processes.
-SMALL_RATINGS = 500_000
+# Below this many ratings a run goes in-process (on threads) unless cluster.scheduler says otherwise: with
+# stage tasks side by side on a thread pool, the demo's 1M ratings ran in 5.5 s against 10.2-10.7 s on a
+# LocalCluster, 20M shop-like ratings (6 epochs) in 55 s against 78 s. Larger data get a LocalCluster's
+# worker that a nanny restarts, and its dashboard.
+SMALL_RATINGS = 25_000_000
 
 # Scheduler settings for the clusters funkflow starts. Work stealing would move the
 # task that loads a row block to another worker; DSGD keeps row blocks put and
@@ -48,6 +50,8 @@ class Done:
 def _resolve(arg: Any) -> Any:
     if isinstance(arg, Done):
         return arg.value
+    if isinstance(arg, concurrent.futures.Future):
+        return arg.result()
     if isinstance(arg, list | tuple):
         return type(arg)(_resolve(a) for a in arg)
     return arg
@@ -80,11 +84,20 @@ class Executor(Protocol):
     def install_exchange(self) -> None: ...
 
     def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
-        """Call ``report(done, total)`` as the tasks end (in-process they have all ended)."""
+        """Call ``report(done, total)`` as the tasks end."""
+
+
+def _call(fn: Callable, args: tuple) -> Any:
+    return fn(*(_resolve(a) for a in args))
 
 
 class InProcessExecutor:
-    """Runs every task immediately in this process, in submission order; an epoch on ``threads`` threads."""
+    """Runs tasks in this process: each at once when it is submitted on one thread, else on a pool of
+    ``threads`` threads; an epoch on ``threads`` threads.
+
+    The pool takes tasks first come, first served, and a task's inputs are submitted before it, so they have
+    started (on other threads) by the time it waits for them: no task waits on one queued behind it.
+    """
 
     workers: list[str | None] = [None]
     dashboard_link: str | None = None
@@ -92,18 +105,24 @@ class InProcessExecutor:
     def __init__(self, threads: int = 1) -> None:
         self.threads: dict[str | None, int] = {None: threads}
         self.total_threads = threads
+        self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="funkflow-task")
+                      if threads > 1 else None)
 
-    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Done:
-        return Done(fn(*(_resolve(a) for a in args)))
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any:
+        if self._pool is None:
+            return Done(_call(fn, args))
+        return self._pool.submit(_call, fn, args)
 
-    def gather(self, futures: Sequence[Done]) -> list[Any]:
-        return [f.value for f in futures]
+    def gather(self, futures: Sequence[Any]) -> list[Any]:
+        return [_resolve(f) for f in futures]
 
-    def gather_watching(self, futures: Sequence[Done]) -> list[Any]:
+    def gather_watching(self, futures: Sequence[Any]) -> list[Any]:
         return self.gather(futures)
 
-    def cancel(self, futures: Sequence[Done]) -> None:
-        pass
+    def cancel(self, futures: Sequence[Any]) -> None:
+        for f in futures:
+            if isinstance(f, concurrent.futures.Future):
+                f.cancel()
 
     def run_everywhere(self, fn: Callable, *args: Any) -> None:
         fn(*args)
@@ -114,8 +133,16 @@ class InProcessExecutor:
     def install_exchange(self) -> None:
         pass
 
-    def watch(self, futures: Sequence[Done], report: Callable[[int, int], None]) -> None:
-        report(len(futures), len(futures))
+    def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
+        pending = [f for f in futures if isinstance(f, concurrent.futures.Future)]
+        report(len(futures) - len(pending), len(futures))
+        for done, _ in enumerate(concurrent.futures.as_completed(pending), start=len(futures) - len(pending) + 1):
+            report(done, len(futures))
+
+    def close(self) -> None:
+        """Let the running tasks finish and drop the queued ones."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 class DaskExecutor:
@@ -242,7 +269,11 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
         if automatic:
             log.info("%s ratings, below %s: running in this process on %d threads, no cluster "
                      "(cluster.scheduler: local starts one anyway)", f"{n_ratings:,}", f"{SMALL_RATINGS:,}", threads)
-        yield InProcessExecutor(threads)
+        executor = InProcessExecutor(threads)
+        try:
+            yield executor
+        finally:
+            executor.close()
         return
 
     import dask

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -108,16 +109,28 @@ def rung_epochs(min_epochs: int, max_epochs: int, reduction: int) -> list[int]:
     return epochs
 
 
+_quiet_lock = threading.Lock()
+_quiet_trials = 0  # trials running in this process, which may be side by side on threads
+_loud_level = logging.NOTSET
+
+
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """A trial's stage and epoch lines would drown the tuner's own: warnings only while it runs."""
+    """A trial's stage and epoch lines would drown the tuner's own: warnings only while any trial runs."""
+    global _quiet_trials, _loud_level
     logger = logging.getLogger("funkflow")
-    level = logger.level
-    logger.setLevel(logging.WARNING)
+    with _quiet_lock:
+        if _quiet_trials == 0:
+            _loud_level = logger.level
+            logger.setLevel(logging.WARNING)
+        _quiet_trials += 1
     try:
         yield
     finally:
-        logger.setLevel(level)
+        with _quiet_lock:
+            _quiet_trials -= 1
+            if _quiet_trials == 0:
+                logger.setLevel(_loud_level)
 
 
 def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -> TrialCurve:
