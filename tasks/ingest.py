@@ -111,7 +111,7 @@ def _is_compressed(url: str) -> bool:
 @numba.jit(nopython=True, nogil=True, cache=True)
 def _header_candidate(buf: np.ndarray, end: int, pairs: bool) -> int:
     """The start of the last line wholly in ``buf[:end]`` that :func:`parse.header_mask` could call a header:
-    one with a colon, or in training files one without a comma that is not empty before its ``\r\n``; -1
+    one with a colon, or in training files one without a comma that is not empty before its ``\\r\\n``; -1
     if none."""
     colon, comma, filled = False, False, False
     j = end - 2 if end > 0 and buf[end - 1] == 10 else end - 1  # the last line's own newline is not a start

@@ -314,7 +314,7 @@ def _plain_netflix(buf: np.ndarray, context_movie: int, low: float, high: float)
         bool, int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, int, int]:
     """Netflix training text in which every line is plain: ``MovieID:`` or ``CustomerID,Rating,YYYY-MM-DD``
     (ids of at most 18 digits, a whole rating inside [low, high], a real date), empty, or any of them ended
-    by ``\r\n``; and no rating line above the first header unless ``context_movie`` (>= 0) gives its movie.
+    by ``\\r\\n``; and no rating line above the first header unless ``context_movie`` (>= 0) gives its movie.
 
     Returns whether the piece is plain (nothing else is meaningful when it is not), the rows found (users,
     movies, ratings, seconds, line indices), and the index, start and end of the last header line (-1 if none).
