@@ -382,8 +382,9 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
     continues from a checkpoint exactly where the run that wrote it was.
     ``warm`` starts known users and items from a previous model's factors
     instead of random ones. Workers lost mid-epoch: training starts again from
-    the newest checkpoint on the workers that are left, and ``on_epoch`` is not
-    called again for the epochs it replays.
+    the newest checkpoint on the workers that are left, with ``row_blocks``
+    loaded again in place, and ``on_epoch`` is not called again for the epochs
+    it replays.
     """
     reported = 0
 
@@ -405,6 +406,10 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
             executor.refresh()
             if not executor.workers:
                 raise ClusterError(f"{exc}; no worker is left") from exc
+            # Dask would recompute a lost worker's row blocks pinned to it, and never run them once every
+            # such worker is gone: load them all again on the new owners, in the list the caller shares.
+            executor.cancel(row_blocks)
+            row_blocks[:] = placement.load_row_blocks()
             start = (checkpoints.latest(strict=False) if checkpoints is not None else None) or resume
             log.warning("%s mid-epoch: training again from %s on %d workers", exc,
                         f"the checkpoint of epoch {start.epoch}" if start else "the start", len(executor.workers))
