@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 
 from funkflow.tasks.artifacts import read_model_array
@@ -34,8 +35,38 @@ def positions_in_runs(keys: np.ndarray) -> np.ndarray:
     return np.arange(keys.shape[0]) - np.repeat(starts, np.diff(np.append(starts, keys.shape[0])))
 
 
+@numba.jit(nopython=True, nogil=True, cache=True)
+def _best_columns(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's best ``n`` columns, best first, and how many it has: one pass over the row keeping a sorted
+    list of n, where a column enters only past a strictly lower score (so ties keep the lower column)."""
+    m, width = scores.shape
+    columns = np.empty((m, n), dtype=np.int64)
+    kept = np.zeros(m, dtype=np.int64)
+    best = np.empty(n, dtype=scores.dtype)
+    for i in range(m):
+        count = 0
+        for j in range(width):
+            score = scores[i, j]
+            if not score > -np.inf:  # excluded (NaN too)
+                continue
+            if count == n and not score > best[n - 1]:
+                continue
+            at = count if count < n else n - 1
+            while at > 0 and score > best[at - 1]:
+                if at < n:
+                    best[at], columns[i, at] = best[at - 1], columns[i, at - 1]
+                at -= 1
+            best[at], columns[i, at] = score, j
+            count = min(count + 1, n)
+        kept[i] = count
+    return columns, kept
+
+
 def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """The best ``n`` columns of each row of ``scores`` (-inf = excluded), ties to the lower column.
+
+    One numba pass over each row (a partition, a comparison and a ``nonzero`` over 1,000 users × 500k items
+    took 3-4x as long).
 
     Returns
     -------
@@ -46,14 +77,9 @@ def top_n(scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     n = min(n, width)
     if n == 0 or m == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    # Everything at or above each row's n-th best score is a candidate (more than n only on ties).
-    threshold = np.partition(scores, width - n, axis=1)[:, width - n]
-    # -inf (excluded) never passes: a row whose n-th best is -inf keeps only its finite scores.
-    rows, cols = np.nonzero(scores >= np.maximum(threshold, np.finfo(scores.dtype).min)[:, None])
-    order = np.lexsort((cols, -scores[rows, cols], rows))
-    rows, cols = rows[order], cols[order]
-    keep = positions_in_runs(rows) < n
-    return rows[keep], cols[keep]
+    columns, kept = _best_columns(scores, n)
+    take = np.arange(n)[None, :] < kept[:, None]
+    return np.repeat(np.arange(m), kept), columns[take]
 
 
 def rated_by(sorted_users: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

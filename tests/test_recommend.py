@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from funkflow.pipeline.running.cli import main
 from funkflow.pipeline.running.config import load_config
@@ -22,6 +24,19 @@ def test_top_n_breaks_ties_by_item_index_and_skips_excluded():
                        [2.0, 2.0, 2.0, 2.0, 2.0]], dtype=np.float32)
     rows, cols = top_n(scores, 2)
     assert list(zip(rows.tolist(), cols.tolist())) == [(0, 1), (0, 2), (1, 2), (2, 0), (2, 1)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 5), st.integers(1, 40), st.integers(1, 12), st.integers(0, 2**32 - 1))
+def test_top_n_is_the_best_n_by_score_then_column(m, width, n, seed):
+    """Against a brute-force sort by (-score, column), on scores with many ties and exclusions."""
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(0, 4, (m, width)).astype(np.float32)
+    scores[rng.random((m, width)) < 0.3] = -np.inf
+    rows, cols = top_n(scores, n)
+    expected = [(i, j) for i in range(m)
+                for j in sorted(np.flatnonzero(np.isfinite(scores[i])), key=lambda j: (-scores[i, j], j))[:n]]
+    assert list(zip(rows.tolist(), cols.tolist())) == expected
 
 
 @pytest.fixture(scope="module")
