@@ -30,11 +30,9 @@ class BlockPlacement:
         self.item_members = block_layout(blocks.n_items, blocks.d, blocks.seed, SALT_COLUMNS)[2]
 
     def owner(self, row: int) -> str | None:
-        """The worker that holds row block ``row``; None (any worker) where there is only one. A task pinned
-        to a worker that dies waits for that worker, even with loose restrictions, rather than run on the
-        worker its nanny starts in its place; on one worker nothing is gained by pinning."""
+        """The worker that holds row block ``row``."""
         workers = self.executor.workers
-        return None if len(workers) == 1 else workers[row % len(workers)]
+        return workers[row % len(workers)]
 
     def on_rows(self, row_blocks: list[Any], fn: Callable, *args: Any, name: str) -> list[Any]:
         """Futures of ``fn(row_blocks[r], *args)`` for every row block, each on the block's owner, in row order."""
