@@ -1,8 +1,8 @@
 """Worker side of checkpoints: one factor block as .npy at any fsspec URL (never pickle).
 
 Checkpoints may live on object storage (``s3://``, ``gs://``) where there is
-no rename; a file is written with one ``pipe_file`` call, and the checkpoint's
-manifest, written last by the driver, is what makes it exist.
+no rename; a file is written whole (:func:`funkflow.tasks.io.put_bytes`), and the
+checkpoint's manifest, written last by the driver, is what makes it exist.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import io
 import fsspec
 import numpy as np
 
-from funkflow.tasks.io import npy_bytes
+from funkflow.tasks.io import npy_bytes, put_bytes
 from funkflow.tasks.training import FactorState
 
 FACTOR_PARTS = ("factors", "bias")
@@ -32,7 +32,7 @@ def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[st
     for part, array in zip(FACTOR_PARTS, state):
         name = f"{stem}.{part}.npy"
         data = npy_bytes(array)
-        fs.pipe_file(f"{root}/{name}", data)
+        put_bytes(fs, f"{root}/{name}", data)
         sums[name] = hashlib.sha256(data).hexdigest()
     return sums
 

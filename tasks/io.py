@@ -96,6 +96,15 @@ def write_bytes(data: bytes, path: str | os.PathLike) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def put_bytes(fs: Any, path: str, data: bytes) -> None:
+    """Write ``data`` to ``path`` of the fsspec filesystem ``fs`` so that no reader sees it half-written: on a
+    local disk under a temporary name, then renamed (:func:`write_bytes`); an object store's put is whole."""
+    if "file" in fs.protocol or "local" in fs.protocol:
+        write_bytes(data, path)
+    else:
+        fs.pipe_file(path, data)
+
+
 def write_npy(array: np.ndarray, path: str | os.PathLike) -> None:
     """Write ``array`` to ``path`` as .npy atomically."""
     write_bytes(npy_bytes(array), path)

@@ -112,7 +112,7 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
     if moment == "training":
         # Killed once epoch 3's checkpoint existed; on a busy machine a later one may have been committed too.
         resumed = re.search(r"resuming after epoch (\d+)", again.stderr)
-        assert resumed and 3 <= int(resumed[1]) < 12 and "ingest: up to date" in again.stderr
+        assert resumed and 3 <= int(resumed[1]) < 12 and "ingest: up to date" in again.stderr, again.stderr
     assert _model_bytes(run_dir) == _model_bytes(tmp_path / "whole")
     if moment == "export":
         assert "train: up to date" in again.stderr

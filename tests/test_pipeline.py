@@ -153,7 +153,7 @@ def test_generate_cli_writes_a_netflix_shaped_dataset(tmp_path, capsys):
     assert (dataset.n_users, dataset.n_items, dataset.n_ratings) == (spec.n_users, spec.n_items, spec.n_ratings)
     assert dataset.meta["generator"]["seed"] == 3
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary left behind
-    assert main(["generate", "--scale", "0.0002", "--out", str(out), "--scheduler", "inprocess"]) == 2
+    assert main(["generate", "--scale", "0.0002", "--out", str(out), "--scheduler", "inprocess"]) == 73
     assert "exists and is not empty" in capsys.readouterr().err
     assert main(["generate", "--scale", "-1", "--out", str(tmp_path / "x"), "--scheduler", "inprocess"]) == 2
 

@@ -121,13 +121,15 @@ def progress_log(what: str, unit: str, every_seconds: float = 2.0) -> Callable[[
     return report
 
 
-def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings_per_part: int) -> Dataset:
-    """Generate synthetic ratings for ``spec`` into the canonical dataset ``out``.
+def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings_per_part: int,
+                     replace: bool = True) -> Dataset:
+    """Generate synthetic ratings for ``spec`` into the canonical dataset ``out`` (``replace``: as
+    :func:`funkflow.pipeline.data.ingest.ingest`).
 
     The true model is drawn by one task; chunks of users are generated and written
     by parallel tasks, each holding only its own chunk in memory.
     """
-    with built_in_place(out) as tmp:
+    with built_in_place(out, replace) as tmp:
         (tmp / "ratings").mkdir()
         model = executor.submit(make_true_model, spec, name="make_true_model")
         bounds = executor.gather([executor.submit(chunk_bounds, model, ratings_per_part, name="chunk_bounds")])[0]

@@ -106,13 +106,14 @@ def stage_sources(executor: Executor, sources: list[Source], options: IngestOpti
     return chunks, stats, users, items
 
 
-def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Path) -> Dataset:
-    """Ingest ``srcs`` into the canonical dataset ``out`` (written whole or not at all)."""
+def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Path, replace: bool = True) -> Dataset:
+    """Ingest ``srcs`` into the canonical dataset ``out`` (written whole or not at all). ``replace``: an older
+    ``out`` that funkflow made may be replaced (a run directory's own data); otherwise it is refused."""
     maps_of = None if options.id_maps is None else open_dataset(options.id_maps)
     sources = make_sources(expand_sources(srcs), options)
     scale = options.scale() or (movielens_scale(sources) if options.format == "movielens" else None)
     try:
-        with built_in_place(out) as tmp:
+        with built_in_place(out, replace) as tmp:
             staging = tmp / "_staging"
             staging.mkdir()
             parse_scale = scale or ANY_RATING

@@ -23,9 +23,15 @@ from funkflow.pipeline.running.config import (
     load_config,
     shipped_configs,
 )
-from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, FunkflowError, UsageError
+from funkflow.pipeline.running.errors import (
+    EXIT_DATAERR,
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    FunkflowError,
+    UsageError,
+)
 from funkflow.pipeline.running.logs import configure
-from funkflow.pipeline.running.rundir import package_version
+from funkflow.pipeline.running.rundir import new_output, package_version
 from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.tasks.artifacts import ArtifactError
 
@@ -249,16 +255,14 @@ def _generate(args: argparse.Namespace) -> None:
     from funkflow.pipeline.running.cluster import open_executor
     from funkflow.pipeline.running.stages import synthetic_spec
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise UsageError(f"{args.out} exists and is not empty; choose a new --out")
     # Netflix's shape at --scale: the demo's denser overrides in the default config do not apply.
     try:
         gen = GenerateConfig(scale=args.scale, seed=args.seed)
     except ValidationError as exc:
         raise UsageError(f"--scale must be > 0, got {args.scale}") from exc
     cluster = load_config(None).with_values(_command_line_values(args)).cluster
-    with open_executor(cluster) as executor:
-        dataset = generate_dataset(executor, synthetic_spec(gen), args.out, gen.ratings_per_part)
+    with new_output(args.out), open_executor(cluster) as executor:
+        dataset = generate_dataset(executor, synthetic_spec(gen), args.out, gen.ratings_per_part, replace=False)
     print(f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
 
 
@@ -277,15 +281,13 @@ def _ingest(args: argparse.Namespace) -> None:
     from funkflow.pipeline.data.sources import IngestOptions, estimated_ratings
     from funkflow.pipeline.running.cluster import open_executor
 
-    if args.out.exists() and any(args.out.iterdir()):
-        raise UsageError(f"{args.out} exists and is not empty; choose a new --out")
     options = IngestOptions(format=args.format, rating_scale=_rating_scale(args.rating_scale),
                             user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
                             time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
                             rejects=args.rejects, chunk_bytes=args.chunk_mb << 20, id_maps=args.id_maps)
     cluster = load_config(None).with_values(_command_line_values(args)).cluster
-    with open_executor(cluster, estimated_ratings(args.sources)) as executor:
-        dataset = ingest(executor, args.sources, options, args.out)
+    with new_output(args.out), open_executor(cluster, estimated_ratings(args.sources)) as executor:
+        dataset = ingest(executor, args.sources, options, args.out, replace=False)
     meta = dataset.meta
     line = (f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
     if meta["rejects"]["total"]:

@@ -6,6 +6,7 @@ EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_DATAERR = 65
 EXIT_SOFTWARE = 70
+EXIT_CANTCREAT = 73
 EXIT_TEMPFAIL = 75
 EXIT_CONFIG = 78
 
@@ -32,6 +33,12 @@ class DataError(FunkflowError):
     """Input data are malformed or missing; the message names the file (and line)."""
 
     exit_code = EXIT_DATAERR
+
+
+class OutputError(FunkflowError):
+    """An output cannot be created where asked without losing what is there; the message names the path."""
+
+    exit_code = EXIT_CANTCREAT
 
 
 class TrainingDiverged(FunkflowError):

@@ -43,7 +43,7 @@ from funkflow.pipeline.running.errors import (
     UsageError,
 )
 from funkflow.pipeline.running.logs import stage_context
-from funkflow.pipeline.running.rundir import RunDir, package_version
+from funkflow.pipeline.running.rundir import RunDir, claim, package_version
 from funkflow.pipeline.serving.evaluate import evaluate
 from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_model, write_model
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage
@@ -424,6 +424,7 @@ def _refit(config: Config, last: str, resume: bool, force: bool, report: Path | 
     """``train.refit``: train with validation and early stopping in ``RUN_DIR/selection``, then the final model
     in the run directory on the training and validation ratings for the epoch count early stopping chose.
     The run directory's ``config.yaml`` is that final config; the one asked for is the selection's."""
+    claim(Path(config.output.run_dir))  # funkflow's before the selection run is made inside it
     selected = RunDir(RunDir(Path(config.output.run_dir)).selection)
     selection = config.with_values({"train.refit": False, "output.run_dir": str(selected.root)})
     run_pipeline(selection, last="train", resume=resume, force=force, callbacks=callbacks, executor=executor,

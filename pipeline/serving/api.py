@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from funkflow.pipeline.data.sources import rating_file_format
 from funkflow.pipeline.running.config import load_config
 from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.running.rundir import RunDir, claim
 from funkflow.pipeline.serving.model import (
     Factors,
     read_folded_ratings,
@@ -96,7 +96,7 @@ class FunkSVD:
         missing = {"user", "item", "rating"} - set(data.column_names)
         if missing:
             raise DataError(f"the table lacks the columns {', '.join(sorted(missing))} (user, item, rating[, time])")
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim(run_dir)  # the run directory must be funkflow's before anything is written into it
         path = run_dir / "input.parquet"
         pq.write_table(data, path)
         low, high = (float(x) for x in (np.nanmin(data["rating"]), np.nanmax(data["rating"])))

@@ -17,8 +17,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from funkflow.pipeline.data.sources import IngestOptions, rating_file_format, read_rating_rows
-from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.running.errors import DataError, OutputError, UsageError
+from funkflow.pipeline.running.rundir import RunDir, locked
 from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.foldin import fold_in
@@ -134,15 +134,15 @@ def fold_in_run(run_dir: Path, ratings: str, out: Path, side: str = "users",
     """Fold the new ``side`` of the ratings file into the model of ``run_dir``; write ``out/model``."""
     model_dir = RunDir(run_dir).trained_model()
     folded_dir = RunDir(out).model
-    if folded_dir.exists():
-        raise UsageError(f"{folded_dir} exists; choose a new --out")
     info_scale = read_json(model_dir / MODEL_JSON).get("rating_scale")
     scale = rating_scale or (tuple(info_scale) if info_scale else None)
     rows = read_rating_rows(ratings, IngestOptions(format=rating_file_format(ratings), rating_scale=scale))
     folded = fold_in_model(model_dir, rows, side, base_run=run_dir)
     report = folded.report
-    out.mkdir(parents=True, exist_ok=True)
-    folded.write(folded_dir)
+    with locked(out):
+        if folded_dir.exists():
+            raise OutputError(f"{folded_dir}: exists; choose a new --out")
+        folded.write(folded_dir)
     if report.ratings_of_known or report.ratings_of_unknown_other_side:
         log.warning("fold-in left out %s ratings of %s the model knows and %s against unknown %s",
                     f"{report.ratings_of_known:,}", side, f"{report.ratings_of_unknown_other_side:,}",

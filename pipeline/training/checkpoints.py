@@ -5,8 +5,10 @@
 (written by worker ``c mod W``),
 ``state.json`` (epoch, step size, history, early-stopping state) and, last,
 ``manifest.json`` with the SHA-256 of every file, the run's identity and the
-arrays' layout. Object stores have no rename, so nothing is moved into place:
-a checkpoint without a manifest, or whose checksums fail, does not exist.
+arrays' layout. Each file is written whole (renamed into place on a local disk;
+an object store's put is whole), and a checkpoint without a manifest, or whose
+checksums fail, does not exist. Only epoch directories that carry funkflow's
+mark are ever replaced or removed, whatever else lives under the URL.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ from typing import Any
 import fsspec
 
 from funkflow.pipeline.running.config import differences
-from funkflow.pipeline.running.errors import ConfigError
+from funkflow.pipeline.running.errors import ConfigError, OutputError
+from funkflow.pipeline.running.rundir import MARK
+from funkflow.tasks.io import put_bytes
 
 log = logging.getLogger(__name__)
 
@@ -80,16 +84,32 @@ class CheckpointStore:
                 digest.update(chunk)
         return digest.hexdigest()
 
+    def _ours(self, path: str) -> bool:
+        """Whether the epoch directory ``path`` is funkflow's to replace: it holds funkflow's mark, or nothing
+        (made by a run killed before it wrote the mark)."""
+        return self.fs.isfile(f"{path}/{MARK}") or not self.fs.ls(path, detail=False)
+
+    def _remove(self, path: str) -> None:
+        """Remove an epoch directory that is funkflow's (:meth:`_ours`); leave anything else."""
+        if self._ours(path):
+            self.fs.rm(path, recursive=True)
+
     def clear(self) -> None:
-        if self.fs.exists(self.root):
-            self.fs.rm(self.root, recursive=True)
+        """Remove this run's checkpoints (never another file that happens to be under the URL)."""
+        for path in self._epoch_dirs():
+            self._remove(path)
 
     def prepare(self, epoch: int) -> str:
         """An empty directory for epoch ``epoch``'s checkpoint, whose URL the workers write their blocks to."""
         path = f"{self.root}/epoch-{epoch:06d}"
         if self.fs.exists(path):  # left by a crash before its manifest, or superseded
+            if not self._ours(path):
+                raise OutputError(f"{self._url(path)}: exists and was not made by funkflow; funkflow never writes "
+                                  "over what it did not make: move it away, or choose another output.checkpoints")
             self.fs.rm(path, recursive=True)
         self.fs.makedirs(path, exist_ok=True)
+        # Not through put_bytes: the mark's existence is what counts, so it must not pass through a temporary name.
+        self.fs.pipe_file(f"{path}/{MARK}", b"made by funkflow; it may replace or remove this directory\n")
         return self._url(path)
 
     def commit(self, epoch: int, files: dict[str, str], state: dict[str, Any],
@@ -99,13 +119,13 @@ class CheckpointStore:
         path = f"{self.root}/epoch-{epoch:06d}"
         state = {**state, "epoch": epoch}
         state_bytes = json.dumps(state, indent=2, sort_keys=True).encode()
-        self.fs.pipe_file(f"{path}/{STATE}", state_bytes)
+        put_bytes(self.fs, f"{path}/{STATE}", state_bytes)
         files = {**files, STATE: hashlib.sha256(state_bytes).hexdigest()}
         manifest = {"epoch": epoch, "identity": self.identity, "layout": self.layout, "files": files}
-        self.fs.pipe_file(f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+        put_bytes(self.fs, f"{path}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
         for old in self._epoch_dirs()[self.keep:]:
             if protect is None or not old.rstrip("/").endswith(f"epoch-{protect:06d}"):
-                self.fs.rm(old, recursive=True)
+                self._remove(old)
         return Checkpoint(self._url(path), epoch, state)
 
     def _verified(self, path: str, strict: bool = True) -> Checkpoint | None:

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import math
-import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -34,7 +33,7 @@ from funkflow.pipeline.data.dataset import open_dataset
 from funkflow.pipeline.running.cluster import Executor, InProcessExecutor, open_executor
 from funkflow.pipeline.running.config import TUNABLE, Config, differences, dump_config
 from funkflow.pipeline.running.errors import ConfigError
-from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.running.rundir import RunDir, claim, remove_owned
 from funkflow.pipeline.running.stages import run_pipeline
 from funkflow.tasks.io import read_json, write_text
 
@@ -144,12 +143,12 @@ def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -
     if metrics.is_file() and len(metrics.read_text().splitlines()) > config.train.epochs:
         # Trained past this rung by a tune that was stopped before it recorded the rung: train it afresh (the
         # same bits as continuing, since a resume is exact) rather than from a later checkpoint.
-        shutil.rmtree(run_dir)
+        remove_owned(run_dir)
     with _quiet():
         run_pipeline(config, last="train", executor=executor or InProcessExecutor(1), retrain=True)
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     best_epoch = read_json(RunDir(run_dir).stage_record("train"))["best_epoch"]
-    shutil.rmtree(RunDir(run_dir).blocks, ignore_errors=True)
+    remove_owned(RunDir(run_dir).blocks)
     return TrialCurve([row["val_rmse"] for row in rows], best_epoch, time.perf_counter() - began)
 
 
@@ -244,7 +243,8 @@ class _Search:
             keep = {r.trial for r in ranked[:max(1, math.ceil(len(ranked) / self.config.tune.reduction))]}
             for trial in alive:
                 if trial.index not in keep:  # stopped here: its checkpoints are no longer needed
-                    shutil.rmtree(_trial_run(self.root, trial).checkpoints, ignore_errors=True)
+                    for checkpoint in _trial_run(self.root, trial).checkpoints.glob("epoch-*"):
+                        remove_owned(checkpoint)
             alive = [trial for trial in alive if trial.index in keep]
 
     def _train(self, batch: list[Trial], rung: int, epochs: int, executor: Executor) -> None:
@@ -277,7 +277,8 @@ def tune(config: Config, retrain: bool = False) -> TuneResult:
     if RunDir(run_dir).model_json.is_file() and not log_path.is_file() and not retrain:
         raise ConfigError(f"{run_dir} holds a model that no tune made; choose another --run-dir, or pass "
                           "--retrain to replace it with the tune's")
-    (run_dir / "tune").mkdir(parents=True, exist_ok=True)
+    claim(run_dir)  # funkflow's before anything is written into it; its stages then lock it
+    claim(run_dir / "tune")
     write_text(dump_config(config), run_dir / "tune" / "config.yaml")  # what a re-run without CONFIG uses
     dataset, fingerprint, n_ratings = _prepared_dataset(config, run_dir / "tune")
     identity = _identity(config, fingerprint)

@@ -1,0 +1,142 @@
+"""What funkflow may touch: never a path it did not make, never a finished output without being asked, and
+never a half-written file. Each test is a probe an adversarial user ran against an earlier version, which
+lost data or reported success there; run this module alone to check them all."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import cli_env
+
+from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.running.rundir import MARK, built_in_place, locked
+from funkflow.tasks.io import read_json
+
+TINY = ["data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
+        "data.generate.max_user_fraction=0.5", "model.k=4", "train.epochs=2", "train.d=2",
+        "cluster.scheduler=inprocess"]
+
+
+def _sets(*overrides: str) -> list[str]:
+    return [arg for o in (*TINY, *overrides) for arg in ("--set", o)]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` with its bytes, but the lock a command leaves empty when it ends."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and p.name != ".funkflow.lock"}
+
+
+def test_a_run_directory_funkflow_did_not_make_is_refused_and_left_as_it_was(tmp_path, capsys):
+    mine = tmp_path / "v"
+    for sub in ("data", "model", "blocks"):
+        (mine / sub).mkdir(parents=True)
+    (mine / "data" / "thesis.txt").write_text("four years of work\n")
+    before = _files(mine)
+    assert main(["run", "--run-dir", str(mine), *_sets()]) == 73
+    assert f"{mine}: exists, holds files, and was not made by funkflow" in capsys.readouterr().err
+    assert _files(mine) == before and sorted(p.name for p in mine.iterdir()) == ["blocks", "data", "model"]
+
+
+def test_an_empty_directory_becomes_a_run_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["run", "--run-dir", str(tmp_path / "empty"), *_sets()]) == 0
+    assert (tmp_path / "empty" / MARK).is_file() and (tmp_path / "empty" / "model" / "P.npy").is_file()
+
+
+def test_an_output_funkflow_did_not_make_is_never_swapped_out(tmp_path):
+    """Inside a run directory too: a model/ the user put there is refused, not moved aside."""
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "notes.txt").write_text("mine\n")
+    with pytest.raises(Exception, match="was not made by funkflow"):
+        with built_in_place(tmp_path / "model") as tmp:
+            (tmp / "P.npy").write_bytes(b"new")
+    assert (tmp_path / "model" / "notes.txt").read_text() == "mine\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["model"], "the build was removed, nothing else"
+
+
+def _ratings_csv(path: Path, n: int) -> Path:
+    rng = np.random.default_rng(0)
+    table = np.column_stack([rng.integers(1, 5000, n), rng.integers(1, 2000, n), rng.integers(1, 6, n)])
+    np.savetxt(path, table, fmt="%d", delimiter=",", header="user,item,rating", comments="")
+    return path
+
+
+@pytest.mark.slow
+def test_a_second_ingest_into_the_same_out_exits_75_naming_the_first(tmp_path, capsys):
+    source = _ratings_csv(tmp_path / "big.csv", 3_000_000)
+    out = tmp_path / "data"
+    first = subprocess.Popen([sys.executable, "-m", "funkflow", "ingest", str(source), "--format", "csv",
+                              "--out", str(out), "--scheduler", "inprocess"], cwd=tmp_path, env=cli_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lock = out / ".funkflow.lock"
+    deadline = time.monotonic() + 60
+    while not (lock.is_file() and f"pid {first.pid}" in lock.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    second = main(["ingest", str(_ratings_csv(tmp_path / "small.csv", 1000)), "--format", "csv", "--out", str(out),
+                   "--scheduler", "inprocess"])
+    _, first_err = first.communicate(timeout=240)
+    assert first.returncode == 0, first_err
+    assert second == 75 and f"is in use by pid {first.pid}" in capsys.readouterr().err
+    assert read_json(out / "dataset.json")["n_ratings"] > 1000, "the first ingest's data, not the second's"
+
+
+def test_ingest_never_replaces_a_finished_dataset(tmp_path, capsys):
+    source = _ratings_csv(tmp_path / "r.csv", 1000)
+    out = tmp_path / "data"
+    assert main(["ingest", str(source), "--format", "csv", "--out", str(out), "--scheduler", "inprocess"]) == 0
+    before = _files(out)
+    assert main(["ingest", str(source), "--format", "csv", "--out", str(out), "--scheduler", "inprocess"]) == 73
+    assert "exists and is not empty" in capsys.readouterr().err and _files(out) == before
+
+
+def test_a_dataset_finished_by_another_command_meanwhile_is_not_replaced(tmp_path):
+    out = tmp_path / "data"
+    with locked(out):
+        with pytest.raises(Exception, match="written by another command meanwhile"):
+            with built_in_place(out, replace=False) as tmp:
+                (out / "dataset.json").write_text("{}")  # another writer that took no lock
+                (tmp / "dataset.json").write_text('{"mine": 1}')
+    assert (out / "dataset.json").read_text() == "{}"
+
+
+def test_the_leftovers_of_killed_commands_are_removed_by_the_next_that_holds_the_place(tmp_path):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--run-dir", str(run_dir), *_sets()]) == 0
+    for name in (".data.tmp-0123456789ab", ".model.old-0123456789ab"):
+        (run_dir / name / "_staging").mkdir(parents=True)
+        (run_dir / name / MARK).write_text("")
+        (run_dir / name / "_staging" / "chunk-00000.arrow").write_bytes(b"x" * 1000)
+    (run_dir / ".mine.tmp-notfunkflow").mkdir()
+    (run_dir / ".mine.tmp-notfunkflow" / "keep.txt").write_text("mine\n")
+    out = tmp_path / "ingested"
+    (tmp_path / ".ingested.tmp-0123456789ab").mkdir()
+    (tmp_path / ".ingested.tmp-0123456789ab" / MARK).write_text("")
+
+    assert main(["run", "--run-dir", str(run_dir), *_sets()]) == 0
+    assert main(["ingest", str(_ratings_csv(tmp_path / "r.csv", 100)), "--format", "csv", "--out", str(out),
+                 "--scheduler", "inprocess"]) == 0
+    assert sorted(p.name for p in run_dir.glob(".*.*-*")) == [".mine.tmp-notfunkflow"]
+    assert not (tmp_path / ".ingested.tmp-0123456789ab").exists()
+
+
+def test_checkpoints_cleared_for_a_new_configuration_leave_other_files_under_the_url(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "notes.txt").write_text("mine\n")
+    (shared / "epoch-000001").mkdir()
+    (shared / "epoch-000001" / "mine.txt").write_text("also mine\n")
+    assert main(["run", "--run-dir", str(tmp_path / "a"), *_sets(f"output.checkpoints={shared}",
+                                                                  "train.epochs=1")]) == 73
+    assert (shared / "epoch-000001" / "mine.txt").is_file()
+    (shared / "epoch-000001" / "mine.txt").unlink()
+    (shared / "epoch-000001").rmdir()
+    assert main(["run", "--run-dir", str(tmp_path / "a"), *_sets(f"output.checkpoints={shared}")]) == 0
+    assert main(["run", "--run-dir", str(tmp_path / "b"), *_sets(f"output.checkpoints={shared}",
+                                                                  "model.k=3")]) == 0
+    assert (shared / "notes.txt").read_text() == "mine\n"
