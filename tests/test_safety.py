@@ -60,6 +60,13 @@ def test_an_output_funkflow_did_not_make_is_never_swapped_out(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["model"], "the build was removed, nothing else"
 
 
+def test_a_stage_verb_on_a_run_directory_that_is_not_there_is_refused_creating_nothing(tmp_path, capsys):
+    for verb in ("export", "evaluate", "train"):
+        assert main([verb, "--run-dir", str(tmp_path / "runs" / "nope"), "-q"]) == 78
+        assert "no run there (no config.yaml)" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
+
+
 def _ratings_csv(path: Path, n: int) -> Path:
     rng = np.random.default_rng(0)
     table = np.column_stack([rng.integers(1, 5000, n), rng.integers(1, 2000, n), rng.integers(1, 6, n)])

@@ -27,6 +27,7 @@ from funkflow.pipeline.running.errors import (
     EXIT_DATAERR,
     EXIT_OK,
     EXIT_SOFTWARE,
+    ConfigError,
     FunkflowError,
     UsageError,
 )
@@ -195,7 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config_of(args: argparse.Namespace) -> Path | None:
     """CONFIG if given; else, for an existing run directory, the configuration it was made with (so a verb
-    run on it never trains the embedded demo over its model); else None, the embedded default."""
+    run on it never trains the embedded demo over its model); else None, the embedded default. A stage verb
+    on a run directory that is not there, with no CONFIG and no ``--set data.…``, is refused: it would
+    train the demo in a directory the user meant to exist."""
     if args.config is not None or args.run_dir is None:
         return args.config
     # A tune's run directory holds the winner's config; the tune's own is kept beside its trials.
@@ -203,6 +206,10 @@ def _config_of(args: argparse.Namespace) -> Path | None:
     if saved.is_file():
         log.info("using the configuration %s was made with: %s", args.run_dir, saved)
         return saved
+    names_data = any(o.startswith("data.") for o in args.overrides)
+    if args.verb not in ("run", "tune") and not names_data:  # it would train the demo: a mistyped path, most likely
+        raise ConfigError(f"--run-dir {args.run_dir}: no run there (no {saved.name}); give a CONFIG to start one "
+                          f"there, or `funkflow run --run-dir {args.run_dir}` for the whole chain")
     return None
 
 
