@@ -73,9 +73,9 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _dask_cli_cluster(tmp_path: Path, protocol: str = "tcp", tls: list[str] = (),
-                      security=None) -> Iterator[tuple[str, Path]]:
-    """Start `dask scheduler` and two `dask worker` processes on 127.0.0.1; yield the address and the
-    scheduler file."""
+                      security=None, cwd: Path | None = None) -> Iterator[tuple[str, Path]]:
+    """Start `dask scheduler` and two `dask worker` processes on 127.0.0.1 (in ``cwd``, if given); yield the
+    address and the scheduler file."""
     from distributed import Client
 
     dask = str(Path(sys.executable).parent / "dask")
@@ -92,7 +92,7 @@ def _dask_cli_cluster(tmp_path: Path, protocol: str = "tcp", tls: list[str] = ()
         for name, command in commands.items():
             log = stack.enter_context(open(tmp_path / f"{name}.log", "w"))
             env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "False"}  # as README says
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
             stack.callback(proc.wait, timeout=30)
             stack.callback(proc.terminate)
         deadline = time.monotonic() + 60
@@ -129,6 +129,25 @@ def test_cli_on_dask_scheduler_and_workers_matches_in_process(in_process_run, da
     assert done.returncode == 0, done.stderr
     assert "test RMSE" in done.stdout
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
+
+
+def test_relative_paths_on_an_existing_cluster_are_the_drivers(tmp_path):
+    """Workers started elsewhere resolve a relative path against their own working directory; the driver
+    resolves every local path before it submits anything, so data and run directory are where it says."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    rng = np.random.default_rng(1)
+    rows = np.column_stack([rng.integers(1, 300, 6000), rng.integers(1, 100, 6000), rng.integers(1, 6, 6000)])
+    np.savetxt(tmp_path / "here" / "ratings.csv", rows, fmt="%d", delimiter=",", header="user,item,rating",
+               comments="")
+    with _dask_cli_cluster(tmp_path, cwd=tmp_path / "elsewhere") as (address, _):
+        done = subprocess.run([sys.executable, "-m", "funkflow", "run", "--scheduler", address, "--run-dir", "run",
+                               "--set", "data.source=ratings.csv", "--set", "data.format=csv", "--set", "model.k=4",
+                               "--set", "train.epochs=2", "--set", "train.d=2"],
+                              cwd=tmp_path / "here", capture_output=True, text=True, timeout=240, env=cli_env())
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "here" / "run" / "blocks" / "blocks.json").is_file()
+    assert not any((tmp_path / "elsewhere").rglob("blocks.json"))
 
 
 def test_default_run_gets_within_five_percent_of_the_floor(tmp_path):

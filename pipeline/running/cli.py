@@ -225,7 +225,8 @@ def _command_line_values(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _print_summary(summary: dict) -> None:
+def _print_summary(summary: dict, run_dir: str) -> None:
+    """The result lines; ``run_dir`` as the user named it (the summary holds it resolved)."""
     line = f"test RMSE {summary['test_rmse']:.4f}  MAE {summary['test_mae']:.4f}"
     floor = summary.get("floor_rmse")
     if floor:
@@ -240,7 +241,7 @@ def _print_summary(summary: dict) -> None:
         print(f"top-{k} over {ranking['users']:,} users: precision {model['precision']:.4f}  recall "
               f"{model['recall']:.4f}  NDCG {model['ndcg']:.4f}  MAP {model['map']:.4f}  coverage "
               f"{model['coverage']:.3f}  (popularity: NDCG {popular['ndcg']:.4f}, coverage {popular['coverage']:.3f})")
-    print(f"run directory: {summary['run_dir']}")
+    print(f"run directory: {run_dir}")
 
 
 def _tune(config: Config, args: argparse.Namespace) -> None:
@@ -254,7 +255,7 @@ def _tune(config: Config, args: argparse.Namespace) -> None:
           f"({', '.join(f'{k} {v:g}' for k, v in best.params.items())}), validation RMSE {best.best_val:.4f} at "
           f"epoch {best.best_epoch}; config in {result.best_config}")
     if result.summary is not None:
-        _print_summary(result.summary)
+        _print_summary(result.summary, config.output.run_dir)
 
 
 def _generate(args: argparse.Namespace) -> None:
@@ -365,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report,
                                retrain=args.retrain)
         if summary is not None:
-            _print_summary(summary)
+            _print_summary(summary, config.output.run_dir)
         else:
             print(f"run directory: {config.output.run_dir}")
     except FunkflowError as exc:

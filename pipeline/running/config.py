@@ -263,6 +263,24 @@ class Config(_Section):
         except ValidationError as exc:
             raise ConfigError(_describe(exc.errors(), "the values given")) from None
 
+    def with_absolute_paths(self) -> Config:
+        """This config with every local path made absolute against this process's working directory. Workers
+        have working directories of their own, so a relative path must not reach them (fsspec URLs stay as
+        they are)."""
+        def absolute(path: str | None) -> str | None:
+            return path if path is None or "://" in path else str(Path(path).expanduser().absolute())
+
+        values: dict[str, Any] = {}
+        if self.data.source is not None:
+            values["data.source"] = (absolute(self.data.source) if isinstance(self.data.source, str)
+                                     else [absolute(s) for s in self.data.source])
+        for key in ("split.test_source", "train.init_from", "output.run_dir", "output.checkpoints",
+                    "data.ingest.rejects", "cluster.scheduler_file"):
+            value = self.value(key)
+            if value is not None:
+                values[key] = absolute(str(value))
+        return self.with_values(values)
+
     def fingerprint(self, *sections: str) -> str:
         """SHA-256 of the named sections (all when none), for stage up-to-date checks."""
         data = self.to_dict()

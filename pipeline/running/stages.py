@@ -124,6 +124,10 @@ class Pipeline:
             else:
                 began = time.perf_counter()
                 facts = work() or {}
+                # Never recorded as done unless its output is where the run directory says (a worker that
+                # resolved a relative path against its own working directory wrote it elsewhere).
+                if output != self.run.stage_record(name) and not output.exists():
+                    raise RuntimeError(f"{name} finished without writing {output}")
                 self.run.mark_complete(name, fingerprint, time.perf_counter() - began, **facts)
                 record = self._stage_record(name, fingerprint)
                 self.ran.append(name)
@@ -372,6 +376,7 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     refused (:class:`ConfigError`) unless ``retrain`` (or ``resume``, whose
     checkpoint must match instead).
     """
+    config = config.with_absolute_paths()  # before anything reaches a worker with its own working directory
     if config.train.refit and last in ("train", "export", "evaluate"):
         return _refit(config, last, resume, force, report, callbacks, executor, retrain)
     # Everything that can be checked without the cluster is checked before it starts, and the data's size
