@@ -15,7 +15,9 @@ check sizes, shapes and dtypes only.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +33,42 @@ class ArtifactError(ValueError):
     """A file funkflow reads back is missing, damaged or not funkflow's; the message names it."""
 
 
-def write_manifest(directory: Path, kind: str, files: list[str]) -> None:
-    """Describe ``files`` of ``directory`` in its manifest; call it after they are all written."""
-    entries: dict[str, Any] = {}
-    for name in files:
-        path = directory / name
-        entry: dict[str, Any] = {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
-        if name.endswith(".npy"):
+@dataclass(frozen=True)
+class FileEntry:
+    """What a manifest says of one file: its size and SHA-256, and for an array its shape and dtype."""
+
+    size: int
+    sha256: str
+    shape: tuple[int, ...] | None = None
+    dtype: str | None = None
+
+    @classmethod
+    def of_bytes(cls, data: bytes, array: np.ndarray | None = None) -> FileEntry:
+        """The entry of ``data`` as written (the .npy bytes of ``array``, if given)."""
+        return cls(len(data), hashlib.sha256(data).hexdigest(), None if array is None else tuple(array.shape),
+                   None if array is None else str(array.dtype))
+
+    @classmethod
+    def of_file(cls, path: Path) -> FileEntry:
+        """The entry of a file on disk, read whole for its checksum."""
+        if path.name.endswith(".npy"):
             header = np.load(path, mmap_mode="r", allow_pickle=False)
-            entry.update(shape=list(header.shape), dtype=str(header.dtype))
-        entries[name] = entry
+            return cls(path.stat().st_size, file_sha256(path), tuple(header.shape), str(header.dtype))
+        return cls(path.stat().st_size, file_sha256(path))
+
+    def as_json(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"bytes": self.size, "sha256": self.sha256}
+        if self.shape is not None:
+            entry.update(shape=list(self.shape), dtype=self.dtype)
+        return entry
+
+
+def write_manifest(directory: Path, kind: str, files: list[str], written: dict[str, FileEntry] | None = None) -> None:
+    """Describe ``files`` of ``directory`` in its manifest; call it after they are all written. ``written``:
+    entries of files whose writers described them as they wrote them (worker tasks), not read again here."""
+    written = written or {}
+    entries = {name: (written[name] if name in written else FileEntry.of_file(directory / name)).as_json()
+               for name in files}
     write_json({"format": FORMAT, "kind": kind, "files": entries}, directory / MANIFEST)
 
 

@@ -198,6 +198,17 @@ class BlockRatings:
             self._layouts[key] = RunLayout(self.users[order], self.items[order], self.ratings[order], run_starts)
         return self._layouts[key]
 
+    def single_runs(self) -> RunLayout:
+        """The ratings as runs of one each (``train.order: ratings``, plain random-order SGD)."""
+        key = (0, -1)
+        if key not in self._layouts:
+            self._layouts[key] = RunLayout(self.users, self.items, self.ratings, np.arange(self.n + 1, dtype=np.int64))
+        return self._layouts[key]
+
+    def one_run(self) -> RunLayout:
+        """The ratings as one run, front to back (``train.order: sorted``)."""
+        return RunLayout(self.users, self.items, self.ratings, np.array([0, self.n], dtype=np.int64))
+
     @cached_property
     def user_bounds(self) -> np.ndarray:
         """Where each user's ratings begin, and ``n`` at the end: int64, one more than the block's users.

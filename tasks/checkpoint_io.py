@@ -7,34 +7,37 @@ checkpoint's manifest, written last by the driver, is what makes it exist.
 
 from __future__ import annotations
 
-import hashlib
 import io
+from collections.abc import Callable
 
 import fsspec
 import numpy as np
 
+from funkflow.tasks.artifacts import FileEntry
 from funkflow.tasks.io import npy_bytes, put_bytes
 from funkflow.tasks.training import FactorState
 
 FACTOR_PARTS = ("factors", "bias")
+BlockWriter = Callable[[str], dict[str, FileEntry]]
+"""``write_blocks(url)``: factor blocks written under ``url`` (:func:`write_factor_state`), file name → entry."""
 
 
-def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[str, str]:
+def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[str, FileEntry]:
     """Write ``(factors, bias)`` as ``{stem}.factors.npy`` and ``{stem}.bias.npy`` under the URL ``directory``.
 
     Returns
     -------
     dict
-        File name → SHA-256 of the bytes written, for the manifest.
+        File name → its entry (size, SHA-256, shape, dtype), for the manifest.
     """
     fs, root = fsspec.core.url_to_fs(directory)
-    sums = {}
+    entries = {}
     for part, array in zip(FACTOR_PARTS, state):
         name = f"{stem}.{part}.npy"
         data = npy_bytes(array)
         put_bytes(fs, f"{root}/{name}", data)
-        sums[name] = hashlib.sha256(data).hexdigest()
-    return sums
+        entries[name] = FileEntry.of_bytes(data, array)
+    return entries
 
 
 def read_factor_state(directory: str, stem: str) -> FactorState:

@@ -1,52 +1,62 @@
-"""One worker's share of a DSGD epoch: its row blocks through every stratum, item blocks passed peer to peer.
+"""One worker's share of a rotation: its row blocks meet every column block once, handed peer to peer.
 
-Row block ``r`` belongs to worker ``r mod W`` for the whole run, with its user
-state. At step ``t`` it updates block ``(r, (r + shifts[t]) mod d)``. The item
-block ``c`` it has just updated is needed at step ``t + 1`` by row
-``(c - shifts[t + 1]) mod d`` and nobody else, so it goes straight to that
-row's owner. A block runs as soon as its row has finished the step before and
-its item block has arrived: the stratum barrier holds block by block through the
-data, never through the driver. Every block sees the same inputs whatever the
-number of workers and threads, so the factors are the same bits.
+The schedule is the ring of :mod:`funkflow.tasks.schedule`: at step ``t`` row
+block ``r`` takes the column block at ring position ``(r + t) mod d``, so a
+column block goes from row ``r`` to row ``r - 1`` between steps. Worker ``i`` of
+``W`` owns the contiguous rows :func:`rows_of` (``i·d/W`` up to ``(i+1)·d/W``)
+and, at the start of an epoch, the column blocks at the ring positions of its
+rows: the only item factors it ever holds are those and the ones passing
+through. A column block stays on a worker for as many steps as it has rows and
+enters each worker once an epoch; after its last visit it goes straight to the
+worker whose row takes it first in the next epoch. Nothing is gathered.
 
-After the last step every item block goes to every worker: each needs all of
-them to measure its rows' validation error and to begin the next epoch.
+Inside a worker its rows are cut into *lanes*, one per thread, each a
+contiguous range. A lane runs its rows step after step, lowest row first: the
+lowest row's column block leaves the lane first, and the highest row, the only
+one that waits for a block from another lane (or worker), goes last, so a
+hand-off overlaps the rest of the lane's step.
+
+A block runs once its row has finished the step before and its column block has
+arrived, which are exactly the inputs a global stratum barrier would give it,
+so the factors are the same bits whatever the number of workers and threads.
 
 Nothing here knows about Dask: the sender is a function and the mailbox a
-thread-safe dict, so a share runs alike in a test, in-process and on a
-cluster (``pipeline/training/exchange.py`` carries the blocks between workers there).
+thread-safe dict, so a share runs alike in a test, in-process and on a cluster
+(``pipeline/training/exchange.py`` carries the blocks between workers there).
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Literal, TypeVar, cast
+from typing import Literal, TypeVar
 
 import numpy as np
 
-from funkflow.tasks.blocks import VALIDATION, RowBlock
+from funkflow.tasks.artifacts import FileEntry
+from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock
 from funkflow.tasks.checkpoint_io import read_factor_state, write_factor_state
-from funkflow.tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_order_seed, init_seed
+from funkflow.tasks.model_files import block_stem, warm_factors
+from funkflow.tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_seeds, column_at, first_row, init_seed
 from funkflow.tasks.training import (
+    BlockUpdateError,
     FactorState,
     Hyper,
     all_finite,
+    block_error_sums,
     init_factors,
-    row_errors,
     sgd_update_in_place,
     training_copy,
     trimmed,
     updatable,
-    warm_factors,
 )
 
 T = TypeVar("T")
 Side = Literal["user", "item"]
-# How often a waiting share looks whether it was called off.
+# How often a waiting lane looks whether it was called off.
 POLL_SECONDS = 0.05
 
 
@@ -54,23 +64,41 @@ class ShareAborted(RuntimeError):
     """The epoch was called off on this worker: a peer was lost, the driver aborted, or the task moved."""
 
 
+def rows_of(index: int, d: int, n_workers: int) -> range:
+    """The row blocks worker ``index`` of ``n_workers`` owns: a contiguous range (empty when ``d`` is smaller
+    than the number of workers)."""
+    return range(index * d // n_workers, (index + 1) * d // n_workers)
+
+
+def owner_of(row: int, d: int, n_workers: int) -> int:
+    """The worker that owns row block ``row`` (the inverse of :func:`rows_of`)."""
+    return (row * n_workers + n_workers - 1) // d
+
+
+def lanes_of(rows: range, threads: int) -> list[range]:
+    """``rows`` cut into at most ``threads`` contiguous lanes of nearly equal length, lowest rows first."""
+    n = min(max(threads, 1), len(rows))
+    return [range(rows.start + j * len(rows) // n, rows.start + (j + 1) * len(rows) // n) for j in range(n)]
+
+
 @dataclass(frozen=True)
 class EpochPlan:
     """What every worker needs for its share of one epoch (plain values, cheap to ship).
 
-    ``workers`` are the owners by index: row block ``r`` belongs to
-    ``workers[r % len(workers)]``. ``start`` and ``end`` name the versions of
-    the factors the epoch reads and writes in each worker's store; the store
-    keeps those and ``keep`` and drops the rest. ``write_start``: a checkpoint
-    directory URL to write the share of the *start* version to while the epoch
-    runs (so a checkpoint costs the epoch after it no time on the critical path).
-    ``k``: the model's factors a row; the columns past it are the kernels' padding, never sent between workers.
+    ``ring`` / ``next_ring``: the column block at each ring position in this epoch and the next
+    (:func:`funkflow.tasks.schedule.ring`); after its last visit a column block goes to the owner of its
+    first row in ``next_ring``. ``workers``: the owners by index (:func:`rows_of`). ``start`` and ``end``
+    name the versions of the factors the epoch reads and writes in each worker's store; the store keeps
+    those and ``keep`` and drops the rest. ``write_start``: a checkpoint directory URL to write this
+    worker's share of the *start* version to while the epoch runs. ``k``: the model's factors a row; the
+    columns past it are the kernels' padding, never sent between workers.
     """
 
     train_id: str
     run_id: str
     epoch: int
-    shifts: tuple[int, ...]
+    ring: tuple[int, ...]
+    next_ring: tuple[int, ...]
     seed: int
     hyper: Hyper
     k: int
@@ -83,63 +111,46 @@ class EpochPlan:
 
     @property
     def d(self) -> int:
-        return len(self.shifts)
+        return len(self.ring)
 
-    def rows_of(self, index: int) -> tuple[int, ...]:
+    def rows_of(self, index: int) -> range:
         return rows_of(index, self.d, len(self.workers))
 
     def owner(self, row: int) -> int:
-        return row % len(self.workers)
-
-    def col(self, row: int, step: int) -> int:
-        return (row + self.shifts[step]) % self.d
-
-    def next_row(self, col: int, step: int) -> int:
-        """The row that takes column block ``col`` at the step after ``step``."""
-        return (col - self.shifts[step + 1]) % self.d
-
-
-def rows_of(index: int, d: int, n_workers: int) -> tuple[int, ...]:
-    """The row blocks worker ``index`` of ``n_workers`` owns."""
-    return tuple(range(index, d, n_workers))
+        return owner_of(row, self.d, len(self.workers))
 
 
 @dataclass(frozen=True)
 class ShareOutcome:
     """What one worker's share of an epoch reports to the driver.
 
-    ``sse`` (n_rows, d) float64: each block's sum of squared errors as the pass
-    met them, by row (in the order of :meth:`EpochPlan.rows_of`) and step; ``inf`` where a factor went
-    non-finite. ``errors`` (n_rows, 3, d, 3) float64: validation error sums
-    under the epoch's final factors (see :func:`funkflow.tasks.training.row_errors`).
-    ``files``: checkpoint files of the start version written, name → SHA-256.
+    ``sse`` (n_rows, d) float64: each block's sum of squared errors as the pass met them, ``[row, col]``
+    (rows in the order of :meth:`EpochPlan.rows_of`, columns by label); ``inf`` where a factor went
+    non-finite. ``validation`` (n_rows, d, 3) float64: ``(Σe², Σ|e|, n)`` of each block's validation
+    ratings, measured when the rotation met the block, just after its update. ``files``: the checkpoint
+    files of the start version written meanwhile.
     """
 
     sse: np.ndarray
-    errors: np.ndarray
-    files: dict[str, str]
+    validation: np.ndarray
+    files: dict[str, FileEntry]
 
 
 @dataclass
 class Version:
-    """A worker's copy of the model at one point: its rows' user states and every item state, in the
-    kernels' layout (:func:`funkflow.tasks.training.training_copy`), ``k`` factors of each row real."""
+    """A worker's part of the model at one point: its rows' user states and the column blocks it holds then
+    (the ones at its rows' ring positions), in the kernels' layout (:func:`training_copy`), ``k`` factors
+    of each row real."""
 
     k: int
     users: dict[int, FactorState] = field(default_factory=dict)
     items: dict[int, FactorState] = field(default_factory=dict)
 
-    def trimmed(self) -> Version:
-        """This version without the padding columns (for files and the driver)."""
-        return Version(self.k, {r: trimmed(s, self.k) for r, s in self.users.items()},
-                       {c: trimmed(s, self.k) for c, s in self.items.items()})
-
 
 class Mailbox:
-    """Item states that have arrived for one epoch run, by (step, column block); thread-safe.
+    """Column blocks that have arrived for one epoch run, by (step, column block); thread-safe.
 
-    ``changed`` is also the lock under which a share updates its own progress, so
-    one ``wait`` serves both an arrival and a neighbour thread's finished block.
+    Step ``d`` holds the column blocks handed on to the next epoch.
     """
 
     def __init__(self) -> None:
@@ -158,14 +169,14 @@ class Mailbox:
                 self.failure = reason
             self.changed.notify_all()
 
-    def wait_for(self, pick: Callable[[dict[tuple[int, int], FactorState]], T | None],
-                 check: Callable[[], None]) -> T:
-        """Block until ``pick(items)``, called under the lock, returns something; raise if the run failed."""
+    def take(self, step: int, col: int, check: Callable[[], None]) -> FactorState:
+        """Block until column block ``col`` has arrived for ``step``, and remove it; raise if the run failed
+        or ``check`` raises."""
         with self.changed:
             while True:
                 if self.failure is not None:
                     raise ShareAborted(self.failure)
-                found = pick(self.items)
+                found = self.items.pop((step, col), None)
                 if found is not None:
                     return found
                 self.changed.wait(POLL_SECONDS)
@@ -173,107 +184,123 @@ class Mailbox:
 
 
 Send = Callable[[int, int, int, FactorState], None]
-"""``send(worker_index, step, col, state)``: deliver an item state to that worker's mailbox for ``step``."""
-
-_DONE = object()
+"""``send(worker_index, step, col, state)``: deliver a column block to that worker's mailbox for ``step``."""
 
 
-def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], start: Version, mailbox: Mailbox,
-              send: Send, threads: int, check: Callable[[], None] = lambda: None) -> tuple[ShareOutcome, Version]:
-    """Worker ``index``'s share of the epoch: every step of its row blocks, on ``threads`` threads.
+def _own_layout(state: FactorState) -> FactorState:
+    """``state`` in the kernels' layout: as it is if it already is, else a private padded copy (a block that
+    came off the wire), so that every worker computes on the same layout whoever sent it."""
+    return state if updatable(state) else training_copy(state)
 
-    ``start`` must hold the user states of the worker's rows and every item
-    state; the result's version holds the new user states and every final item
-    state. ``start`` is left as it was: a row's user state and an item state are
-    copied when the epoch first takes them up and then updated in place, block
-    after block; an item state that came from a peer is the share's own.
-    Raises :class:`ShareAborted` when the mailbox fails (a peer could not be
-    reached, or the driver called the epoch off) or ``check`` raises.
+
+Visit = Callable[[int, int, int, FactorState], None]
+"""``visit(row, col, step, item_state)``: the work of block (row, col) at ``step``, with the column block's
+state (in the kernels' layout; a visit that updates it does so in place)."""
+
+
+def rotate(ring_order: tuple[int, ...], workers: int, index: int, items: Mapping[int, FactorState],
+           mailbox: Mailbox, send: Send, threads: int, visit: Visit, last_visit: Visit,
+           check: Callable[[], None] = lambda: None) -> None:
+    """Pass every column block once past the rows of worker ``index`` of ``workers``, in the ring's order.
+
+    ``items``: the column blocks at the ring positions of this worker's rows, which its rows take first.
+    Each block (row, col) gets ``visit`` in ring order; after a column block's last visit of the rotation
+    (at step ``d - 1``), ``last_visit`` gets it instead of the next row. A column block that moves to a row
+    of another lane is sent (``send``) to that row's owner, which may be this worker; the mailbox takes what
+    comes. Raises :class:`ShareAborted` when the mailbox fails or ``check`` raises.
     """
-    rows = plan.rows_of(index)
-    d, n_workers = plan.d, len(plan.workers)
-    root = np.random.SeedSequence(plan.seed)
-    users = {r: start.users[r] for r in rows}  # replaced by private copies at step 0
-    step_of = dict.fromkeys(rows, 0)
-    busy: set[int] = set()
-    position = {r: j for j, r in enumerate(rows)}
-    sse = np.zeros((len(rows), d))
-    for r in rows:
-        mailbox.put(0, plan.col(r, 0), start.items[plan.col(r, 0)])  # copied when taken up, below
+    d = len(ring_order)
+    rows = rows_of(index, d, workers)
 
-    def next_block(items: dict[tuple[int, int], FactorState]) -> object:
-        """The ready block of the lowest step (the one its peers wait for longest), or ``_DONE``."""
-        ready = [(step_of[r], r) for r in rows
-                 if r not in busy and step_of[r] < d and (step_of[r], plan.col(r, step_of[r])) in items]
-        if ready:
-            step, r = min(ready)
-            busy.add(r)
-            return step, r, items.pop((step, plan.col(r, step)))
-        return _DONE if all(s == d for s in step_of.values()) else None
-
-    def work() -> None:
+    def lane(lane_rows: range) -> None:
+        carried: dict[tuple[int, int], FactorState] = {}  # (step, row) → the column block that row takes then
         try:
-            while (got := mailbox.wait_for(next_block, check)) is not _DONE:
-                step, r, item = cast(tuple[int, int, FactorState], got)
-                c = plan.col(r, step)
-                user = training_copy(users[r]) if step == 0 else users[r]
-                if step == 0 or not updatable(item):  # the start's own, or a peer's as it came off the wire
-                    item = training_copy(item)
-                sse[position[r], step] = sgd_update_in_place(
-                    row_blocks[r], c, user, item, plan.hyper, block_order_seed(root, plan.epoch, step, r, c),
-                    f"epoch {plan.epoch} stratum {step} block {r},{c}")
-                # After the last step both states are final. A factor that overflowed in their last updates has
-                # spoiled no error yet: report it through the sum, so the driver rolls this epoch back now
-                # rather than the next. Each thread checks the pair it finished, beside its neighbours' SGD.
-                if step == d - 1 and not all_finite([user, item]):
-                    sse[position[r], step] = math.inf
-                if step + 1 < d:
-                    send(plan.owner(plan.next_row(c, step)), step + 1, c, item)
-                else:
-                    for w in range(n_workers):
-                        send(w, d, c, item)
-                with mailbox.changed:
-                    users[r], step_of[r] = user, step + 1
-                    busy.discard(r)
-                    mailbox.changed.notify_all()
+            for t in range(d):
+                for r in lane_rows:
+                    c = column_at(ring_order, r, t)
+                    if t == 0:
+                        item = items[c]
+                    elif (r + 1) % d in lane_rows:
+                        item = carried.pop((t, r))
+                    else:
+                        item = _own_layout(mailbox.take(t, c, check))
+                    if t + 1 == d:
+                        last_visit(r, c, t, item)
+                        continue
+                    visit(r, c, t, item)
+                    below = (r - 1) % d
+                    if below in lane_rows:
+                        carried[t + 1, below] = item
+                    else:
+                        send(owner_of(below, d, workers), t + 1, c, item)
         except BaseException as exc:
             mailbox.fail(f"a peer thread failed: {exc!r}")
             raise
 
-    with ThreadPoolExecutor(1, thread_name_prefix="funkflow-checkpoint") as writer, \
-            ThreadPoolExecutor(threads, thread_name_prefix="funkflow-share") as pool:
-        written = None if plan.write_start is None else \
-            writer.submit(write_share, start, index, n_workers, plan.write_start)
-        _first_real_error([pool.submit(work) for _ in range(threads)])
-        items = mailbox.wait_for(lambda arrived: {c: arrived.pop((d, c)) for c in range(d)}
-                                 if all((d, c) in arrived for c in range(d)) else None, check)
-        # Peers send their final blocks trimmed; every worker keeps them in one layout, so that its
-        # validation sums and its next epoch are the same bits whoever updated a block last.
-        items = {c: state if updatable(state) else training_copy(state) for c, state in items.items()}
-        errors = np.zeros((len(rows), 3, d, 3))
-        if plan.validate:
-            ordered = [items[c] for c in range(d)]
-            for j, per_row in enumerate(pool.map(
-                    lambda r: row_errors(row_blocks[r], users[r], ordered, plan.hyper.global_mean, (VALIDATION,)),
-                    rows)):
-                errors[j] = per_row
+    with ThreadPoolExecutor(max(min(threads, len(rows)), 1), thread_name_prefix="funkflow-lane") as pool:
+        _first_real_error([pool.submit(lane, lane_rows) for lane_rows in lanes_of(rows, threads)])
+
+
+def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], start: Version, mailbox: Mailbox,
+              send: Send, threads: int, check: Callable[[], None] = lambda: None) -> tuple[ShareOutcome, Version]:
+    """Worker ``index``'s share of the epoch: every step of its rows, on up to ``threads`` lanes (:func:`rotate`).
+
+    ``start`` must hold the user states of the worker's rows and the column blocks at their ring positions.
+    The result's version holds the new user states and the column blocks this worker starts the next epoch
+    with. ``start`` is left as it was: a state is copied when the epoch first takes it up and then updated
+    in place, block after block. Raises :class:`ShareAborted` when the mailbox fails (a peer could not be
+    reached, or the driver called the epoch off) or ``check`` raises.
+    """
+    rows = plan.rows_of(index)
+    d = plan.d
+    seeds = block_seeds(np.random.SeedSequence(plan.seed), plan.epoch, d)
+    next_owner = {c: plan.owner(r) for c, r in first_row(plan.next_ring).items()}
+    sse = np.zeros((len(rows), d))
+    validation = np.zeros((len(rows), d, 3))
+    users = {r: training_copy(start.users[r]) for r in rows}
+
+    def update(r: int, c: int, t: int, item: FactorState) -> None:
+        j = r - rows.start
+        try:
+            block = row_blocks[r]
+            sse[j, c] = sgd_update_in_place(block.split(TRAIN)[c], users[r], item, plan.hyper, int(seeds[r, c]))
+            if plan.validate:
+                validation[j, c] = block_error_sums(block.split(VALIDATION)[c], users[r], item,
+                                                    plan.hyper.global_mean)
+        except Exception as exc:
+            raise BlockUpdateError(f"SGD update failed at epoch {plan.epoch} step {t} block {r},{c}") from exc
+
+    def update_and_hand_on(r: int, c: int, t: int, item: FactorState) -> None:
+        update(r, c, t, item)
+        # The last visit of both states. A factor that overflowed in their last updates has spoiled no error
+        # yet: report it through the sum, so the driver rolls this epoch back now rather than the next.
+        if not all_finite([users[r], item]):
+            sse[r - rows.start, c] = math.inf
+        send(next_owner[c], d, c, item)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="funkflow-checkpoint") as writer:
+        written = None if plan.write_start is None else writer.submit(write_share, start, plan.write_start)
+        items = {c: training_copy(state) for c, state in start.items.items()}
+        rotate(plan.ring, len(plan.workers), index, items, mailbox, send, threads, update, update_and_hand_on, check)
+        held = {c: _own_layout(mailbox.take(d, c, check)) for c in (plan.next_ring[r] for r in rows)}
         files = {} if written is None else written.result()
-    outcome = ShareOutcome(sse=sse, errors=errors, files=files)
-    return outcome, Version(plan.k, users, items)
+    return ShareOutcome(sse, validation, files), Version(plan.k, users, held)
 
 
-def write_share(version: Version, index: int, n_workers: int, url: str) -> dict[str, str]:
-    """Write worker ``index``'s share of a checkpoint: its rows' user blocks and the item blocks
-    ``c ≡ index (mod n_workers)``. Returns file name → SHA-256."""
-    files: dict[str, str] = {}
-    for r, state in version.users.items():
-        files.update(write_factor_state(trimmed(state, version.k), url, f"user-{r:04d}"))
-    for c in range(index, len(version.items), n_workers):
-        files.update(write_factor_state(trimmed(version.items[c], version.k), url, f"item-{c:04d}"))
+def write_share(version: Version, url: str) -> dict[str, FileEntry]:
+    """Write a worker's part of a version as a checkpoint at ``url``: its rows' user blocks and the column
+    blocks it holds. Returns file name → entry (size, SHA-256, shape, dtype)."""
+    files: dict[str, FileEntry] = {}
+    sides: tuple[tuple[Side, dict[int, FactorState]], ...] = (("user", version.users), ("item", version.items))
+    for side, states in sides:
+        for block, state in states.items():
+            if not all_finite([state]):
+                raise ValueError(f"refusing to write the non-finite factors of {side} block {block} to {url}")
+            files.update(write_factor_state(trimmed(state, version.k), url, block_stem(side, block)))
     return files
 
 
-def _first_real_error(futures: list) -> None:
+def _first_real_error(futures: Sequence) -> None:
     """Wait for all; raise the first failure that is not a mere echo of another (:class:`ShareAborted`)."""
     errors = [f.exception() for f in futures]
     real = [e for e in errors if e is not None and not isinstance(e, ShareAborted)]
@@ -289,8 +316,8 @@ class StartFrom:
     ``user_sizes`` / ``item_sizes``: users per row block and items per column
     block. ``checkpoint``: the URL of a checkpoint directory to read. ``warm_dir``
     with ``user_previous`` / ``item_previous`` (one int array per block: each
-    member's row in that model, or -1): start known users and items from that
-    model.
+    member's row in that model, or -1) and ``n_previous``: start known users and
+    items from that model.
     """
 
     k: int
@@ -302,22 +329,25 @@ class StartFrom:
     warm_dir: str | None = None
     user_previous: tuple[np.ndarray, ...] = ()
     item_previous: tuple[np.ndarray, ...] = ()
+    n_previous: tuple[int, int] = (0, 0)  # the previous model's users and items
 
 
 def start_state(source: StartFrom, side: Side, block: int) -> FactorState:
     """The starting state of one row block (``side="user"``) or column block (``"item"``)."""
     if source.checkpoint is not None:
-        return read_factor_state(source.checkpoint, f"{side}-{block:04d}")
+        return read_factor_state(source.checkpoint, block_stem(side, block))
     user = side == "user"
     n = (source.user_sizes if user else source.item_sizes)[block]
     seed = init_seed(np.random.SeedSequence(source.seed), STREAM_USER_INIT if user else STREAM_ITEM_INIT, block)
     if source.warm_dir is None:
         return init_factors(n, source.k, source.init_std, seed)
     previous = (source.user_previous if user else source.item_previous)[block]
-    return warm_factors(n, source.k, source.init_std, seed, source.warm_dir, side, previous)
+    return warm_factors(n, source.k, source.init_std, seed, source.warm_dir, side, source.n_previous[not user],
+                        previous)
 
 
-def start_version(source: StartFrom, rows: tuple[int, ...]) -> Version:
-    """A worker's starting version: the user states of ``rows`` and every item state."""
+def start_version(source: StartFrom, rows: range, ring_order: tuple[int, ...]) -> Version:
+    """A worker's starting version for the epoch whose ring is ``ring_order``: the user states of ``rows``
+    and the column blocks at their ring positions."""
     return Version(source.k, users={r: training_copy(start_state(source, "user", r)) for r in rows},
-                   items={c: training_copy(start_state(source, "item", c)) for c in range(len(source.item_sizes))})
+                   items={ring_order[r]: training_copy(start_state(source, "item", ring_order[r])) for r in rows})

@@ -1,12 +1,14 @@
 """Numba kernels: one SGD pass over one rating block, and block error sums.
 
-Pure functions over arrays and scalars: no I/O, no Dask, no config objects, no
-randomness (the visiting order comes in as arguments). Factors are float32,
+Pure functions over arrays and scalars: no I/O, no Dask, no config objects.
+The one random choice, the order in which a block's runs are visited, is a
+shuffle drawn from a seed that comes in as an argument (a SplitMix64 stream,
+so the same seed gives the same order on every machine). Factors are float32,
 indices int32; sums of squared errors are accumulated in float64.
 
 An SGD pass takes a block's ratings laid out in *runs*: ``run_starts`` cuts the
-positions into runs, and ``run_order`` says in which order the runs are taken;
-inside a run, the positions are applied front to back. For ``train.order:
+positions into runs, which are taken in the seeded shuffle's order; inside a
+run, the positions are applied front to back. For ``train.order:
 user_runs`` a run is ``users_per_run`` consecutive users whose ratings are laid
 out in *tiles* of ``tile_items`` consecutive item indices: tile by tile, and in
 a tile user by user in item order (:meth:`BlockRatings.in_runs
@@ -94,6 +96,27 @@ def _prefetch_rows(P: np.ndarray, Q: np.ndarray, u: int, i: int) -> None:
         _prefetch(Q, i, f)
 
 
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
+_MIX2 = np.uint64(0x94D049BB133111EB)
+
+
+@numba.jit(**_JIT)
+def shuffled_runs(n_runs: int, seed: np.uint64) -> np.ndarray:
+    """``0 .. n_runs - 1`` in the order of a Fisher-Yates shuffle driven by SplitMix64 from ``seed``, int64."""
+    order = np.arange(n_runs, dtype=np.int64)
+    state = np.uint64(seed)
+    for i in range(n_runs - 1, 0, -1):
+        state += _GOLDEN
+        z = state
+        z = (z ^ (z >> np.uint64(30))) * _MIX1
+        z = (z ^ (z >> np.uint64(27))) * _MIX2
+        z ^= z >> np.uint64(31)
+        j = np.int64(z % np.uint64(i + 1))
+        order[i], order[j] = order[j], order[i]
+    return order
+
+
 @numba.jit(**_JIT)
 def _advance(run_starts: np.ndarray, run_order: np.ndarray, t: int, j: int, end: int) -> tuple[int, int, int]:
     """The position after ``j`` (in run ``run_order[t]``, which ends at ``end``) in visiting order: skips to
@@ -113,7 +136,7 @@ def sgd_block(
     items: np.ndarray,
     ratings: np.ndarray,
     run_starts: np.ndarray,
-    run_order: np.ndarray,
+    order_seed: np.uint64,
     P: np.ndarray,
     Q: np.ndarray,
     user_bias: np.ndarray,
@@ -125,7 +148,7 @@ def sgd_block(
     use_bias: bool,
     prefetch_ahead: int,
 ) -> float:
-    """One SGD pass of Funk SVD over a block, run by run.
+    """One SGD pass of Funk SVD over a block, run by run, the runs in a seeded random order.
 
     Parameters
     ----------
@@ -135,8 +158,7 @@ def sgd_block(
     ratings : array of shape (n,), float32
     run_starts : array of shape (n_runs + 1,), int64
         Run ``r`` is positions ``run_starts[r]`` to ``run_starts[r + 1] - 1``.
-    run_order : array of shape (n_runs,), int64
-        The runs, in the order they are visited.
+    order_seed : uint64, the seed of the order the runs are visited in (:func:`shuffled_runs`)
     P : array of shape (n_users_block, k'), float32, updated in place
     Q : array of shape (n_items_block, k'), float32, updated in place
     user_bias : array of shape (n_users_block,), float32, updated in place
@@ -152,6 +174,7 @@ def sgd_block(
     """
     k = P.shape[1]
     sse = 0.0
+    run_order = shuffled_runs(run_starts.shape[0] - 1, order_seed)
     n_runs = run_order.shape[0]
     # A second cursor walks the visiting order prefetch_ahead ratings ahead: (run t_ahead, position j_ahead).
     t_ahead, j_ahead, end_ahead = (-1, 0, 0) if prefetch_ahead > 0 else (n_runs, 0, 0)

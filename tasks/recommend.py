@@ -1,21 +1,19 @@
-"""Worker side of top-N: score one row block's users against every item, in chunks, and keep the best.
+"""Worker side of top-N: a row block's users scored against each column block as it passes, the best kept.
 
-Never a users × items matrix in memory: a chunk of users at a time is scored
-by one matrix product, the items each user rated in training are masked out,
-and a partial selection keeps the top N. Ties are broken by the lower item
-index, so the lists are exact and deterministic.
+Never a users × items matrix in memory, nor the whole catalogue: as each column
+block comes by (:func:`funkflow.tasks.epoch.rotate`), a chunk of users at a
+time is scored against it by one matrix product, the items each user rated in
+training and validation are masked out, and the block's best are merged into
+each user's running top N (:class:`RunningTop`). Ties go to the lower item
+index, so the lists are exact and deterministic whatever order the blocks come in.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
-
 import numba
 import numpy as np
 
-from funkflow.tasks.artifacts import read_model_array
-from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock, group_starts
+from funkflow.tasks.blocks import TEST, TRAIN, VALIDATION, RowBlock, group_starts
 from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
 
 CHUNK_USERS = 1024
@@ -91,18 +89,83 @@ def rated_by(sorted_users: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, n
     return rows, np.repeat(starts, counts) + positions_in_runs(rows)
 
 
-def mask_seen(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, item_members: list[np.ndarray],
-              codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> None:
-    """Set ``scores[j, item]`` to -inf for every rating of local user ``chunk[j]`` in the splits ``codes``.
-
-    Each block is sorted by user, so every user's ratings are found by binary
-    search: the work and memory follow the chunk's ratings, not the row block's.
-    """
+def mask_seen_in_block(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, col: int,
+                       codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> None:
+    """Set ``scores[j, i]`` to -inf where local user ``chunk[j]`` rated item ``i`` of column block ``col`` (a
+    local index) in the splits ``codes``. Blocks are sorted by user, so the ratings are found by binary
+    search: the work follows the chunk's ratings, not the row block's."""
     for code in codes:
-        for col, block in enumerate(row_block.split(code)):
-            # Same dtype: searchsorted would copy the block to cast it.
-            rows, positions = rated_by(block.users, chunk.astype(block.users.dtype))
-            scores[rows, item_members[col][block.items[positions]]] = -np.inf
+        block = row_block.split(code)[col]
+        # Same dtype: searchsorted would copy the block to cast it.
+        rows, positions = rated_by(block.users, chunk.astype(block.users.dtype))
+        scores[rows, block.items[positions]] = -np.inf
+
+
+@numba.jit(nopython=True, nogil=True, cache=True)
+def _merge_best(best_scores: np.ndarray, best_items: np.ndarray, rows: np.ndarray, scores: np.ndarray,
+                items: np.ndarray, kept: np.ndarray) -> None:
+    """Merge each row j's candidates (``scores[j, :kept[j]]`` of ``items[j]``, best first) into row ``rows[j]``
+    of the running lists, which stay best first: by score, then by the lower item index (-1: an empty place)."""
+    n = best_scores.shape[1]
+    merged_scores = np.empty(n, dtype=best_scores.dtype)
+    merged_items = np.empty(n, dtype=best_items.dtype)
+    for j in range(rows.shape[0]):
+        row = rows[j]
+        a = b = 0
+        for out in range(n):
+            has_old = a < n and best_items[row, a] >= 0
+            has_new = b < kept[j]
+            if has_new and (not has_old or scores[j, b] > best_scores[row, a]
+                            or (scores[j, b] == best_scores[row, a] and items[j, b] < best_items[row, a])):
+                merged_scores[out], merged_items[out] = scores[j, b], items[j, b]
+                b += 1
+            elif has_old:
+                merged_scores[out], merged_items[out] = best_scores[row, a], best_items[row, a]
+                a += 1
+            else:
+                merged_scores[out], merged_items[out] = -np.inf, -1
+        best_scores[row] = merged_scores
+        best_items[row] = merged_items
+
+
+class RunningTop:
+    """The best ``n`` items so far of each of a row block's chosen users, over the column blocks offered,
+    best first, ties to the lower item index: the lists are exact whatever order the blocks come in.
+
+    ``users``: the chosen users' local indices in the row block, sorted. Memory: users × n, whatever the
+    catalogue.
+    """
+
+    def __init__(self, users: np.ndarray, n: int) -> None:
+        self.users = users
+        self.n = n
+        self.scores = np.full((users.shape[0], n), -np.inf, dtype=np.float32)
+        self.items = np.full((users.shape[0], n), -1, dtype=np.int64)
+
+    def offer(self, P: np.ndarray, Q: np.ndarray, item_bias: np.ndarray, members: np.ndarray,
+              row_block: RowBlock, col: int) -> None:
+        """Score the users against column block ``col`` (factors ``Q``, biases ``item_bias``, global item
+        indices ``members``), leave out what each rated, and keep the best."""
+        chunk_users = users_per_chunk(Q.shape[0])
+        for start in range(0, self.users.shape[0], chunk_users):
+            chunk = self.users[start:start + chunk_users]
+            scores = np.asarray(P[chunk], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
+            scores += item_bias[None, :]
+            mask_seen_in_block(scores, chunk, row_block, col)
+            n = min(self.n, scores.shape[1])
+            if n == 0:
+                continue
+            columns, kept = _best_columns(scores, n)
+            columns[np.arange(n)[None, :] >= kept[:, None]] = 0  # places past a row's count hold no column
+            candidates = np.take_along_axis(scores, columns, axis=1)
+            _merge_best(self.scores, self.items, np.arange(start, start + chunk.shape[0]), candidates,
+                        members.astype(np.int64)[columns], kept)
+
+    def lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(user rows into ``users``, global items, scores), row by row, best first; rows with fewer than
+        ``n`` candidates have fewer."""
+        rows, places = np.nonzero(self.items >= 0)
+        return rows, self.items[rows, places], self.scores[rows, places]
 
 
 def recommend_users(users: np.ndarray, P: np.ndarray, user_bias: np.ndarray, Q: np.ndarray, item_bias: np.ndarray,
@@ -133,55 +196,25 @@ def recommend_users(users: np.ndarray, P: np.ndarray, user_bias: np.ndarray, Q: 
     return np.concatenate(out_users), np.concatenate(out_items), np.concatenate(out_scores)
 
 
-def _item_model(model_dir: str) -> tuple[np.ndarray, np.ndarray, float]:
-    import json
-
-    Q = read_model_array(model_dir, "Q.npy")
-    item_bias = read_model_array(model_dir, "item_bias.npy")
-    global_mean = float(json.loads((Path(model_dir) / "model.json").read_text())["global_mean"])
-    return Q, item_bias, global_mean
-
-
-def recommend_row(row_block: RowBlock, model_dir: str | None, n_items: int, d: int, seed: int, top: int,
-                  wanted: np.ndarray | None = None, chunk_users: int = CHUNK_USERS,
-                  popularity: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Top-``top`` unseen items of the row block's users (or of its ``wanted`` global user indices).
-
-    With ``popularity`` (one score per item) instead of a model, every user is
-    offered the most popular items they have not rated: the baseline.
-
-    Returns
-    -------
-    (users, items, scores) : global user and item indices (int64), predicted
-    ratings (float32; the popularity for the baseline); per user best first.
-    """
-    if popularity is None:
-        assert model_dir is not None, "a model or a popularity"
-        P = read_model_array(model_dir, "P.npy", mmap=True)
-        user_bias = read_model_array(model_dir, "user_bias.npy", mmap=True)
-        Q, item_bias, global_mean = _item_model(model_dir)
-    members = row_block.user_ids.astype(np.int64)
-    local = np.arange(members.shape[0]) if wanted is None else np.flatnonzero(np.isin(members, wanted))
+def popular_unseen(row_block: RowBlock, users: np.ndarray, popularity: np.ndarray, n_items: int, d: int, seed: int,
+                   top: int) -> tuple[np.ndarray, np.ndarray]:
+    """The popularity baseline: the ``top`` most popular items (``popularity``, one score per global item) that
+    each of the local ``users`` has not rated, as (user rows into ``users``, global items), best first."""
     item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
-    out_users, out_items, out_scores = [], [], []
-    chunk_users = users_per_chunk(n_items, chunk_users)
-    for start in range(0, local.shape[0], chunk_users):
-        chunk = local[start:start + chunk_users]
-        users = members[chunk]
-        if popularity is None:
-            scores = np.asarray(P[users], dtype=np.float32) @ Q.T
-            scores += item_bias[None, :]
-        else:
-            scores = np.repeat(popularity[None, :].astype(np.float32), chunk.shape[0], axis=0)
-        mask_seen(scores, chunk, row_block, item_members)
-        r, items = top_n(scores, top)
-        out_users.append(users[r])
+    out_rows, out_items = [], []
+    for start in range(0, users.shape[0], users_per_chunk(n_items)):
+        chunk = users[start:start + users_per_chunk(n_items)]
+        scores = np.repeat(popularity[None, :].astype(np.float32), chunk.shape[0], axis=0)
+        for code in (TRAIN, VALIDATION):
+            for col, block in enumerate(row_block.split(code)):
+                rows, positions = rated_by(block.users, chunk.astype(block.users.dtype))
+                scores[rows, item_members[col][block.items[positions]]] = -np.inf
+        rows, items = top_n(scores, top)
+        out_rows.append(rows + start)
         out_items.append(items)
-        shift = 0.0 if popularity is not None else global_mean + np.asarray(user_bias)[users[r]]
-        out_scores.append((scores[r, items] + shift).astype(np.float32))
-    if not out_users:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return np.concatenate(out_users), np.concatenate(out_items), np.concatenate(out_scores)
+    if not out_rows:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    return np.concatenate(out_rows), np.concatenate(out_items)
 
 
 def item_counts(row_block: RowBlock, n_items: int, d: int, seed: int) -> np.ndarray:
@@ -220,47 +253,31 @@ def ranking_sums(ranked: list[np.ndarray], relevant: list[set[int]], k: int) -> 
 RANKERS = ("model", "popularity")
 
 
-@dataclass(frozen=True)
-class RankingPart:
-    """One row block's ranking metrics, a row per ranker of :data:`RANKERS`: ``sums`` (2, 5) of precision,
-    recall, NDCG and MAP over its users and their count; ``recommended`` (2, n_items) bool, the items in any
-    of their lists."""
-
-    sums: np.ndarray
-    recommended: np.ndarray
-
-
-def ranking_row(row_block: RowBlock, model_dir: str, popularity: np.ndarray, n_items: int, d: int, seed: int,
-                k: int, threshold: float, wanted: np.ndarray | None) -> RankingPart:
-    """Ranking metrics of one row block's users that have a relevant test rating (test rating >=
-    ``threshold``), for the model and for the popularity baseline."""
-    from funkflow.tasks.blocks import TEST
-
+def relevant_test_items(row_block: RowBlock, n_items: int, d: int, seed: int, threshold: float,
+                        wanted: np.ndarray | None) -> dict[int, np.ndarray]:
+    """Local user → the global items it rated at least ``threshold`` in the test split (only users among the
+    global indices ``wanted``, if given), sorted by user."""
     item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
     user_parts, item_parts = [], []
     for col, block in enumerate(row_block.split(TEST)):
         good = block.ratings >= threshold
-        user_parts.append(row_block.user_ids[block.users[good]].astype(np.int64))
-        item_parts.append(item_members[col][block.items[good]])
+        user_parts.append(block.users[good].astype(np.int64))
+        item_parts.append(item_members[col][block.items[good]].astype(np.int64))
     users = np.concatenate(user_parts) if user_parts else np.zeros(0, np.int64)
     items = np.concatenate(item_parts) if item_parts else np.zeros(0, np.int64)
     if wanted is not None:
-        keep = np.isin(users, wanted)
+        keep = np.isin(row_block.user_ids[users], wanted)
         users, items = users[keep], items[keep]
     order = np.lexsort((items, users))
     users, items = users[order], items[order]
     starts = group_starts(users)
-    evaluated = users[starts]
-    relevant = {int(u): set(group.tolist()) for u, group in zip(evaluated, np.split(items, starts[1:]))}
-    sums = np.zeros((len(RANKERS), 5))
-    recommended = np.zeros((len(RANKERS), n_items), dtype=bool)
-    sources: tuple[dict, ...] = ({"model_dir": model_dir}, {"popularity": popularity, "model_dir": None})
-    for ranker, source in enumerate(sources):
-        rec_users, rec_items, _ = recommend_row(row_block, n_items=n_items, d=d, seed=seed, top=k,
-                                                wanted=evaluated, **source)
-        starts = group_starts(rec_users)
-        lists = dict(zip(rec_users[starts].tolist(), np.split(rec_items, starts[1:])))
-        ranked = [lists.get(u, np.zeros(0, np.int64)) for u in relevant]
-        recommended[ranker, rec_items] = True
-        sums[ranker] = ranking_sums(ranked, list(relevant.values()), k)
-    return RankingPart(sums, recommended)
+    return dict(zip(users[starts].tolist(), np.split(items, starts[1:])))
+
+
+def ranking_sums_of_lists(rows: np.ndarray, items: np.ndarray, relevant: list[np.ndarray], k: int) -> np.ndarray:
+    """:func:`ranking_sums` of lists given as (row, item) pairs, row by row, best first, for the users whose
+    relevant items are ``relevant`` (one array per row)."""
+    starts = group_starts(rows)
+    lists = dict(zip(rows[starts].tolist(), np.split(items, starts[1:])))
+    ranked = [lists.get(j, np.zeros(0, np.int64)) for j in range(len(relevant))]
+    return ranking_sums(ranked, [set(r.tolist()) for r in relevant], k)

@@ -16,20 +16,21 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Literal, get_args
 
 import numpy as np
 
 from funkflow.tasks import kernels
-from funkflow.tasks.artifacts import read_model_array
-from funkflow.tasks.blocks import BlockRatings, RowBlock
-from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
+from funkflow.tasks.blocks import BlockRatings, RunLayout
 
 FactorState = tuple[np.ndarray, np.ndarray]
 
 
 class BlockUpdateError(RuntimeError):
     """An SGD block task failed; the message names the epoch, stratum and block."""
+
+
+VisitOrder = Literal["user_runs", "ratings", "sorted"]
 
 
 @dataclass(frozen=True)
@@ -41,41 +42,28 @@ class Hyper:
     bias_reg: float
     use_bias: bool
     global_mean: float
-    order: str
+    order: VisitOrder
     users_per_run: int
     tile_items: int
 
-
-class Visit(NamedTuple):
-    """A block's ratings in visiting order within runs and the order of the runs, as
-    :func:`funkflow.tasks.kernels.sgd_block` takes them."""
-
-    users: np.ndarray
-    items: np.ndarray
-    ratings: np.ndarray
-    run_starts: np.ndarray
-    run_order: np.ndarray
+    def __post_init__(self) -> None:
+        if self.order not in get_args(VisitOrder):
+            raise ValueError(f"order must be one of {', '.join(get_args(VisitOrder))}, got {self.order!r}")
 
 
-def visiting_order(block: BlockRatings, order: str, users_per_run: int, tile_items: int, seed: int) -> Visit:
-    """The runs of a block and the random order to visit them in (see :mod:`funkflow.tasks.kernels`).
+def visiting_layout(block: BlockRatings, order: VisitOrder, users_per_run: int, tile_items: int) -> RunLayout:
+    """A block's ratings cut into the runs that :func:`funkflow.tasks.kernels.sgd_block` visits in a seeded
+    random order (the layout is kept with the block for later epochs).
 
     ``"user_runs"``: runs of ``users_per_run`` consecutive users (blocks are stored
-    sorted by user, then item) in random order, each taken in tiles of
-    ``tile_items`` items (0: one tile): each ``p_u`` stays in cache over its
-    ratings, each tile's ``q_i`` over the run's users, and memory is read in long
-    streaks. ``"ratings"``: one run per rating, in random order. ``"sorted"``: the
-    block front to back, no randomness. Only ``"user_runs"`` is tiled.
+    sorted by user, then item), each taken in tiles of ``tile_items`` items (0: one
+    tile): each ``p_u`` stays in cache over its ratings, each tile's ``q_i`` over the
+    run's users, and memory is read in long streaks. ``"ratings"``: one run per
+    rating. ``"sorted"``: one run, the block front to back, no randomness.
     """
-    if order == "ratings":
-        singles = np.arange(block.n + 1, dtype=np.int64)
-        return Visit(block.users, block.items, block.ratings, singles,
-                     np.random.default_rng(seed).permutation(block.n))
-    if order == "sorted":
-        return Visit(block.users, block.items, block.ratings, np.array([0, block.n], dtype=np.int64),
-                     np.zeros(1, dtype=np.int64))
-    layout = block.in_runs(users_per_run, tile_items)
-    return Visit(*layout, np.random.default_rng(seed).permutation(layout.run_starts.shape[0] - 1))
+    if order == "user_runs":
+        return block.in_runs(users_per_run, tile_items)
+    return block.single_runs() if order == "ratings" else block.one_run()
 
 
 def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
@@ -83,21 +71,6 @@ def init_factors(n: int, k: int, init_std: float, seed: int) -> FactorState:
     rng = np.random.default_rng(seed)
     factors = rng.normal(0.0, init_std, (n, k)).astype(np.float32)
     return factors, np.zeros(n, dtype=np.float32)
-
-
-def warm_factors(n: int, k: int, init_std: float, seed: int, model_dir: str, side: str,
-                 previous: np.ndarray) -> FactorState:
-    """Initial state of one block from a previous model: row j takes that model's row ``previous[j]``
-    (factors and bias), or, where ``previous[j]`` is -1 (new since), the seeded ``N(0, init_std²)`` start."""
-    factors, bias = init_factors(n, k, init_std, seed)
-    known = previous >= 0
-    if known.any():
-        factors_file, bias_file, _ = MODEL_FILES[side]
-        old_factors = read_model_array(model_dir, factors_file, mmap=True)
-        old_bias = read_model_array(model_dir, bias_file, mmap=True)
-        factors[known] = old_factors[previous[known]]
-        bias[known] = old_bias[previous[known]]
-    return factors, bias
 
 
 ALIGN_FLOATS = 16  # 64 bytes: a factor row that fills whole cache lines and AVX registers
@@ -149,74 +122,38 @@ def all_finite(states: Iterable[FactorState]) -> bool:
     return all(kernels.all_finite(a.reshape(-1)) for state in states for a in state)
 
 
-def sgd_update_in_place(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState,
-                        hyper: Hyper, order_seed: int, label: str,
-                        prefetch_ahead: int = kernels.PREFETCH_AHEAD) -> float:
-    """One SGD pass over block (row_block.row, col), in a random order drawn from ``order_seed``, updating
-    the two states in place: they must be private to the caller, in the layout of :func:`training_copy`.
+def sgd_update_in_place(block: BlockRatings, user_state: FactorState, item_state: FactorState, hyper: Hyper,
+                        order_seed: int, prefetch_ahead: int = kernels.PREFETCH_AHEAD) -> float:
+    """One SGD pass over ``block``, its runs in a random order drawn from ``order_seed``, updating the two
+    states in place: they must be private to the caller, in the layout of :func:`training_copy`.
 
     Returns the sum of squared errors of the block's ratings as the pass met them (each just before its
     update). A factor that overflows in the block's last updates has not yet spoiled an error: the caller
     checks the states it ends with (:func:`all_finite`).
     """
-    try:
-        block = row_block.split(0)[col]
-        (P, user_bias), (Q, item_bias) = user_state, item_state
-        visit = visiting_order(block, hyper.order, hyper.users_per_run, hyper.tile_items, order_seed)
-        return float(kernels.sgd_block(
-            *visit, P, Q, user_bias, item_bias,
-            np.float32(hyper.global_mean), np.float32(hyper.lr), np.float32(hyper.reg), np.float32(hyper.bias_reg),
-            hyper.use_bias, prefetch_ahead))
-    except Exception as exc:
-        raise BlockUpdateError(f"SGD update failed at {label}") from exc
+    (P, user_bias), (Q, item_bias) = user_state, item_state
+    layout = visiting_layout(block, hyper.order, hyper.users_per_run, hyper.tile_items)
+    return float(kernels.sgd_block(
+        *layout, np.uint64(order_seed), P, Q, user_bias, item_bias,
+        np.float32(hyper.global_mean), np.float32(hyper.lr), np.float32(hyper.reg), np.float32(hyper.bias_reg),
+        hyper.use_bias, prefetch_ahead))
 
 
-def sgd_update(row_block: RowBlock, col: int, user_state: FactorState, item_state: FactorState, hyper: Hyper,
-               order_seed: int, label: str) -> tuple[FactorState, FactorState, float]:
+def sgd_update(block: BlockRatings, user_state: FactorState, item_state: FactorState, hyper: Hyper,
+               order_seed: int) -> tuple[FactorState, FactorState, float]:
     """:func:`sgd_update_in_place` on copies: the new states, as wide as the given ones, and the block's
     SSE, ``inf`` when any new factor or bias is not finite: one block of the tests' plain DSGD loop."""
     k = user_state[0].shape[1]
     user, item = training_copy(user_state), training_copy(item_state)
-    sse = sgd_update_in_place(row_block, col, user, item, hyper, order_seed, label)
+    sse = sgd_update_in_place(block, user, item, hyper, order_seed)
     return trimmed(user, k), trimmed(item, k), sse if all_finite((user, item)) else math.inf
 
 
-def row_errors(row_block: RowBlock, user_state: FactorState, item_states: list[FactorState],
-               global_mean: float, splits: tuple[int, ...]) -> np.ndarray:
-    """Error sums of one row block under the current factors, per split and column block.
-
-    Parameters
-    ----------
-    global_mean : the model's μ (0.0 for a k-only model)
-    splits : the split codes to measure; the others stay zero
-
-    Returns
-    -------
-    array of shape (3, d, 3), float64
-        ``[split, col] = (Σ e², Σ |e|, n)``; the driver adds rows in block order.
-    """
-    d = len(item_states)
-    out = np.zeros((3, d, 3), dtype=np.float64)
-    P, user_bias = user_state
-    mu = np.float32(global_mean)
-    for code in splits:
-        for col, block in enumerate(row_block.split(code)):
-            Q, item_bias = item_states[col]
-            sse, sae = kernels.block_errors(block.users, block.items, block.ratings, P, Q, user_bias, item_bias, mu)
-            out[code, col] = (sse, sae, block.n)
-    return out
-
-
-MODEL_FILES = {"user": ("P.npy", "user_bias.npy", SALT_ROWS), "item": ("Q.npy", "item_bias.npy", SALT_COLUMNS)}
-
-
-def read_factor_block(model_dir: str, side: str, n: int, d: int, seed: int, block: int) -> FactorState:
-    """The state of one row block (``side="user"``) or column block (``"item"``) of a saved model.
-
-    Reads only that block's rows of the .npy files (memory-mapped, no pickle).
-    """
-    factors_file, bias_file, salt = MODEL_FILES[side]
-    members = block_layout(n, d, seed, salt)[2][block]
-    factors = read_model_array(model_dir, factors_file, mmap=True)
-    bias = read_model_array(model_dir, bias_file, mmap=True)
-    return np.ascontiguousarray(factors[members]), np.ascontiguousarray(bias[members])
+def block_error_sums(block: BlockRatings, user_state: FactorState, item_state: FactorState,
+                     global_mean: float) -> tuple[float, float, int]:
+    """``(Σ e², Σ |e|, n)`` of the model over one block's ratings, in float64 (for a k-only model
+    ``global_mean`` is 0.0 and the biases stay zero)."""
+    (P, user_bias), (Q, item_bias) = user_state, item_state
+    sse, sae = kernels.block_errors(block.users, block.items, block.ratings, P, Q, user_bias, item_bias,
+                                    np.float32(global_mean))
+    return sse, sae, block.n

@@ -101,3 +101,8 @@ def kill_when(command: list[str], cwd: Path, reached: Callable[[], bool], timeou
         time.sleep(0.002)
     victim.send_signal(signal.SIGKILL)
     victim.wait(timeout=30)
+
+
+def model_bytes(run_dir: Path) -> dict[str, bytes]:
+    """The factor-block files of a run's model, name → bytes: two models are the same bits when these are."""
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "model").glob("*.npy"))}

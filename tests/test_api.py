@@ -28,7 +28,7 @@ def _table(seed: int = 0, n_users: int = 200, n_items: int = 60) -> pa.Table:
 def fitted(tmp_path_factory) -> FunkSVD:
     seen = []
     model = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path_factory.mktemp("api") / "run", callbacks=[seen.append],
-                    options={"cluster.scheduler": "inprocess"})
+                    options={"cluster.scheduler": "inprocess", "train.early_stopping_patience": 0})
     model.fit(_table())
     model.epochs_seen = [report.epoch for report in seen]
     return model
@@ -66,8 +66,8 @@ def test_save_then_load_predicts_identically_and_a_pickle_is_refused(fitted, tmp
     loaded = FunkSVD.load(tmp_path / "saved")
     users, items = ["u1", "u5", "x"], ["i2", "i9", "i1"]
     np.testing.assert_array_equal(loaded.predict(users, items), fitted.predict(users, items))
-    np.save(tmp_path / "saved" / "P.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
-    with pytest.raises(DataError, match=r"P\.npy: (longer than written|truncated|checksum mismatch)"):
+    np.save(tmp_path / "saved" / "user-0001.factors.npy", np.array([{"evil": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match=r"user-0001\.factors\.npy: (longer than written|truncated|checksum mismatch)"):
         FunkSVD.load(tmp_path / "saved")
 
 
@@ -115,7 +115,8 @@ def test_fit_on_a_callers_client_gives_the_in_process_bits(fitted, local_cluster
     from distributed import Client
 
     with Client(local_cluster) as client:
-        on_cluster = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run").fit(_table(), client=client)
+        on_cluster = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run",
+                             options={"train.early_stopping_patience": 0}).fit(_table(), client=client)
     np.testing.assert_array_equal(on_cluster.factors_.P, fitted.factors_.P)
     np.testing.assert_array_equal(on_cluster.factors_.Q, fitted.factors_.Q)
 

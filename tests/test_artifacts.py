@@ -40,11 +40,12 @@ def _no_manifest(path: Path) -> None:
     (path.parent / MANIFEST).unlink()
 
 
+BLOCK = "user-0000.factors.npy"  # one of the model's factor blocks
 DAMAGES = {
-    "pickle inside": (_object_array, "P.npy: (longer than written|truncated)"),
-    "truncated": (_truncated, "P.npy: truncated"),
-    "first 10 rows only": (_first_rows, "P.npy: truncated"),
-    "a changed byte": (_flipped_byte, "P.npy: checksum mismatch"),
+    "pickle inside": (_object_array, rf"{BLOCK}: (longer than written|truncated)"),
+    "truncated": (_truncated, rf"{BLOCK}: truncated"),
+    "first 10 rows only": (_first_rows, rf"{BLOCK}: truncated"),
+    "a changed byte": (_flipped_byte, rf"{BLOCK}: checksum mismatch"),
     "no manifest": (_no_manifest, "no manifest.json, so not a complete funkflow model"),
 }
 
@@ -59,7 +60,7 @@ def finished_run(tiny_config, tmp_path_factory) -> Path:
 def _damaged(finished_run: Path, tmp_path: Path, damage: str) -> Path:
     run_dir = tmp_path / "run"
     shutil.copytree(finished_run, run_dir)
-    DAMAGES[damage][0](run_dir / "model" / "P.npy")
+    DAMAGES[damage][0](run_dir / "model" / BLOCK)
     return run_dir
 
 
@@ -112,9 +113,10 @@ def test_the_api_refuses_a_damaged_model(finished_run, tmp_path, damage):
 
 def test_an_intact_model_loads_and_its_manifest_lists_every_file(finished_run):
     files = verify(finished_run / "model", "model")
-    assert set(files) == {"P.npy", "Q.npy", "user_bias.npy", "item_bias.npy", "users.parquet", "items.parquet",
-                          "model.json"}
-    assert files["P.npy"]["dtype"] == "float32" and files["P.npy"]["shape"][1] == 4
+    blocks = {f"{side}-{b:04d}.{part}.npy" for side in ("user", "item") for b in range(3)
+              for part in ("factors", "bias")}
+    assert set(files) == blocks | {"users.parquet", "items.parquet", "model.json"}
+    assert files[BLOCK]["dtype"] == "float32" and files[BLOCK]["shape"][1] == 4
     assert FunkSVD.load(finished_run / "model").predict([1], [2]).shape == (1,)
 
 

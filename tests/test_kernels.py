@@ -28,7 +28,7 @@ def _visit(users: np.ndarray, items: np.ndarray, users_per_run: int, tile_items:
     n = users.shape[0]
     segments = np.append(np.flatnonzero(np.r_[True, np.diff(users) != 0]), n).astype(np.int64)
     run_bounds = np.append(np.arange(0, segments.shape[0] - 1, users_per_run), segments.shape[0] - 1)
-    run_order = np.random.default_rng(seed).permutation(run_bounds.shape[0] - 1)
+    run_order = kernels.shuffled_runs(run_bounds.shape[0] - 1, np.uint64(seed))
     tile = tile_items or int(items.max()) + 1
     flat = []
     for run in run_order:
@@ -55,7 +55,7 @@ def test_sgd_kernel_in_runs_matches_reference(use_bias, users_per_run, tile_item
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, mu, lr, reg, bias_reg, use_bias=use_bias)
     P0, Q0, ub0, ib0 = P.copy(), Q.copy(), ub.copy(), ib.copy()
-    sse = kernels.sgd_block(*layout, run_order, P, Q, ub, ib, np.float32(mu), np.float32(lr), np.float32(reg),
+    sse = kernels.sgd_block(*layout, np.uint64(5), P, Q, ub, ib, np.float32(mu), np.float32(lr), np.float32(reg),
                             np.float32(bias_reg), use_bias, kernels.PREFETCH_AHEAD)
     assert not np.allclose(P, P0) and not np.allclose(Q, Q0)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
@@ -88,12 +88,13 @@ def test_runs_are_laid_out_tile_by_tile_user_by_user(users_per_run, tile_items):
 
 
 def test_sgd_kernel_in_random_rating_order_matches_reference():
-    """Runs of one rating each: plain random-order SGD, in any position order."""
-    users, items, ratings, order, P, Q, ub, ib = _problem(4)
+    """Runs of one rating each: plain random-order SGD, in the order the seeded shuffle gives."""
+    users, items, ratings, _, P, Q, ub, ib = _problem(4)
     singles = np.arange(users.shape[0] + 1, dtype=np.int64)
+    order = kernels.shuffled_runs(users.shape[0], np.uint64(9))
     ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
     sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, 3.0, 0.05, 0.02, 0.01)
-    sse = kernels.sgd_block(users, items, ratings, singles, order, P, Q, ub, ib, np.float32(3.0),
+    sse = kernels.sgd_block(users, items, ratings, singles, np.uint64(9), P, Q, ub, ib, np.float32(3.0),
                             np.float32(0.05), np.float32(0.02), np.float32(0.01), True, kernels.PREFETCH_AHEAD)
     np.testing.assert_allclose(P, ref[0], rtol=1e-4, atol=1e-5)
     assert sse == pytest.approx(sse_ref, rel=1e-4)
@@ -109,7 +110,7 @@ def test_kernel_uses_old_user_factors_in_item_step():
     p_new = P[0] + lr * (e * Q[0] - reg * P[0])
     q_new = Q[0] + lr * (e * P[0] - reg * Q[0])
     kernels.sgd_block(np.zeros(1, np.int32), np.zeros(1, np.int32), np.array([4.0], np.float32), np.array([0, 1]),
-                      np.zeros(1, np.int64), P, Q, ub, ib, np.float32(3.0), np.float32(lr), np.float32(reg),
+                      np.uint64(0), P, Q, ub, ib, np.float32(3.0), np.float32(lr), np.float32(reg),
                       np.float32(0.0), True, kernels.PREFETCH_AHEAD)
     np.testing.assert_allclose(P[0], p_new, rtol=1e-6)
     np.testing.assert_allclose(Q[0], q_new, rtol=1e-6)
@@ -162,7 +163,7 @@ def test_empty_block_is_a_no_op():
     users, items, ratings, _, P, Q, ub, ib = _problem(3)
     before = P.copy()
     empty_i, empty_f = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    sse = kernels.sgd_block(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.zeros(0, np.int64), P, Q[:0],
+    sse = kernels.sgd_block(empty_i, empty_i, empty_f, np.zeros(1, np.int64), np.uint64(0), P, Q[:0],
                             ub, ib[:0], np.float32(3), np.float32(0.1), np.float32(0.1), np.float32(0.1), True,
                             kernels.PREFETCH_AHEAD)
     assert sse == 0.0
@@ -171,27 +172,34 @@ def test_empty_block_is_a_no_op():
 
 @pytest.mark.parametrize("order,users_per_run", [("user_runs", 1), ("user_runs", 2), ("user_runs", 9),
                                                  ("ratings", 1), ("sorted", 1)])
-def test_visiting_order_covers_each_rating_once(order, users_per_run):
+def test_visiting_layout_covers_each_rating_once(order, users_per_run):
     from funkflow.tasks.blocks import BlockRatings
-    from funkflow.tasks.training import visiting_order
+    from funkflow.tasks.training import visiting_layout
 
     users = np.array([0, 0, 0, 2, 2, 5, 7, 7, 7, 7], dtype=np.int32)
     block = BlockRatings(users, np.arange(10, dtype=np.int32), np.arange(10, dtype=np.float32))
-    visit = visiting_order(block, order, users_per_run, 4, seed=3)
-    assert sorted(visit.run_order.tolist()) == list(range(visit.run_starts.shape[0] - 1))
-    runs = [np.arange(visit.run_starts[r], visit.run_starts[r + 1]) for r in visit.run_order]
-    visited = visit.ratings[np.concatenate(runs)].astype(int)  # the ratings are the original positions
+    layout = visiting_layout(block, order, users_per_run, 4)
+    run_order = kernels.shuffled_runs(layout.run_starts.shape[0] - 1, np.uint64(3))
+    runs = [np.arange(layout.run_starts[r], layout.run_starts[r + 1]) for r in run_order]
+    visited = layout.ratings[np.concatenate(runs)].astype(int)  # the ratings are the original positions
     assert sorted(visited.tolist()) == list(range(10))
     if order == "user_runs":
         assert len(runs) == -(-4 // users_per_run)
-        assert all(len(set(visit.users[run].tolist())) <= users_per_run for run in runs)
-        assert sorted(u for run in runs for u in set(visit.users[run].tolist())) == [0, 2, 5, 7]  # no user split
+        assert all(len(set(layout.users[run].tolist())) <= users_per_run for run in runs)
+        assert sorted(u for run in runs for u in set(layout.users[run].tolist())) == [0, 2, 5, 7]  # no user split
     if order == "sorted":
         assert visited.tolist() == list(range(10))
     empty = BlockRatings(users[:0], users[:0], np.ones(0, np.float32))
-    visit = visiting_order(empty, order, users_per_run, 4, seed=3)
-    assert visit.run_starts.tolist() == [0] * visit.run_starts.shape[0]
-    assert visit.run_order.shape[0] == visit.run_starts.shape[0] - 1
+    layout = visiting_layout(empty, order, users_per_run, 4)
+    assert layout.run_starts.tolist() == [0] * layout.run_starts.shape[0]
+
+
+def test_the_run_shuffle_is_a_seeded_permutation():
+    orders = {tuple(kernels.shuffled_runs(12, np.uint64(seed)).tolist()) for seed in range(50)}
+    assert all(sorted(order) == list(range(12)) for order in orders) and len(orders) == 50
+    assert kernels.shuffled_runs(12, np.uint64(7)).tolist() == kernels.shuffled_runs(12, np.uint64(7)).tolist()
+    assert kernels.shuffled_runs(0, np.uint64(1)).shape == (0,)
+    assert kernels.shuffled_runs(1, np.uint64(1)).tolist() == [0]
 
 
 def test_tiles_reorder_only_updates_that_commute():
@@ -210,8 +218,8 @@ def test_tiles_reorder_only_updates_that_commute():
     def update(users_per_run, tile_items):
         hyper = training.Hyper(lr=0.02, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0,
                                order="user_runs", users_per_run=users_per_run, tile_items=tile_items)
-        return training.sgd_update(row, 0, training.init_factors(60, 8, 0.1, 1), training.init_factors(40, 8, 0.1, 2),
-                                   hyper, 7, "test")
+        return training.sgd_update(row.split(0)[0], training.init_factors(60, 8, 0.1, 1),
+                                   training.init_factors(40, 8, 0.1, 2), hyper, 7)
 
     whole, tiled = update(16, 0), update(16, 8)
     for a, b in zip((*whole[0], *whole[1]), (*tiled[0], *tiled[1])):
@@ -249,12 +257,12 @@ def test_padding_factor_rows_leaves_the_update_unchanged_but_for_rounding():
     hyper = training.Hyper(lr=0.01, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0, order="user_runs",
                            users_per_run=4, tile_items=8)
     user, item = training.init_factors(40, 50, 0.1, 1), training.init_factors(30, 50, 0.1, 2)
-    padded = training.sgd_update(row, 0, user, item, hyper, 7, "padded")
+    padded = training.sgd_update(row.split(0)[0], user, item, hyper, 7)
     assert training.padded_rows(user[0]).shape == (40, 64) and padded[0][0].shape == (40, 50)
     original = training.ALIGN_FLOATS
     try:
         training.ALIGN_FLOATS = 1
-        plain = training.sgd_update(row, 0, user, item, hyper, 7, "plain")
+        plain = training.sgd_update(row.split(0)[0], user, item, hyper, 7)
     finally:
         training.ALIGN_FLOATS = original
     for a, b in zip((*padded[0], *padded[1]), (*plain[0], *plain[1])):
@@ -268,7 +276,7 @@ def test_the_prefetch_cursor_walks_the_visiting_order_and_changes_no_bits():
     rng = np.random.default_rng(5)
     sizes = np.array([3, 0, 0, 5, 1, 0, 7, 2, 0])
     run_starts = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
-    run_order = rng.permutation(sizes.shape[0]).astype(np.int64)
+    run_order = kernels.shuffled_runs(sizes.shape[0], np.uint64(5))
     expected = [j for run in run_order for j in range(run_starts[run], run_starts[run + 1])]
     walked, (t, j, end) = [], (-1, 0, 0)
     while True:
@@ -286,7 +294,7 @@ def test_the_prefetch_cursor_walks_the_visiting_order_and_changes_no_bits():
     results = []
     for ahead in (0, 1, 16, n + 5):
         P, Q, ub, ib = (a.copy() for a in start)
-        sse = kernels.sgd_block(users, items, ratings, run_starts, run_order, P, Q, ub, ib, np.float32(3.0),
+        sse = kernels.sgd_block(users, items, ratings, run_starts, np.uint64(5), P, Q, ub, ib, np.float32(3.0),
                                 np.float32(0.05), np.float32(0.02), np.float32(0.01), True, ahead)
         results.append((sse, P.tobytes(), Q.tobytes(), ub.tobytes(), ib.tobytes()))
     assert all(r == results[0] for r in results) and results[0][1] != start[0].tobytes()

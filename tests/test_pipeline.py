@@ -7,6 +7,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import model_bytes
 
 from funkflow.pipeline.running.cli import main
 from funkflow.pipeline.running.config import load_config
@@ -19,9 +20,10 @@ from funkflow.pipeline.training.train import EpochReport, _bold_driver_factor
 def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):
     summary = run_pipeline(tiny_config(tmp_path / "run"))
     run = tmp_path / "run"
-    for name in ("summary.json", "metrics.jsonl", "config.yaml", "model/P.npy", "model/Q.npy",
-                 "model/user_bias.npy", "model/item_bias.npy", "model/model.json", "model/users.parquet",
-                 "model/items.parquet"):
+    blocks = [f"model/{side}-{b:04d}.{part}.npy" for side in ("user", "item") for b in range(3)
+              for part in ("factors", "bias")]
+    for name in ("summary.json", "metrics.jsonl", "config.yaml", *blocks, "model/model.json", "model/users.parquet",
+                 "model/items.parquet", "model/manifest.json"):
         assert (run / name).is_file(), name
     on_disk = json.loads((run / "summary.json").read_text())
     assert on_disk == json.loads(json.dumps(summary))
@@ -52,14 +54,14 @@ def test_planted_low_rank_is_rebuilt(planted_low_rank, tmp_path):
 def test_changed_model_retrains_but_keeps_data_and_blocks(tiny_config, tmp_path):
     run_pipeline(tiny_config(tmp_path / "run"))
     blocks_stamp = (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns
-    p_before = np.load(tmp_path / "run" / "model" / "P.npy")
+    p_before = read_model(tmp_path / "run" / "model")[0].P
     with pytest.raises(ConfigError, match=r"holds a model trained with another configuration .*\n  "
                                           r"model.k: the run has 8, config has 4\n.*--retrain"):
         run_pipeline(tiny_config(tmp_path / "run", "model.k=4"))
-    assert np.load(tmp_path / "run" / "model" / "P.npy").tobytes() == p_before.tobytes(), "the model is kept"
+    assert read_model(tmp_path / "run" / "model")[0].P.tobytes() == p_before.tobytes(), "the model is kept"
     run_pipeline(tiny_config(tmp_path / "run", "model.k=4"), retrain=True)
     assert (tmp_path / "run" / "blocks" / "blocks.json").stat().st_mtime_ns == blocks_stamp
-    assert np.load(tmp_path / "run" / "model" / "P.npy").shape == (300, 4) != p_before.shape
+    assert read_model(tmp_path / "run" / "model")[0].P.shape == (300, 4) != p_before.shape
 
 
 def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replaces_its_model(tiny_config,
@@ -72,25 +74,25 @@ def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replac
     run_pipeline(tiny_config(tmp_path / "original", "model.k=4", "train.epochs=2"))
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "original", copy)
-    model_before = (copy / "model" / "P.npy").read_bytes()
+    model_before = model_bytes(copy)
     summary_before = (copy / "summary.json").read_text()
 
     assert main(["export", "--run-dir", str(copy)]) == EXIT_OK
     err = capsys.readouterr().err
     assert f"using the configuration {copy} was made with" in err and "train: up to date" in err
-    assert (copy / "export" / "users.parquet").is_file()
+    assert (copy / "export" / "users.parquet").is_dir()
 
     assert main(["export", str(default_config_path()), "--run-dir", str(copy)]) == 78
     err = capsys.readouterr().err
     assert "holds a model trained with another configuration" in err and "model.k: the run has 4, config has 32" in err
     assert main(["run", "--run-dir", str(copy), "--set", "model.reg=0.2"]) == 78
     assert "model.reg: the run has 0.05, config has 0.2" in capsys.readouterr().err
-    assert (copy / "model" / "P.npy").read_bytes() == model_before
+    assert model_bytes(copy) == model_before
     assert (copy / "summary.json").read_text() == summary_before
     # Running longer is the same model trained further, not another one.
     assert main(["train", "--run-dir", str(copy), "--set", "train.epochs=3"]) == EXIT_OK
     assert main(["run", "--run-dir", str(copy), "--set", "model.reg=0.2", "--retrain"]) == EXIT_OK
-    assert (copy / "model" / "P.npy").read_bytes() != model_before
+    assert model_bytes(copy) != model_before
 
 
 def test_early_stopping_keeps_the_best_epoch(tiny_config, tmp_path):
@@ -175,7 +177,7 @@ def test_train_then_evaluate_as_separate_commands(tmp_path, capsys, caplog):
             "--set", "data.generate.n_users=300", "--set", "data.generate.n_items=120",
             "--set", "data.generate.n_ratings=12000", "--set", "model.k=8", "--set", "train.epochs=3"]
     assert main(["train", *args]) == 0
-    assert (tmp_path / "run" / "model" / "P.npy").is_file()
+    assert (tmp_path / "run" / "model" / "manifest.json").is_file()
     assert not (tmp_path / "run" / "summary.json").exists()
     assert main(["evaluate", *args]) == 0
     out = capsys.readouterr()
@@ -190,7 +192,7 @@ def test_a_stage_whose_output_is_gone_runs_again(tiny_config, tmp_path):
     first = run_pipeline(config)
     shutil.rmtree(tmp_path / "run" / "model")
     again = run_pipeline(config)
-    assert (tmp_path / "run" / "model" / "P.npy").is_file()
+    assert (tmp_path / "run" / "model" / "manifest.json").is_file()
     assert again["test_rmse"] == first["test_rmse"]
 
 
@@ -221,13 +223,13 @@ def test_a_block_whose_factors_overflow_reports_an_infinite_error():
     row_block = RowBlock(0, np.arange(20, dtype=np.int32), ((BlockRatings(users, items, ratings),), (empty,), (empty,)))
     hyper = Hyper(lr=1e6, reg=0.0, bias_reg=0.0, use_bias=True, global_mean=3.0, order="user_runs",
                   users_per_run=4, tile_items=0)
-    users, items, sse = sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), hyper,
-                                   7, "test block")
+    users, items, sse = sgd_update(row_block.split(0)[0], init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2),
+                                   hyper, 7)
     assert sse == float("inf")
     sane = Hyper(lr=0.01, reg=0.05, bias_reg=0.01, use_bias=True, global_mean=3.0, order="user_runs",
                  users_per_run=4, tile_items=0)
-    assert np.isfinite(sgd_update(row_block, 0, init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2), sane,
-                                  7, "test block")[2])
+    assert np.isfinite(sgd_update(row_block.split(0)[0], init_factors(20, 4, 0.1, 1), init_factors(10, 4, 0.1, 2),
+                                  sane, 7)[2])
 
 
 def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, capsys):
@@ -239,28 +241,25 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
         "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=2", "train.d=3",
         "cluster.scheduler=inprocess"]), [])]) == 0
     factors, _ = read_model(run_dir / "model")
-    users = pq.read_table(run_dir / "export" / "users.parquet")
+    users = pq.read_table(run_dir / "export" / "users.parquet").sort_by("id")  # one part per block
     assert users["id"].to_pylist() == list(range(1, 301))  # synthetic raw ids are 1-based
     np.testing.assert_array_equal(np.array(users["factors"].to_pylist(), dtype=np.float32), factors.P)
     np.testing.assert_array_equal(users["bias"].to_numpy(), factors.user_bias)
-    items = pq.read_table(run_dir / "export" / "items.parquet")
+    items = pq.read_table(run_dir / "export" / "items.parquet").sort_by("id")
     np.testing.assert_array_equal(np.array(items["factors"].to_pylist(), dtype=np.float32), factors.Q)
+    assert len(list((run_dir / "export" / "items.parquet").glob("part-*.parquet"))) == 3
     assert not (run_dir / "summary.json").exists()  # export needs a model, not an evaluation
 
 
-def test_auto_d_follows_the_worker_threads_and_a_run_keeps_the_d_it_was_blocked_with(tiny_config, tmp_path):
+def test_auto_d_follows_the_data_alone_so_the_default_gives_the_same_bits_on_any_thread_count(tiny_config,
+                                                                                              tmp_path):
     from funkflow.pipeline.running.cluster import InProcessExecutor
 
-    first = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto", "cluster.n_workers=1",
-                                     "cluster.threads_per_worker=1"))
-    assert first["d"] == 1  # 12k ratings on one in-process thread
-    blocks_json = tmp_path / "run" / "blocks" / "blocks.json"
-    built = blocks_json.stat().st_mtime_ns
-    again = run_pipeline(tiny_config(tmp_path / "run", "train.d=auto"), executor=InProcessExecutor(threads=3))
-    assert again["d"] == 1 and blocks_json.stat().st_mtime_ns == built
-    assert again["test_rmse"] == first["test_rmse"]
-    fresh = run_pipeline(tiny_config(tmp_path / "fresh", "train.d=auto"), executor=InProcessExecutor(threads=3))
-    assert fresh["d"] == 3
+    sets = ("train.d=auto", "data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=60000")
+    one = run_pipeline(tiny_config(tmp_path / "one", *sets), executor=InProcessExecutor(threads=1))
+    three = run_pipeline(tiny_config(tmp_path / "three", *sets), executor=InProcessExecutor(threads=3))
+    assert one["d"] == three["d"] == 2  # 60k ratings: blocks of 15k
+    assert model_bytes(tmp_path / "one") == model_bytes(tmp_path / "three")
 
 
 def _reports(*val_rmse: float | None, train_rmse: list[float] | None = None) -> list[EpochReport]:

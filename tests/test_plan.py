@@ -1,4 +1,4 @@
-"""funkflow plan: the sizing arithmetic, the calibration, the command."""
+"""funkflow plan: the sizing arithmetic, the calibration, the command; train.d: auto."""
 
 from __future__ import annotations
 
@@ -7,45 +7,50 @@ from dataclasses import replace
 import pytest
 
 from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.training.plan import (
-    BALANCE,
-    ITEM_BLOCK_BYTES,
-    MIN_BLOCK_RATINGS,
-    MIN_CACHED_BLOCK_RATINGS,
-    Plan,
-    auto_d,
-    calibrate,
-    state_bytes,
-)
+from funkflow.pipeline.training.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
+
+NETFLIX = Plan(ratings=100_000_000, users=480_000, items=17_770, k=49, d=128, workers=2, threads=1,
+               train_fraction=0.85, rate=20e6, hop=0.0003, bandwidth=1e9)
 
 
 def test_plan_arithmetic_for_netflix_on_two_workers():
-    plan = Plan(ratings=100_000_000, users=480_000, items=17_770, k=49, d=4, workers=2, threads=1,
-                train_fraction=0.85, rate=20e6, hop=0.005, bandwidth=1e9)
-    rows = dict(plan.rows())
-    assert rows["ratings per worker (loaded blocks)"] == "572.2 MiB"        # 2 of 4 blocks × 25M × 12 B
+    rows = dict(NETFLIX.rows())
+    assert rows["ratings per worker (loaded blocks)"] == "572.2 MiB"        # 64 of 128 rows × 100M/128 × 12 B
     assert rows["user factors per worker"] == "119.0 MiB"                   # 240k users × (64 + 1) floats × 2 versions
-    assert rows["item factors moved per epoch"] == "10.2 MiB"               # 17,770 × 200 B × (4 × 1/2 + 1), unpadded
+    # 2 × 64 blocks held or working of 17,770/128 items × 65 floats: Q, and one in the mailbox
+    assert rows["item factors per worker"] == "4.4 MiB (1.000 Q) and 35.2 KiB in flight"
+    # 127 blocks enter in the epoch, and half of the 64 it starts the next one with: 1.24 Q, unpadded
+    assert rows["received per worker per epoch"].endswith("(1.24 Q)")
     assert rows["checkpoint per epoch"] == "94.9 MiB"                       # 497,770 rows × 50 floats, unpadded
     assert rows["scheduler tasks per epoch"] == "2"
-    sgd, waiting, rest = plan.epoch_parts()
-    assert sgd == pytest.approx(85e6 / (20e6 * 2 * BALANCE))
-    assert waiting == 0                                                      # 5.3M-rating blocks hide a 5 ms hop
-    assert plan.epoch_seconds() == pytest.approx(sgd + rest)
+    assert NETFLIX.hidden() and rows["hand-offs hidden"].startswith("yes")
+    sgd, waiting, rest = NETFLIX.epoch_parts()
+    assert sgd == pytest.approx(NETFLIX.d * 64 * NETFLIX.block_seconds())
+    assert sgd == pytest.approx(100e6 * (0.85 + 0.15 / 3 * 0.25) / (20e6 * 2 * BALANCE))
+    assert waiting == 0 and NETFLIX.epoch_seconds() == pytest.approx(sgd + rest)
 
 
-def test_plan_turns_latency_bound_as_workers_grow_and_names_the_fastest_count():
-    netflix = Plan(ratings=100_000_000, users=480_000, items=17_770, k=50, d=4, workers=2, threads=1,
-                   train_fraction=0.85, rate=30e6, hop=0.005, bandwidth=1e9)
-    at = {w: replace(netflix, workers=w, d=auto_d(netflix.ratings, w)) for w in (2, 16, 256)}
+def test_item_factors_per_worker_fall_with_the_workers():
+    """Every worker holds its share of Q, not all of it: about 2Q/W and a block a lane."""
+    big = replace(NETFLIX, ratings=3_000_000_000, users=50_000_000, items=40_000_000, k=50, d=512)
+    q_held, q_sent = big.items * big.state_bytes, big.items * big.row_bytes
+    assert big.item_bytes()[0] == q_held
+    held, in_flight = replace(big, workers=64).item_bytes()
+    assert held <= q_held / 32 and in_flight <= q_held / 512
+    for w in (2, 4, 8, 64):
+        assert replace(big, workers=w).received_bytes() <= 1.5 * q_sent
+
+
+def test_latency_shows_once_a_lane_has_one_row_and_the_plan_names_the_fastest_count():
+    at = {w: replace(NETFLIX, workers=w) for w in (2, 16, 64, 128)}
     assert at[16].epoch_seconds() < at[2].epoch_seconds()
-    sgd, waiting, _ = at[256].epoch_parts()
-    assert waiting > sgd and at[256].epoch_seconds() > at[16].epoch_seconds()
-    fastest = netflix.fastest_workers()
-    assert 2 < fastest.workers < 256
-    assert "more workers make an epoch slower" in dict(netflix.rows())["fastest at"]
-    # A faster network moves the turning point out.
-    assert replace(netflix, hop=0.0005).fastest_workers().workers > fastest.workers
+    assert at[64].hidden() and not at[128].hidden()          # 2 rows a lane, then 1
+    assert at[128].epoch_parts()[1] > 0
+    fastest = NETFLIX.fastest_workers()
+    assert fastest.workers <= NETFLIX.d
+    assert "more workers make an epoch no faster" in dict(NETFLIX.rows())["fastest at"]
+    # A slower network moves the turning point in.
+    assert replace(NETFLIX, hop=0.02).fastest_workers().workers < fastest.workers
 
 
 def test_calibration_measures_a_plausible_rate():
@@ -56,30 +61,18 @@ def test_plan_command_prints_the_estimate(capsys):
     assert main(["plan", "--ratings", "1e10", "--users", "5e7", "--items", "1e6", "--k", "64", "--d", "64",
                  "--workers", "32", "--rate", "2e7"]) == 0
     out = capsys.readouterr().out
-    assert "estimated epoch time" in out and "parallel blocks" in out and "32 (d=64, 32×1 threads)" in out
+    assert "estimated epoch time" in out and "hand-offs hidden" in out and "32 (d=64, 32×1 threads" in out
 
 
-def test_auto_d_gives_two_blocks_per_thread_only_while_blocks_stay_large():
-    assert auto_d(100_000_000, 2) == 4                     # Netflix on 2 threads: 6.25M ratings a block
-    assert auto_d(10_000_000, 2) == 2                      # 10M: 0.6M a block at d=4 would be overhead-bound
-    assert auto_d(16 * MIN_BLOCK_RATINGS, 2) == 4 and auto_d(16 * MIN_BLOCK_RATINGS - 1, 2) == 2
-    assert auto_d(10**11, 64) == 128 and auto_d(10**10, 64) == 64
-    assert auto_d(1_000, 1) == 1 and auto_d(1_000, 0) == 1  # never below one block, nor below the threads
-
-
-def test_auto_d_cuts_a_large_catalogue_into_item_blocks_that_stay_cached():
-    assert auto_d(20_000_000, 2, 500_000, 50) == 8          # a shop: 130 MB of item factors, 16 MB blocks
-    assert 500_000 * state_bytes(50) / 8 <= ITEM_BLOCK_BYTES < 500_000 * state_bytes(50) / 6
-    assert auto_d(100_000_000, 2, 17_770, 50) == 4          # Netflix's 4.6 MB of item factors: as before
-    assert auto_d(10_000_000, 2, 17_770, 50) == 2
-    assert auto_d(20_000_000, 2, 500_000, 16) == 4          # k=16: 34 MB of item factors
-    assert auto_d(20_000_000, 2, 500_000, 50, workers=2) == 2  # between processes a hand-off serialises a block
-    # Too few ratings to cut finer: blocks keep MIN_CACHED_BLOCK_RATINGS.
-    d = auto_d(2_000_000, 2, 10_000_000, 50)
-    assert d == 2 and 2_000_000 / (d + 2) ** 2 < MIN_CACHED_BLOCK_RATINGS
+def test_auto_d_follows_the_ratings_alone():
+    assert auto_d(100_480_507) == 128                      # Netflix: blocks of about 6,100 ratings
+    assert auto_d(10_000_000) == 32 and auto_d(1_000_000) == 8
+    assert auto_d(4 * MIN_BLOCK_RATINGS) == 2 and auto_d(4 * MIN_BLOCK_RATINGS - 1) == 1
+    assert auto_d(12_000) == 1 and auto_d(0) == 1
+    assert auto_d(3_000_000_000) == 512
 
 
 def test_plan_command_defaults_d_to_the_auto_choice(capsys):
     assert main(["plan", "--ratings", "1e8", "--users", "480189", "--items", "17770", "--workers", "2",
                  "--rate", "2e7"]) == 0
-    assert "2 (d=4, 2×1 threads)" in capsys.readouterr().out
+    assert "2 (d=128, 2×1 threads, 64 rows a lane)" in capsys.readouterr().out

@@ -46,7 +46,7 @@ def test_a_run_directory_funkflow_did_not_make_is_refused_and_left_as_it_was(tmp
 def test_an_empty_directory_becomes_a_run_directory(tmp_path):
     (tmp_path / "empty").mkdir()
     assert main(["run", "--run-dir", str(tmp_path / "empty"), *_sets()]) == 0
-    assert (tmp_path / "empty" / MARK).is_file() and (tmp_path / "empty" / "model" / "P.npy").is_file()
+    assert (tmp_path / "empty" / MARK).is_file() and (tmp_path / "empty" / "model" / "model.json").is_file()
 
 
 def test_an_output_funkflow_did_not_make_is_never_swapped_out(tmp_path):

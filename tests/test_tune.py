@@ -8,6 +8,7 @@ import logging
 import math
 
 import pytest
+from conftest import model_bytes
 
 from funkflow.pipeline.running.cli import main
 from funkflow.pipeline.running.config import load_config
@@ -87,10 +88,10 @@ def test_tune_halves_the_trials_at_each_rung_and_trains_the_winner_on_train_and_
 
 
 def test_best_yaml_runs_as_is_to_the_tunes_model(tuned, capsys):
-    before = (tuned / "model" / "P.npy").read_bytes()
+    before = model_bytes(tuned)
     assert main(["run", str(tuned / "best.yaml")]) == EXIT_OK
     assert "train: up to date" in capsys.readouterr().err
-    assert (tuned / "model" / "P.npy").read_bytes() == before
+    assert model_bytes(tuned) == before
 
 
 def test_an_interrupted_tune_takes_up_the_trials_it_finished(tuned, tmp_path, caplog):
@@ -109,7 +110,7 @@ def test_an_interrupted_tune_takes_up_the_trials_it_finished(tuned, tmp_path, ca
     assert len(trained_again) == len(lines) - 1 - 6
     assert _curves(copy) == _curves(tuned)
     factors, _ = read_model(copy / "model")
-    assert (copy / "model" / "P.npy").read_bytes() == (tuned / "model" / "P.npy").read_bytes()
+    assert model_bytes(copy) == model_bytes(tuned)
     assert factors.P.shape[1] == load_config(tuned / "best.yaml").model.k
 
 

@@ -181,15 +181,16 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--users", type=float, required=True, help="number of users")
     plan.add_argument("--items", type=float, required=True, help="number of items")
     plan.add_argument("--k", type=int, default=50, help="latent factors")
-    plan.add_argument("--d", type=int, default=None, help="blocks per side (default: what train.d: auto picks)")
+    plan.add_argument("--d", type=int, default=None,
+                      help="blocks per side (default: what train.d: auto picks for the ratings)")
     plan.add_argument("--workers", type=int, default=2, help="worker processes")
     plan.add_argument("--threads-per-worker", type=int, default=1, help="threads of each worker")
     plan.add_argument("--train-fraction", type=float, default=0.85,
                       help="share of the ratings that train (the default split holds out 10%% test, 5%% validation)")
     plan.add_argument("--rate", type=float, help="kernel ratings/s per thread (default: measure it here)")
     plan.add_argument("--hop-ms", type=float, default=HOP_SECONDS * 1e3,
-                      help="milliseconds to hand an item block to the next worker, beyond its transfer "
-                           "(default: fitted on this machine by scripts/bench_scale.py)")
+                      help="milliseconds to hand a column block to another worker, beyond its transfer "
+                           "(default: measured between idle workers by scripts/bench_scale.py)")
     plan.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s between workers")
     return parser
 
@@ -321,8 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "plan":
             rate = args.rate or calibrate(args.k)
-            d = args.d or auto_d(int(args.ratings), args.workers * args.threads_per_worker, int(args.items), args.k,
-                                 args.workers)
+            d = args.d or auto_d(int(args.ratings))
             sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
                          args.threads_per_worker, args.train_fraction, rate, args.hop_ms / 1e3, args.bandwidth)
             for label, value in sized.rows():

@@ -49,8 +49,9 @@ from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_m
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage
 from funkflow.pipeline.training.placement import BlockPlacement
 from funkflow.pipeline.training.plan import auto_d
-from funkflow.pipeline.training.train import EpochReport, WarmStart, train
-from funkflow.tasks.artifacts import MODEL_JSON
+from funkflow.pipeline.training.train import EpochReport, TrainResult, WarmStart, train
+from funkflow.tasks.artifacts import MANIFEST, MODEL_JSON
+from funkflow.tasks.checkpoint_io import BlockWriter
 from funkflow.tasks.idmap import index_of
 from funkflow.tasks.io import read_json, update_text, write_json, write_text
 from funkflow.tasks.synthetic import SyntheticSpec
@@ -195,23 +196,13 @@ class Pipeline:
         t = self.config.train
         test_set = self.test_set(dataset)
 
-        def fingerprint_at(d: int) -> str:
-            return _chain(upstream, dataset.fingerprint, test_set.fingerprint if test_set else "",
-                          self.config.fingerprint("split"), str(d), str(t.seed))
-
         d = t.d
         if d == "auto":
-            d = auto_d(dataset.n_ratings, self.executor.total_threads, dataset.n_items, self.config.model.k,
-                       len(self.executor.workers))
-            # The run's own blocks keep their d, so a re-run or --resume on another cluster
-            # size continues the same model instead of starting over.
-            if (self.run.blocks / "blocks.json").exists():
-                built = open_blocks(self.run.blocks).d
-                if self.run.completed("block", fingerprint_at(built)) is not None:
-                    d = built
-            log.info("train.d: auto chose d=%d for %s ratings on %d worker threads",
-                     d, f"{dataset.n_ratings:,}", self.executor.total_threads)
-        fingerprint = fingerprint_at(d)
+            d = auto_d(dataset.n_ratings)
+            log.info("train.d: auto chose d=%d for %s ratings (%d×%d blocks of about %s; the same on any cluster)",
+                     d, f"{dataset.n_ratings:,}", d, d, f"{dataset.n_ratings // d ** 2:,}")
+        fingerprint = _chain(upstream, dataset.fingerprint, test_set.fingerprint if test_set else "",
+                             self.config.fingerprint("split"), str(d), str(t.seed))
 
         def work() -> None:
             block_dataset(self.executor, dataset, self.run.blocks, d, self.config.split, t.seed, test_set)
@@ -259,14 +250,15 @@ class Pipeline:
         info = read_json(model_dir / MODEL_JSON)
         if info["k"] != self.config.model.k:
             raise ConfigError(f"train.init_from: {source} has k={info['k']}, this run model.k={self.config.model.k}")
-        maps = {}
+        maps, n_previous = {}, []
         for name, new_ids, old_ids in zip(("users", "items"), read_id_maps(dataset.root), read_id_maps(model_dir)):
             maps[name] = index_of(new_ids, old_ids)
+            n_previous.append(len(old_ids))
             known = int((maps[name] >= 0).sum())
             log.info("warm start: %s of %s %s known to %s (%s new, %s dropped)", f"{known:,}", f"{len(new_ids):,}",
                      name, source, f"{len(new_ids) - known:,}", f"{len(old_ids) - known:,}")
-        stamp = _chain(*(source_stamp(str(model_dir / f)) for f in (MODEL_JSON, "P.npy", "Q.npy")))
-        return WarmStart(model_dir, maps["users"], maps["items"]), stamp
+        stamp = _chain(*(source_stamp(str(model_dir / f)) for f in (MODEL_JSON, MANIFEST)))
+        return WarmStart(model_dir, maps["users"], maps["items"], (n_previous[0], n_previous[1])), stamp
 
     def train(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> str:
         warm, warm_stamp = self._warm_start(dataset)
@@ -277,13 +269,16 @@ class Pipeline:
             progress = _Progress(self.run, self.config.train.epochs,
                                  [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [],
                                  self.callbacks)
+            def save(result: TrainResult, write_blocks: BlockWriter) -> None:
+                global_mean = blocks.global_mean if self.config.model.use_bias else 0.0
+                info = {"global_mean": global_mean, "k": self.config.model.k,
+                        "use_bias": self.config.model.use_bias, "d": blocks.d, "epochs": len(result.history),
+                        "best_epoch": result.best_epoch, "dataset_fingerprint": dataset.fingerprint,
+                        "rating_scale": dataset.meta.get("rating_scale"), "config": self.config.to_dict()}
+                write_model(self.run.model, info, *read_id_maps(dataset.root), write_blocks, (blocks.d, blocks.seed))
+
             result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
-                           self.config.train, progress, store, checkpoint, warm)
-            info = {"k": self.config.model.k, "use_bias": self.config.model.use_bias, "d": blocks.d,
-                    "epochs": len(result.history), "best_epoch": result.best_epoch,
-                    "dataset_fingerprint": dataset.fingerprint, "rating_scale": dataset.meta.get("rating_scale"),
-                    "config": self.config.to_dict()}
-            write_model(self.run.model, result.factors, info, *read_id_maps(dataset.root))
+                           self.config.train, save, progress, store, checkpoint, warm)
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
         self._stage("train", fingerprint, work, self.run.model_json)
@@ -325,7 +320,7 @@ class Pipeline:
         if last == "train":
             return None
         if last == "export":
-            self._stage("export", fingerprint, lambda: export_model(self.run.model, self.run.export),
+            self._stage("export", fingerprint, lambda: export_model(self.executor, self.run.model, self.run.export),
                         self.run.export / "users.parquet")
             return None
         return self.evaluate(dataset, blocks, placement, fingerprint)

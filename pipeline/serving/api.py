@@ -36,7 +36,7 @@ from funkflow.pipeline.serving.model import (
     read_id_maps,
     read_model,
     score_pairs,
-    write_model,
+    write_factors,
 )
 from funkflow.pipeline.training.train import EpochReport
 from funkflow.tasks.idmap import index_of, sorted_distinct
@@ -194,11 +194,11 @@ class FunkSVD:
         factors = self._fitted()
         fs, path = fsspec.core.url_to_fs(str(url))
         if "file" in fs.protocol or fs.protocol == "local":
-            write_model(Path(path), factors, self.info_, self.user_ids_, self.item_ids_, self.folded_ratings_)
+            write_factors(Path(path), factors, self.info_, self.user_ids_, self.item_ids_, self.folded_ratings_)
             return
         with tempfile.TemporaryDirectory() as tmp:
-            write_model(Path(tmp) / "model", factors, self.info_, self.user_ids_, self.item_ids_,
-                        self.folded_ratings_)
+            write_factors(Path(tmp) / "model", factors, self.info_, self.user_ids_, self.item_ids_,
+                          self.folded_ratings_)
             fs.put(str(Path(tmp) / "model") + "/", path, recursive=True)
 
     @classmethod

@@ -1,14 +1,16 @@
-"""The ``evaluate`` stage: test RMSE and MAE of a saved model beside its baselines.
+"""The ``evaluate`` stage: test RMSE and MAE of a saved model beside its baselines, and ranking metrics.
 
-The model is read block by block by tasks on the workers that own the row
-blocks; the baselines (global mean, damped biases) are fitted on the training
-split the same way; for synthetic data the floor is the RMSE of the true
-expected rating.
+Each worker reads its rows' user blocks of the model and the column blocks pass
+it once, as in training (:mod:`funkflow.tasks.measure`); the baselines (global
+mean, damped biases) are fitted on the training split by tasks on the row
+blocks; for synthetic data the floor is the RMSE of the true expected rating.
 """
 
 from __future__ import annotations
 
 import math
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +19,14 @@ import numpy as np
 from funkflow.pipeline.running.cluster import Executor
 from funkflow.pipeline.running.config import EvaluateConfig
 from funkflow.pipeline.serving.model import verify_model
-from funkflow.pipeline.training.placement import BlockPlacement, rmse, sum_row_errors
+from funkflow.pipeline.training.exchange import measure_share
+from funkflow.pipeline.training.placement import BlockPlacement, row_sum
+from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
-from funkflow.tasks.blocks import TEST, TRAIN
-from funkflow.tasks.recommend import RANKERS, item_counts, ranking_row
-from funkflow.tasks.training import read_factor_block
+from funkflow.tasks.blocks import TEST
+from funkflow.tasks.io import read_json
+from funkflow.tasks.measure import MEASURED_SPLITS, Measured, MeasurePlan, Ranking
+from funkflow.tasks.recommend import RANKERS, item_counts
 
 
 def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],
@@ -35,46 +40,59 @@ def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: 
     return [sums / (ITEM_DAMPING + count) for sums, count in totals]
 
 
-def ranking(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
-            cfg: EvaluateConfig, seed: int) -> dict[str, Any]:
-    """precision, recall, NDCG and MAP at ``cfg.ranking_k`` and catalogue coverage, for the model and for
-    the popularity baseline, over users with a relevant test rating (a sample of ``cfg.ranking_users``)."""
-    b = placement.blocks
-    counts = executor.gather(placement.on_rows(row_blocks, item_counts, b.n_items, b.d, b.seed, name="item_counts"))
-    popularity = np.sum(counts, axis=0).astype(np.float32)
+def measure(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
+            plan: MeasurePlan) -> list[Measured]:
+    """Run the measuring rotation ``plan`` of the model in ``model_dir``: one task per worker, on the workers
+    that hold the row blocks; their results in worker order, so their rows come in row order."""
+    executor.install_exchange()
+    futures = [executor.submit(measure_share, plan, str(model_dir), index, executor.threads[address],
+                               *[row_blocks[r] for r in plan.rows_of(index)], name="measure_share", worker=address)
+               for index, address in enumerate(plan.workers)]
+    return executor.gather_watching(futures)
+
+
+def _ranking(popularity_of: Callable[[], np.ndarray], cfg: EvaluateConfig, n_users: int, seed: int) -> Ranking:
     wanted = None
-    if cfg.ranking_users and cfg.ranking_users < b.n_users:
-        wanted = np.sort(np.random.default_rng(seed).choice(b.n_users, cfg.ranking_users, replace=False))
-    parts = executor.gather(placement.on_rows(row_blocks, ranking_row, str(model_dir), popularity, b.n_items, b.d,
-                                              b.seed, cfg.ranking_k, cfg.relevance_threshold, wanted,
-                                              name="ranking_row"))
+    if cfg.ranking_users and cfg.ranking_users < n_users:
+        wanted = np.sort(np.random.default_rng(seed).choice(n_users, cfg.ranking_users, replace=False))
+    return Ranking(cfg.ranking_k, cfg.relevance_threshold, popularity_of(), wanted)
+
+
+def _ranking_result(measured: list[Measured], cfg: EvaluateConfig, n_items: int) -> dict[str, Any]:
+    sums = row_sum(np.concatenate([m.ranking for m in measured]))
     result: dict[str, Any] = {"k": cfg.ranking_k, "relevance_threshold": cfg.relevance_threshold}
-    sums = np.sum([p.sums for p in parts], axis=0)
-    covered = np.any([p.recommended for p in parts], axis=0)
     for ranker, name in enumerate(RANKERS):
         users = int(sums[ranker, 4])
         result["users"] = users
         result[name] = {metric: (float(sums[ranker, j] / users) if users else None)
                         for j, metric in enumerate(("precision", "recall", "ndcg", "map"))}
-        result[name]["coverage"] = float(covered[ranker].sum() / b.n_items)
+        covered = np.unique(np.concatenate([m.recommended[ranker] for m in measured]))
+        result[name]["coverage"] = float(covered.shape[0] / n_items)
     return result
 
 
 def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
              global_mean: float, has_expected: bool, cfg: EvaluateConfig | None = None,
              seed: int = 0) -> dict[str, Any]:
-    """Test metrics of the model in ``model_dir`` and of the baselines; ranking metrics with ``cfg``."""
+    """Test metrics of the model in ``model_dir`` and of the baselines; ranking metrics with ``cfg``.
+
+    The model's column blocks pass each worker's rows once (:mod:`funkflow.tasks.measure`): error sums and,
+    for ranking, each evaluated user's running top-N; no worker holds more of the model than its share."""
     verify_model(model_dir)
     b = placement.blocks
+    info = read_json(model_dir / MODEL_JSON)
 
-    def state(side: str, n: int, block: int) -> Any:
-        return executor.submit(read_factor_block, str(model_dir), side, n, b.d, b.seed, block,
-                               name="read_factor_block", worker=placement.owner(block))
+    def popularity() -> np.ndarray:
+        counts = executor.gather(placement.on_rows(row_blocks, item_counts, b.n_items, b.d, b.seed,
+                                                   name="item_counts"))
+        return np.sum(counts, axis=0).astype(np.float32)
 
-    user_states = [state("user", b.n_users, r) for r in range(b.d)]
-    item_states = [state("item", b.n_items, c) for c in range(b.d)]
-    errors = sum_row_errors(executor, placement, row_blocks, user_states, item_states, global_mean, (TRAIN, TEST))
-    sse, sae, n = errors[TEST].sum(axis=0)
+    ranking = _ranking(popularity, cfg, b.n_users, seed) if cfg is not None and b.n_split(TEST) else None
+    plan = MeasurePlan(run_id=uuid.uuid4().hex, workers=tuple(executor.workers), d=b.d, block_seed=b.seed,
+                       n_items=b.n_items, k=info["k"], global_mean=global_mean, ranking=ranking)
+    measured = measure(executor, placement, row_blocks, model_dir, plan)
+    errors = row_sum(np.concatenate([m.errors for m in measured]).reshape(-1, len(MEASURED_SPLITS), 3))
+    (train_sse, _, n_train), (sse, sae, n) = errors
 
     item_bias = _fit_item_biases(executor, placement, row_blocks, b.global_mean)
     futures = placement.on_rows(row_blocks, baseline_errors, item_bias, b.global_mean, name="baseline_errors")
@@ -88,12 +106,12 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
     results: dict[str, Any] = {
         "test_rmse": math.sqrt(sse / n) if n else None,
         "test_mae": sae / n if n else None,
-        "train_rmse": rmse(errors, TRAIN),
+        "train_rmse": math.sqrt(train_sse / n_train) if n_train else None,
         "n_test": int(n),
         "baselines": {name: metrics(base[i]) for i, name in enumerate(BASELINES[:2])} if n else {},
     }
     if has_expected and n:
         results["floor_rmse"] = metrics(base[BASELINES.index("floor")])["rmse"]
-    if cfg is not None and n:
-        results["ranking"] = ranking(executor, placement, row_blocks, model_dir, cfg, seed)
+    if ranking is not None and cfg is not None:
+        results["ranking"] = _ranking_result(measured, cfg, b.n_items)
     return results

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 from funkflow.pipeline.data.sources import IngestOptions, rating_file_format, read_rating_rows
 from funkflow.pipeline.running.errors import DataError, OutputError, UsageError
 from funkflow.pipeline.running.rundir import RunDir, locked
-from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, write_model
+from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, write_factors
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.foldin import fold_in
 from funkflow.tasks.idmap import in_id_type, index_of
@@ -48,7 +48,7 @@ class FoldedModel:
     report: FoldInReport
 
     def write(self, out: Path) -> None:
-        write_model(out, self.factors, self.info, self.user_ids, self.item_ids, self.folded_ratings)
+        write_factors(out, self.factors, self.info, self.user_ids, self.item_ids, self.folded_ratings)
 
 
 def _merged_ratings(earlier: tuple[np.ndarray, np.ndarray] | None, new: tuple[np.ndarray, np.ndarray] | None,

@@ -1,8 +1,9 @@
 """``funkflow recommend``: top-N unseen items for every user (or some), computed on the workers.
 
-Each row block's users are scored against all items by the worker that owns
-the block, a chunk of users at a time (:mod:`funkflow.tasks.recommend`); items a user
-rated in training (or validation) are excluded. Users added by ``fold-in`` have
+The model's column blocks pass each worker's rows once, as in training, and each
+worker keeps a running top-N of its users (:mod:`funkflow.tasks.measure`): a
+worker holds its users × N and the blocks in flight, never the whole catalogue.
+Items a user rated in training (or validation) are excluded. Users added by ``fold-in`` have
 no blocks: their ratings are kept in the folded model and they are scored on
 the client. The lists, in raw ids, go to one Parquet file (``user``, ``rank``,
 ``item``, ``score``), written whole or not at all.
@@ -11,6 +12,7 @@ the client. The lists, in raw ids, go to one Parquet file (``user``, ``rank``,
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +27,14 @@ from funkflow.pipeline.running.cluster import Executor, open_executor
 from funkflow.pipeline.running.config import ClusterConfig, load_config
 from funkflow.pipeline.running.errors import DataError, UsageError
 from funkflow.pipeline.running.rundir import RunDir
+from funkflow.pipeline.serving.evaluate import measure
 from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
 from funkflow.pipeline.training.placement import BlockPlacement
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.idmap import index_of, sorted_distinct
 from funkflow.tasks.io import read_json, write_parquet
-from funkflow.tasks.recommend import positions_in_runs, recommend_row, recommend_users
+from funkflow.tasks.measure import MeasurePlan
+from funkflow.tasks.recommend import positions_in_runs, recommend_users
 
 log = logging.getLogger(__name__)
 
@@ -157,16 +161,21 @@ def _same_trained_model(base: RunDir, factors: Factors) -> bool:
 
 
 def _from_blocks(run_dir: Path, wanted: np.ndarray | None, top: int, executor: Executor) -> RecommendationLists:
+    """Top-``top`` lists of a trained run's users (all, or the sorted indices ``wanted``): the model's column
+    blocks pass the workers that hold the users' rating blocks once, each keeping its users' running lists."""
     run = RunDir(run_dir)
     if not run.blocks_json.is_file():
         raise DataError(f"{run_dir}: no blocks/ beside the model, so what its users rated is unknown; recommend "
                         "from the run directory that trained it")
     blocks = open_blocks(run.blocks)
     placement = BlockPlacement(executor, blocks)
-    row_blocks = placement.load_row_blocks()
-    futures = placement.on_rows(row_blocks, recommend_row, str(run.model), blocks.n_items, blocks.d,
-                                blocks.seed, top, wanted, name="recommend_row")
-    users, items, scores = (np.concatenate(column) for column in zip(*executor.gather(futures)))
+    info = read_json(run.model / MODEL_JSON)
+    plan = MeasurePlan(run_id=uuid.uuid4().hex, workers=tuple(executor.workers), d=blocks.d, block_seed=blocks.seed,
+                       n_items=blocks.n_items, k=info["k"], global_mean=float(info["global_mean"]), errors=False,
+                       top=top, users=wanted)
+    measured = measure(executor, placement, placement.load_row_blocks(), run.model, plan)
+    users, items, scores = (np.concatenate(column) for column in zip(*((m.users, m.items, m.scores)
+                                                                       for m in measured)))
     return RecommendationLists(users, items, scores)
 
 

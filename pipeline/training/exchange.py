@@ -1,18 +1,18 @@
-"""The worker extension that carries item blocks between workers, and the tasks the DSGD driver submits.
+"""The worker extension that carries column blocks between workers, and the tasks the DSGD driver submits.
 
 Modelled on distributed's P2P shuffle (``distributed/shuffle/_worker_plugin.py``):
 a worker plugin adds a comm handler, ``funkflow_item_blocks``, through which a
-worker hands an item block straight to the peer that needs it next; the
+worker hands a column block straight to the peer whose row takes it next; the
 scheduler is out of the data path and sees one task per worker per epoch
 (:func:`epoch_share`), not one per block. Every epoch runs under a fresh run id,
 so data of an epoch that was called off never mixes with its re-run.
 
 Each worker's extension also keeps the run's factor *versions* (its rows' user
-states and every item state after an epoch): they stay on the worker between
-epochs, as the row blocks do, and only checkpoints, the final model and the
-driver's decisions cross the scheduler. A version lives in worker memory and is
-lost with the worker; the driver then restarts from the newest checkpoint on the
-workers that are left (``pipeline/training/train.py``).
+states and the column blocks it holds at that point): they stay on the worker
+between epochs, as the row blocks do, and only checkpoints, the model's block
+files and the driver's decisions leave it. A version lives in worker memory and
+is lost with the worker; the driver then restarts from the newest checkpoint on
+the workers that are left (``pipeline/training/train.py``).
 
 Without Dask (``cluster.scheduler: inprocess``) one extension in this process
 plays every role, with the same code.
@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from funkflow.tasks.artifacts import FileEntry
 from funkflow.tasks.blocks import TRAIN, RowBlock
 from funkflow.tasks.epoch import (
     EpochPlan,
@@ -41,7 +42,9 @@ from funkflow.tasks.epoch import (
     start_version,
     write_share,
 )
-from funkflow.tasks.training import FactorState, row_errors, trimmed
+from funkflow.tasks.measure import Measured, MeasurePlan, measure_rotation
+from funkflow.tasks.model_files import read_model_block
+from funkflow.tasks.training import FactorState, trimmed
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +66,12 @@ class DSGDExchange(WorkerPlugin):
         self._run_of_training: dict[str, str] = {}
         self._retired: deque[str] = deque(maxlen=_RETIRED_RUNS)
         self._lock = threading.Lock()
-        # (run id, step, bytes) of the latest item blocks that came from peers.
+        # (run id, step, bytes) of the latest item blocks that came from peers, and the messages that brought them.
         self.received: deque[tuple[str, int, int]] = deque(maxlen=100_000)
+        self.messages = 0
+        # Seconds every message to a peer waits before it leaves: a test and benchmark hook that stands for
+        # a slow network (set through :func:`set_hand_off_delay`).
+        self.delay = 0.0
 
     def __reduce__(self) -> tuple[type, tuple]:
         return DSGDExchange, ()  # what travels to the workers is a fresh extension, never this one's state
@@ -86,6 +93,7 @@ class DSGDExchange(WorkerPlugin):
         mailbox = self._mailbox(train_id, run_id)
         if mailbox is None:
             return
+        self.messages += 1
         for step, col, block, bias in zip(steps, cols, factors, biases):
             self.received.append((run_id, step, block.nbytes + bias.nbytes))
             mailbox.put(step, col, (block, bias))
@@ -151,17 +159,19 @@ class DSGDExchange(WorkerPlugin):
             for name in [v for v in kept if v not in names]:
                 del kept[name]
 
-    def sender(self, plan: EpochPlan, mailbox: Mailbox) -> tuple[Any, Any]:
-        """``send`` for :func:`funkflow.tasks.epoch.run_share`, and a function that waits until every block has left."""
+    def sender(self, train_id: str, run_id: str, k: int, workers: tuple[str | None, ...],
+               mailbox: Mailbox) -> tuple[Any, Any]:
+        """``send`` for :func:`funkflow.tasks.epoch.rotate` in run ``run_id``, and a function that waits until
+        every block has left. ``k``: the factors a row that travel (the padding does not)."""
         outboxes: dict[str, _Outbox] = {}
 
         def send(index: int, step: int, col: int, state: FactorState) -> None:
-            address = plan.workers[index]
+            address = workers[index]
             if address is None or address == self.address:  # None: a plan for one process
                 mailbox.put(step, col, state)
                 return
             if address not in outboxes:
-                outboxes[address] = _Outbox(self.worker, address, plan, mailbox)
+                outboxes[address] = _Outbox(self.worker, address, train_id, run_id, k, mailbox, self.delay)
             outboxes[address].put(step, col, state)
 
         def sent() -> None:
@@ -176,8 +186,10 @@ class _Outbox:
     under way go together in the next one, so a busy worker sends fewer, larger messages and no block
     waits for a batch to fill."""
 
-    def __init__(self, worker: Any, address: str, plan: EpochPlan, mailbox: Mailbox) -> None:
-        self.worker, self.address, self.plan, self.mailbox = worker, address, plan, mailbox
+    def __init__(self, worker: Any, address: str, train_id: str, run_id: str, k: int, mailbox: Mailbox,
+                 delay: float = 0.0) -> None:
+        self.worker, self.address, self.mailbox = worker, address, mailbox
+        self.train_id, self.run_id, self.k, self.delay = train_id, run_id, k, delay
         self._queue: list[tuple[int, int, FactorState]] = []
         self._sending = False
         self._lock = threading.Lock()
@@ -200,12 +212,14 @@ class _Outbox:
                 if not batch:
                     self._sending = False
                     return
+            if self.delay:
+                await asyncio.sleep(self.delay)
             try:
                 # No reply: a lost peer shows as a failed write or to the driver's watch, and waiting for
                 # an answer would hold the next batch back by a round trip.
                 await self.worker.rpc(self.address).funkflow_item_blocks(
-                    train_id=self.plan.train_id, run_id=self.plan.run_id, steps=[b[0] for b in batch],
-                    cols=[b[1] for b in batch], factors=[to_serialize(trimmed(b[2], self.plan.k)[0]) for b in batch],
+                    train_id=self.train_id, run_id=self.run_id, steps=[b[0] for b in batch],
+                    cols=[b[1] for b in batch], factors=[to_serialize(trimmed(b[2], self.k)[0]) for b in batch],
                     biases=[to_serialize(b[2][1]) for b in batch], reply=False)
             except Exception as exc:
                 self.mailbox.fail(f"cannot hand item blocks {[b[1] for b in batch]} to {self.address}: {exc!r}")
@@ -255,21 +269,23 @@ def _cancel_check(worker: Any) -> Any:
 # Tasks. Each takes the address it was planned for and the row blocks of its worker as Dask futures, so
 # that Dask can rebuild a lost row block from Parquet.
 
-def load_share(source: StartFrom, train_id: str, version: str, rows: tuple[int, ...], address: str | None,
-               global_mean: float, measure: bool, *row_blocks: RowBlock) -> np.ndarray:
-    """Put the starting version of this worker's rows into its store.
+def load_share(source: StartFrom, train_id: str, version: str, rows: range, ring_order: tuple[int, ...],
+               address: str | None, global_mean: float, measure: bool, *row_blocks: RowBlock) -> np.ndarray:
+    """Put the starting version of this worker's rows, and the column blocks at their positions in
+    ``ring_order``, into its store.
 
-    Returns the training error sums of each row under it when ``measure``, array
-    of shape (n_rows, 3, d, 3), float64 (zeros otherwise).
+    Returns, when ``measure``, each row's ``(Σ (r - μ)², n)`` over its training ratings: the error of
+    predicting the global mean (0 for a k-only model), what the driver tells divergence by; array of shape
+    (n_rows, 2), float64 (zeros otherwise).
     """
     exchange, _ = _exchange(address)
-    start = start_version(source, rows)
-    exchange.store(train_id, version, start)
-    errors = np.zeros((len(rows), 3, len(source.item_sizes), 3))
+    exchange.store(train_id, version, start_version(source, rows, ring_order))
+    errors = np.zeros((len(rows), 2))
     if measure:
-        items = [start.items[c] for c in range(len(source.item_sizes))]
-        for j, (r, block) in enumerate(zip(rows, row_blocks)):
-            errors[j] = row_errors(block, start.users[r], items, global_mean, (TRAIN,))
+        for j, block in enumerate(row_blocks):
+            for ratings in block.split(TRAIN):
+                residual = ratings.ratings.astype(np.float64) - global_mean
+                errors[j] += (residual @ residual, ratings.n)
     return errors
 
 
@@ -280,7 +296,7 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
     try:
         exchange.keep_only(plan.train_id, (plan.start, *plan.keep))
         start = exchange.version(plan.train_id, plan.start)
-        send, sent = exchange.sender(plan, mailbox)
+        send, sent = exchange.sender(plan.train_id, plan.run_id, plan.k, plan.workers, mailbox)
         outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), start, mailbox, send,
                                      threads, _cancel_check(worker))
         sent()  # a peer must not wait for a block that never left
@@ -290,22 +306,30 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
         exchange.end(plan.run_id)
 
 
-def write_checkpoint_share(train_id: str, version: str, index: int, n_workers: int, address: str | None,
-                           url: str) -> dict[str, str]:
-    """Write this worker's share of ``version`` as a checkpoint at ``url``
-    (see :func:`funkflow.tasks.epoch.write_share`)."""
-    exchange, _ = _exchange(address)
-    return write_share(exchange.version(train_id, version), index, n_workers, url)
+def measure_share(plan: MeasurePlan, model_dir: str, index: int, threads: int, *row_blocks: RowBlock) -> Measured:
+    """Worker ``index``'s part of a measuring rotation of the model in ``model_dir``: it reads its rows' user
+    blocks and the column blocks at their ring positions, and the rest come by (see
+    :func:`funkflow.tasks.measure.measure_rotation`)."""
+    exchange, worker = _exchange(plan.workers[index])
+    mailbox = exchange.begin(plan.run_id, plan.run_id)
+    try:
+        rows = plan.rows_of(index)
+        users = {r: read_model_block(model_dir, "user", r) for r in rows}
+        items = {plan.ring[r]: read_model_block(model_dir, "item", plan.ring[r]) for r in rows}
+        send, sent = exchange.sender(plan.run_id, plan.run_id, plan.k, plan.workers, mailbox)
+        measured = measure_rotation(plan, index, dict(zip(rows, row_blocks)), users, items, mailbox, send, threads,
+                                    _cancel_check(worker))
+        sent()
+        return measured
+    finally:
+        exchange.end(plan.run_id)
 
 
-def collect_share(train_id: str, version: str, address: str | None,
-                  with_items: bool) -> tuple[dict[int, FactorState], dict[int, FactorState]]:
-    """The user states of this worker's rows in ``version``, and every item state when ``with_items``, trimmed
-    to ``k`` factors."""
+def write_version_share(train_id: str, version: str, address: str | None, url: str) -> dict[str, FileEntry]:
+    """Write this worker's part of ``version`` (its rows' user blocks and the column blocks it holds) as
+    block files at ``url``: a checkpoint's, or a model's (see :func:`funkflow.tasks.epoch.write_share`)."""
     exchange, _ = _exchange(address)
-    found = exchange.version(train_id, version)
-    wanted = Version(found.k, found.users, found.items if with_items else {}).trimmed()
-    return wanted.users, wanted.items
+    return write_share(exchange.version(train_id, version), url)
 
 
 def abort_training(train_id: str, reason: str, dask_worker: Any = None) -> None:
@@ -318,9 +342,20 @@ def release_training(train_id: str, dask_worker: Any = None) -> None:
     _on(dask_worker).release(train_id)
 
 
+def set_hand_off_delay(seconds: float, dask_worker: Any = None) -> None:
+    """Hold every message this worker sends a peer for ``seconds`` (run through ``Client.run``): how a test
+    or benchmark stands for a slow network."""
+    _on(dask_worker).delay = seconds
+
+
 def received_bytes(dask_worker: Any = None) -> list[tuple[str, int, int]]:
     """What came to this worker from peers: (run id, step, bytes) per item block."""
     return list(_on(dask_worker).received)
+
+
+def received_messages(dask_worker: Any = None) -> int:
+    """How many messages of item blocks came to this worker from peers."""
+    return _on(dask_worker).messages
 
 
 def _on(dask_worker: Any) -> DSGDExchange:

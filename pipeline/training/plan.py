@@ -1,22 +1,28 @@
 """``funkflow plan``: size a cluster before renting it.
 
-For a number of ratings, users and items, k, d and workers it prints the
-memory each worker needs (its rating blocks, its user factors, every item
-block), the bytes that move per epoch (item blocks between workers, a
-checkpoint to storage) and an estimated epoch time from the SGD kernel's
-throughput measured on this machine (a two-second calibration with one kernel
-per core at once, since threads that share a host slow each other; pass
+For a number of ratings, users and items, k, d and workers it prints what each
+worker holds (its rating blocks, its share of the user and of the item factors,
+the blocks in flight), the bytes each worker receives per epoch, whether the
+hand-offs hide behind computation, and an estimated epoch time from the SGD
+kernel's throughput measured on this machine (a two-second calibration with one
+kernel per core at once, since threads that share a host slow each other; pass
 ``--rate`` to use a figure measured elsewhere). The model of an epoch, after
-the design in docs/design.md:
+docs/design.md:
 
-    d steps, each max(the step's blocks spread over the threads,
-                      one block + handing its item block to the next worker)
-    + the final item blocks to every worker + a validation pass at 4× the SGD rate
-    + a driver round trip and one scheduler task per worker
+    worker i owns d/W consecutive rows, cut into T lanes of n rows each;
+    a lane's step is its n blocks, lowest row first, the highest waiting for the
+    column block from the next lane: the period of a step is
+        τ = max(n·b, x, b + (h + x)/(2T))   (n ≥ 2)
+        τ = max(x, b + (h + x)/T)          (one row a lane)
+    with b a block's SGD, h the hand-off's latency and x its transfer (a worker
+    receives one column block a step); an epoch is d periods, the hand-off to
+    the next epoch and a driver round trip.
 
-So an epoch is compute-bound while a block takes longer than a hand-off, and
-latency-bound beyond: with ``d`` growing with the workers, there is a worker
-count past which an epoch gets no faster, which the plan names.
+So the hand-offs are hidden while a lane has rows to work on meanwhile
+(h + x ≤ 2T(n−1)·b) and the network keeps up (x ≤ n·b); past that the epoch
+waits for the network, and since d is a function of the data, at most d lanes
+can work at once. The plan names the worker count past which an epoch gets no
+faster.
 """
 
 from __future__ import annotations
@@ -31,25 +37,17 @@ import numpy as np
 BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
 LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
-# The cost of handing one item block to the next worker, and of an epoch's driver round trip with its
-# tasks, fitted by `python scripts/bench_scale.py` on the 2-worker rows (epoch on Dask minus the
-# in-process epoch over the workers, against d). On this 2-core VM the hand-off waits for a core the
-# kernels hold, so it is pessimistic for hosts with cores to spare; --hop-ms takes a figure measured there.
-HOP_SECONDS = 0.010
-EPOCH_SECONDS = 0.005
+VALIDATION_COST = 0.25       # a validation rating measured beside the SGD costs about a quarter of an update
+# The latency of handing a column block to a worker on another host, beyond its transfer: a Dask RPC one way
+# between two idle worker processes on loopback here (`python scripts/bench_scale.py` measures it; its
+# --hop-ms takes another figure).
+HOP_SECONDS = 0.0003
+EPOCH_SECONDS = 0.005        # the driver's round trip of an epoch
 TASK_SECONDS = 0.0002        # the scheduler's share of one task
 BANDWIDTH = 1.0e9            # bytes/s between workers (10 GbE, roughly); --bandwidth
-# train.d: auto gives each thread two blocks per stratum while a block keeps this many ratings.
-# Measured on 2 workers: 100M ratings, d=4 (5.6M a block) 2.93 s an epoch, d=2 3.18 s, d=8 3.99 s.
-MIN_BLOCK_RATINGS = 4_000_000
-# ... and, on one worker (item blocks pass between its threads by reference), makes item blocks no larger
-# than a thread's share of a cache while a block keeps MIN_CACHED_BLOCK_RATINGS: on sparse data every rating
-# of a block meets a random row of its item block. 2M users × 500k items, 17M training ratings, k=50 (130 MB
-# of item factors), one worker with 2 threads: d=8 (16 MB item blocks) 0.76, 0.77, 0.60 s an epoch against
-# 0.83, 1.11, 0.72 s for d=2, alternated. Between two worker processes, where each hand-off serialises a
-# block, d=8 ran 0.94 and 1.07 s against 0.74 and 1.01 s.
-ITEM_BLOCK_BYTES = 16 * 2**20
-MIN_CACHED_BLOCK_RATINGS = 200_000
+# train.d: auto makes as many blocks as keep this many ratings each: a block's SGD stays well above the few
+# microseconds of its kernel call, and the data serve clusters of up to d worker threads.
+MIN_BLOCK_RATINGS = 6_000
 
 
 def state_bytes(k: int) -> int:
@@ -59,21 +57,13 @@ def state_bytes(k: int) -> int:
     return (-(-k // ALIGN_FLOATS) * ALIGN_FLOATS + 1) * 4
 
 
-def auto_d(n_ratings: int, threads: int, n_items: int = 0, k: int = 0, workers: int = 1) -> int:
-    """The ``train.d`` that ``auto`` picks for ``n_ratings`` on ``threads`` threads of ``workers`` workers.
-
-    Two blocks per thread and stratum even out unequal blocks, as long as each block
-    keeps ``MIN_BLOCK_RATINGS``; below that, one, so a block's SGD stays well above
-    the cost of handing its item block on. Never fewer blocks than threads: a thread
-    without a block idles. On one worker, a catalogue of ``n_items`` whose factors (at
-    ``k``) make item blocks larger than ``ITEM_BLOCK_BYTES`` gets more blocks, a multiple
-    of the threads, while a block keeps ``MIN_CACHED_BLOCK_RATINGS``.
-    """
-    threads = max(threads, 1)
-    d = 2 * threads if n_ratings / (2 * threads) ** 2 >= MIN_BLOCK_RATINGS else threads
-    item_bytes = n_items * state_bytes(k) if workers == 1 else 0
-    while item_bytes / d > ITEM_BLOCK_BYTES and n_ratings / (d + threads) ** 2 >= MIN_CACHED_BLOCK_RATINGS:
-        d += threads
+def auto_d(n_ratings: int) -> int:
+    """The ``train.d`` that ``auto`` picks for ``n_ratings``: the largest power of two whose d² blocks keep
+    ``MIN_BLOCK_RATINGS`` each (at least one block). A function of the data alone, never of the cluster, so
+    the default gives the same factors on any number of workers and threads."""
+    d = 1
+    while n_ratings / (2 * d) ** 2 >= MIN_BLOCK_RATINGS:
+        d *= 2
     return d
 
 
@@ -92,7 +82,15 @@ class Plan:
     bandwidth: float = BANDWIDTH
 
     @property
-    def parallel(self) -> int:
+    def rows_per_worker(self) -> int:
+        return math.ceil(self.d / self.workers)
+
+    @property
+    def rows_per_lane(self) -> int:
+        return math.ceil(self.rows_per_worker / self.threads)
+
+    @property
+    def lanes(self) -> int:
         return min(self.workers * self.threads, self.d)
 
     @property
@@ -104,58 +102,90 @@ class Plan:
         """Bytes of one row's factors and bias as they are sent and written: ``k`` floats and the bias."""
         return (self.k + 1) * 4
 
+    def block_seconds(self) -> float:
+        """One block's SGD and validation on one thread, a heavier block than the mean."""
+        work = self.ratings * (self.train_fraction + (1 - self.train_fraction) / 3 * VALIDATION_COST)
+        return work / self.d ** 2 / (self.rate * BALANCE)
+
+    def transfer_seconds(self) -> float:
+        """One column block's bytes over the network (nothing between lanes of one worker)."""
+        return 0.0 if self.workers == 1 else self.items / self.d * self.row_bytes / self.bandwidth
+
+    def hand_off_seconds(self) -> float:
+        """One column block to the next worker: the latency and the transfer."""
+        return 0.0 if self.workers == 1 else self.hop + self.transfer_seconds()
+
+    def hidden(self) -> bool:
+        """Whether a lane computes while its next column block is on its way, and the network keeps up."""
+        b, n = self.block_seconds(), self.rows_per_lane
+        return self.hand_off_seconds() <= 2 * self.threads * (n - 1) * b and self.transfer_seconds() <= n * b
+
+    def period(self) -> float:
+        """The time of one step of the ring (see the module's docstring)."""
+        b, n, x, hop = self.block_seconds(), self.rows_per_lane, self.transfer_seconds(), self.hand_off_seconds()
+        if n == 1:
+            return max(x, b + hop / self.threads)
+        return max(n * b, x, b + hop / (2 * self.threads))
+
+    def epoch_parts(self) -> tuple[float, float, float]:
+        """Estimated seconds of an epoch's SGD on its busiest lane, of waiting for column blocks beyond it,
+        and of the rest (the hand-off to the next epoch, the driver's round trip, the scheduler)."""
+        sgd = self.d * self.rows_per_lane * self.block_seconds()
+        waiting = self.d * self.period() - sgd
+        return sgd, waiting, self.hand_off_seconds() + EPOCH_SECONDS + self.workers * TASK_SECONDS
+
+    def epoch_seconds(self) -> float:
+        return sum(self.epoch_parts())
+
+    def received_bytes(self) -> float:
+        """Column blocks a worker receives in an epoch: every block but one of its own enters it once (d − 1),
+        and those it starts the next epoch with come from another worker (W − 1)/W of the time."""
+        if self.workers == 1:
+            return 0.0
+        blocks = self.d - 1 + self.rows_per_worker * (self.workers - 1) / self.workers
+        return blocks * self.items / self.d * self.row_bytes
+
+    def item_bytes(self) -> tuple[float, float]:
+        """Item factors a worker holds at once: its share twice (the column blocks it starts the epoch with,
+        kept for a rollback and the checkpoint, and the ones its rows are working on), and the blocks in flight
+        (at most one a lane waiting in the mailbox)."""
+        block = self.items / self.d * self.state_bytes
+        return 2 * self.rows_per_worker * block, min(self.threads, self.rows_per_worker) * block
+
     def rows(self) -> list[tuple[str, str]]:
-        blocks_per_worker = math.ceil(self.d / self.workers)
-        ratings_bytes = self.ratings / self.d * blocks_per_worker * BYTES_PER_RATING
-        users_bytes = self.users / self.d * blocks_per_worker * self.state_bytes * 2  # the epoch's start and end
-        items_bytes = self.items * self.state_bytes * 2                                # every item block, twice
+        ratings_bytes = self.ratings / self.d * self.rows_per_worker * BYTES_PER_RATING
+        users_bytes = self.users / self.d * self.rows_per_worker * self.state_bytes * 2  # the epoch's start and end
+        q_bytes = self.items * self.row_bytes
+        held, in_flight = self.item_bytes()
         checkpoint = (self.users + self.items) * self.row_bytes
-        sgd, handoffs, rest = self.epoch_parts()
+        sgd, waiting, rest = self.epoch_parts()
         fastest = self.fastest_workers()
         return [
             ("ratings per worker (loaded blocks)", _bytes(ratings_bytes)),
             ("  peak while a row block loads", _bytes(ratings_bytes + self.ratings / self.d * BYTES_PER_RATING
                                                       * (LOAD_PEAK - 1))),
             ("user factors per worker", _bytes(users_bytes)),
-            ("item factors per worker", _bytes(items_bytes)),
-            ("item factors moved per epoch", _bytes(self.moved_bytes())),
+            ("item factors per worker", f"{_bytes(held)} ({held / (self.items * self.state_bytes):.3f} Q) "
+                                        f"and {_bytes(in_flight)} in flight"),
+            ("received per worker per epoch", f"{_bytes(self.received_bytes())} "
+                                              f"({self.received_bytes() / q_bytes:.2f} Q)"),
             ("checkpoint per epoch", _bytes(checkpoint)),
             ("kernel rate per thread (this machine)", f"{self.rate / 1e6:.1f}M ratings/s"),
-            ("parallel blocks", f"{self.parallel} (d={self.d}, {self.workers}×{self.threads} threads)"),
+            ("parallel lanes", f"{self.lanes} (d={self.d}, {self.workers}×{self.threads} threads, "
+                               f"{self.rows_per_lane} rows a lane)"),
+            ("hand-offs hidden", f"{'yes' if self.hidden() else 'no'} ({self.hand_off_seconds() * 1e3:.2f} ms "
+                                 f"against {self.block_seconds() * 1e3:.2f} ms a block)"),
             ("scheduler tasks per epoch", f"{self.workers}"),
-            ("estimated epoch time", f"{sgd + handoffs + rest:.2f} s (SGD {sgd:.2f}, waiting for item blocks "
-                                     f"{handoffs:.2f}, validation and coordination {rest:.2f})"),
+            ("estimated epoch time", f"{sgd + waiting + rest:.2f} s (SGD {sgd:.2f}, waiting for column blocks "
+                                     f"{waiting:.2f}, hand-off and coordination {rest:.2f})"),
             ("fastest at", f"{fastest.workers} workers ({fastest.epoch_seconds():.2f} s an epoch, d={fastest.d}); "
-                           "more workers make an epoch slower"),
+                           "more workers make an epoch no faster"),
         ]
 
-    def moved_bytes(self) -> float:
-        """Item blocks sent between workers in an epoch: a hand-off per block whose next row lives
-        elsewhere, and every final block to every other worker."""
-        if self.workers == 1:
-            return 0.0
-        share_elsewhere = (self.workers - 1) / self.workers
-        return self.items * self.row_bytes * (self.d * share_elsewhere + self.workers - 1)
-
-    def epoch_parts(self) -> tuple[float, float, float]:
-        """Estimated seconds of an epoch's SGD, of waiting for item blocks beyond it, and of the rest."""
-        train = self.ratings * self.train_fraction
-        sgd = train / (self.rate * self.parallel * BALANCE)
-        block = train / self.d ** 2 / self.rate
-        handoff = 0.0 if self.workers == 1 else self.hop + self.items / self.d * self.row_bytes / self.bandwidth
-        steps = self.d * max(sgd / self.d, block + handoff)
-        gather = 0.0 if self.workers == 1 else self.hop + self.items * self.row_bytes / self.bandwidth
-        validation = self.ratings * (1 - self.train_fraction) / (4 * self.rate * self.parallel)
-        return sgd, steps - sgd, gather + validation + EPOCH_SECONDS + self.workers * TASK_SECONDS
-
-    def epoch_seconds(self) -> float:
-        return sum(self.epoch_parts())
-
     def fastest_workers(self) -> Plan:
-        """The plan at the worker count (a power of two up to 4096, d as ``auto`` picks) with the fastest
-        epoch: past it, hand-offs on the critical path outgrow the SGD each worker saves."""
-        plans = [replace(self, workers=w, d=auto_d(self.ratings, w * self.threads, self.items, self.k, w))
-                 for w in (2 ** i for i in range(13))]
+        """The plan at the worker count (a power of two up to d) with the fastest epoch: past it, waiting for
+        column blocks outgrows the SGD each worker saves, and no more than d lanes can work at once."""
+        plans = [replace(self, workers=w) for w in (2 ** i for i in range(13)) if w <= self.d]
         return min(plans, key=Plan.epoch_seconds)
 
 
@@ -176,7 +206,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     from funkflow.tasks import kernels
     from funkflow.tasks.blocks import BlockRatings
     from funkflow.tasks.idmap import sorted_distinct
-    from funkflow.tasks.training import padded_rows, visiting_order
+    from funkflow.tasks.training import padded_rows, visiting_layout
 
     rng = np.random.default_rng(0)
     n, n_users, n_items = 1_000_000, 20_000, 4_000
@@ -184,12 +214,12 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     block = BlockRatings((keys // n_items).astype(np.int32), (keys % n_items).astype(np.int32),
                          np.asarray(rng.integers(1, 6, keys.shape[0]), dtype=np.float32))
     train = TrainConfig()
-    visit = visiting_order(block, train.order, train.users_per_run, train.tile_items, seed=0)
+    layout = visiting_layout(block, train.order, train.users_per_run, train.tile_items)
     P = padded_rows(rng.normal(0, 0.1, (n_users, k)).astype(np.float32))
     Q = padded_rows(rng.normal(0, 0.1, (n_items, k)).astype(np.float32))
 
     def private_args() -> tuple:
-        return (*visit, P.copy(), Q.copy(), np.zeros(n_users, np.float32),
+        return (*layout, np.uint64(0), P.copy(), Q.copy(), np.zeros(n_users, np.float32),
                 np.zeros(n_items, np.float32), np.float32(3.6), np.float32(0.005), np.float32(0.05),
                 np.float32(0.01), True, kernels.PREFETCH_AHEAD)
 

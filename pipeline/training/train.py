@@ -1,18 +1,22 @@
 """The DSGD driver: the epoch loop, its step size, rollbacks, early stopping and checkpoints.
 
-Row block r (its ratings and its user state ``(P_r, b_r)``) lives on worker
-``r mod W`` for the whole run; item states ``(Q_c, b_c)`` travel between
-workers. The driver submits one task per worker and epoch: each runs the
-worker's share of every stratum and hands item blocks straight to the peer that
-needs them next (:mod:`funkflow.tasks.epoch`, :mod:`funkflow.pipeline.training.exchange`), so the scheduler
-sees W tasks an epoch, not d². Every block sees the same inputs as under a
-global stratum barrier, so the factors are the same bits whatever the number of
-workers and threads.
+Worker ``i`` of ``W`` owns a contiguous range of row blocks for the whole run
+(their ratings and their user states ``(P_r, b_r)``); column blocks ``(Q_c,
+b_c)`` travel around a ring of the workers. The driver submits one task per
+worker and epoch: each runs the worker's rows through every step and hands a
+column block straight to the peer whose row takes it next, and after its last
+visit to the worker whose row takes it first in the next epoch
+(:mod:`funkflow.tasks.epoch`, :mod:`funkflow.pipeline.training.exchange`). So
+the scheduler sees W tasks an epoch, no worker ever holds more than its share
+of either side, and every block sees the same inputs as under a global stratum
+barrier: the factors are the same bits whatever the number of workers and
+threads.
 
-The factors stay on the workers between epochs. When workers are lost mid-epoch,
-the driver calls the epoch off and starts again from the newest checkpoint (or
-the start) on the workers that are left; the epochs it replays give the same
-bits, so the run ends as if nothing happened.
+The factors stay on the workers between epochs, and the workers write the
+model's blocks themselves. When workers are lost mid-epoch, the driver calls
+the epoch off and starts again from the newest checkpoint (or the start) on
+the workers that are left; the epochs it replays give the same bits, so the
+run ends as if nothing happened.
 """
 
 from __future__ import annotations
@@ -31,25 +35,26 @@ import numpy as np
 from funkflow.pipeline.running.cluster import Executor
 from funkflow.pipeline.running.config import ModelConfig, TrainConfig
 from funkflow.pipeline.running.errors import ClusterError, TrainingDiverged, WorkersLost
-from funkflow.pipeline.serving.model import Factors
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore
 from funkflow.pipeline.training.exchange import (
     abort_training,
-    collect_share,
     epoch_share,
     load_share,
     release_training,
-    write_checkpoint_share,
+    write_version_share,
 )
-from funkflow.pipeline.training.placement import BlockPlacement, rmse, row_sum
+from funkflow.pipeline.training.placement import BlockPlacement, row_sum
+from funkflow.tasks.artifacts import FileEntry
 from funkflow.tasks.blocks import TRAIN, VALIDATION
+from funkflow.tasks.checkpoint_io import BlockWriter
 from funkflow.tasks.epoch import EpochPlan, StartFrom, rows_of
-from funkflow.tasks.schedule import stratum_shifts
+from funkflow.tasks.schedule import ring
 from funkflow.tasks.training import Hyper
 
 log = logging.getLogger(__name__)
 
-# SGD that ends an epoch this much worse than the random start has diverged.
+# SGD that ends an epoch this much worse than predicting the global mean (about where the small random start
+# is) has diverged.
 _EXPLODED_FACTOR = 2.0
 # Times training starts again on the workers that are left before the run gives up (exit 75).
 _MAX_RESTARTS = 3
@@ -86,18 +91,20 @@ class EpochOutcome:
 
 @dataclass(frozen=True)
 class WarmStart:
-    """A previous model to start from: ``user_previous[u]`` is new user u's row in it, or -1; items alike."""
+    """A previous model to start from: ``user_previous[u]`` is new user u's row in it, or -1; items alike.
+    ``n_previous``: its users and items."""
 
     model_dir: Path
     user_previous: np.ndarray
     item_previous: np.ndarray
+    n_previous: tuple[int, int]
 
 
 @dataclass(frozen=True)
 class TrainResult:
-    factors: Factors
     history: list[EpochReport]
     best_epoch: int
+
 
 
 def _next_lr(lr: float, cfg: TrainConfig, history: list[EpochReport]) -> float:
@@ -162,17 +169,24 @@ class _Session:
             user_sizes=tuple(len(m) for m in user_members), item_sizes=tuple(len(m) for m in item_members),
             warm_dir=None if warm is None else str(warm.model_dir),
             user_previous=() if warm is None else tuple(warm.user_previous[m] for m in user_members),
-            item_previous=() if warm is None else tuple(warm.item_previous[m] for m in item_members))
+            item_previous=() if warm is None else tuple(warm.item_previous[m] for m in item_members),
+            n_previous=(0, 0) if warm is None else warm.n_previous)
 
-    def _rows(self, index: int) -> tuple[int, ...]:
+    def _rows(self, index: int) -> range:
         return rows_of(index, self.blocks.d, len(self.workers))
 
-    def _submit_each(self, fn: Callable, name: str, *args: Any, row_blocks: bool = True) -> list[Any]:
-        """One task per worker: ``fn(*args(index), *its row blocks)``; ``args`` callables get the index."""
-        return [self.executor.submit(fn, *(a(index) if callable(a) else a for a in args),
-                                     *([self.row_blocks[r] for r in self._rows(index)] if row_blocks else []),
-                                     name=name, worker=address)
-                for index, address in enumerate(self.workers)]
+    def _ring(self, epoch: int) -> tuple[int, ...]:
+        return ring(self.blocks.d, epoch, self.root)
+
+    def _each_worker(self, make: Callable[[int, str | None], tuple[Callable, tuple]], name: str,
+                     with_row_blocks: bool = True) -> list[Any]:
+        """One task per worker: ``fn(*args, *its row blocks)`` for ``(fn, args) = make(index, address)``."""
+        futures = []
+        for index, address in enumerate(self.workers):
+            fn, args = make(index, address)
+            row_blocks = [self.row_blocks[r] for r in self._rows(index)] if with_row_blocks else []
+            futures.append(self.executor.submit(fn, *args, *row_blocks, name=name, worker=address))
+        return futures
 
     def _gather(self, futures: list[Any]) -> list[Any]:
         """The results of tasks that may wait on each other; if any fails, the others are called off."""
@@ -185,66 +199,48 @@ class _Session:
 
     def _by_row(self, per_worker: list[np.ndarray]) -> np.ndarray:
         """Per-row results of each worker, array of shape (d, ...), in row order."""
-        out = np.empty((self.blocks.d, *per_worker[0].shape[1:]))
-        for index, part in enumerate(per_worker):
-            out[list(self._rows(index))] = part
-        return out
+        return np.concatenate(per_worker)
 
-    def load(self, version: str, checkpoint: str | None = None, measure: bool = False) -> np.ndarray:
-        """Put the starting factors (a checkpoint's, or the run's start) on the workers as ``version``.
+    def load(self, epoch: int, checkpoint: str | None = None, measure: bool = False) -> float | None:
+        """Put the factors that epoch ``epoch`` starts from (a checkpoint's, or the run's start) on the
+        workers, each column block with the worker whose row takes it first.
 
-        Returns the training error sums under them when ``measure`` (see :func:`summed_row_errors`).
+        Returns, when ``measure``, the RMSE of predicting the global mean on the training ratings.
         """
         source = replace(self.source, checkpoint=checkpoint)
-        per_worker = self._gather(self._submit_each(load_share, "load_share", source, self.train_id, version,
-                                                    self._rows, lambda i: self.workers[i], self.global_mean,
-                                                    measure))
-        return row_sum(self._by_row(per_worker))
+        order = self._ring(epoch)
+        per_worker = self._gather(self._each_worker(
+            lambda index, address: (load_share, (source, self.train_id, _version(epoch), self._rows(index), order,
+                                                 address, self.global_mean, measure)), "load_share"))
+        sse, n = row_sum(self._by_row(per_worker))
+        return math.sqrt(sse / n) if measure and n else None
 
     def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...], write_start: str | None) -> EpochOutcome:
         """One epoch from version ``epoch`` to ``epoch + 1``, keeping versions ``keep`` on the workers.
 
-        ``write_start``: a checkpoint directory the workers write version ``epoch`` to meanwhile. The training
-        SSE is the one the pass met, added stratum by stratum, row by row: never in the order results arrive.
+        ``write_start``: a checkpoint directory the workers write version ``epoch`` to meanwhile. Error sums
+        are added block by block in row and column order: never in the order results arrive.
         """
         began = time.perf_counter()
-        d = self.blocks.d
-        plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch,
-                         shifts=stratum_shifts(d, epoch, self.root), seed=self.cfg.seed, hyper=hyper, k=self.source.k,
+        plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch, ring=self._ring(epoch),
+                         next_ring=self._ring(epoch + 1), seed=self.cfg.seed, hyper=hyper, k=self.source.k,
                          workers=self.workers, start=_version(epoch), end=_version(epoch + 1), keep=keep,
                          validate=self.validate, write_start=write_start)
-        outcomes = self._gather(self._submit_each(epoch_share, "epoch_share", plan, lambda i: i,
-                                                  lambda i: self.executor.threads[self.workers[i]]))
-        sse = self._by_row([o.sse for o in outcomes])
-        files = {name: digest for o in outcomes for name, digest in o.files.items()}
-        train_sse = sum(float(sse[r, t]) for t in range(d) for r in range(d))
-        errors = row_sum(self._by_row([o.errors for o in outcomes]))
-        return EpochOutcome(math.sqrt(train_sse / self.blocks.n_split(TRAIN)), rmse(errors, VALIDATION),
+        outcomes = self._gather(self._each_worker(
+            lambda index, address: (epoch_share, (plan, index, self.executor.threads[address])), "epoch_share"))
+        train_sse = float(row_sum(self._by_row([o.sse for o in outcomes]).reshape(-1)))
+        validation = row_sum(self._by_row([o.validation for o in outcomes]).reshape(-1, 3))
+        files = {name: entry.sha256 for o in outcomes for name, entry in o.files.items()}
+        val_rmse = math.sqrt(validation[0] / validation[2]) if self.validate and validation[2] else None
+        return EpochOutcome(math.sqrt(train_sse / self.blocks.n_split(TRAIN)), val_rmse,
                             time.perf_counter() - began, files)
 
-    def write(self, version: str, url: str) -> dict[str, str]:
-        """Write ``version`` as a checkpoint at ``url``; the files written, name → SHA-256."""
-        n = len(self.workers)
-        written = self._gather(self._submit_each(write_checkpoint_share, "write_checkpoint_share", self.train_id,
-                                                 version, lambda i: i, n, lambda i: self.workers[i], url,
-                                                 row_blocks=False))
-        return {name: digest for files in written for name, digest in files.items()}
-
-    def collect(self, version: str, k: int) -> Factors:
-        """The factors of ``version``, in global index order."""
-        b = self.blocks
-        P = np.empty((b.n_users, k), dtype=np.float32)
-        Q = np.empty((b.n_items, k), dtype=np.float32)
-        user_bias = np.empty(b.n_users, dtype=np.float32)
-        item_bias = np.empty(b.n_items, dtype=np.float32)
-        futures = self._submit_each(collect_share, "collect_share", self.train_id, version,
-                                    lambda i: self.workers[i], lambda i: i == 0, row_blocks=False)
-        for users, items in self._gather(futures):
-            for r, (factors, bias) in users.items():
-                P[self.placement.user_members[r]], user_bias[self.placement.user_members[r]] = factors, bias
-            for c, (factors, bias) in items.items():
-                Q[self.placement.item_members[c]], item_bias[self.placement.item_members[c]] = factors, bias
-        return Factors(P, Q, user_bias, item_bias, self.global_mean)
+    def write(self, version: str, url: str) -> dict[str, FileEntry]:
+        """The workers write ``version``'s blocks at ``url`` (a checkpoint's or a model's); the files written."""
+        written = self._gather(self._each_worker(
+            lambda index, address: (write_version_share, (self.train_id, version, address, url)),
+            "write_version_share", with_row_blocks=False))
+        return {name: entry for files in written for name, entry in files.items()}
 
     def close(self) -> None:
         try:
@@ -363,7 +359,8 @@ class _Checkpointing(_Callback):
 
     def finished(self, session: _Session, loop: _Loop) -> None:
         if loop.epoch in self.unwritten:  # the last checkpoint has no next epoch to hide behind
-            self._commit(loop.epoch, session.write(_version(loop.epoch), self.store.prepare(loop.epoch)), loop)
+            written = session.write(_version(loop.epoch), self.store.prepare(loop.epoch))
+            self._commit(loop.epoch, {name: entry.sha256 for name, entry in written.items()}, loop)
 
     def _commit(self, epoch: int, files: dict[str, str], loop: _Loop) -> None:
         began = time.perf_counter()
@@ -372,10 +369,12 @@ class _Checkpointing(_Callback):
 
 
 def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
-          cfg: TrainConfig, on_epoch: Callable[[EpochReport], None] = lambda report: None,
+          cfg: TrainConfig, save: Callable[[TrainResult, BlockWriter], None],
+          on_epoch: Callable[[EpochReport], None] = lambda report: None,
           checkpoints: CheckpointStore | None = None, resume: Checkpoint | None = None,
           warm: WarmStart | None = None) -> TrainResult:
-    """Run DSGD epochs up to ``cfg.epochs``; return the final (or, with early stopping, the best) factors.
+    """Run DSGD epochs up to ``cfg.epochs``, then ``save(result, write_blocks)`` the final (or, with early
+    stopping, the best) factors: ``write_blocks(url)`` has the workers write their blocks there.
 
     With ``checkpoints``, every ``cfg.checkpoint_every`` epochs the workers write
     their factor blocks and the driver the state and manifest. ``resume``
@@ -398,7 +397,7 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
     while True:
         session = _Session(executor, placement, row_blocks, model, cfg, warm)
         try:
-            return _train(session, model, cfg, report_once, checkpoints, start)
+            return _train(session, model, cfg, save, report_once, checkpoints, start)
         except WorkersLost as exc:
             restarts += 1
             if restarts > _MAX_RESTARTS:
@@ -421,18 +420,18 @@ def _started(session: _Session, cfg: TrainConfig, checkpoints: CheckpointStore |
              start: Checkpoint | None) -> _Loop:
     """The loop's state, with the factors it starts from (and the best epoch's, if kept) on the workers."""
     if start is None:
-        errors = session.load(_version(0), measure=True)
-        return _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (rmse(errors, TRAIN) or 1.0), [])
+        return _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (session.load(0, measure=True) or 1.0), [])
     loop = _Loop.resumed(start, cfg)
-    session.load(_version(loop.epoch), start.url)
+    session.load(loop.epoch, start.url)
     if loop.best is not None and loop.best[1] != loop.epoch and checkpoints is not None:
-        session.load(_version(loop.best[1]), checkpoints.at(loop.best[1]).url)
+        session.load(loop.best[1], checkpoints.at(loop.best[1]).url)
     log.info("resuming after epoch %d from %s", loop.epoch, start.url)
     return loop
 
 
-def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Callable[[EpochReport], None],
-           checkpoints: CheckpointStore | None, start: Checkpoint | None) -> TrainResult:
+def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, save: Callable[[TrainResult, BlockWriter], None],
+           on_epoch: Callable[[EpochReport], None], checkpoints: CheckpointStore | None,
+           start: Checkpoint | None) -> TrainResult:
     if cfg.early_stopping_patience and not session.validate and start is None:
         log.warning("early stopping is on (train.early_stopping_patience %d) but there is no validation split: "
                     "all %d epochs run and the last is kept%s", cfg.early_stopping_patience, cfg.epochs,
@@ -466,6 +465,6 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, on_epoch: Ca
 
     for c in callbacks:
         c.finished(session, loop)
-    best_epoch = loop.best[1] if loop.best else loop.epoch
-    return TrainResult(factors=session.collect(_version(best_epoch), model.k), history=loop.history,
-                       best_epoch=best_epoch)
+    result = TrainResult(history=loop.history, best_epoch=loop.best[1] if loop.best else loop.epoch)
+    save(result, lambda url: session.write(_version(result.best_epoch), url))
+    return result
