@@ -16,48 +16,45 @@ USER_DAMPING = 10.0
 BASELINES = ("global_mean", "biases", "floor")
 
 
-def item_residual_sums(row_block: RowBlock, n_items: list[int], global_mean: float) -> list[np.ndarray]:
-    """Per column block, ``(Σ (r - μ), n)`` of each item over this row's training ratings.
+def item_residual_sums(row_block: RowBlock, item_members: list[np.ndarray], global_mean: float) -> np.ndarray:
+    """``(Σ (r - μ), n)`` of each item (global index) over this row's training ratings.
 
     Returns
     -------
-    list of d arrays of shape (2, n_items_c), float64
+    array of shape (2, n_items), float64
     """
-    out = []
-    for block, n in zip(row_block.split(TRAIN), n_items):
-        residual = block.ratings.astype(np.float64) - global_mean
-        out.append(np.stack((np.bincount(block.items, residual, minlength=n),
-                             np.bincount(block.items, minlength=n).astype(np.float64))))
-    return out
+    train = row_block.whole(TRAIN, item_members)
+    n_items = sum(m.shape[0] for m in item_members)
+    residual = train.ratings.astype(np.float64) - global_mean
+    return np.stack((np.bincount(train.items, residual, minlength=n_items),
+                     np.bincount(train.items, minlength=n_items).astype(np.float64)))
 
 
-def baseline_errors(row_block: RowBlock, item_bias: list[np.ndarray], global_mean: float) -> np.ndarray:
+def baseline_errors(row_block: RowBlock, item_bias: np.ndarray, item_members: list[np.ndarray],
+                    global_mean: float) -> np.ndarray:
     """Test error sums of the baselines on one row block.
 
     Parameters
     ----------
-    item_bias : d arrays of shape (n_items_c,), float64, the damped item biases
+    item_bias : array of shape (n_items,), float64, the damped item biases by global index
 
     Returns
     -------
     array of shape (len(BASELINES), 3), float64: ``(Σe², Σ|e|, n)`` per baseline
     (the floor row stays zero without ``expected`` ratings).
     """
-    residual_sum = np.zeros(row_block.n_users)
-    count = np.zeros(row_block.n_users)
-    for block, b_i in zip(row_block.split(TRAIN), item_bias):
-        residual_sum += np.bincount(block.users, block.ratings - global_mean - b_i[block.items],
-                                    minlength=row_block.n_users)
-        count += np.bincount(block.users, minlength=row_block.n_users)
-    user_bias = residual_sum / (USER_DAMPING + count)
+    train = row_block.whole(TRAIN, item_members)
+    residual_sum = np.bincount(train.users, train.ratings - global_mean - item_bias[train.items],
+                               minlength=row_block.n_users)
+    user_bias = residual_sum / (USER_DAMPING + np.bincount(train.users, minlength=row_block.n_users))
 
+    test = row_block.whole(TEST, item_members)
+    ratings = test.ratings.astype(np.float64)
+    predictions = [np.full(test.n, global_mean), global_mean + user_bias[test.users] + item_bias[test.items]]
+    if test.expected is not None:
+        predictions.append(test.expected.astype(np.float64))
     out = np.zeros((len(BASELINES), 3))
-    for block, b_i in zip(row_block.split(TEST), item_bias):
-        ratings = block.ratings.astype(np.float64)
-        predictions = [np.full(block.n, global_mean), global_mean + user_bias[block.users] + b_i[block.items]]
-        if block.expected is not None:
-            predictions.append(block.expected.astype(np.float64))
-        for row, prediction in enumerate(predictions):
-            e = ratings - prediction
-            out[row] += (e @ e, np.abs(e).sum(), block.n)
+    for row, prediction in enumerate(predictions):
+        e = ratings - prediction
+        out[row] = (e @ e, np.abs(e).sum(), test.n)
     return out

@@ -238,6 +238,26 @@ class RowBlock:
     def split(self, code: int) -> tuple[BlockRatings, ...]:
         return self.splits[code]
 
+    def whole(self, code: int, item_members: list[np.ndarray]) -> BlockRatings:
+        """Split ``code`` of the whole row block as one :class:`BlockRatings` whose ``items`` are global
+        indices (``item_members``: each column block's items), the column blocks one after another: for
+        figures of a row over the whole catalogue, computed once and not once per column block. The small
+        splits (validation, test) are kept for the next call; the training split is made anew."""
+        if code != TRAIN and code in self._wholes:
+            return self._wholes[code]
+        blocks = self.splits[code]
+        parts = [members[block.items] for block, members in zip(blocks, item_members)]
+        expected = None if any(b.expected is None for b in blocks) else np.concatenate([b.expected for b in blocks])
+        whole = BlockRatings(np.concatenate([b.users for b in blocks]), np.concatenate(parts).astype(np.int32),
+                             np.concatenate([b.ratings for b in blocks]), expected)
+        if code != TRAIN:
+            self._wholes[code] = whole
+        return whole
+
+    @cached_property
+    def _wholes(self) -> dict[int, BlockRatings]:
+        return {}
+
     def __sizeof__(self) -> int:
         # Dask's memory accounting falls back to sys.getsizeof.
         return self.user_ids.nbytes + sum(b.nbytes for split in self.splits for b in split)

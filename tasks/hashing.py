@@ -72,12 +72,14 @@ def block_layout(n: int, d: int, seed: int, salt: int) -> tuple[np.ndarray, np.n
         ``members[b]`` are the ids of block ``b`` in local order, so
         ``members[block_of[x]][local_of[x]] == x``.
     """
+    from funkflow.tasks.counting import places_by_key  # numba: not for the command line's light imports
+
     ids = np.arange(n, dtype=np.uint64)
     block_of = (mix64(ids ^ _seed_key(seed, salt)) % np.uint64(d)).astype(np.int32)
-    order = np.argsort(block_of, kind="stable").astype(np.int32)
-    sizes = np.bincount(block_of, minlength=d)
-    starts = np.concatenate(([0], np.cumsum(sizes)[:-1]))
-    local_of = np.empty(n, dtype=np.int32)
-    local_of[order] = np.arange(n, dtype=np.int32) - np.repeat(starts, sizes).astype(np.int32)
-    members = np.split(order, np.cumsum(sizes)[:-1])
+    # A counting sort by block (a stable argsort took 67 ms for 480k ids, once per row block loaded).
+    position, bounds = places_by_key(block_of, d)
+    local_of = (position - bounds[block_of]).astype(np.int32)
+    order = np.empty(n, dtype=np.int32)
+    order[position] = np.arange(n, dtype=np.int32)
+    members = np.split(order, bounds[1:-1])
     return block_of, local_of, members

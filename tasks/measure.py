@@ -39,7 +39,7 @@ class Ranking:
 
     k: int
     threshold: float
-    popularity: np.ndarray  # (n_items,) float32: training ratings per item
+    popular: np.ndarray  # (n_items,) int64: the items from the most rated down (tasks.recommend.by_popularity)
     wanted: np.ndarray | None = None
 
 
@@ -106,8 +106,7 @@ def measure_rotation(plan: MeasurePlan, index: int, row_blocks: Mapping[int, Row
     for r in rows:
         block = row_blocks[r]
         if plan.ranking is not None:
-            relevant[r] = relevant_test_items(block, plan.n_items, d, plan.block_seed, plan.ranking.threshold,
-                                              plan.ranking.wanted)
+            relevant[r] = relevant_test_items(block, item_members, plan.ranking.threshold, plan.ranking.wanted)
             chosen = np.fromiter(relevant[r], dtype=np.int64, count=len(relevant[r]))
             tops[r] = RunningTop(chosen, plan.ranking.k)
         elif plan.top:
@@ -121,10 +120,9 @@ def measure_rotation(plan: MeasurePlan, index: int, row_blocks: Mapping[int, Row
             for s, code in enumerate(MEASURED_SPLITS):
                 errors[r - rows.start, c, s] = block_error_sums(block.split(code)[c], user, item, plan.global_mean)
         if r in tops:
-            tops[r].offer(user[0][:, :plan.k], item[0][:, :plan.k], item[1], item_members[c], block, c)
+            tops[r].offer(user[0], item[0], item[1], item_members[c], block, c)  # padding columns are zero
 
-    start = {c: training_copy(state) for c, state in items.items()}
-    rotate(plan.ring, len(plan.workers), index, start, mailbox, send, threads, visit, visit, check)
+    rotate(plan.ring, len(plan.workers), index, items, mailbox, send, threads, visit, visit, check)
 
     list_users, list_items, list_scores, ranking = [], [], [], np.zeros((len(rows), len(RANKERS), 5))
     recommended: list[list[np.ndarray]] = [[] for _ in RANKERS]
@@ -140,8 +138,8 @@ def measure_rotation(plan: MeasurePlan, index: int, row_blocks: Mapping[int, Row
             list_scores.append((scores + shift).astype(np.float32))
             continue
         wanted = [relevant[r][u] for u in top.users.tolist()]
-        popular_rows, popular_items = popular_unseen(block, top.users, plan.ranking.popularity, plan.n_items, d,
-                                                     plan.block_seed, plan.ranking.k)
+        popular_rows, popular_items = popular_unseen(block, top.users, plan.ranking.popular, item_members,
+                                                     plan.ranking.k)
         for ranker, (list_rows, ranked) in enumerate(((picked, chosen_items), (popular_rows, popular_items))):
             ranking[j, ranker] = ranking_sums_of_lists(list_rows, ranked, wanted, plan.ranking.k)
             recommended[ranker].append(ranked)

@@ -14,7 +14,7 @@ import numba
 import numpy as np
 
 from funkflow.tasks.blocks import TEST, TRAIN, VALIDATION, RowBlock, group_starts
-from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
+from funkflow.tasks.counting import placed, places_by_key
 
 CHUNK_USERS = 1024
 # Scores held at once per chunk of users (256 MiB of float32): with a catalogue of 500k items, 1024 users'
@@ -89,43 +89,36 @@ def rated_by(sorted_users: np.ndarray, chunk: np.ndarray) -> tuple[np.ndarray, n
     return rows, np.repeat(starts, counts) + positions_in_runs(rows)
 
 
-def mask_seen_in_block(scores: np.ndarray, chunk: np.ndarray, row_block: RowBlock, col: int,
-                       codes: tuple[int, ...] = (TRAIN, VALIDATION)) -> None:
-    """Set ``scores[j, i]`` to -inf where local user ``chunk[j]`` rated item ``i`` of column block ``col`` (a
-    local index) in the splits ``codes``. Blocks are sorted by user, so the ratings are found by binary
-    search: the work follows the chunk's ratings, not the row block's."""
-    for code in codes:
-        block = row_block.split(code)[col]
-        # Same dtype: searchsorted would copy the block to cast it.
-        rows, positions = rated_by(block.users, chunk.astype(block.users.dtype))
-        scores[rows, block.items[positions]] = -np.inf
-
-
 @numba.jit(nopython=True, nogil=True, cache=True)
-def _merge_best(best_scores: np.ndarray, best_items: np.ndarray, rows: np.ndarray, scores: np.ndarray,
-                items: np.ndarray, kept: np.ndarray) -> None:
-    """Merge each row j's candidates (``scores[j, :kept[j]]`` of ``items[j]``, best first) into row ``rows[j]``
-    of the running lists, which stay best first: by score, then by the lower item index (-1: an empty place)."""
+def _unseen_into_best(scores: np.ndarray, members: np.ndarray, users: np.ndarray, first: int,
+                      train_users: np.ndarray, train_items: np.ndarray, val_users: np.ndarray,
+                      val_items: np.ndarray, best_scores: np.ndarray, best_items: np.ndarray) -> None:
+    """Merge one column block's scores into the running lists, in one pass: row j of ``scores`` is local user
+    ``users[j]`` of the row block (list ``first + j``) against the block's items (global indices
+    ``members``, increasing); the items the user rated there in training or validation (``*_users`` sorted)
+    are left out. The lists stay best first: by score, then by the lower item index (-1: an empty place)."""
     n = best_scores.shape[1]
-    merged_scores = np.empty(n, dtype=best_scores.dtype)
-    merged_items = np.empty(n, dtype=best_items.dtype)
-    for j in range(rows.shape[0]):
-        row = rows[j]
-        a = b = 0
-        for out in range(n):
-            has_old = a < n and best_items[row, a] >= 0
-            has_new = b < kept[j]
-            if has_new and (not has_old or scores[j, b] > best_scores[row, a]
-                            or (scores[j, b] == best_scores[row, a] and items[j, b] < best_items[row, a])):
-                merged_scores[out], merged_items[out] = scores[j, b], items[j, b]
-                b += 1
-            elif has_old:
-                merged_scores[out], merged_items[out] = best_scores[row, a], best_items[row, a]
-                a += 1
-            else:
-                merged_scores[out], merged_items[out] = -np.inf, -1
-        best_scores[row] = merged_scores
-        best_items[row] = merged_items
+    for j in range(users.shape[0]):
+        row, user = first + j, users[j]
+        for rated_users, rated_items in ((train_users, train_items), (val_users, val_items)):
+            lo = np.searchsorted(rated_users, user)
+            hi = np.searchsorted(rated_users, user, side="right")
+            for p in range(lo, hi):
+                scores[j, rated_items[p]] = -np.inf
+        for i in range(scores.shape[1]):
+            score = scores[j, i]
+            if not score > -np.inf:  # rated (NaN too)
+                continue
+            item = members[i]
+            worst_score, worst_item = best_scores[row, n - 1], best_items[row, n - 1]
+            if worst_item >= 0 and (score < worst_score or (score == worst_score and item > worst_item)):
+                continue
+            at = n - 1
+            while at > 0 and (best_items[row, at - 1] < 0 or score > best_scores[row, at - 1]
+                              or (score == best_scores[row, at - 1] and item < best_items[row, at - 1])):
+                best_scores[row, at], best_items[row, at] = best_scores[row, at - 1], best_items[row, at - 1]
+                at -= 1
+            best_scores[row, at], best_items[row, at] = score, item
 
 
 class RunningTop:
@@ -141,25 +134,24 @@ class RunningTop:
         self.n = n
         self.scores = np.full((users.shape[0], n), -np.inf, dtype=np.float32)
         self.items = np.full((users.shape[0], n), -1, dtype=np.int64)
+        self._P: np.ndarray | None = None
 
     def offer(self, P: np.ndarray, Q: np.ndarray, item_bias: np.ndarray, members: np.ndarray,
               row_block: RowBlock, col: int) -> None:
-        """Score the users against column block ``col`` (factors ``Q``, biases ``item_bias``, global item
-        indices ``members``), leave out what each rated, and keep the best."""
+        """Score the users (their rows of ``P``) against column block ``col`` (factors ``Q``, biases
+        ``item_bias``, global item indices ``members``): one matrix product, then one pass that leaves out what
+        each rated and keeps the best."""
+        if self._P is None:  # the chosen users' factors, gathered once for every block that comes by
+            self._P = np.ascontiguousarray(P[self.users], dtype=np.float32)
+        train, val = row_block.split(TRAIN)[col], row_block.split(VALIDATION)[col]
+        members = members.astype(np.int64)
+        Q = np.asarray(Q, dtype=np.float32)
         chunk_users = users_per_chunk(Q.shape[0])
         for start in range(0, self.users.shape[0], chunk_users):
-            chunk = self.users[start:start + chunk_users]
-            scores = np.asarray(P[chunk], dtype=np.float32) @ np.asarray(Q, dtype=np.float32).T
+            scores = self._P[start:start + chunk_users] @ Q.T
             scores += item_bias[None, :]
-            mask_seen_in_block(scores, chunk, row_block, col)
-            n = min(self.n, scores.shape[1])
-            if n == 0:
-                continue
-            columns, kept = _best_columns(scores, n)
-            columns[np.arange(n)[None, :] >= kept[:, None]] = 0  # places past a row's count hold no column
-            candidates = np.take_along_axis(scores, columns, axis=1)
-            _merge_best(self.scores, self.items, np.arange(start, start + chunk.shape[0]), candidates,
-                        members.astype(np.int64)[columns], kept)
+            _unseen_into_best(scores, members, self.users[start:start + chunk_users], start, train.users,
+                              train.items, val.users, val.items, self.scores, self.items)
 
     def lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(user rows into ``users``, global items, scores), row by row, best first; rows with fewer than
@@ -196,34 +188,53 @@ def recommend_users(users: np.ndarray, P: np.ndarray, user_bias: np.ndarray, Q: 
     return np.concatenate(out_users), np.concatenate(out_items), np.concatenate(out_scores)
 
 
-def popular_unseen(row_block: RowBlock, users: np.ndarray, popularity: np.ndarray, n_items: int, d: int, seed: int,
+@numba.jit(nopython=True, nogil=True, cache=True)
+def _first_unseen(ranked: np.ndarray, users: np.ndarray, bounds: np.ndarray, rated: np.ndarray, top: int,
+                  n_items: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each of the local ``users``, the first ``top`` items of ``ranked`` it did not rate (its rated items
+    are ``rated[bounds[u]:bounds[u + 1]]``), as (user rows, items): each user costs its ratings and its list,
+    not the catalogue."""
+    seen = np.zeros(n_items, dtype=np.bool_)
+    rows = np.empty(users.shape[0] * top, dtype=np.int64)
+    items = np.empty(users.shape[0] * top, dtype=np.int64)
+    out = 0
+    for j in range(users.shape[0]):
+        u = users[j]
+        for p in range(bounds[u], bounds[u + 1]):
+            seen[rated[p]] = True
+        found = 0
+        for item in ranked:
+            if found == top:
+                break
+            if not seen[item]:
+                rows[out], items[out] = j, item
+                out += 1
+                found += 1
+        for p in range(bounds[u], bounds[u + 1]):
+            seen[rated[p]] = False
+    return rows[:out], items[:out]
+
+
+def by_popularity(counts: np.ndarray) -> np.ndarray:
+    """Global item indices from the most rated down, ties to the lower index: the popularity baseline's order."""
+    return np.lexsort((np.arange(counts.shape[0]), -counts.astype(np.float64)))
+
+
+def popular_unseen(row_block: RowBlock, users: np.ndarray, ranked: np.ndarray, item_members: list[np.ndarray],
                    top: int) -> tuple[np.ndarray, np.ndarray]:
-    """The popularity baseline: the ``top`` most popular items (``popularity``, one score per global item) that
-    each of the local ``users`` has not rated, as (user rows into ``users``, global items), best first."""
-    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
-    out_rows, out_items = [], []
-    for start in range(0, users.shape[0], users_per_chunk(n_items)):
-        chunk = users[start:start + users_per_chunk(n_items)]
-        scores = np.repeat(popularity[None, :].astype(np.float32), chunk.shape[0], axis=0)
-        for code in (TRAIN, VALIDATION):
-            for col, block in enumerate(row_block.split(code)):
-                rows, positions = rated_by(block.users, chunk.astype(block.users.dtype))
-                scores[rows, item_members[col][block.items[positions]]] = -np.inf
-        rows, items = top_n(scores, top)
-        out_rows.append(rows + start)
-        out_items.append(items)
-    if not out_rows:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(out_rows), np.concatenate(out_items)
-
-
-def item_counts(row_block: RowBlock, n_items: int, d: int, seed: int) -> np.ndarray:
-    """Training ratings per item (global index) in one row block: the popularity baseline's scores."""
-    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
-    counts = np.zeros(n_items, dtype=np.int64)
-    for col, block in enumerate(row_block.split(TRAIN)):
-        counts += np.bincount(item_members[col][block.items], minlength=n_items)
-    return counts
+    """The popularity baseline: the first ``top`` items of ``ranked`` (:func:`by_popularity`) that each of the
+    local ``users`` has not rated in training or validation, as (user rows into ``users``, global items), best
+    first."""
+    chosen = np.zeros(row_block.n_users, dtype=np.bool_)
+    chosen[users] = True
+    rated_users, rated_items = [], []
+    for code in (TRAIN, VALIDATION):
+        whole = row_block.whole(code, item_members)
+        mine = chosen[whole.users]
+        rated_users.append(whole.users[mine])
+        rated_items.append(whole.items[mine])
+    by_user, bounds = places_by_key(np.concatenate(rated_users), row_block.n_users)
+    return _first_unseen(ranked, users, bounds, placed(np.concatenate(rated_items), by_user), top, ranked.shape[0])
 
 
 def ranking_sums(ranked: list[np.ndarray], relevant: list[set[int]], k: int) -> np.ndarray:
@@ -253,18 +264,13 @@ def ranking_sums(ranked: list[np.ndarray], relevant: list[set[int]], k: int) -> 
 RANKERS = ("model", "popularity")
 
 
-def relevant_test_items(row_block: RowBlock, n_items: int, d: int, seed: int, threshold: float,
+def relevant_test_items(row_block: RowBlock, item_members: list[np.ndarray], threshold: float,
                         wanted: np.ndarray | None) -> dict[int, np.ndarray]:
     """Local user → the global items it rated at least ``threshold`` in the test split (only users among the
     global indices ``wanted``, if given), sorted by user."""
-    item_members = block_layout(n_items, d, seed, SALT_COLUMNS)[2]
-    user_parts, item_parts = [], []
-    for col, block in enumerate(row_block.split(TEST)):
-        good = block.ratings >= threshold
-        user_parts.append(block.users[good].astype(np.int64))
-        item_parts.append(item_members[col][block.items[good]].astype(np.int64))
-    users = np.concatenate(user_parts) if user_parts else np.zeros(0, np.int64)
-    items = np.concatenate(item_parts) if item_parts else np.zeros(0, np.int64)
+    test = row_block.whole(TEST, item_members)
+    good = test.ratings >= threshold
+    users, items = test.users[good].astype(np.int64), test.items[good].astype(np.int64)
     if wanted is not None:
         keep = np.isin(row_block.user_ids[users], wanted)
         users, items = users[keep], items[keep]

@@ -39,6 +39,48 @@ def test_top_n_is_the_best_n_by_score_then_column(m, width, n, seed):
     assert list(zip(rows.tolist(), cols.tolist())) == expected
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 12), st.integers(1, 6), st.integers(0, 2**32 - 1))
+def test_a_running_top_over_column_blocks_in_any_order_is_the_brute_force_list(d, n_users, n, seed):
+    """Column blocks offered in a random order, scores with many ties, rated items left out: the same lists
+    as one sort of every (user, item) by (-score, item)."""
+    from funkflow.tasks.blocks import BlockRatings, RowBlock
+    from funkflow.tasks.hashing import SALT_COLUMNS, block_layout
+    from funkflow.tasks.recommend import RunningTop
+
+    rng = np.random.default_rng(seed)
+    n_items = int(rng.integers(d, 30))
+    members = block_layout(n_items, d, seed % 7, SALT_COLUMNS)[2]
+    P = rng.integers(-2, 3, (n_users, 4)).astype(np.float32)
+    Q = rng.integers(-2, 3, (n_items, 4)).astype(np.float32)
+    bias = rng.integers(-1, 2, n_items).astype(np.float32)
+    rated = rng.random((n_users, n_items)) < 0.3
+
+    def split(code):
+        blocks = []
+        for c in range(d):
+            users, local = np.nonzero(rated[:, members[c]] & (rng.random((n_users, len(members[c]))) < 0.5)
+                                      if code else rated[:, members[c]])
+            blocks.append(BlockRatings(users.astype(np.int32), local.astype(np.int32), np.ones(users.size, np.float32)))
+        return tuple(blocks)
+
+    train = split(0)
+    row = RowBlock(0, np.arange(n_users, dtype=np.int32), (train, split(1), train))
+    chosen = np.sort(rng.choice(n_users, int(rng.integers(1, n_users + 1)), replace=False))
+    top = RunningTop(chosen, n)
+    for c in rng.permutation(d):
+        top.offer(P, Q[members[c]], bias[members[c]], members[c], row, int(c))
+    seen = np.zeros((n_users, n_items), bool)
+    for code in (0, 1):
+        for c, block in enumerate(row.split(code)):
+            seen[block.users, members[c][block.items]] = True
+    scores = P @ Q.T + bias
+    expected = [(j, i) for j, u in enumerate(chosen)
+                for i in sorted(np.flatnonzero(~seen[u]), key=lambda i: (-scores[u, i], i))[:n]]
+    rows, items, _ = top.lists()
+    assert list(zip(rows.tolist(), items.tolist())) == expected
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     from conftest import write_canonical

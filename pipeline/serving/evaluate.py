@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +25,17 @@ from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, i
 from funkflow.tasks.blocks import TEST
 from funkflow.tasks.io import read_json
 from funkflow.tasks.measure import MEASURED_SPLITS, Measured, MeasurePlan, Ranking
-from funkflow.tasks.recommend import RANKERS, item_counts
+from funkflow.tasks.recommend import RANKERS, by_popularity
 
 
-def _fit_item_biases(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],
-                     global_mean: float) -> list[np.ndarray]:
-    n_items = [len(m) for m in placement.item_members]
-    futures = placement.on_rows(row_blocks, item_residual_sums, n_items, global_mean, name="item_residual_sums")
-    totals = [np.zeros((2, n)) for n in n_items]
-    for per_row in executor.gather(futures):  # row order
-        for c, sums in enumerate(per_row):
-            totals[c] += sums
-    return [sums / (ITEM_DAMPING + count) for sums, count in totals]
+def _item_sums(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],
+               global_mean: float) -> tuple[np.ndarray, np.ndarray]:
+    """Each item's ``(Σ (r - μ), n)`` over the training ratings, by global index: the biases-only baseline's
+    item biases and the popularity baseline's scores come from them."""
+    futures = placement.on_rows(row_blocks, item_residual_sums, placement.item_members, global_mean,
+                                name="item_residual_sums")
+    sums, counts = row_sum(np.stack(executor.gather(futures)))
+    return sums, counts
 
 
 def measure(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
@@ -51,11 +49,11 @@ def measure(executor: Executor, placement: BlockPlacement, row_blocks: list[Any]
     return executor.gather_watching(futures)
 
 
-def _ranking(popularity_of: Callable[[], np.ndarray], cfg: EvaluateConfig, n_users: int, seed: int) -> Ranking:
+def _ranking(popularity: np.ndarray, cfg: EvaluateConfig, n_users: int, seed: int) -> Ranking:
     wanted = None
     if cfg.ranking_users and cfg.ranking_users < n_users:
         wanted = np.sort(np.random.default_rng(seed).choice(n_users, cfg.ranking_users, replace=False))
-    return Ranking(cfg.ranking_k, cfg.relevance_threshold, popularity_of(), wanted)
+    return Ranking(cfg.ranking_k, cfg.relevance_threshold, by_popularity(popularity), wanted)
 
 
 def _ranking_result(measured: list[Measured], cfg: EvaluateConfig, n_items: int) -> dict[str, Any]:
@@ -82,23 +80,18 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
     b = placement.blocks
     info = read_json(model_dir / MODEL_JSON)
 
-    def popularity() -> np.ndarray:
-        counts = executor.gather(placement.on_rows(row_blocks, item_counts, b.n_items, b.d, b.seed,
-                                                   name="item_counts"))
-        return np.sum(counts, axis=0).astype(np.float32)
-
-    ranking = _ranking(popularity, cfg, b.n_users, seed) if cfg is not None and b.n_split(TEST) else None
+    residual_sums, counts = _item_sums(executor, placement, row_blocks, b.global_mean)
+    ranking = _ranking(counts, cfg, b.n_users, seed) if cfg is not None and b.n_split(TEST) else None
     plan = MeasurePlan(run_id=uuid.uuid4().hex, workers=tuple(executor.workers), d=b.d, block_seed=b.seed,
                        n_items=b.n_items, k=info["k"], global_mean=global_mean, ranking=ranking)
     measured = measure(executor, placement, row_blocks, model_dir, plan)
     errors = row_sum(np.concatenate([m.errors for m in measured]).reshape(-1, len(MEASURED_SPLITS), 3))
     (train_sse, _, n_train), (sse, sae, n) = errors
 
-    item_bias = _fit_item_biases(executor, placement, row_blocks, b.global_mean)
-    futures = placement.on_rows(row_blocks, baseline_errors, item_bias, b.global_mean, name="baseline_errors")
-    base = np.zeros((len(BASELINES), 3))
-    for per_row in executor.gather(futures):
-        base += per_row
+    item_bias = residual_sums / (ITEM_DAMPING + counts)
+    futures = placement.on_rows(row_blocks, baseline_errors, item_bias, placement.item_members, b.global_mean,
+                                name="baseline_errors")
+    base = row_sum(np.stack(executor.gather(futures)))
 
     def metrics(sums: np.ndarray) -> dict[str, float]:
         return {"rmse": math.sqrt(sums[0] / sums[2]), "mae": sums[1] / sums[2]}

@@ -44,7 +44,7 @@ from funkflow.tasks.epoch import (
 )
 from funkflow.tasks.measure import Measured, MeasurePlan, measure_rotation
 from funkflow.tasks.model_files import read_model_block
-from funkflow.tasks.training import FactorState, trimmed
+from funkflow.tasks.training import Buffers, FactorState, trimmed
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +69,8 @@ class DSGDExchange(WorkerPlugin):
         # (run id, step, bytes) of the latest item blocks that came from peers, and the messages that brought them.
         self.received: deque[tuple[str, int, int]] = deque(maxlen=100_000)
         self.messages = 0
+        # The arrays of dropped versions, which the next epoch's copies reuse (see Buffers).
+        self.buffers = Buffers()
         # Seconds every message to a peer waits before it leaves: a test and benchmark hook that stands for
         # a slow network (set through :func:`set_hand_off_delay`).
         self.delay = 0.0
@@ -140,6 +142,7 @@ class DSGDExchange(WorkerPlugin):
         with self._lock:
             self._versions.pop(train_id, None)
             self._run_of_training.pop(train_id, None)
+        self.buffers.clear()
 
     def store(self, train_id: str, name: str, version: Version) -> None:
         with self._lock:
@@ -153,11 +156,13 @@ class DSGDExchange(WorkerPlugin):
         return found
 
     def keep_only(self, train_id: str, names: tuple[str, ...]) -> None:
-        """Drop the versions of ``train_id`` not named."""
+        """Drop the versions of ``train_id`` not named; their arrays go to the buffers for reuse."""
         with self._lock:
             kept = self._versions.get(train_id, {})
-            for name in [v for v in kept if v not in names]:
-                del kept[name]
+            dropped = [kept.pop(name) for name in [v for v in kept if v not in names]]
+        for version in dropped:
+            for state in (*version.users.values(), *version.items.values()):
+                self.buffers.give(state)
 
     def sender(self, train_id: str, run_id: str, k: int, workers: tuple[str | None, ...],
                mailbox: Mailbox) -> tuple[Any, Any]:
@@ -298,7 +303,7 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
         start = exchange.version(plan.train_id, plan.start)
         send, sent = exchange.sender(plan.train_id, plan.run_id, plan.k, plan.workers, mailbox)
         outcome, version = run_share(plan, index, dict(zip(plan.rows_of(index), row_blocks)), start, mailbox, send,
-                                     threads, _cancel_check(worker))
+                                     threads, _cancel_check(worker), exchange.buffers)
         sent()  # a peer must not wait for a block that never left
         exchange.store(plan.train_id, plan.end, version)
         return outcome
