@@ -255,10 +255,10 @@ def test_auto_d_follows_the_data_alone_so_the_default_gives_the_same_bits_on_any
                                                                                               tmp_path):
     from funkflow.pipeline.running.cluster import InProcessExecutor
 
-    sets = ("train.d=auto", "data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=60000")
+    sets = ("train.d=auto", "data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000")
     one = run_pipeline(tiny_config(tmp_path / "one", *sets), executor=InProcessExecutor(threads=1))
     three = run_pipeline(tiny_config(tmp_path / "three", *sets), executor=InProcessExecutor(threads=3))
-    assert one["d"] == three["d"] == 2  # 60k ratings: blocks of 15k
+    assert one["d"] == three["d"] == 2  # 200k ratings: blocks of 50k
     assert model_bytes(tmp_path / "one") == model_bytes(tmp_path / "three")
 
 

@@ -65,14 +65,14 @@ def test_plan_command_prints_the_estimate(capsys):
 
 
 def test_auto_d_follows_the_ratings_alone():
-    assert auto_d(100_480_507) == 128                      # Netflix: blocks of about 6,100 ratings
-    assert auto_d(10_000_000) == 32 and auto_d(1_000_000) == 8
+    assert auto_d(100_480_507) == 64                       # Netflix: blocks of about 24,500 ratings
+    assert auto_d(10_000_000) == 16 and auto_d(1_000_000) == 4
     assert auto_d(4 * MIN_BLOCK_RATINGS) == 2 and auto_d(4 * MIN_BLOCK_RATINGS - 1) == 1
     assert auto_d(12_000) == 1 and auto_d(0) == 1
-    assert auto_d(3_000_000_000) == 512
+    assert auto_d(3_000_000_000) == 256
 
 
 def test_plan_command_defaults_d_to_the_auto_choice(capsys):
     assert main(["plan", "--ratings", "1e8", "--users", "480189", "--items", "17770", "--workers", "2",
                  "--rate", "2e7"]) == 0
-    assert "2 (d=128, 2×1 threads, 64 rows a lane)" in capsys.readouterr().out
+    assert "2 (d=64, 2×1 threads, 32 rows a lane)" in capsys.readouterr().out
