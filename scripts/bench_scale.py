@@ -1,6 +1,7 @@
 """What an epoch costs as the workers grow, counted: tasks, messages and bytes per worker, against the plan.
 
-Trains the embedded demo's data (1M ratings, 3,000 users × 1,000 items, k=32) at one d for a few epochs
+Trains the embedded demo's data (1M ratings, 3,000 users × 1,000 items, k=32; ``--shape`` for
+Netflix-shaped data of another size) at one d for a few epochs
 in this process and on LocalClusters of 2, 4 and 8 single-thread worker processes (the factors are the
 same bits everywhere, so the differences are coordination). For each it counts, over the epochs after the
 first: the scheduler's tasks per epoch, and for each worker the messages of column blocks and the bytes it
@@ -11,6 +12,7 @@ the latency of one message between two idle workers, the figure `funkflow plan` 
 Oversubscribing the 2 cores with 8 workers is deliberate: the counts do not depend on it, the seconds do.
 
     python scripts/bench_scale.py [--d 16] [--epochs 5] [--workers 2 4 8] [--delays-ms 0 5 20]
+        [--shape 480189 17770 10000000]
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+from _bench_data import dataset_at
 from distributed import Client, LocalCluster, get_task_stream
 
 from funkflow.pipeline.data.blocking import block_dataset, open_blocks
@@ -63,6 +66,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--d", type=int, default=16)
     parser.add_argument("--ratings", type=int, default=1_000_000, help="the demo's 1M; smaller for a smoke run")
+    parser.add_argument("--shape", type=int, nargs=3, metavar=("USERS", "ITEMS", "RATINGS"),
+                        help="Netflix-shaped data of this size instead of the demo's")
     parser.add_argument("--workers", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--delays-ms", type=float, nargs="+", default=[0, 5, 20])
     parser.add_argument("--cache", type=Path, default=Path("/tmp/funkflow-bench"))
@@ -70,11 +75,14 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
 
     config = load_config(None, [f"data.generate.n_ratings={args.ratings}"])
-    data_root = args.cache / f"demo-{args.ratings}"
-    if not (data_root / "dataset.json").exists():
-        generate_dataset(InProcessExecutor(), synthetic_spec(config.data.generate), data_root, 500_000)
-    dataset = open_dataset(data_root)
-    blocks_root = args.cache / f"demo-{args.ratings}-blocks-d{args.d}"
+    if args.shape:
+        dataset = dataset_at(0.1, args.cache, shape=tuple(args.shape))
+    else:
+        data_root = args.cache / f"demo-{args.ratings}"
+        if not (data_root / "dataset.json").exists():
+            generate_dataset(InProcessExecutor(), synthetic_spec(config.data.generate), data_root, 500_000)
+        dataset = open_dataset(data_root)
+    blocks_root = args.cache / f"{dataset.root.name}-blocks-d{args.d}"
     if not (blocks_root / "blocks.json").exists():
         block_dataset(InProcessExecutor(), dataset, blocks_root, args.d, config.split, config.train.seed)
     q = dataset.n_items * (args.k + 1) * 4

@@ -122,39 +122,60 @@ class Buffers:
     A worker copies its factor states once an epoch. Fresh arrays of a few MB each cost their pages again
     every time where Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_`` (which turns glibc's adaptive mmap
     threshold off): 30,000 page faults an epoch and twice the time on 480k users. Reused, they cost a copy.
+    Arrays are made in size classes (rows rounded up to a 64th, so the column blocks of one d share them)
+    and handed out as views of the rows a state needs; only the latest version given is kept, so that the
+    pool never holds more than one version's arrays.
     """
 
     def __init__(self) -> None:
         self._free: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
         self._lock = threading.Lock()
 
-    def give(self, state: FactorState) -> None:
-        """Keep ``state``'s arrays for reuse: nothing else may use them afterwards."""
-        factors, bias = state
-        if not updatable(state):
-            return
-        with self._lock:
-            for array in (factors, bias):
-                self._free.setdefault((array.shape, array.dtype.str), []).append(array)
+    @staticmethod
+    def _capacity(rows: int) -> int:
+        step = max(1, -(-rows // 64))
+        return -(-rows // step) * step
 
-    def _take(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray | None:
+    def _whole(self, array: np.ndarray) -> np.ndarray | None:
+        """The size-class array that ``array`` is the first rows of, if :meth:`copy` made it; else None."""
+        base = array.base
+        shape = (self._capacity(array.shape[0]), *array.shape[1:])
+        if not isinstance(base, np.ndarray) or base.dtype != array.dtype:
+            return None
+        offset = array.ctypes.data - base.ctypes.data
+        if offset < 0 or offset + int(np.prod(shape)) * array.itemsize > base.nbytes:
+            return None
+        return np.ndarray(shape, array.dtype, buffer=base, offset=offset)
+
+    def give(self, states: Iterable[FactorState]) -> None:
+        """Keep the arrays of ``states`` (nothing else may use them afterwards) in place of those kept so far."""
+        kept: dict[tuple[tuple[int, ...], str], list[np.ndarray]] = {}
+        for state in states:
+            if updatable(state):
+                for array in state:
+                    whole = self._whole(array)
+                    if whole is not None:
+                        kept.setdefault((whole.shape, whole.dtype.str), []).append(whole)
+        with self._lock:
+            self._free = kept
+
+    def _array(self, rows: int, tail: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """``rows`` (and ``tail``) of a free array of their size class, or of a new one."""
+        shape = (self._capacity(rows), *tail)
         with self._lock:
             free = self._free.get((shape, dtype.str))
-            return free.pop() if free else None
+            whole = free.pop() if free else None
+        if whole is None:
+            whole = padded_rows(np.zeros(shape, dtype)) if tail else np.zeros(shape, dtype)
+        return whole[:rows]
 
     def copy(self, state: FactorState) -> FactorState:
         factors, bias = state
         n, k = factors.shape
-        width = -(-k // ALIGN_FLOATS) * ALIGN_FLOATS
-        out = self._take((n, width), factors.dtype)
-        if out is None:
-            out = padded_rows(factors)
-        else:
-            out[:, :k] = factors
-            out[:, k:] = 0.0
-        out_bias = self._take(bias.shape, bias.dtype)
-        if out_bias is None:
-            return out, bias.copy()
+        out = self._array(n, (-(-k // ALIGN_FLOATS) * ALIGN_FLOATS,), factors.dtype)
+        out[:, :k] = factors
+        out[:, k:] = 0.0
+        out_bias = self._array(n, (), bias.dtype)
         out_bias[:] = bias
         return out, out_bias
 

@@ -56,6 +56,20 @@ def test_a_worker_with_two_threads_matches_in_process(tiny_config, in_process_ru
     _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
 
 
+def test_the_default_config_gives_the_same_bits_in_process_and_on_one_or_three_workers(tiny_config, tmp_path):
+    """train.d: auto follows the data alone, so the default needs no pinned d to give the same model on any
+    cluster: in this process on its threads, on one single-thread worker, and on three."""
+    sets = ["train.d=auto", "data.generate.n_users=2000", "data.generate.n_items=500",
+            "data.generate.n_ratings=320000", "train.epochs=3"]  # auto: d=4, blocks of 20k ratings
+    shapes = {"inprocess": ["cluster.scheduler=inprocess"],
+              "one": ["cluster.scheduler=local", "cluster.n_workers=1", "cluster.threads_per_worker=1"],
+              "three": ["cluster.scheduler=local", "cluster.n_workers=3", "cluster.threads_per_worker=1"]}
+    runs = {name: run_pipeline(tiny_config(tmp_path / name, *sets, *shape)) for name, shape in shapes.items()}
+    assert {summary["d"] for summary in runs.values()} == {4}
+    for name in ("one", "three"):
+        _assert_bit_identical(_factors(tmp_path / name), _factors(tmp_path / "inprocess"))
+
+
 def test_different_d_gives_different_factors(tiny_config, in_process_run, tmp_path):
     """The bit-identity above is not vacuous: the schedule does change the result."""
     run_pipeline(tiny_config(tmp_path / "run", "train.d=2"))

@@ -160,9 +160,8 @@ class DSGDExchange(WorkerPlugin):
         with self._lock:
             kept = self._versions.get(train_id, {})
             dropped = [kept.pop(name) for name in [v for v in kept if v not in names]]
-        for version in dropped:
-            for state in (*version.users.values(), *version.items.values()):
-                self.buffers.give(state)
+        self.buffers.give(state for version in dropped
+                          for state in (*version.users.values(), *version.items.values()))
 
     def sender(self, train_id: str, run_id: str, k: int, workers: tuple[str | None, ...],
                mailbox: Mailbox) -> tuple[Any, Any]:

@@ -39,9 +39,9 @@ LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
 VALIDATION_COST = 0.25       # a validation rating measured beside the SGD costs about a quarter of an update
 # The latency of handing a column block to a worker on another host, beyond its transfer: a Dask RPC one way
-# between two idle worker processes on loopback here (`python scripts/bench_scale.py` measures it; its
-# --hop-ms takes another figure).
-HOP_SECONDS = 0.0003
+# between two idle worker processes on loopback here, 0.13-0.18 ms (`python scripts/bench_scale.py` measures it;
+# funkflow plan --hop-ms takes another figure).
+HOP_SECONDS = 0.00015
 EPOCH_SECONDS = 0.005        # the driver's round trip of an epoch
 TASK_SECONDS = 0.0002        # the scheduler's share of one task
 BANDWIDTH = 1.0e9            # bytes/s between workers (10 GbE, roughly); --bandwidth
