@@ -16,18 +16,21 @@ USER_DAMPING = 10.0
 BASELINES = ("global_mean", "biases", "floor")
 
 
-def item_residual_sums(row_block: RowBlock, item_members: list[np.ndarray], global_mean: float) -> np.ndarray:
-    """``(Σ (r - μ), n)`` of each item (global index) over this row's training ratings.
+def item_residual_sums(row_block: RowBlock, item_members: list[np.ndarray],
+                       global_mean: float) -> tuple[np.ndarray, np.ndarray]:
+    """``(Σ (r - μ), n)`` of each item this row's training ratings rate, by global index.
 
     Returns
     -------
-    array of shape (2, n_items), float64
+    items : array of shape (m,), int64, the items rated, increasing
+    sums : array of shape (2, m), float64
     """
     train = row_block.whole(TRAIN, item_members)
     n_items = sum(m.shape[0] for m in item_members)
     residual = train.ratings.astype(np.float64) - global_mean
-    return np.stack((np.bincount(train.items, residual, minlength=n_items),
-                     np.bincount(train.items, minlength=n_items).astype(np.float64)))
+    counts = np.bincount(train.items, minlength=n_items)
+    items = np.flatnonzero(counts)
+    return items, np.stack((np.bincount(train.items, residual, minlength=n_items)[items], counts[items]))
 
 
 def baseline_errors(row_block: RowBlock, item_bias: np.ndarray, item_members: list[np.ndarray],

@@ -97,8 +97,11 @@ class EpochPlan:
     first row in ``next_ring``. ``workers``: the owners by index (:func:`rows_of`). ``start`` and ``end``
     name the versions of the factors the epoch reads and writes in each worker's store; the store keeps
     those and ``keep`` and drops the rest. ``write_start``: a checkpoint directory URL to write this
-    worker's share of the *start* version to while the epoch runs. ``k``: the model's factors a row; the
-    columns past it are the kernels' padding, never sent between workers.
+    worker's share of the *start* version to while the epoch runs. ``release_start``: drop the start version
+    as soon as every row has its copy (and it is written, if it is): the driver can read it back (from that
+    checkpoint, or from where the run started) for a rollback, and a worker holds its share of the factors
+    once, not twice. ``k``: the model's factors a row; the columns past it are the kernels' padding, never
+    sent between workers.
     """
 
     train_id: str
@@ -115,6 +118,7 @@ class EpochPlan:
     keep: tuple[str, ...] = ()
     validate: bool = True
     write_start: str | None = None
+    release_start: bool = False
 
     @property
     def d(self) -> int:
@@ -214,16 +218,17 @@ state (in the kernels' layout; a visit that updates it does so in place)."""
 
 def rotate(ring_order: tuple[int, ...], workers: int, index: int, items: Mapping[int, FactorState],
            mailbox: Mailbox, send: Send, threads: int, visit: Visit, last_visit: Visit,
-           check: Callable[[], None] = lambda: None, buffers: Buffers | None = None) -> None:
+           check: Callable[[], None] = lambda: None, buffers: Buffers | None = None, private: bool = True) -> None:
     """Pass every column block once past the rows of worker ``index`` of ``workers``, in the ring's order.
 
     ``items``: the column blocks at the ring positions of this worker's rows, which its rows take first.
     Each block (row, col) gets ``visit`` in ring order; after a column block's last visit of the rotation
     (at step ``d - 1``), ``last_visit`` gets it instead of the next row. At step 0 a lane takes its rows'
-    column blocks from ``items`` through a private copy in the kernels' layout (made there, so lanes copy
-    side by side; into ``buffers`` where it holds arrays of the shape). A column block that moves to a row of
-    another lane is sent (``send``) to that row's owner, which may be this worker; the mailbox takes what
-    comes. Raises :class:`ShareAborted` when the mailbox fails or ``check`` raises.
+    column blocks from ``items``: with ``private``, through a copy in the kernels' layout (made there, so
+    lanes copy side by side; into ``buffers`` where it holds arrays of the shape), for visits that update
+    them; else as they are, once in that layout. A column block that moves to a row of another lane is sent
+    (``send``) to that row's owner, which may be this worker; the mailbox takes what comes. Raises
+    :class:`ShareAborted` when the mailbox fails or ``check`` raises.
     """
     d = len(ring_order)
     rows = rows_of(index, d, workers)
@@ -269,7 +274,10 @@ def rotate(ring_order: tuple[int, ...], workers: int, index: int, items: Mapping
                 queued.discard(r)
                 t = step[r]
                 c = column_at(ring_order, r, t)
-                item = training_copy(items[c], buffers) if t == 0 else carried.pop((t, r))
+                if t == 0:
+                    item = training_copy(items[c], buffers) if private else _own_layout(items[c], buffers)
+                else:
+                    item = carried.pop((t, r))
                 step[r] = t + 1
                 if t + 1 == d:
                     last_visit(r, c, t, item)
@@ -311,11 +319,22 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
     sse = np.zeros((len(rows), d))
     validation = np.zeros((len(rows), d, 3))
     users: dict[int, FactorState] = {}
+    uncopied = [len(rows)]  # rows that have not yet copied their part of the start version
+    copied = threading.Lock()
 
     def update(r: int, c: int, t: int, item: FactorState) -> None:
         j = r - rows.start
-        if t == 0:  # a private copy, made by the row's lane
+        if t == 0:  # a private copy, made by the row's lane (its column block was copied just before)
             users[r] = training_copy(start.users[r], buffers)
+            with copied:
+                uncopied[0] -= 1
+                last = uncopied[0] == 0
+            if last and plan.release_start:
+                if written is None:
+                    _release(start, buffers)
+                else:
+                    written.add_done_callback(lambda done: _release(start, buffers) if done.exception() is None
+                                              else None)
         try:
             block = row_blocks[r]
             sse[j, c] = sgd_update_in_place(block.split(TRAIN)[c], users[r], item, plan.hyper, int(seeds[r, c]))
@@ -340,6 +359,15 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
         held = {c: _own_layout(mailbox.take(d, c, check), buffers) for c in (plan.next_ring[r] for r in rows)}
         files = {} if written is None else written.result()
     return ShareOutcome(sse, validation, files), Version(plan.k, {r: users[r] for r in rows}, held)
+
+
+def _release(version: Version, buffers: Buffers | None) -> None:
+    """Drop ``version``'s arrays (into ``buffers``, for the copies still to come)."""
+    states = [*version.users.values(), *version.items.values()]
+    version.users.clear()
+    version.items.clear()
+    if buffers is not None:
+        buffers.give(states)
 
 
 def write_share(version: Version, url: str) -> dict[str, FileEntry]:

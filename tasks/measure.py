@@ -27,7 +27,7 @@ from funkflow.tasks.recommend import (
     ranking_sums_of_lists,
     relevant_test_items,
 )
-from funkflow.tasks.training import FactorState, block_error_sums, training_copy
+from funkflow.tasks.training import FactorState, block_error_sums
 
 MEASURED_SPLITS = (TRAIN, TEST)
 
@@ -95,12 +95,13 @@ def measure_rotation(plan: MeasurePlan, index: int, row_blocks: Mapping[int, Row
                      users: Mapping[int, FactorState], items: Mapping[int, FactorState], mailbox: Mailbox,
                      send: Send, threads: int, check: Callable[[], None] = lambda: None) -> Measured:
     """Worker ``index``'s part of a measuring rotation: its rows' user states ``users`` meet every column
-    block, starting from ``items`` (the blocks at its rows' ring positions)."""
+    block, starting from ``items`` (the blocks at its rows' ring positions). Nothing is updated: the states
+    are used as they are where they are in the kernels' layout (:func:`funkflow.tasks.training.training_copy`
+    makes them so), so that every worker computes on the same layout."""
     rows = plan.rows_of(index)
     d = plan.d
     item_members = block_layout(plan.n_items, d, plan.block_seed, SALT_COLUMNS)[2]
     errors = np.zeros((len(rows), d, len(MEASURED_SPLITS), 3))
-    users = {r: training_copy(state) for r, state in users.items()}
     relevant: dict[int, dict[int, np.ndarray]] = {}
     tops: dict[int, RunningTop] = {}
     for r in rows:
@@ -122,7 +123,7 @@ def measure_rotation(plan: MeasurePlan, index: int, row_blocks: Mapping[int, Row
         if r in tops:
             tops[r].offer(user[0], item[0], item[1], item_members[c], block, c)  # padding columns are zero
 
-    rotate(plan.ring, len(plan.workers), index, items, mailbox, send, threads, visit, visit, check)
+    rotate(plan.ring, len(plan.workers), index, items, mailbox, send, threads, visit, visit, check, private=False)
 
     list_users, list_items, list_scores, ranking = [], [], [], np.zeros((len(rows), len(RANKERS), 5))
     recommended: list[list[np.ndarray]] = [[] for _ in RANKERS]

@@ -17,9 +17,10 @@ from funkflow.tasks.blocks import TEST, TRAIN, VALIDATION, RowBlock, group_start
 from funkflow.tasks.counting import placed, places_by_key
 
 CHUNK_USERS = 1024
-# Scores held at once per chunk of users (256 MiB of float32): with a catalogue of 500k items, 1024 users'
-# scores and the selection's temporaries took 5.8 GiB in one worker.
-CHUNK_SCORES = 1 << 26
+# Scores held at once per chunk of users (16 MiB of float32). Users meet one column block at a time, so a
+# chunk is that block's width; against 2M items in 16 blocks, 64M scores a chunk had been a worker's largest
+# allocation (268 MB, more than its share of the item factors).
+CHUNK_SCORES = 1 << 22
 
 
 def users_per_chunk(n_items: int, most: int = CHUNK_USERS) -> int:

@@ -34,8 +34,10 @@ def _item_sums(executor: Executor, placement: BlockPlacement, row_blocks: list[A
     item biases and the popularity baseline's scores come from them."""
     futures = placement.on_rows(row_blocks, item_residual_sums, placement.item_members, global_mean,
                                 name="item_residual_sums")
-    sums, counts = row_sum(np.stack(executor.gather(futures)))
-    return sums, counts
+    totals = np.zeros((2, placement.blocks.n_items))
+    for items, sums in executor.gather(futures):  # row order
+        totals[:, items] += sums
+    return totals[0], totals[1]
 
 
 def measure(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
@@ -88,7 +90,8 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
     errors = row_sum(np.concatenate([m.errors for m in measured]).reshape(-1, len(MEASURED_SPLITS), 3))
     (train_sse, _, n_train), (sse, sae, n) = errors
 
-    item_bias = residual_sums / (ITEM_DAMPING + counts)
+    # One task holds the biases, and each worker fetches them once, not once a row block.
+    item_bias = executor.submit(np.divide, residual_sums, ITEM_DAMPING + counts, name="item_bias")
     futures = placement.on_rows(row_blocks, baseline_errors, item_bias, placement.item_members, b.global_mean,
                                 name="baseline_errors")
     base = row_sum(np.stack(executor.gather(futures)))

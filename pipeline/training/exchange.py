@@ -44,7 +44,7 @@ from funkflow.tasks.epoch import (
 )
 from funkflow.tasks.measure import Measured, MeasurePlan, measure_rotation
 from funkflow.tasks.model_files import read_model_block
-from funkflow.tasks.training import Buffers, FactorState, trimmed
+from funkflow.tasks.training import Buffers, FactorState, training_copy, trimmed
 
 log = logging.getLogger(__name__)
 
@@ -318,8 +318,9 @@ def measure_share(plan: MeasurePlan, model_dir: str, index: int, threads: int, *
     mailbox = exchange.begin(plan.run_id, plan.run_id)
     try:
         rows = plan.rows_of(index)
-        users = {r: read_model_block(model_dir, "user", r) for r in rows}
-        items = {plan.ring[r]: read_model_block(model_dir, "item", plan.ring[r]) for r in rows}
+        users = {r: training_copy(read_model_block(model_dir, "user", r, mmap=True)) for r in rows}
+        items = {plan.ring[r]: training_copy(read_model_block(model_dir, "item", plan.ring[r], mmap=True))
+                 for r in rows}
         send, sent = exchange.sender(plan.run_id, plan.run_id, plan.k, plan.workers, mailbox)
         measured = measure_rotation(plan, index, dict(zip(rows, row_blocks)), users, items, mailbox, send, threads,
                                     _cancel_check(worker))

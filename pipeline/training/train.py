@@ -215,17 +215,20 @@ class _Session:
         sse, n = row_sum(self._by_row(per_worker))
         return math.sqrt(sse / n) if measure and n else None
 
-    def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...], write_start: str | None) -> EpochOutcome:
+    def epoch(self, epoch: int, hyper: Hyper, keep: tuple[str, ...], write_start: str | None,
+              release_start: bool) -> EpochOutcome:
         """One epoch from version ``epoch`` to ``epoch + 1``, keeping versions ``keep`` on the workers.
 
-        ``write_start``: a checkpoint directory the workers write version ``epoch`` to meanwhile. Error sums
-        are added block by block in row and column order: never in the order results arrive.
+        ``write_start``: a checkpoint directory the workers write version ``epoch`` to meanwhile.
+        ``release_start``: the workers drop version ``epoch`` once it is written (if it is) and copied, since
+        it can be read back (a rollback does). Error sums are added block by block in row and column order:
+        never in the order results arrive.
         """
         began = time.perf_counter()
         plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch, ring=self._ring(epoch),
                          next_ring=self._ring(epoch + 1), seed=self.cfg.seed, hyper=hyper, k=self.source.k,
                          workers=self.workers, start=_version(epoch), end=_version(epoch + 1), keep=keep,
-                         validate=self.validate, write_start=write_start)
+                         validate=self.validate, write_start=write_start, release_start=release_start)
         outcomes = self._gather(self._each_worker(
             lambda index, address: (epoch_share, (plan, index, self.executor.threads[address])), "epoch_share"))
         train_sse = float(row_sum(self._by_row([o.sse for o in outcomes]).reshape(-1)))
@@ -444,17 +447,27 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, save: Callab
     if checkpoints is not None:
         callbacks.append(_Checkpointing(checkpoints, cfg))
 
+    first_epoch = loop.epoch
     while loop.epoch < cfg.epochs and not any(c.stops(loop) for c in callbacks):
         epoch = loop.epoch
         write_start = next((url for c in callbacks if (url := c.write_start_to(epoch))), None)
         hyper = Hyper(lr=loop.lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
                       global_mean=session.global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
                       tile_items=cfg.tile_items)
-        outcome = session.epoch(epoch, hyper, loop.kept(), write_start)
+        # The start version need not stay in memory beside the epoch's copies where it can be read back: the
+        # checkpoint being written of it, or where the first epoch's came from. Then the workers hold their
+        # share of the factors once, not twice; a rollback reads it back. The best epoch's is always kept.
+        readable = write_start is not None or epoch == first_epoch
+        outcome = session.epoch(epoch, hyper, loop.kept(), write_start,
+                                release_start=readable and _version(epoch) not in loop.kept())
         for c in callbacks:
             c.ran(epoch, outcome, loop)
         if outcome.diverged(loop.exploded_at):
-            loop.roll_back(cfg, epoch, outcome.train_rmse)  # the factors after ``epoch`` are still on the workers
+            loop.roll_back(cfg, epoch, outcome.train_rmse)
+            if write_start is not None and checkpoints is not None:
+                session.load(epoch, checkpoints.at(epoch).url)
+            elif epoch == first_epoch:
+                session.load(epoch, start.url if start is not None else None)
             continue
         report = EpochReport(epoch=epoch + 1, train_rmse=outcome.train_rmse, val_rmse=outcome.val_rmse, lr=loop.lr,
                              seconds=outcome.seconds, ratings_per_second=n_train / outcome.seconds)
