@@ -40,7 +40,7 @@ def peaks(dataset_root: Path, run_dir: Path, k: int, workers: int, epochs: int) 
                                 f"train.epochs={epochs}", "train.early_stopping_patience=0",
                                 f"output.run_dir={run_dir}"])
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
-                                                         dashboard_address=":0") as cluster, \
+                                                         dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         run_pipeline(config, executor=DaskExecutor(client))
         return client.run(_peak_rss)

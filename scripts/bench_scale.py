@@ -95,7 +95,7 @@ def main() -> None:
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for workers in args.workers:
         with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
-                                                             dashboard_address=":0") as cluster, \
+                                                             dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             epochs_of(DaskExecutor(client), blocks_root, args.k, 1)  # start the workers' kernels and extension
             bytes_before = {w: sum(e[2] for e in entries) for w, entries in client.run(received_bytes).items()}

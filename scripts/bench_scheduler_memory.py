@@ -43,7 +43,7 @@ def main() -> None:
         run_dir = args.cache / f"scheduler-memory-{epochs}"
         shutil.rmtree(run_dir, ignore_errors=True)
         with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                                             dashboard_address=":0") as cluster, \
+                                                             dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             run_pipeline(load_config(None, [
                 "data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=100000",

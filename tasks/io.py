@@ -7,11 +7,13 @@ No pickle: Parquet, npy (``allow_pickle=False``) and JSON only.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,28 +44,34 @@ def _temporary_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:12]}")
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write ``table`` to ``path`` atomically."""
+@contextlib.contextmanager
+def _atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write, renamed to ``path`` if the block ends normally and removed
+    otherwise. An ``OSError`` that names no file (a full disk's) is raised again naming ``path``."""
     path = Path(path)
     tmp = _temporary_sibling(path)
     try:
-        pq.write_table(table, tmp)
+        yield tmp
         os.replace(tmp, path)
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
+    """Write ``table`` to ``path`` atomically."""
+    with _atomically(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def write_arrow(table: pa.Table, path: str | os.PathLike) -> None:
     """Write ``table`` to ``path`` as an Arrow IPC file, atomically: for intermediate files that this run
     reads back once, where Parquet's encoding costs more than it saves."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        with pa.ipc.new_file(tmp, table.schema) as writer:
-            writer.write_table(table)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _atomically(path) as tmp, pa.ipc.new_file(tmp, table.schema) as writer:
+        writer.write_table(table)
 
 
 def read_arrow(path: str | os.PathLike) -> pa.Table:
@@ -84,16 +92,10 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 def write_bytes(data: bytes, path: str | os.PathLike) -> None:
     """Write ``data`` to ``path`` atomically, flushed to disk before the rename."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _atomically(path) as tmp, open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def put_bytes(fs: Any, path: str, data: bytes) -> None:
@@ -125,6 +127,16 @@ def update_text(text: str, path: str | os.PathLike) -> None:
     path = Path(path)
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
         write_text(text, path)
+
+
+def restore_text(text: str, path: str | os.PathLike) -> None:
+    """Put ``text`` back at ``path``: atomically where the disk has room, else over the file in place (on a
+    full disk, the space of the text being replaced is what there is)."""
+    try:
+        write_text(text, path)
+    except OSError:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -83,7 +83,7 @@ def local_cluster():
     from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
 
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                                         dashboard_address=":0") as cluster:
+                                                         dashboard_address="127.0.0.1:0") as cluster:
         yield cluster
 
 

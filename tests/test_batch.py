@@ -135,9 +135,9 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
     assert manifest["data_fingerprint"] == json.loads((run_dir / "data" / "dataset.json").read_text())["fingerprint"]
 
     assert main(["run", "--run-dir", str(run_dir), *TINY, "--set", "train.lr=80", "--set", "train.max_rollbacks=0",
-                 "--retrain"]) == 70
+                 "--retrain"]) == 3
     failed = json.loads((run_dir / "run.json").read_text())
-    assert (failed["status"], failed["exit_code"], failed["stages_run"]) == ("failed", 70, [])
+    assert (failed["status"], failed["exit_code"], failed["stages_run"]) == ("failed", 3, [])
     assert "TrainingDiverged: training diverged" in failed["error"]
 
 

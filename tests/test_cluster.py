@@ -84,9 +84,10 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def _dask_cli_cluster(tmp_path: Path, protocol: str = "tcp", tls: list[str] = (),
-                      security=None, cwd: Path | None = None) -> Iterator[tuple[str, Path]]:
+                      security=None, cwd: Path | None = None,
+                      processes: dict[str, subprocess.Popen] | None = None) -> Iterator[tuple[str, Path]]:
     """Start `dask scheduler` and two `dask worker` processes on 127.0.0.1 (in ``cwd``, if given); yield the
-    address and the scheduler file."""
+    address and the scheduler file. ``processes`` gets them by name (scheduler, worker0, worker1)."""
     from distributed import Client
 
     dask = str(Path(sys.executable).parent / "dask")
@@ -104,6 +105,8 @@ def _dask_cli_cluster(tmp_path: Path, protocol: str = "tcp", tls: list[str] = ()
             log = stack.enter_context(open(tmp_path / f"{name}.log", "w"))
             env = {**os.environ, "DASK_DISTRIBUTED__SCHEDULER__WORK_STEALING": "False"}  # as README says
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=cwd)
+            if processes is not None:
+                processes[name] = proc
             stack.callback(proc.wait, timeout=30)
             stack.callback(proc.terminate)
         deadline = time.monotonic() + 60
@@ -191,7 +194,7 @@ def test_scheduler_without_workers_exits_75(tmp_path, capsys):
 
     from funkflow.pipeline.running.cli import main
 
-    with LocalCluster(n_workers=0, processes=True, dashboard_address=":0") as empty:
+    with LocalCluster(n_workers=0, processes=True, dashboard_address="127.0.0.1:0") as empty:
         code = main(["run", "--scheduler", empty.scheduler_address, "--set", "cluster.timeout=2",
                      "--run-dir", str(tmp_path / "run")])
     assert code == 75
@@ -255,7 +258,8 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n
     killed = threading.Event()
     seen: dict[str, object] = {}
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=n_workers, threads_per_worker=1,
-                                                         dashboard_address=":0") as cluster, Client(cluster) as client:
+                                                         dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as client:
         def kill_when_training() -> None:
             second = run_dir / "checkpoints" / "epoch-000002" / "manifest.json"
             deadline = time.monotonic() + 120
@@ -408,6 +412,36 @@ def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path):
                                  cwd=tmp_path, capture_output=True, text=True, timeout=240)
         assert secured.returncode == 0, secured.stderr
         assert "test RMSE" in secured.stdout
+        secure = [a for key, name in (("ca_file", "ca"), ("cert", "cert"), ("key", "key"))
+                  for a in ("--set", f"cluster.tls.{key}={certs[name]}")]
+        plain = subprocess.run([*base, "--scheduler", address.replace("tls://", "tcp://"), "--run-dir",
+                                str(tmp_path / "plain"), *secure], cwd=tmp_path, capture_output=True, text=True,
+                               timeout=240)
+        assert plain.returncode == 78 and "Traceback" not in plain.stderr
+        assert "cluster.tls is set but the scheduler address tcp://127.0.0.1:" in plain.stderr
+
+
+def test_a_scheduler_lost_mid_run_exits_75_in_one_line_and_is_recorded(tmp_path):
+    processes: dict[str, subprocess.Popen] = {}
+    run_dir = tmp_path / "run"
+    command = [sys.executable, "-m", "funkflow", "run", "--run-dir", str(run_dir), "--set", "cluster.timeout=3",
+               *(a for s in [*TINY_SETS, "train.epochs=100000", "train.early_stopping_patience=0"]
+                 for a in ("--set", s))]
+    with _dask_cli_cluster(tmp_path, processes=processes) as (address, _):
+        run = subprocess.Popen([*command, "--scheduler", address], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not (run_dir / "checkpoints" / "epoch-000002").is_dir() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        processes["scheduler"].kill()
+        _, err = run.communicate(timeout=120)
+    assert run.returncode == 75, err
+    assert "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("funkflow: error")] == [
+        next(line for line in err.splitlines() if line.startswith(f"funkflow: error: lost the Dask scheduler at "
+                                                                   f"{address}"))]
+    record = json.loads((run_dir / "run.json").read_text())
+    assert (record["status"], record["exit_code"]) == ("failed", 75)
 
 
 def test_workers_with_other_versions_are_refused_naming_the_package(tiny_config, tmp_path):
@@ -421,7 +455,8 @@ def test_workers_with_other_versions_are_refused_naming_the_package(tiny_config,
         real = importlib.metadata.version
         importlib.metadata.version = lambda name: "0.1.0" if name == "numba" else real(name)
 
-    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address=":0") as cluster, Client(cluster) as c:
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
+            Client(cluster) as c:
         c.run(pretend_old_numba)
         config = tiny_config(tmp_path / "run", f"cluster.scheduler={cluster.scheduler_address}")
         with pytest.raises(ConfigError, match=r"numba 0\.1\.0, this client \d"):

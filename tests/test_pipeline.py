@@ -11,7 +11,7 @@ from conftest import model_bytes
 
 from funkflow.pipeline.running.cli import main
 from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_OK, EXIT_SOFTWARE, ConfigError, TrainingDiverged
+from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_DIVERGED, EXIT_OK, ConfigError, TrainingDiverged
 from funkflow.pipeline.running.stages import run_pipeline
 from funkflow.pipeline.serving.model import read_model
 from funkflow.pipeline.training.train import EpochReport, _bold_driver_factor
@@ -114,12 +114,12 @@ def test_no_bias_model_trains(tiny_config, tmp_path):
     assert summary["test_rmse"] < summary["baselines"]["global_mean"]["rmse"]
 
 
-def test_divergence_exits_70_and_writes_no_model(tmp_path, capsys):
+def test_divergence_exits_with_its_own_code_and_writes_no_model(tmp_path, capsys):
     code = main(["run", "--run-dir", str(tmp_path / "run"), *sum((["--set", s] for s in [
         "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
         "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=3", "train.d=2", "train.lr=50",
         "train.max_rollbacks=1", "cluster.scheduler=inprocess"]), [])])
-    assert code == EXIT_SOFTWARE
+    assert code == EXIT_DIVERGED
     err = capsys.readouterr().err
     assert "training diverged at epoch 1" in err and "lower train.lr" in err
     assert not (tmp_path / "run" / "model").exists()
@@ -203,7 +203,7 @@ def test_a_hundred_times_the_default_lr_recovers_or_exits_70_and_never_writes_na
         "data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
         "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=4", "train.d=3",
         f"train.lr={100 * default_lr}", "cluster.scheduler=inprocess"]), [])])
-    assert code in (EXIT_OK, EXIT_SOFTWARE)
+    assert code in (EXIT_OK, EXIT_DIVERGED)
     assert "rolled back" in caplog.text
     if code == EXIT_OK:
         factors, _ = read_model(tmp_path / "run" / "model")

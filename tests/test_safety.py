@@ -1,9 +1,13 @@
 """What funkflow may touch: never a path it did not make, never a finished output without being asked, and
-never a half-written file. Each test is a probe an adversarial user ran against an earlier version, which
-lost data or reported success there; run this module alone to check them all."""
+never a half-written file; and faults from outside (a full disk) told in one line with their own exit code.
+Each test is a probe an adversarial user ran against an earlier version, which lost data, reported success
+or answered with a traceback there; run this module alone to check them all (the cluster's faults, which
+need a real scheduler to lose, are in test_cluster.py)."""
 
 from __future__ import annotations
 
+import errno
+import os
 import subprocess
 import sys
 import time
@@ -147,3 +151,36 @@ def test_checkpoints_cleared_for_a_new_configuration_leave_other_files_under_the
     assert main(["run", "--run-dir", str(tmp_path / "b"), *_sets(f"output.checkpoints={shared}",
                                                                   "model.k=3")]) == 0
     assert (shared / "notes.txt").read_text() == "mine\n"
+
+
+def _one_error_line(err: str) -> str:
+    """The one ``funkflow: error`` line of a command's stderr (its log lines aside), with no traceback."""
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("funkflow: error")]
+    assert len(errors) == 1, err
+    return errors[0]
+
+
+@pytest.mark.parametrize("full_at", [".model.tmp-", "checkpoints"])
+def test_a_full_disk_exits_74_in_one_line_and_leaves_the_model_and_its_metrics(tmp_path, capsys, monkeypatch,
+                                                                               full_at):
+    run_dir = tmp_path / "run"
+    assert main(["run", "--run-dir", str(run_dir), *_sets()]) == 0
+    model, metrics = _files(run_dir / "model"), (run_dir / "metrics.jsonl").read_bytes()
+    flush = os.fsync
+
+    def full_disk(fd: int) -> None:  # the disk fills up where ``full_at`` is written, and only there
+        if full_at in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        flush(fd)
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    capsys.readouterr()
+    assert main(["run", "--run-dir", str(run_dir), *_sets("train.epochs=3"), "--retrain"]) == 74
+    line = _one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and str(run_dir) in line
+    assert _files(run_dir / "model") == model
+    assert (run_dir / "metrics.jsonl").read_bytes() == metrics  # the rows of the model that is there
+    record = read_json(run_dir / "run.json")
+    assert (record["status"], record["exit_code"]) == ("failed", 74)
+    assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]  # no file half-written, under any name

@@ -30,6 +30,7 @@ from funkflow.pipeline.running.errors import (
     ConfigError,
     FunkflowError,
     UsageError,
+    outside_fault,
 )
 from funkflow.pipeline.running.logs import configure
 from funkflow.pipeline.running.rundir import new_output, package_version
@@ -381,9 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `funkflow configs | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
-    except Exception:
-        log.exception("funkflow: internal error")
-        return EXIT_SOFTWARE
+    except Exception as exc:
+        fault = outside_fault(exc)  # a full disk, a lost scheduler: not funkflow's bug, so no traceback
+        if fault is None:
+            log.exception("funkflow: internal error (a bug: please report it with this traceback)")
+            return EXIT_SOFTWARE
+        print(f"funkflow: error: {fault}", file=sys.stderr)
+        return fault.exit_code
     return EXIT_OK
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from funkflow.pipeline.running.config import ClusterConfig
-from funkflow.pipeline.running.errors import ClusterError, ConfigError, WorkersLost
+from funkflow.pipeline.running.errors import ClusterError, ConfigError, FunkflowError, WorkersLost
 from funkflow.tasks.epoch import ShareAborted
 
 log = logging.getLogger(__name__)
@@ -287,8 +287,8 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
                   "distributed.scheduler.allowed-failures": cfg.allowed_failures}
         with dask.config.set({**SCHEDULER_CONFIG, **budget}), LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
-            dashboard_address=":0", silence_logs=logging.WARNING, preload=[__name__],
-        ) as cluster, Client(cluster) as client:
+            dashboard_address=cfg.dashboard, silence_logs=logging.WARNING, preload=[__name__],
+        ) as cluster, Client(cluster) as client, _scheduler_watched(client, cluster.scheduler_address):
             yield DaskExecutor(client, cfg.timeout)
         return
 
@@ -300,7 +300,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
     except (OSError, TimeoutError) as exc:
         raise ClusterError(f"cannot reach the Dask scheduler at {address} within cluster.timeout="
                            f"{cfg.timeout:g}s: {exc}") from exc
-    with client:
+    with client, _scheduler_watched(client, address):
         wanted = cfg.n_workers or 1
         try:
             client.wait_for_workers(wanted, timeout=cfg.timeout)
@@ -310,6 +310,19 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[
         if cfg.check_versions:
             _check_versions(client)
         yield DaskExecutor(client, cfg.timeout)
+
+
+@contextlib.contextmanager
+def _scheduler_watched(client: Any, address: str) -> Iterator[None]:
+    """An error raised because the scheduler went away (the client gives up reconnecting after
+    ``cluster.timeout``) becomes a :class:`ClusterError`: a fault of the cluster, which a retry may mend."""
+    try:
+        yield
+    except Exception as exc:
+        if not isinstance(exc, FunkflowError) and client.status != "running":
+            raise ClusterError(f"lost the Dask scheduler at {address} ({type(exc).__name__}: "
+                               f"{str(exc).splitlines()[0] if str(exc) else 'no reply'})") from exc
+        raise
 
 
 def _address_in(scheduler_file: str) -> str:
@@ -327,6 +340,9 @@ def _security(cfg: ClusterConfig, address: str) -> Any:
     from distributed.security import Security
 
     tls = cfg.tls
+    if tls.ca_file is not None and not address.startswith("tls://"):
+        raise ConfigError(f"cluster.tls is set but the scheduler address {address} is not tls://: use its tls:// "
+                          "address, or unset cluster.tls")
     if tls.ca_file is None:
         if address.startswith("tls://"):
             raise ConfigError(f"the scheduler at {address} speaks TLS: set cluster.tls.ca_file, cluster.tls.cert "

@@ -205,6 +205,7 @@ class ClusterConfig(_Section):
     threads_per_worker: int | None = Field(None, ge=1)
     timeout: float = Field(30.0, gt=0)
     allowed_failures: int = Field(3, ge=0)
+    dashboard: str = "127.0.0.1:0"
 
     @model_validator(mode="after")
     def _one_scheduler(self) -> ClusterConfig:

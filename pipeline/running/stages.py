@@ -41,6 +41,7 @@ from funkflow.pipeline.running.errors import (
     ConfigError,
     FunkflowError,
     UsageError,
+    outside_fault,
 )
 from funkflow.pipeline.running.logs import stage_context
 from funkflow.pipeline.running.rundir import RunDir, claim, package_version
@@ -53,7 +54,7 @@ from funkflow.pipeline.training.train import EpochReport, TrainResult, WarmStart
 from funkflow.tasks.artifacts import MANIFEST, MODEL_JSON
 from funkflow.tasks.checkpoint_io import BlockWriter
 from funkflow.tasks.idmap import index_of
-from funkflow.tasks.io import read_json, update_text, write_json, write_text
+from funkflow.tasks.io import read_json, restore_text, update_text, write_json, write_text
 from funkflow.tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger(__name__)
@@ -277,12 +278,28 @@ class Pipeline:
                         "rating_scale": dataset.meta.get("rating_scale"), "config": self.config.to_dict()}
                 write_model(self.run.model, info, *read_id_maps(dataset.root), write_blocks, (blocks.d, blocks.seed))
 
-            result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
-                           self.config.train, save, progress, store, checkpoint, warm)
+            with self._metrics_of_the_model():
+                result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
+                               self.config.train, save, progress, store, checkpoint, warm)
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
         self._stage("train", fingerprint, work, self.run.model_json)
         return fingerprint
+
+    @contextlib.contextmanager
+    def _metrics_of_the_model(self) -> Iterator[None]:
+        """``metrics.jsonl`` grows an epoch at a time while training runs; if training fails with the previous
+        model still in place (a full disk at its write, a lost cluster), the previous rows are put back, so
+        that the file describes the model there. Without a model, the rows of the failed run stay to read."""
+        path = self.run.metrics
+        previous = path.read_text(encoding="utf-8") if path.is_file() and self.run.model_json.is_file() else None
+        model_before = self.run.model_json.stat().st_mtime_ns if previous is not None else None
+        try:
+            yield
+        except BaseException:
+            if previous is not None and self.run.model_json.stat().st_mtime_ns == model_before:
+                restore_text(previous, path)
+            raise
 
     def evaluate(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> dict[str, Any]:
         def work() -> dict[str, Any]:
@@ -411,7 +428,10 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
                 pipeline = Pipeline(config, running, resume, force, callbacks)
                 result = pipeline.run_until(last)
         except BaseException as exc:
-            _write_run_manifest(run, config, pipeline, started, exc)
+            fault = outside_fault(exc)
+            _write_run_manifest(run, config, pipeline, started, fault or exc)
+            if fault is not None and fault is not exc:
+                raise fault from exc
             raise
         if pipeline.ran:  # an up-to-date re-run leaves every file, this one too, as it was
             _write_run_manifest(run, config, pipeline, started, None)
@@ -498,4 +518,12 @@ def _write_run_manifest(run: RunDir, config: Config, pipeline: Pipeline | None, 
         "stages_run": [] if pipeline is None else pipeline.ran,
         "stage_seconds": {} if pipeline is None else pipeline.seconds,
     }
-    write_json(manifest, run.root / "run.json")
+    path = run.root / "run.json"
+    try:
+        write_json(manifest, path)
+    except OSError:  # a full disk: the previous record's space may be enough, and a stale "ok" is worse than none
+        path.unlink(missing_ok=True)
+        try:
+            write_json(manifest, path)
+        except OSError as exc:
+            log.warning("%s: cannot record how the run ended (%s); the previous record is removed", path, exc)
