@@ -118,7 +118,7 @@ def main() -> None:
                 delayed.append((delay_ms, statistics.median(epochs_of(DaskExecutor(client), blocks_root, args.k,
                                                                       args.epochs)[1:])))
             client.run(set_hand_off_delay, 0.0)
-            first, second = sorted(client.scheduler_info()["workers"])
+            first, second = sorted(client.nthreads())
             trips = client.run(_round_trips, second, 200, workers=[first])[first]
     print("\nEvery hand-off between the 2 workers held for a delay:")
     print("| delay ms | epoch s | growth over no delay, s | d × delay, s |")

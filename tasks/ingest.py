@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from funkflow.tasks import parse
 from funkflow.tasks.counting import placed, places_by_key
 from funkflow.tasks.idmap import distinct_ids, index_of
-from funkflow.tasks.io import WrittenPart, read_arrow, write_arrow, write_parquet
+from funkflow.tasks.io import WrittenPart, naming, read_arrow, write_arrow, write_parquet
 
 # Source position of a row: source index in the high bits, line (or row) number in the low ones.
 LINE_BITS = 40
@@ -301,8 +301,9 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
         if table.num_rows:
             table = _positioned(table, source)
             if out is not None:
-                writer = writer or pa.ipc.new_file(str(out), table.schema)
-                writer.write_table(table)
+                with naming(out):
+                    writer = writer or pa.ipc.new_file(str(out), table.schema)
+                    writer.write_table(table)
             rows += table.num_rows
             for role, acc in (("user", users), ("item", items)):
                 column = table[role].combine_chunks()
@@ -322,7 +323,8 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
                                      "detail": parsed.reject_details, "text": parsed.reject_texts},
                                     schema=REJECT_SCHEMA))
     if writer is not None:
-        writer.close()
+        with naming(out):
+            writer.close()
     first_reject = None
     if rejects:
         all_rejects = pa.concat_tables(rejects)

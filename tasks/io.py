@@ -45,18 +45,26 @@ def _temporary_sibling(path: Path) -> Path:
 
 
 @contextlib.contextmanager
-def _atomically(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling of ``path`` to write, renamed to ``path`` if the block ends normally and removed
-    otherwise. An ``OSError`` that names no file (a full disk's) is raised again naming ``path``."""
-    path = Path(path)
-    tmp = _temporary_sibling(path)
+def naming(path: str | os.PathLike) -> Iterator[None]:
+    """An ``OSError`` that names no file (a full disk's, from a write) is raised again naming ``path``."""
     try:
-        yield tmp
-        os.replace(tmp, path)
+        yield
     except OSError as exc:
         if exc.filename is None:
             raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
+
+
+@contextlib.contextmanager
+def _atomically(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary sibling of ``path`` to write, renamed to ``path`` if the block ends normally and removed
+    otherwise (:func:`naming` ``path``)."""
+    path = Path(path)
+    tmp = _temporary_sibling(path)
+    try:
+        with naming(path):
+            yield tmp
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 

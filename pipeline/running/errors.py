@@ -94,7 +94,7 @@ def outside_fault(exc: BaseException) -> FunkflowError | None:
     for cause in _causes(exc):
         if isinstance(cause, OSError) and (cause.errno in STORAGE_ERRNOS
                                            or any(m in str(cause) for m in STORAGE_MESSAGES)):
-            where = f" {cause.filename}" if cause.filename else ""
+            where = f" at {cause.filename}" if cause.filename else ""
             reason = next((m for m in STORAGE_MESSAGES if m in str(cause)), cause.strerror or str(cause))
-            return StorageError(f"storage error at{where}: {reason}")
+            return StorageError(f"storage error{where}: {reason}")
     return None
