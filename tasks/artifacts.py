@@ -129,6 +129,15 @@ def load_array(directory: str | Path, name: str, files: dict[str, Any], mmap: bo
     return array
 
 
+def refuse_non_finite(array: np.ndarray, where: str) -> np.ndarray:
+    """``array``, unless it holds NaN or inf: funkflow never writes a model or checkpoint that does, so such a
+    file was damaged or made elsewhere, and using it would answer NaN or fail as a divergence."""
+    if not np.isfinite(array).all():
+        raise ArtifactError(f"{where}: holds non-finite values (NaN or inf); funkflow never writes them, so the "
+                            "file is damaged or not funkflow's")
+    return array
+
+
 MODEL = "model"
 MODEL_JSON = "model.json"  # a model's global mean, k, id types, rating scale and provenance
 BLOCKS_JSON = "blocks.json"  # the blocks' metadata, written last by the driver

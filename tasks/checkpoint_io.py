@@ -13,7 +13,7 @@ from collections.abc import Callable
 import fsspec
 import numpy as np
 
-from funkflow.tasks.artifacts import FileEntry
+from funkflow.tasks.artifacts import FileEntry, refuse_non_finite
 from funkflow.tasks.io import npy_bytes, put_bytes
 from funkflow.tasks.training import FactorState
 
@@ -43,5 +43,6 @@ def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[st
 def read_factor_state(directory: str, stem: str) -> FactorState:
     """Read a factor block written by :func:`write_factor_state`."""
     fs, root = fsspec.core.url_to_fs(directory)
-    parts = (np.load(io.BytesIO(fs.cat_file(f"{root}/{stem}.{part}.npy")), allow_pickle=False) for part in FACTOR_PARTS)
+    parts = (refuse_non_finite(np.load(io.BytesIO(fs.cat_file(f"{root}/{stem}.{part}.npy")), allow_pickle=False),
+                               f"{directory}/{stem}.{part}.npy") for part in FACTOR_PARTS)
     return tuple(parts)  # type: ignore[return-value]

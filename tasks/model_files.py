@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from funkflow.tasks.artifacts import MANIFEST, MODEL_JSON, ArtifactError, load_array
+from funkflow.tasks.artifacts import MANIFEST, MODEL_JSON, ArtifactError, load_array, refuse_non_finite
 from funkflow.tasks.checkpoint_io import FACTOR_PARTS
 from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
 from funkflow.tasks.training import FactorState, init_factors
@@ -50,11 +50,16 @@ def _manifest_files(model_dir: str | Path) -> dict[str, Any]:
         raise ArtifactError(f"{Path(model_dir) / MANIFEST}: unreadable ({exc})") from None
 
 
-def read_model_block(model_dir: str | Path, side: Side, block: int, mmap: bool = False) -> FactorState:
-    """One row block's (``side="user"``) or column block's (``"item"``) factors and biases."""
+def read_model_block(model_dir: str | Path, side: Side, block: int, mmap: bool = False,
+                     whole: bool = True) -> FactorState:
+    """One row block's (``side="user"``) or column block's (``"item"``) factors and biases, refused if they
+    hold NaN or inf. ``whole=False``: the caller uses a few rows of it and checks those itself."""
     files = _manifest_files(model_dir)
     stem = block_stem(side, block)
     factors, bias = (load_array(model_dir, f"{stem}.{part}.npy", files, mmap) for part in FACTOR_PARTS)
+    if whole:
+        for part, values in zip(FACTOR_PARTS, (factors, bias)):
+            refuse_non_finite(values, f"{Path(model_dir) / stem}.{part}.npy")
     return factors, bias
 
 
@@ -69,9 +74,12 @@ def read_model_rows(model_dir: str | Path, side: Side, n: int, rows: np.ndarray)
     blocks = block_of[rows]
     for block in np.unique(blocks):
         wanted = np.flatnonzero(blocks == block)
-        block_factors, block_bias = read_model_block(model_dir, side, int(block), mmap=True)
+        block_factors, block_bias = read_model_block(model_dir, side, int(block), mmap=True, whole=False)
         factors[wanted] = block_factors[local_of[rows[wanted]]]
         bias[wanted] = block_bias[local_of[rows[wanted]]]
+    stem = f"{Path(model_dir)}/{side}-*"
+    refuse_non_finite(factors, f"{stem}.factors.npy")
+    refuse_non_finite(bias, f"{stem}.bias.npy")
     return factors, bias
 
 

@@ -16,6 +16,7 @@ from funkflow.pipeline.running.errors import DataError
 from funkflow.pipeline.running.stages import run_pipeline
 from funkflow.pipeline.serving.api import FunkSVD
 from funkflow.tasks.artifacts import MANIFEST, ArtifactError, load_array, verify, write_manifest
+from funkflow.tasks.io import read_json
 
 
 def _object_array(path: Path) -> None:
@@ -40,6 +41,14 @@ def _no_manifest(path: Path) -> None:
     (path.parent / MANIFEST).unlink()
 
 
+def _nan_with_a_manifest_to_match(path: Path) -> None:
+    for block in path.parent.glob("user-*.factors.npy"):  # every user's, so that each reader meets one
+        values = np.load(block)
+        values[:, 0] = np.nan
+        np.save(block, values)
+    write_manifest(path.parent, "model", sorted(read_json(path.parent / MANIFEST)["files"]))
+
+
 BLOCK = "user-0000.factors.npy"  # one of the model's factor blocks
 DAMAGES = {
     "pickle inside": (_object_array, rf"{BLOCK}: (longer than written|truncated)"),
@@ -47,6 +56,7 @@ DAMAGES = {
     "first 10 rows only": (_first_rows, rf"{BLOCK}: truncated"),
     "a changed byte": (_flipped_byte, rf"{BLOCK}: checksum mismatch"),
     "no manifest": (_no_manifest, "no manifest.json, so not a complete funkflow model"),
+    "NaN, manifest rewritten": (_nan_with_a_manifest_to_match, r"user-(\d{4}|\*)\.factors\.npy: holds non-finite"),
 }
 
 

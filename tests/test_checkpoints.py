@@ -75,6 +75,28 @@ def test_damaged_checkpoint_is_skipped_for_the_one_before(tiny_config, uninterru
     assert _model(tmp_path / "run") == _model(uninterrupted)
 
 
+def test_a_checkpoint_holding_nan_is_refused_naming_the_file_even_with_a_manifest_to_match(tiny_config, tmp_path,
+                                                                                            capsys):
+    import hashlib
+
+    import numpy as np
+
+    run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3"))
+    newest = tmp_path / "run" / "checkpoints" / "epoch-000003"
+    target = newest / "user-0001.factors.npy"
+    values = np.load(target)
+    values[0, 0] = np.inf
+    np.save(target, values)
+    manifest = json.loads((newest / "manifest.json").read_text())
+    manifest["files"][target.name] = hashlib.sha256(target.read_bytes()).hexdigest()
+    (newest / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    code = main(["train", "--run-dir", str(tmp_path / "run"), "--resume", "--set", "train.epochs=6"])
+    err = capsys.readouterr().err
+    assert code == 65 and "Traceback" not in err
+    assert f"{target}: holds non-finite values" in err
+
+
 def test_resume_with_a_changed_model_exits_78_naming_the_key(tiny_config, tmp_path, capsys):
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2"))
     args = ["run", "--resume", "--run-dir", str(tmp_path / "run")]
