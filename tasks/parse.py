@@ -37,6 +37,7 @@ HEADER_MALFORMED = "movie_header_malformed"
 BAD_ENCODING = "bad_encoding"
 
 INT64_MAX = str(np.iinfo(np.int64).max)
+INT64_MIN_MAGNITUDE = str(np.iinfo(np.int64).min)[1:]
 _NUMBER = r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?"
 _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
 _DIGITS_RE = re.compile(r"^[0-9]+$")
@@ -108,11 +109,18 @@ def strip_lines(lines: pa.Array) -> pa.Array:
 
 
 def int_like(values: pa.Array) -> tuple[np.ndarray, np.ndarray]:
-    """Masks over ``values`` (strings): integer-looking, and integer-looking but past int64."""
-    digits = pc.fill_null(pc.match_substring_regex(values, r"^[0-9]+$"), False).to_numpy(zero_copy_only=False)
-    lengths = pc.utf8_length(values).to_numpy(zero_copy_only=False)
-    overflow = digits & ((lengths > 19) | ((lengths == 19) & pc.fill_null(
-        pc.greater(values, INT64_MAX), False).to_numpy(zero_copy_only=False)))
+    """Masks over ``values`` (strings): integer-looking (a minus sign allowed), and integer-looking but past
+    int64 (beyond 9223372036854775807, or below -9223372036854775808)."""
+    def mask(array: pa.Array) -> np.ndarray:
+        return pc.fill_null(array, False).to_numpy(zero_copy_only=False)
+
+    digits = mask(pc.match_substring_regex(values, r"^-?[0-9]+$"))
+    negative = mask(pc.starts_with(values, "-"))
+    magnitude = pc.replace_substring_regex(values, "^-", "")
+    lengths = pc.utf8_length(magnitude).to_numpy(zero_copy_only=False)
+    beyond = np.where(negative, mask(pc.greater(magnitude, INT64_MIN_MAGNITUDE)), mask(pc.greater(magnitude,
+                                                                                                  INT64_MAX)))
+    overflow = digits & ((lengths > 19) | ((lengths == 19) & beyond))
     return digits, overflow
 
 

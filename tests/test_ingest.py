@@ -135,6 +135,25 @@ def test_movielens_layout_by_content_and_gzip(tmp_path):
     assert _ratings(tmp_path / "out") == [(1, 1193, 5.0, 978300760), (2, 661, 3.0, 978302109)]
 
 
+def test_negative_ids_and_ids_at_the_int64_limits_stay_integers_in_numeric_order(tmp_path):
+    """They all became strings, sorted as text ('-1', '-5', '0', ...), and predictions came back as strings."""
+    from funkflow.tasks.idmap import index_of
+
+    low, high = -2**63, 2**63 - 1
+    rows = [(-1, low, 4), (-5, high, 3), (0, 5, 2), (7, -3, 5)]
+    (tmp_path / "r.csv").write_text("user,item,rating\n" + "".join(f"{u},{i},{r}\n" for u, i, r in rows))
+    assert _run(tmp_path, [tmp_path / "r.csv"], "csv") == 0
+    assert json.loads((tmp_path / "out" / "dataset.json").read_text())["id_types"] == {"user": "int64",
+                                                                                        "item": "int64"}
+    users = pq.read_table(tmp_path / "out" / "users.parquet")["id"]
+    items = pq.read_table(tmp_path / "out" / "items.parquet")["id"]
+    assert users.to_pylist() == [-5, -1, 0, 7] and items.to_pylist() == [low, -3, 5, high]
+    assert sorted(_ratings(tmp_path / "out")) == sorted((u, i, float(r), None) for u, i, r in rows)
+    # Pairs to predict arrive as text: matched by value, the limits and the signs too.
+    assert index_of(pa.array(["-5", "7", "-6", str(high), str(low)]), users).tolist() == [0, 3, -1, -1, -1]
+    assert index_of(pa.array([str(high), str(low), "-3", str(high + 1)]), items).tolist() == [3, 0, 1, -1]
+
+
 def test_csv_with_string_ids_named_columns_and_detected_delimiter(tmp_path):
     (tmp_path / "r.csv").write_text('when;who;what;stars\n2020-01-02;alice;"The Matrix; Reloaded";4\n'
                                     '2020-01-03T10:00:00;bob;Heat;3.5\n')
