@@ -184,3 +184,33 @@ def test_a_full_disk_exits_74_in_one_line_and_leaves_the_model_and_its_metrics(t
     record = read_json(run_dir / "run.json")
     assert (record["status"], record["exit_code"]) == ("failed", 74)
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]  # no file half-written, under any name
+
+
+def test_a_d_with_more_blocks_than_ratings_is_refused_before_any_work(tmp_path, capsys):
+    """train.d=3000 for 500 ratings hung after the block stage at 5.7 GB."""
+    run_dir = tmp_path / "run"
+    code = main(["run", "--run-dir", str(run_dir), *_sets("train.d=3000")])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 78 and "train.d=3000 makes 9,000,000 blocks for" in line and "at most d=" in line
+    assert not run_dir.exists()
+    (tmp_path / "r.csv").write_text("user,item,rating\n" + "".join(f"{u},{u % 7},3\n" for u in range(500)))
+    code = main(["run", "--run-dir", str(run_dir), *_sets("train.d=3000", f"data.source={tmp_path / 'r.csv'}",
+                                                          "data.format=csv", "data.generate=null")])
+    assert code == 78 and "for 500 ratings: at most d=22" in _one_error_line(capsys.readouterr().err)
+    assert not (run_dir / "blocks").exists()
+
+
+def test_a_parquet_file_among_csv_files_is_named_as_not_text(tmp_path, capsys):
+    """Its binary bytes were quoted as "the header"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    (folder / "a.csv").write_text("user,item,rating\n1,2,3\n2,3,4\n")
+    pq.write_table(pa.table({"user": [1, 2], "item": [3, 4], "rating": [3.0, 4.0]}), folder / "b.parquet")
+    code = main(["ingest", str(folder), "--format", "csv", "--out", str(tmp_path / "out"), "--scheduler",
+                 "inprocess"])
+    line = _one_error_line(capsys.readouterr().err)
+    assert code == 65 and f"{folder / 'b.parquet'}: a Parquet file, not text: --format parquet" in line
+    assert "PAR1" not in line and not (tmp_path / "out").exists()

@@ -111,11 +111,18 @@ def expand_sources(sources: list[str]) -> list[str]:
 
 
 def first_line(url: str) -> str:
+    """The first line of a text source; a binary file (a Parquet part among CSV files) is refused by name."""
     try:
-        with fsspec.open(url, "rt", compression="infer", encoding="utf-8", errors="replace") as f:
-            return f.readline().rstrip("\r\n")
+        with fsspec.open(url, "rb", compression="infer") as f:
+            line = f.readline(1 << 16)
     except (OSError, EOFError) as exc:
         raise DataError(f"{url}: unreadable: {exc}") from None
+    if line.startswith(b"PAR1"):
+        raise DataError(f"{url}: a Parquet file, not text: --format parquet reads it (a directory is read as "
+                        "one format, so keep Parquet and text files apart)")
+    if b"\0" in line:
+        raise DataError(f"{url}: not text (it holds NUL bytes): is it a binary file?")
+    return line.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
 def _column_index(spec: str | None, default: int | None, names: list[str] | None, role: str,

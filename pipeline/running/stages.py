@@ -49,7 +49,7 @@ from funkflow.pipeline.serving.evaluate import evaluate
 from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_model, write_model
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage
 from funkflow.pipeline.training.placement import BlockPlacement
-from funkflow.pipeline.training.plan import auto_d
+from funkflow.pipeline.training.plan import auto_d, check_d
 from funkflow.pipeline.training.train import EpochReport, TrainResult, WarmStart, train
 from funkflow.tasks.artifacts import MANIFEST, MODEL_JSON
 from funkflow.tasks.checkpoint_io import BlockWriter
@@ -198,7 +198,9 @@ class Pipeline:
         test_set = self.test_set(dataset)
 
         d = t.d
-        if d == "auto":
+        if d != "auto":
+            check_d(d, dataset.n_ratings)
+        else:
             d = auto_d(dataset.n_ratings)
             log.info("train.d: auto chose d=%d for %s ratings (%d×%d blocks of about %s; the same on any cluster)",
                      d, f"{dataset.n_ratings:,}", d, d, f"{dataset.n_ratings // d ** 2:,}")
@@ -400,6 +402,8 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
     else:
         n_ratings = estimated_ratings(config.data.sources())
         ingest_options(config.data).scale()
+    if config.train.d != "auto" and (config.data.generate is not None or config.data.format == "canonical"):
+        check_d(config.train.d, n_ratings)  # known exactly: refused before anything starts
     _check_checkpoint_storage(config)
     if force and not resume:
         raise UsageError("--force only applies with --resume")

@@ -34,6 +34,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from funkflow.pipeline.running.errors import ConfigError
+
 BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
 LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
 BALANCE = 0.85               # heavy-tailed popularity: d hashed blocks are not quite equal
@@ -68,6 +70,15 @@ def auto_d(n_ratings: int) -> int:
     while n_ratings / (2 * d) ** 2 >= MIN_BLOCK_RATINGS:
         d *= 2
     return d
+
+
+def check_d(d: int, n_ratings: int) -> None:
+    """Refuse a ``train.d`` whose d² blocks outnumber the ratings: most blocks would be empty, and the
+    blocks' bookkeeping (which grows as d²) would outweigh the data (d=3000 for 500 ratings took 5.7 GB)."""
+    most = max(1, math.isqrt(n_ratings))
+    if d > most:
+        raise ConfigError(f"train.d={d} makes {d * d:,} blocks for {n_ratings:,} ratings: at most d={most} "
+                          f"(no more blocks than ratings), or train.d: auto (d={auto_d(n_ratings)} here)")
 
 
 @dataclass(frozen=True)
