@@ -160,15 +160,15 @@ class Plan:
         return blocks * self.items / self.d * self.row_bytes
 
     def item_bytes(self) -> tuple[float, float]:
-        """Item factors a worker holds at once: its share twice (the column blocks it starts the epoch with,
-        kept for a rollback and the checkpoint, and the ones its rows are working on), and the blocks in flight
-        (at most one a lane waiting in the mailbox)."""
+        """Item factors a worker holds at once: its share (the column blocks its rows are working on; the
+        version the epoch started from is dropped once copied and written to the checkpoint, which a rollback
+        reads back), and the blocks in flight (at most one a lane waiting in the mailbox)."""
         block = self.items / self.d * self.state_bytes
-        return 2 * self.rows_per_worker * block, min(self.threads, self.rows_per_worker) * block
+        return self.rows_per_worker * block, min(self.threads, self.rows_per_worker) * block
 
     def rows(self) -> list[tuple[str, str]]:
         ratings_bytes = self.ratings / self.d * self.rows_per_worker * BYTES_PER_RATING
-        users_bytes = self.users / self.d * self.rows_per_worker * self.state_bytes * 2  # the epoch's start and end
+        users_bytes = self.users / self.d * self.rows_per_worker * self.state_bytes
         q_bytes = self.items * self.row_bytes
         held, in_flight = self.item_bytes()
         checkpoint = (self.users + self.items) * self.row_bytes

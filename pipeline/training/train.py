@@ -421,13 +421,12 @@ def train(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], 
 
 def _started(session: _Session, cfg: TrainConfig, checkpoints: CheckpointStore | None,
              start: Checkpoint | None) -> _Loop:
-    """The loop's state, with the factors it starts from (and the best epoch's, if kept) on the workers."""
+    """The loop's state, with the factors it starts from on the workers (the best epoch's, if another, stay in
+    its checkpoint until the model is written)."""
     if start is None:
         return _Loop(0, cfg.lr, 0, _EXPLODED_FACTOR * (session.load(0, measure=True) or 1.0), [])
     loop = _Loop.resumed(start, cfg)
     session.load(loop.epoch, start.url)
-    if loop.best is not None and loop.best[1] != loop.epoch and checkpoints is not None:
-        session.load(loop.best[1], checkpoints.at(loop.best[1]).url)
     log.info("resuming after epoch %d from %s", loop.epoch, start.url)
     return loop
 
@@ -448,18 +447,24 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, save: Callab
         callbacks.append(_Checkpointing(checkpoints, cfg))
 
     first_epoch = loop.epoch
+    # Epochs whose factors a checkpoint holds (the best epoch's checkpoint is never pruned): the workers need
+    # not keep them. A resumed run's best epoch, if not the one it resumes from, is one of them.
+    on_disk = {loop.best[1]} if start is not None and loop.best is not None else set()
     while loop.epoch < cfg.epochs and not any(c.stops(loop) for c in callbacks):
         epoch = loop.epoch
         write_start = next((url for c in callbacks if (url := c.write_start_to(epoch))), None)
+        if write_start is not None:
+            on_disk.add(epoch)
         hyper = Hyper(lr=loop.lr, reg=model.reg, bias_reg=model.bias_reg, use_bias=model.use_bias,
                       global_mean=session.global_mean, order=cfg.order, users_per_run=cfg.users_per_run,
                       tile_items=cfg.tile_items)
         # The start version need not stay in memory beside the epoch's copies where it can be read back: the
         # checkpoint being written of it, or where the first epoch's came from. Then the workers hold their
-        # share of the factors once, not twice; a rollback reads it back. The best epoch's is always kept.
+        # share of the factors once, not twice; a rollback, or the model's write, reads it back.
+        keep = () if loop.best is None or loop.best[1] in on_disk else loop.kept()
         readable = write_start is not None or epoch == first_epoch
-        outcome = session.epoch(epoch, hyper, loop.kept(), write_start,
-                                release_start=readable and _version(epoch) not in loop.kept())
+        outcome = session.epoch(epoch, hyper, keep, write_start,
+                                release_start=readable and _version(epoch) not in keep)
         for c in callbacks:
             c.ran(epoch, outcome, loop)
         if outcome.diverged(loop.exploded_at):
@@ -479,5 +484,7 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, save: Callab
     for c in callbacks:
         c.finished(session, loop)
     result = TrainResult(history=loop.history, best_epoch=loop.best[1] if loop.best else loop.epoch)
+    if result.best_epoch != loop.epoch and result.best_epoch in on_disk and checkpoints is not None:
+        session.load(result.best_epoch, checkpoints.at(result.best_epoch).url)
     save(result, lambda url: session.write(_version(result.best_epoch), url))
     return result
