@@ -26,11 +26,10 @@ def item_residual_sums(row_block: RowBlock, item_members: list[np.ndarray],
     sums : array of shape (2, m), float64
     """
     train = row_block.whole(TRAIN, item_members)
-    n_items = sum(m.shape[0] for m in item_members)
     residual = train.ratings.astype(np.float64) - global_mean
-    counts = np.bincount(train.items, minlength=n_items)
-    items = np.flatnonzero(counts)
-    return items, np.stack((np.bincount(train.items, residual, minlength=n_items)[items], counts[items]))
+    items, inverse = np.unique(train.items, return_inverse=True)  # nothing as long as the catalogue
+    return items.astype(np.int64), np.stack((np.bincount(inverse, residual, minlength=items.shape[0]),
+                                             np.bincount(inverse, minlength=items.shape[0]).astype(np.float64)))
 
 
 def baseline_errors(row_block: RowBlock, item_bias: np.ndarray, item_members: list[np.ndarray],
