@@ -42,7 +42,7 @@ def test_set_overrides_nested_keys():
     ("modle.k=3", "modle: unknown key; valid keys here: data, split, model"),
     ("model.k=-1", "model.k: Input should be greater than or equal to 1, got -1"),
     ("train.lr=fast", "train.lr: Input should be a valid number"),
-    ("train.lr_schedule=adam", "train.lr_schedule: Input should be 'bold_driver', 'constant' or 'decay'"),
+    ("train.lr_schedule=adam", "train.lr_schedule: Input should be 'bold_driver', 'constant', 'decay' or 'given'"),
     ("split.test_fraction=0.97", "test_fraction + split.validation_fraction must be < 1"),
     ("data.generate.k_true=0", "data.generate.k_true: Input should be greater than or equal to 1"),
 ])

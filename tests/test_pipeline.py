@@ -307,3 +307,17 @@ def test_refit_trains_the_kept_epochs_again_on_train_and_validation(tiny_config,
     caplog.clear()
     run_pipeline(config)
     assert caplog.text.count("train: up to date") == 2
+
+
+def test_refit_follows_the_step_sizes_of_the_training_that_chose_its_epochs(tiny_config, tmp_path):
+    """Without validation the bold driver grew the step ×1.05 every epoch: the refit followed another path."""
+    run_dir = tmp_path / "run"
+    run_pipeline(tiny_config(run_dir, "train.refit=true", "train.epochs=12", "train.lr=0.03", "model.k=16"))
+
+    def steps(where) -> list[float]:
+        return [json.loads(line)["lr"] for line in (where / "metrics.jsonl").read_text().splitlines()]
+
+    kept = json.loads((run_dir / "selection" / "stages" / "train.json").read_text())["best_epoch"]
+    selected = steps(run_dir / "selection")
+    assert len(set(selected[:kept])) > 1  # the bold driver moved the step while validation watched
+    assert steps(run_dir) == selected[:kept]

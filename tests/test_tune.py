@@ -85,6 +85,11 @@ def test_tune_halves_the_trials_at_each_rung_and_trains_the_winner_on_train_and_
     blocks = json.loads((tuned / "blocks" / "blocks.json").read_text())
     assert sum(row[1] for row in blocks["counts"]) == 0  # the validation ratings trained
     assert summary["epochs"] == winner.best_epoch and summary["k"] == winner.params["k"]
+    # The final training takes the step sizes the winning trial took, epoch by epoch: without validation the
+    # bold driver would grow the step every epoch and train another model than the one scored.
+    assert best.train.lr_schedule == "given" and best.train.lr_steps == winner.lr[:winner.best_epoch]
+    final = [json.loads(line)["lr"] for line in (tuned / "metrics.jsonl").read_text().splitlines()]
+    assert final == winner.lr[:winner.best_epoch]
 
 
 def test_best_yaml_runs_as_is_to_the_tunes_model(tuned, capsys):

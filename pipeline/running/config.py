@@ -127,8 +127,9 @@ class ModelConfig(_Section):
 class TrainConfig(_Section):
     epochs: int = Field(20, ge=1)
     lr: float = Field(0.01, gt=0)
-    lr_schedule: Literal["bold_driver", "constant", "decay"] = "bold_driver"
+    lr_schedule: Literal["bold_driver", "constant", "decay", "given"] = "bold_driver"
     lr_decay: float = Field(0.95, gt=0, le=1)
+    lr_steps: list[float] | None = None
     d: int | Literal["auto"] = "auto"
     order: Literal["user_runs", "ratings", "sorted"] = "user_runs"
     users_per_run: int = Field(1024, ge=1)
@@ -140,6 +141,19 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(1, ge=0)
     keep_checkpoints: int = Field(2, ge=1)
     init_from: str | None = None
+
+    @model_validator(mode="after")
+    def _given_steps(self) -> TrainConfig:
+        if self.lr_schedule == "given":
+            if not self.lr_steps or len(self.lr_steps) < self.epochs or min(self.lr_steps) <= 0:
+                raise ValueError(f"lr_schedule: given needs train.lr_steps, a positive step size for each of the "
+                                 f"{self.epochs} epochs (got {len(self.lr_steps or [])})")
+            if self.lr != self.lr_steps[0]:
+                raise ValueError(f"lr_schedule: given starts at train.lr_steps[0] = {self.lr_steps[0]:g}: set "
+                                 f"train.lr to it (got {self.lr:g})")
+        elif self.lr_steps is not None:
+            raise ValueError("train.lr_steps is for lr_schedule: given")
+        return self
 
     @field_validator("d", mode="before")
     @classmethod
@@ -239,12 +253,15 @@ class Config(_Section):
             node = node[part]
         return node
 
-    def refit_values(self, epochs: int) -> dict[str, Any]:
-        """The keys that turn this config into its refit: the validation ratings train too, for ``epochs`` epochs
-        (what early stopping chose), without early stopping. The test ratings stay the same: every split
-        method draws them before validation."""
+    def refit_values(self, steps: list[float]) -> dict[str, Any]:
+        """The keys that turn this config into its refit: the validation ratings train too, without early
+        stopping, for as many epochs as ``steps`` and at those step sizes, the ones the training that chose
+        them (with validation) took up to the epoch it kept. Without validation the bold driver would follow
+        the training loss instead and grow the step every epoch: another model than the one scored. The test
+        ratings stay the same: every split method draws them before validation."""
         key = "split.validation_per_user" if self.split.method == "per_user" else "split.validation_fraction"
-        return {key: 0, "train.epochs": epochs, "train.early_stopping_patience": 0, "train.refit": False}
+        return {key: 0, "train.epochs": len(steps), "train.early_stopping_patience": 0, "train.refit": False,
+                "train.lr": steps[0], "train.lr_schedule": "given", "train.lr_steps": list(steps)}
 
     def with_values(self, values: dict[str, Any]) -> Config:
         """This config with dotted keys set to values: Python objects, never YAML text to parse again (a path

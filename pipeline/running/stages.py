@@ -454,12 +454,13 @@ def _refit(config: Config, last: str, resume: bool, force: bool, report: Path | 
     run_pipeline(selection, last="train", resume=resume, force=force, callbacks=callbacks, executor=executor,
                  retrain=True)
     best_epoch = read_json(selected.stage_record("train"))["best_epoch"]
+    steps = [row["lr"] for row in map(json.loads, selected.metrics.read_text(encoding="utf-8").splitlines())]
     canonical = config.data.generate is None and config.data.format == "canonical"
     dataset = config.data.dataset_dir() if canonical else str(selected.data.resolve())
-    final = config.with_values({**config.refit_values(best_epoch), "data.source": dataset,
+    final = config.with_values({**config.refit_values(steps[:best_epoch]), "data.source": dataset,
                                 "data.format": "canonical", "data.generate": None})
     log.info("train.refit: early stopping kept epoch %d; training it again on the training and validation "
-             "ratings for %d epochs", best_epoch, best_epoch)
+             "ratings for %d epochs at the step sizes it took", best_epoch, best_epoch)
     return run_pipeline(final, last, resume=resume, force=force, report=report, callbacks=callbacks,
                         executor=executor, retrain=retrain)
 

@@ -113,6 +113,8 @@ def _next_lr(lr: float, cfg: TrainConfig, history: list[EpochReport]) -> float:
         return lr * _bold_driver_factor(history)
     if cfg.lr_schedule == "decay":
         return lr * cfg.lr_decay
+    if cfg.lr_schedule == "given" and cfg.lr_steps is not None and len(history) < len(cfg.lr_steps):
+        return cfg.lr_steps[len(history)]
     return lr
 
 

@@ -23,7 +23,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +64,18 @@ class RungResult:
     best_val: float
     best_epoch: int
     seconds: float
+    lr: list[float] = field(default_factory=list)  # the step size of each epoch
 
 
 @dataclass(frozen=True)
 class TrialCurve:
-    """What a trial's training returns: its validation RMSE by epoch and the epoch early stopping kept."""
+    """What a trial's training returns: its validation RMSE and step size by epoch, and the epoch early
+    stopping kept."""
 
     val_rmse: list[float]
     best_epoch: int
     seconds: float
+    lr: list[float]
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,8 @@ def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -
     rows = [json.loads(line) for line in metrics.read_text().splitlines()]
     best_epoch = read_json(RunDir(run_dir).stage_record("train"))["best_epoch"]
     remove_owned(RunDir(run_dir).blocks)
-    return TrialCurve([row["val_rmse"] for row in rows], best_epoch, time.perf_counter() - began)
+    return TrialCurve([row["val_rmse"] for row in rows], best_epoch, time.perf_counter() - began,
+                      [row["lr"] for row in rows])
 
 
 def _trial_run(root: Path, trial: Trial) -> RunDir:
@@ -258,7 +262,7 @@ class _Search:
             outcomes = [train_trial(data, executor) for data in configs]
         for trial, curve in zip(batch, outcomes):
             result = RungResult(trial.index, rung, epochs, trial.params, curve.val_rmse,
-                                curve.val_rmse[curve.best_epoch - 1], curve.best_epoch, curve.seconds)
+                                curve.val_rmse[curve.best_epoch - 1], curve.best_epoch, curve.seconds, curve.lr)
             self.done[(trial.index, rung)] = result
             log.info("trial %d, %d epochs: best validation RMSE %.4f at epoch %d (%s)", trial.index, epochs,
                      result.best_val, curve.best_epoch, ", ".join(f"{k} {v:g}" for k, v in trial.params.items()))
@@ -302,8 +306,11 @@ def tune(config: Config, retrain: bool = False) -> TuneResult:
         raise ConfigError(f"tune.time_budget {t.time_budget}s ran out before any trial ended; allow more")
     top_rung = max(r.rung for r in results)
     best = min((r for r in results if r.rung == top_rung), key=lambda r: (r.best_val, r.trial))
+    if len(best.lr) < best.best_epoch:  # a tune.jsonl written before the step sizes were recorded
+        raise ConfigError(f"{log_path} does not record the step sizes of trial {best.trial}: pass --retrain to "
+                          "tune afresh")
     best_config = config.with_values({
-        **{TUNABLE[k]: v for k, v in best.params.items()}, **config.refit_values(best.best_epoch),
+        **{TUNABLE[k]: v for k, v in best.params.items()}, **config.refit_values(best.lr[:best.best_epoch]),
         "data.source": dataset, "data.format": "canonical", "data.generate": None})
     path = run_dir / BEST_CONFIG
     write_text(_best_yaml(best, len(trials), rungs[top_rung], best_config), path)
@@ -319,7 +326,7 @@ def _best_yaml(best: RungResult, n_trials: int, epochs: int, config: Config) -> 
     header = (f"# Chosen by `funkflow tune` among {n_trials} trials (successive halving up to {epochs} epochs):\n"
               f"# trial {best.trial} ({params}) had the best validation RMSE, {best.best_val:.4f}, at epoch "
               f"{best.best_epoch}.\n# This config trains it on the training and validation ratings for that many "
-              "epochs; the test ratings are the tune's.\n")
+              "epochs, at the step sizes the trial took; the test ratings are the tune's.\n")
     return header + dump_config(config)
 
 
