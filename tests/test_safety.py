@@ -1,8 +1,10 @@
 """What funkflow may touch: never a path it did not make, never a finished output without being asked, and
 never a half-written file; and faults from outside (a full disk) told in one line with their own exit code.
 Each test is a probe an adversarial user ran against an earlier version, which lost data, reported success
-or answered with a traceback there; run this module alone to check them all (the cluster's faults, which
-need a real scheduler to lose, are in test_cluster.py)."""
+or answered with a traceback there; run this module alone to check them. Probes that need another module's
+fixtures live beside them: a scheduler lost mid-run, TLS settings with a tcp:// address and a false "lost
+workers" under load in test_cluster.py; models and checkpoints holding NaN in test_artifacts.py and
+test_checkpoints.py; negative and int64-limit ids in test_ingest.py."""
 
 from __future__ import annotations
 
@@ -214,3 +216,18 @@ def test_a_parquet_file_among_csv_files_is_named_as_not_text(tmp_path, capsys):
     line = _one_error_line(capsys.readouterr().err)
     assert code == 65 and f"{folder / 'b.parquet'}: a Parquet file, not text: --format parquet" in line
     assert "PAR1" not in line and not (tmp_path / "out").exists()
+
+
+def test_everything_a_started_cluster_listens_on_is_127_0_0_1():
+    """The LocalCluster's dashboard listened on 0.0.0.0 while the log printed http://127.0.0.1:…."""
+    import psutil
+
+    from funkflow.pipeline.running.cluster import open_executor
+    from funkflow.pipeline.running.config import ClusterConfig
+
+    with open_executor(ClusterConfig(scheduler="local", n_workers=1, threads_per_worker=1)) as executor:
+        processes = [psutil.Process(), *psutil.Process().children(recursive=True)]
+        listening = {c.laddr.ip for p in processes for c in p.net_connections(kind="inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert executor.dashboard_link is not None and "127.0.0.1" in executor.dashboard_link
+    assert listening == {"127.0.0.1"}
