@@ -97,9 +97,9 @@ class EpochPlan:
     first row in ``next_ring``. ``workers``: the owners by index (:func:`rows_of`). ``start`` and ``end``
     name the versions of the factors the epoch reads and writes in each worker's store; the store keeps
     those and ``keep`` and drops the rest. ``write_start``: a checkpoint directory URL to write this
-    worker's share of the *start* version to while the epoch runs. ``release_start``: drop the start version
-    as soon as every row has its copy (and it is written, if it is): the driver can read it back (from that
-    checkpoint, or from where the run started) for a rollback, and a worker holds its share of the factors
+    worker's share of the *start* version to while the epoch runs. ``release_start``: the driver can read the
+    start version back (from that checkpoint, or from where the run started) for a rollback, so the epoch
+    updates it in place, each row once its blocks are written, and a worker holds its share of the factors
     once, not twice. ``k``: the model's factors a row; the columns past it are the kernels' padding, never
     sent between workers.
     """
@@ -307,10 +307,12 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
 
     ``start`` must hold the user states of the worker's rows and the column blocks at their ring positions.
     The result's version holds the new user states and the column blocks this worker starts the next epoch
-    with. ``start`` is left as it was: a state is copied when the epoch first takes it up and then updated
-    in place, block after block; the copies go into ``buffers`` where it holds arrays of the shape. Raises
-    :class:`ShareAborted` when the mailbox fails (a peer could not be reached, or the driver called the epoch
-    off) or ``check`` raises.
+    with. Where the start version can be read back (``plan.release_start``: from the checkpoint written of it
+    meanwhile, or from where the run began), its states are updated in place, each row's once its blocks are
+    written, and ``start`` is emptied: a worker holds its share of the factors once. Otherwise ``start`` is
+    left as it was: a state is copied when the epoch first takes it up (into ``buffers`` where it holds
+    arrays of the shape) and the copy updated in place, block after block. Raises :class:`ShareAborted` when
+    the mailbox fails (a peer could not be reached, or the driver called the epoch off) or ``check`` raises.
     """
     rows = plan.rows_of(index)
     d = plan.d
@@ -319,22 +321,17 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
     sse = np.zeros((len(rows), d))
     validation = np.zeros((len(rows), d, 3))
     users: dict[int, FactorState] = {}
-    uncopied = [len(rows)]  # rows that have not yet copied their part of the start version
-    copied = threading.Lock()
+    in_place = plan.release_start
 
     def update(r: int, c: int, t: int, item: FactorState) -> None:
         j = r - rows.start
-        if t == 0:  # a private copy, made by the row's lane (its column block was copied just before)
-            users[r] = training_copy(start.users[r], buffers)
-            with copied:
-                uncopied[0] -= 1
-                last = uncopied[0] == 0
-            if last and plan.release_start:
-                if written is None:
-                    _release(start, buffers)
-                else:
-                    written.add_done_callback(lambda done: _release(start, buffers) if done.exception() is None
-                                              else None)
+        if t == 0:  # the row's own state for the epoch, taken up by its lane (its column block just before)
+            if not in_place:
+                users[r] = training_copy(start.users[r], buffers)
+            else:
+                if written is not None:
+                    written.wait_for(r, check)
+                users[r] = _own_layout(start.users[r], buffers)
         try:
             block = row_blocks[r]
             sse[j, c] = sgd_update_in_place(block.split(TRAIN)[c], users[r], item, plan.hyper, int(seeds[r, c]))
@@ -352,22 +349,70 @@ def run_share(plan: EpochPlan, index: int, row_blocks: Mapping[int, RowBlock], s
             sse[r - rows.start, c] = math.inf
         send(next_owner[c], d, c, item)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="funkflow-checkpoint") as writer:
-        written = None if plan.write_start is None else writer.submit(write_share, start, plan.write_start)
+    written = None
+    if plan.write_start is not None:
+        written = _RowWriter(start, plan.write_start, plan.ring, _first_visits(rows, threads))
+    try:
         rotate(plan.ring, len(plan.workers), index, start.items, mailbox, send, threads, update, update_and_hand_on,
-               check, buffers)
+               check, buffers, private=not in_place)
         held = {c: _own_layout(mailbox.take(d, c, check), buffers) for c in (plan.next_ring[r] for r in rows)}
         files = {} if written is None else written.result()
+    finally:
+        if written is not None:
+            written.close()
+        if in_place:  # its states are this epoch's now
+            start.users.clear()
+            start.items.clear()
     return ShareOutcome(sse, validation, files), Version(plan.k, {r: users[r] for r in rows}, held)
 
 
-def _release(version: Version, buffers: Buffers | None) -> None:
-    """Drop ``version``'s arrays (into ``buffers``, for the copies still to come)."""
-    states = [*version.users.values(), *version.items.values()]
-    version.users.clear()
-    version.items.clear()
-    if buffers is not None:
-        buffers.give(states)
+def _first_visits(rows: range, threads: int) -> list[int]:
+    """``rows`` in the order their lanes first take them up (:func:`rotate`): lane by lane in turn, each lane's
+    highest row first where it runs in strips, its lowest first where it runs step by step."""
+    lanes = [list(lane)[::-1] if len(lane) // 2 > 1 else list(lane) for lane in lanes_of(rows, threads)]
+    return [lane[j] for j in range(max(map(len, lanes), default=0)) for lane in lanes if j < len(lane)]
+
+
+class _RowWriter:
+    """Writes a version's blocks as a checkpoint at ``url`` in a thread of its own, row by row in ``order``: a
+    row's user block and the column block it takes first (at its ring position). A lane waits, if at all, for
+    its own row's files before it updates that row in place."""
+
+    def __init__(self, version: Version, url: str, ring_order: tuple[int, ...], order: list[int]) -> None:
+        self.files: dict[str, FileEntry] = {}
+        self.written = {r: threading.Event() for r in order}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="funkflow-checkpoint")
+        self._done = self._pool.submit(self._write, version, url, ring_order, order)
+
+    def _write(self, version: Version, url: str, ring_order: tuple[int, ...], order: list[int]) -> None:
+        try:
+            for r in order:
+                self.files.update(write_state("user", r, version.users[r], version.k, url))
+                self.files.update(write_state("item", ring_order[r], version.items[ring_order[r]], version.k, url))
+                self.written[r].set()
+        finally:
+            for event in self.written.values():  # a lane waiting on a write that failed learns it below
+                event.set()
+
+    def wait_for(self, row: int, check: Callable[[], None]) -> None:
+        while not self.written[row].wait(POLL_SECONDS):
+            check()
+        if self._done.done():
+            self._done.result()  # the write's own error (a full disk), not an echo of it
+
+    def result(self) -> dict[str, FileEntry]:
+        self._done.result()
+        return self.files
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def write_state(side: Side, block: int, state: FactorState, k: int, url: str) -> dict[str, FileEntry]:
+    """Write one block's state, trimmed to ``k`` factors, as block files at ``url``; non-finite is refused."""
+    if not all_finite([state]):
+        raise ValueError(f"refusing to write the non-finite factors of {side} block {block} to {url}")
+    return write_factor_state(trimmed(state, k), url, block_stem(side, block))
 
 
 def write_share(version: Version, url: str) -> dict[str, FileEntry]:
@@ -377,9 +422,7 @@ def write_share(version: Version, url: str) -> dict[str, FileEntry]:
     sides: tuple[tuple[Side, dict[int, FactorState]], ...] = (("user", version.users), ("item", version.items))
     for side, states in sides:
         for block, state in states.items():
-            if not all_finite([state]):
-                raise ValueError(f"refusing to write the non-finite factors of {side} block {block} to {url}")
-            files.update(write_factor_state(trimmed(state, version.k), url, block_stem(side, block)))
+            files.update(write_state(side, block, state, version.k, url))
     return files
 
 

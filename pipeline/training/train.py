@@ -222,9 +222,9 @@ class _Session:
         """One epoch from version ``epoch`` to ``epoch + 1``, keeping versions ``keep`` on the workers.
 
         ``write_start``: a checkpoint directory the workers write version ``epoch`` to meanwhile.
-        ``release_start``: the workers drop version ``epoch`` once it is written (if it is) and copied, since
-        it can be read back (a rollback does). Error sums are added block by block in row and column order:
-        never in the order results arrive.
+        ``release_start``: version ``epoch`` can be read back (a rollback does), so the workers update it in
+        place instead of a copy, each row once its blocks are written (if they are). Error sums are added
+        block by block in row and column order: never in the order results arrive.
         """
         began = time.perf_counter()
         plan = EpochPlan(train_id=self.train_id, run_id=uuid.uuid4().hex, epoch=epoch, ring=self._ring(epoch),
