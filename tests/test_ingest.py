@@ -180,7 +180,7 @@ def test_a_header_maps_columns_by_name_never_by_position(tmp_path, caplog, heade
     assert _run(tmp_path, [tmp_path / "r.csv"], "csv", "--rating-scale", "1,5") == 0
     got = [(u, i, r) for u, i, r, _ in _ratings(tmp_path / "out")]
     assert got == sorted([(u, i, float(r)) for u, i, r, _ in ratings], key=repr)
-    assert "columns by the header: user=" in caplog.text
+    assert "columns by name: user=" in caplog.text
 
 
 @pytest.mark.parametrize("header,flag", [

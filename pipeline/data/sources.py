@@ -15,6 +15,7 @@ from pathlib import Path
 
 import fsspec
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from funkflow.pipeline.running.config import FORMATS, DataConfig, IngestConfig
 from funkflow.pipeline.running.errors import DataError, UsageError
@@ -60,9 +61,12 @@ def movielens_scale(sources: list[Source]) -> tuple[float, float] | None:
     return scales.pop() if len(scales) == 1 else None
 
 
-def rating_file_format(path: str) -> str:
-    """The format of a rating file named without one: Parquet by its suffix, else delimited text."""
-    return "parquet" if path.endswith(".parquet") else "csv"
+def rating_file_format(source: str) -> str:
+    """The format of a rating file or directory named without one, by content as ingest reads it: Parquet
+    when its (first) file begins with Parquet's magic bytes, else delimited text."""
+    urls = expand_sources([source])
+    with fsspec.open(urls[0], "rb") as f:
+        return "parquet" if f.read(4) == b"PAR1" else "csv"
 
 
 def ingest_options(data: DataConfig) -> IngestOptions:
@@ -125,6 +129,14 @@ def first_line(url: str) -> str:
     return line.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
+def _parquet_columns(url: str) -> list[str]:
+    try:
+        with fsspec.open(url, "rb") as f:
+            return list(pq.read_schema(f).names)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise DataError(f"{url}: not a readable Parquet file ({exc})") from None
+
+
 def _column_index(spec: str | None, default: int | None, names: list[str] | None, role: str,
                   url: str) -> int | None:
     if spec is None:
@@ -155,9 +167,11 @@ def _normalized(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _columns_by_name(fields: list[str], options: IngestOptions, url: str) -> dict[str, int | None]:
-    """Each role's column in a header line, by its name; refuses a header that names no user, item or
-    rating column, or names one twice, saying which flags to pass."""
+def _columns_by_name(fields: list[str], options: IngestOptions, url: str,
+                     what: str = "the header") -> dict[str, int | None]:
+    """Each role's column among ``fields`` (a header line's, a Parquet file's or a table's column names), by
+    its name, one rule for all; refuses names with no user, item or rating column, or one twice, saying
+    which flags to pass."""
     given = {"user": options.user_col, "item": options.item_col, "rating": options.rating_col,
              "time": options.time_col}
     columns: dict[str, int | None] = {}
@@ -167,17 +181,17 @@ def _columns_by_name(fields: list[str], options: IngestOptions, url: str) -> dic
             continue
         found = [j for j, field in enumerate(fields) if _normalized(field) in names]
         if len(found) > 1:
-            raise DataError(f"{url}: the header ({', '.join(fields)}) names more than one {role} column "
+            raise DataError(f"{url}: {what} ({', '.join(fields)}) names more than one {role} column "
                             f"({', '.join(fields[j] for j in found)}); say which with --{role}-col NAME")
         if not found and role != "time":
-            raise DataError(f"{url}: the header ({', '.join(fields)}) names no {role} column; say which with "
+            raise DataError(f"{url}: {what} ({', '.join(fields)}) names no {role} column; say which with "
                             f"--{role}-col NAME (or a 0-based position)")
         columns[role] = found[0] if found else None
     taken = [j for j in columns.values() if j is not None]
     if len(set(taken)) < len(taken):
-        raise DataError(f"{url}: one column of the header ({', '.join(fields)}) is taken for two roles; pass "
+        raise DataError(f"{url}: one column of {what} ({', '.join(fields)}) is taken for two roles; pass "
                         "--user-col, --item-col and --rating-col")
-    log.info("%s: columns by the header: %s", url,
+    log.info("%s: columns by name: %s", url,
              ", ".join(f"{role}={fields[j]!r}" for role, j in columns.items() if j is not None))
     return columns
 
@@ -241,9 +255,10 @@ def make_sources(urls: list[str], options: IngestOptions, pairs: bool = False) -
         elif options.format == "csv":
             sources.append(Source(index, url, _delimited_layout(url, options)))
         elif options.format == "parquet":
-            columns = {"user": options.user_col or "user", "item": options.item_col or "item",
-                       "rating": options.rating_col or "rating", "time": options.time_col}
-            sources.append(Source(index, url, None, columns))
+            names = _parquet_columns(url)
+            by_name = _columns_by_name(names, options, url, "the columns")
+            sources.append(Source(index, url, None, {role: None if j is None else names[j]
+                                                     for role, j in by_name.items()}))
         else:
             raise UsageError(f"--format must be one of {', '.join(FORMATS)}, got {options.format!r}")
     return sources
@@ -253,7 +268,15 @@ def pair_source(url: str, user_col: str | None, item_col: str | None) -> Source:
     """A file of (user, item) pairs to score: Parquet, delimited text (a header is recognised by its column
     names, as for ratings) or the Netflix probe / qualifying layout (``MovieID:`` then ``CustomerID[,Date]``)."""
     if url.endswith(".parquet"):
-        return Source(0, url, None, {"user": user_col or "user", "item": item_col or "item"})
+        names = _parquet_columns(url)
+        given = {"user": user_col, "item": item_col}
+        columns = {}
+        for role, spec in given.items():
+            if spec is None:  # by name, as for ratings
+                found = [name for name in names if _normalized(name) in HEADER_NAMES[role]]
+                spec = found[0] if len(found) == 1 else role
+            columns[role] = names[int(spec)] if re.fullmatch(r"[0-9]+", spec) and int(spec) < len(names) else spec
+        return Source(0, url, None, columns)
     first = first_line(url)
     if re.fullmatch(r"\s*[0-9]+:\s*", first):
         return Source(0, url, parse.Layout("netflix_pairs", int_ids=True))

@@ -98,7 +98,9 @@ class DSGDExchange(WorkerPlugin):
         self.messages += 1
         for step, col, block, bias in zip(steps, cols, factors, biases):
             self.received.append((run_id, step, block.nbytes + bias.nbytes))
-            mailbox.put(step, col, (block, bias))
+            # Into the kernels' layout at once, so the message's frames go now: a block waiting in the mailbox
+            # as it came (the next epoch's, till the end of this one) had been held twice.
+            mailbox.put(step, col, training_copy((block, bias), self.buffers))
 
     def _mailbox(self, train_id: str, run_id: str) -> Mailbox | None:
         """The mailbox of ``run_id`` (made on first use: a peer's block may come before the local task);
