@@ -121,6 +121,65 @@ def test_fit_on_a_callers_client_gives_the_in_process_bits(fitted, local_cluster
     np.testing.assert_array_equal(on_cluster.factors_.Q, fitted.factors_.Q)
 
 
+def _same_model(model: FunkSVD, fitted: FunkSVD) -> None:
+    np.testing.assert_array_equal(model.factors_.P, fitted.factors_.P)
+    np.testing.assert_array_equal(model.factors_.Q, fitted.factors_.Q)
+
+
+def _movielens_named(table: pa.Table) -> pa.Table:
+    return table.rename_columns(["userId", "movieId", "rating"])
+
+
+def test_a_pandas_frame_with_movielens_column_names_is_mapped_by_name(fitted, tmp_path):
+    """`userId, movieId, rating` failed: "the table lacks the columns item, user"."""
+    frame = _movielens_named(_table()).to_pandas()
+    model = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run",
+                    options={"cluster.scheduler": "inprocess", "train.early_stopping_patience": 0}).fit(frame)
+    _same_model(model, fitted)
+
+
+def test_columns_of_other_names_are_named_by_argument_or_refused_saying_which(fitted, tmp_path):
+    frame = _table().rename_columns(["a", "b", "c"]).to_pandas()
+    options = {"cluster.scheduler": "inprocess", "train.early_stopping_patience": 0}
+    with pytest.raises(DataError, match=r"names no user column; say which with user_col=NAME"):
+        FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "refused", options=options).fit(frame)
+    model = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run", options=options).fit(
+        frame, user_col="a", item_col="b", rating_col="c")
+    _same_model(model, fitted)
+
+
+def test_a_dask_dataframe_is_written_by_its_partitions_on_the_cluster_and_a_parquet_directory_read_as_parquet(
+        fitted, local_cluster, tmp_path):
+    """fit(dask_dataframe) failed with a raw ArrowInvalid; fit("parts/") read Parquet parts as CSV."""
+    import dask.dataframe as dd
+    from distributed import Client, get_task_stream
+
+    frame = dd.from_pandas(_movielens_named(_table()).to_pandas(), npartitions=3)
+    options = {"train.early_stopping_patience": 0}
+    with Client(local_cluster) as client, get_task_stream(client) as stream:
+        from_dask = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "run", options=options).fit(frame, client=client)
+    _same_model(from_dask, fitted)
+    assert len(list((tmp_path / "run" / "input").glob("*.parquet"))) == 3
+    assert sum("toparquetdata" in str(task["key"]) for task in stream.data) == 3  # written by the workers
+    frame.to_parquet(tmp_path / "parts", write_index=False)
+    from_parts = FunkSVD(k=4, epochs=6, d=2, run_dir=tmp_path / "parts-run",
+                         options={**options, "cluster.scheduler": "inprocess"}).fit(str(tmp_path / "parts"))
+    _same_model(from_parts, fitted)
+
+
+def test_predict_refuses_text_ids_for_a_model_of_integer_ids(tmp_path):
+    """README's own example answered the global mean twice, silently, where the CLI refuses (65)."""
+    table = _table()
+    integers = pa.table({"user": pa.array([int(u[1:]) for u in table["user"].to_pylist()]),
+                         "item": pa.array([int(i[1:]) for i in table["item"].to_pylist()]),
+                         "rating": table["rating"]})
+    model = FunkSVD(k=4, epochs=2, d=2, run_dir=tmp_path / "run", options={"cluster.scheduler": "inprocess"})
+    model.fit(integers)
+    with pytest.raises(DataError, match="a user id is not an integer, and all of the model's are"):
+        model.predict(["u1", "u2"], ["i9", "i3"])
+    assert model.predict([1, 2], [9, 3]).shape == (2,)
+
+
 def test_the_readme_example_runs_from_a_plain_script_without_a_main_guard(tmp_path):
     """Small data train in-process, so a script needs no `if __name__ == "__main__":` (no worker processes
     are spawned, which would re-import it)."""

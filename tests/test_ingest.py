@@ -233,6 +233,17 @@ def test_parquet_directory_with_string_ids(tmp_path):
                                                 key=repr)
 
 
+def test_parquet_columns_are_mapped_by_name_as_a_csv_header_is(tmp_path, capsys):
+    """`--format parquet` looked for columns named user, item and rating only."""
+    pq.write_table(pa.table({"userId": [1, 2], "movieId": [10, 11], "rating": [4.0, 2.0],
+                             "timestamp": [1_600_000_000, 1_600_000_100]}), tmp_path / "r.parquet")
+    assert _run(tmp_path, [tmp_path / "r.parquet"], "parquet", "--rating-scale", "1,5") == 0
+    assert _ratings(tmp_path / "out") == [(1, 10, 4.0, 1_600_000_000), (2, 11, 2.0, 1_600_000_100)]
+    pq.write_table(pa.table({"a": [1], "b": [10], "c": [4.0]}), tmp_path / "other.parquet")
+    assert _run(tmp_path, [tmp_path / "other.parquet"], "parquet", out="refused") == 65
+    assert "the columns (a, b, c) names no user column; say which with --user-col NAME" in capsys.readouterr().err
+
+
 BAD_LINES = [
     # (file text, line number of the bad line, reason)
     ("1:\n10,3,2005-01-02\n11,,2005-01-02\n", 3, "missing_field"),

@@ -167,11 +167,16 @@ def _normalized(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
-def _columns_by_name(fields: list[str], options: IngestOptions, url: str,
-                     what: str = "the header") -> dict[str, int | None]:
+def given_options(columns: dict[str, str | None]) -> dict[str, str]:
+    """Role → column name as ``IngestOptions`` keys (``user_col``, ...), for the roles given."""
+    return {f"{role}_col": name for role, name in columns.items() if name is not None}
+
+
+def columns_by_name(fields: list[str], options: IngestOptions, url: str, what: str = "the header",
+                    flag: str = "--{role}-col NAME") -> dict[str, int | None]:
     """Each role's column among ``fields`` (a header line's, a Parquet file's or a table's column names), by
     its name, one rule for all; refuses names with no user, item or rating column, or one twice, saying
-    which flags to pass."""
+    which ``flag`` (the command line's, or the API's arguments) names it."""
     given = {"user": options.user_col, "item": options.item_col, "rating": options.rating_col,
              "time": options.time_col}
     columns: dict[str, int | None] = {}
@@ -182,15 +187,15 @@ def _columns_by_name(fields: list[str], options: IngestOptions, url: str,
         found = [j for j, field in enumerate(fields) if _normalized(field) in names]
         if len(found) > 1:
             raise DataError(f"{url}: {what} ({', '.join(fields)}) names more than one {role} column "
-                            f"({', '.join(fields[j] for j in found)}); say which with --{role}-col NAME")
+                            f"({', '.join(fields[j] for j in found)}); say which with {flag.format(role=role)}")
         if not found and role != "time":
             raise DataError(f"{url}: {what} ({', '.join(fields)}) names no {role} column; say which with "
-                            f"--{role}-col NAME (or a 0-based position)")
+                            f"{flag.format(role=role)} (or a 0-based position)")
         columns[role] = found[0] if found else None
     taken = [j for j in columns.values() if j is not None]
     if len(set(taken)) < len(taken):
-        raise DataError(f"{url}: one column of {what} ({', '.join(fields)}) is taken for two roles; pass "
-                        "--user-col, --item-col and --rating-col")
+        raise DataError(f"{url}: one column of {what} ({', '.join(fields)}) is taken for two roles; name them "
+                        f"with {', '.join(flag.format(role=role) for role in ('user', 'item', 'rating'))}")
     log.info("%s: columns by name: %s", url,
              ", ".join(f"{role}={fields[j]!r}" for role, j in columns.items() if j is not None))
     return columns
@@ -213,7 +218,7 @@ def _delimited_layout(url: str, options: IngestOptions) -> parse.Layout:
         rating_at is not None and rating_at < len(fields)
         and not re.fullmatch(parse._NUMBER, fields[rating_at].strip()))
     if header:
-        columns = _columns_by_name(fields, options, url)
+        columns = columns_by_name(fields, options, url)
     else:
         columns = {
             "user": _column_index(options.user_col, 0, None, "user", url),
@@ -256,7 +261,7 @@ def make_sources(urls: list[str], options: IngestOptions, pairs: bool = False) -
             sources.append(Source(index, url, _delimited_layout(url, options)))
         elif options.format == "parquet":
             names = _parquet_columns(url)
-            by_name = _columns_by_name(names, options, url, "the columns")
+            by_name = columns_by_name(names, options, url, "the columns")
             sources.append(Source(index, url, None, {role: None if j is None else names[j]
                                                      for role, j in by_name.items()}))
         else:

@@ -24,12 +24,16 @@ from typing import Any
 import fsspec
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from funkflow.pipeline.data.sources import rating_file_format
+from funkflow.pipeline.data.sources import (
+    IngestOptions,
+    columns_by_name,
+    given_options,
+    rating_file_format,
+)
 from funkflow.pipeline.running.config import load_config
 from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.running.rundir import RunDir, claim
+from funkflow.pipeline.running.rundir import RunDir, built_in_place, claim
 from funkflow.pipeline.serving.model import (
     Factors,
     read_folded_ratings,
@@ -39,7 +43,8 @@ from funkflow.pipeline.serving.model import (
     write_factors,
 )
 from funkflow.pipeline.training.train import EpochReport
-from funkflow.tasks.idmap import index_of, sorted_distinct
+from funkflow.tasks.idmap import in_id_type, index_of, sorted_distinct
+from funkflow.tasks.io import write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +54,10 @@ def _scratch_dir(owner: object, prefix: str) -> Path:
     path = Path(tempfile.mkdtemp(prefix=prefix))
     weakref.finalize(owner, shutil.rmtree, path, True)
     return path
+
+
+def _is_dask_dataframe(data: Any) -> bool:
+    return type(data).__module__.startswith("dask") and hasattr(data, "to_parquet") and hasattr(data, "npartitions")
 
 
 def _as_array(values: Any) -> pa.Array:
@@ -79,48 +88,58 @@ class FunkSVD:
 
     # -- fitting ---------------------------------------------------------------------------------------------
 
-    def _data_values(self, data: Any, run_dir: Path) -> dict[str, Any]:
-        """The ``data`` config values that read ``data`` (a table is written to the run directory first)."""
+    def _data_values(self, data: Any, run_dir: Path, columns: dict[str, str | None]) -> dict[str, Any]:
+        """The ``data`` config values that read ``data``: a path as the CLI's ingest reads it; a table or a
+        dask DataFrame is written to the run directory first (a dask DataFrame by its partitions, where they
+        are, never collected here). Columns are mapped by name as a CSV header is, unless ``columns`` says."""
+        given = {f"data.ingest.{role}_col": name for role, name in columns.items() if name is not None}
         if isinstance(data, str | Path) or hasattr(data, "root"):
             source = str(getattr(data, "root", data))
             fs, path = fsspec.core.url_to_fs(source)
             if fs.isdir(path) and fs.isfile(f"{path}/dataset.json"):
                 return {"data.source": source, "data.format": "canonical"}
-            return {"data.source": source, "data.format": rating_file_format(source)}
+            return {"data.source": source, "data.format": rating_file_format(source), **given}
+        claim(run_dir)  # the run directory must be funkflow's before anything is written into it
+        if _is_dask_dataframe(data):
+            with built_in_place(run_dir / "input") as parts:
+                data.to_parquet(str(parts), write_index=False, compute=False).compute()
+            return {"data.source": str(run_dir / "input"), "data.format": "parquet", **given}
         if not isinstance(data, pa.Table) and hasattr(data, "to_arrow"):  # polars
             data = data.to_arrow()
         elif not isinstance(data, pa.Table) and hasattr(data, "columns"):  # pandas
             data = pa.Table.from_pandas(data, preserve_index=False)
         if not isinstance(data, pa.Table):
-            raise UsageError(f"fit takes a path or URL, a pandas or pyarrow table, or a dataset; got {type(data)}")
-        missing = {"user", "item", "rating"} - set(data.column_names)
-        if missing:
-            raise DataError(f"the table lacks the columns {', '.join(sorted(missing))} (user, item, rating[, time])")
-        claim(run_dir)  # the run directory must be funkflow's before anything is written into it
+            raise UsageError(f"fit takes a path or URL, a pandas, pyarrow, polars or dask table, or a dataset; got "
+                             f"{type(data)}")
+        roles = columns_by_name(data.column_names, IngestOptions(format="parquet", **given_options(columns)),
+                                "fit", "the table's columns", flag="{role}_col=NAME")
         path = run_dir / "input.parquet"
-        pq.write_table(data, path)
-        low, high = (float(x) for x in (np.nanmin(data["rating"]), np.nanmax(data["rating"])))
-        values = {"data.source": str(path), "data.format": "parquet", "data.ingest.rating_scale": [low, high]}
-        if "time" in data.column_names:
-            values["data.ingest.time_col"] = "time"
-        return values
+        write_parquet(data, path)
+        rating = data.column(roles["rating"])
+        low, high = (float(x) for x in (np.nanmin(rating), np.nanmax(rating)))
+        return {"data.source": str(path), "data.format": "parquet", "data.ingest.rating_scale": [low, high],
+                **{f"data.ingest.{role}_col": data.column_names[j] for role, j in roles.items() if j is not None}}
 
-    def fit(self, data: Any, client: Any = None) -> FunkSVD:
-        """Train on ``data``: a canonical dataset directory, a rating file or URL (Parquet, or CSV with a
-        ``user,item,rating`` header), a pandas or pyarrow table with those columns, or a ``Dataset``.
-        ``client``: a ``distributed.Client`` to run on; None runs where ``cluster.scheduler`` says (unset:
-        in-process for small data, else a LocalCluster; ``options={"cluster.scheduler": "local"}`` forces
-        one). A rating file is ingested with the ``data.ingest`` options (its rating scale inferred from the
-        data unless ``options={"data.ingest.rating_scale": [1, 5]}``); a table's scale is taken from its
-        smallest and largest rating."""
+    def fit(self, data: Any, client: Any = None, user_col: str | None = None, item_col: str | None = None,
+            rating_col: str | None = None, time_col: str | None = None) -> FunkSVD:
+        """Train on ``data``: a canonical dataset directory, a rating file, directory of files or URL (Parquet
+        or delimited text, told apart by content), a pandas, pyarrow or polars table, a dask DataFrame, or a
+        ``Dataset``. Columns are found by name as in a CSV header (``userId``, ``movie_id``, ``stars``, ...);
+        ``user_col``, ``item_col``, ``rating_col`` and ``time_col`` name them otherwise. ``client``: a
+        ``distributed.Client`` to run on; None runs where ``cluster.scheduler`` says (unset: in-process for
+        small data, else a LocalCluster; ``options={"cluster.scheduler": "local"}`` forces one). A rating file
+        is ingested with the ``data.ingest`` options (its rating scale inferred from the data unless
+        ``options={"data.ingest.rating_scale": [1, 5]}``); a table's scale is taken from its smallest and
+        largest rating."""
         from funkflow.pipeline.running.cluster import DaskExecutor
         from funkflow.pipeline.running.stages import run_pipeline
 
         if self.run_dir is None:
             self.run_dir = _scratch_dir(self, "funkflow-")
+        columns = {"user": user_col, "item": item_col, "rating": rating_col, "time": time_col}
         config = load_config(None).with_values({
-            **self._data_values(data, self.run_dir), "data.generate": None, "output.run_dir": str(self.run_dir),
-            **self.params, **self.options})
+            **self._data_values(data, self.run_dir, columns), "data.generate": None,
+            "output.run_dir": str(self.run_dir), **self.params, **self.options})
         executor = DaskExecutor(client) if client is not None else None
         # fit() trains anew by definition, as in scikit-learn: a model already in run_dir is replaced.
         self.summary_ = run_pipeline(config, callbacks=self.callbacks, executor=executor, retrain=True)
@@ -141,9 +160,16 @@ class FunkSVD:
     # -- using the model --------------------------------------------------------------------------------------
 
     def predict(self, users: Any, items: Any) -> np.ndarray:
-        """Predicted ratings of the (user, item) pairs of raw ids; unknown ids fall back to the biases."""
+        """Predicted ratings of the (user, item) pairs of raw ids; unknown ids fall back to the biases. An id
+        that cannot be one of the model's (text where all of them are integers) is refused, as the CLI does."""
         factors = self._fitted()
-        u, i = index_of(_as_array(users), self.user_ids_), index_of(_as_array(items), self.item_ids_)
+        raw = {}
+        for side, values, ids in (("user", users, self.user_ids_), ("item", items, self.item_ids_)):
+            raw[side] = in_id_type(_as_array(values), ids)
+            if raw[side] is None:
+                raise DataError(f"a {side} id is not an integer, and all of the model's are (users and items "
+                                "swapped?)")
+        u, i = index_of(raw["user"], self.user_ids_), index_of(raw["item"], self.item_ids_)
         scale = tuple(self.info_["rating_scale"]) if self.info_.get("rating_scale") else None
         return score_pairs(factors, u, i, scale)
 
