@@ -323,6 +323,7 @@ def parse_chunk(chunk: Chunk, scale: tuple[float, float], staging: str, index: i
                                      "detail": parsed.reject_details, "text": parsed.reject_texts},
                                     schema=REJECT_SCHEMA))
     if writer is not None:
+        assert out is not None, "a writer is opened for text sources only, which stage to out"
         with naming(out):
             writer.close()
     first_reject = None

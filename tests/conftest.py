@@ -14,8 +14,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import settings
 
 from funkflow.pipeline.running.config import load_config
+
+# Properties are checked for what they compute, not how fast: on a loaded 2-core machine a pure example
+# once took longer than hypothesis's 200 ms deadline, and the suite failed for it.
+settings.register_profile("suite", deadline=None)
+settings.load_profile("suite")
 
 
 def write_canonical(root: Path, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,

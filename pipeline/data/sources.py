@@ -274,14 +274,13 @@ def pair_source(url: str, user_col: str | None, item_col: str | None) -> Source:
     names, as for ratings) or the Netflix probe / qualifying layout (``MovieID:`` then ``CustomerID[,Date]``)."""
     if url.endswith(".parquet"):
         names = _parquet_columns(url)
-        given = {"user": user_col, "item": item_col}
-        columns = {}
-        for role, spec in given.items():
+        by_name: dict[str, str | None] = {}
+        for role, spec in (("user", user_col), ("item", item_col)):
             if spec is None:  # by name, as for ratings
                 found = [name for name in names if _normalized(name) in HEADER_NAMES[role]]
                 spec = found[0] if len(found) == 1 else role
-            columns[role] = names[int(spec)] if re.fullmatch(r"[0-9]+", spec) and int(spec) < len(names) else spec
-        return Source(0, url, None, columns)
+            by_name[role] = names[int(spec)] if re.fullmatch(r"[0-9]+", spec) and int(spec) < len(names) else spec
+        return Source(0, url, None, by_name)
     first = first_line(url)
     if re.fullmatch(r"\s*[0-9]+:\s*", first):
         return Source(0, url, parse.Layout("netflix_pairs", int_ids=True))

@@ -164,8 +164,8 @@ class DaskExecutor:
             with contextlib.suppress(TimeoutError):
                 self.client.wait_for_workers(1, timeout=self.timeout)
         info = self.workers_now()
-        self.workers: list[str | None] = sorted(info)
-        self.threads: dict[str | None, int] = dict(info)
+        self.workers: list[str | None] = [address for address in sorted(info)]
+        self.threads: dict[str | None, int] = {address: n for address, n in info.items()}
         self.total_threads = sum(self.threads.values())
 
     def workers_now(self) -> dict[str, int]:
