@@ -444,21 +444,19 @@ def test_a_scheduler_lost_mid_run_exits_75_in_one_line_and_is_recorded(tmp_path)
     assert (record["status"], record["exit_code"]) == ("failed", 75)
 
 
-def test_the_watch_never_reports_lost_a_worker_that_is_there(monkeypatch):
+def test_the_watch_never_reports_lost_a_worker_that_is_there(local_cluster, monkeypatch):
     """Under load the client's own refresh of its scheduler info answered with no workers (a third of the
     calls at this interval), and the driver once called an epoch off for 16 workers that were all there."""
     import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     from funkflow.pipeline.running import cluster as cluster_module
     from funkflow.pipeline.running.cluster import DaskExecutor
 
     monkeypatch.setattr(cluster_module, "WATCH_SECONDS", 0.01)
-    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), \
-            LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
-            Client(cluster) as client:
+    with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), Client(local_cluster) as client:
         executor = DaskExecutor(client)
-        futures = [executor.submit(time.sleep, 3, name="sleep", worker=w) for w in executor.workers]
+        futures = [executor.submit(time.sleep, 2, name="sleep", worker=w) for w in executor.workers]
         assert executor.gather_watching(futures) == [None, None]
 
 

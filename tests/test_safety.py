@@ -74,15 +74,19 @@ def test_a_stage_verb_on_a_run_directory_that_is_not_there_is_refused_creating_n
 
 
 def _ratings_csv(path: Path, n: int) -> Path:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
     rng = np.random.default_rng(0)
-    table = np.column_stack([rng.integers(1, 5000, n), rng.integers(1, 2000, n), rng.integers(1, 6, n)])
-    np.savetxt(path, table, fmt="%d", delimiter=",", header="user,item,rating", comments="")
+    pacsv.write_csv(pa.table({"user": rng.integers(1, 5000, n), "item": rng.integers(1, 2000, n),
+                              "rating": rng.integers(1, 6, n)}), path,
+                    pacsv.WriteOptions(quoting_style="none"))
     return path
 
 
 @pytest.mark.slow
 def test_a_second_ingest_into_the_same_out_exits_75_naming_the_first(tmp_path, capsys):
-    source = _ratings_csv(tmp_path / "big.csv", 3_000_000)
+    source = _ratings_csv(tmp_path / "big.csv", 1_500_000)  # long enough to hold the lock while the second tries
     out = tmp_path / "data"
     first = subprocess.Popen([sys.executable, "-m", "funkflow", "ingest", str(source), "--format", "csv",
                               "--out", str(out), "--scheduler", "inprocess"], cwd=tmp_path, env=cli_env(),
