@@ -121,7 +121,12 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
 
     run_dir = tmp_path / "run"
     assert main(["--log-format", "json", "run", "--run-dir", str(run_dir), *TINY]) == 0
-    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if line.startswith("{")]
+    captured = capsys.readouterr()
+    # Every line, the results on stdout too: `>> nightly.jsonl 2>&1` must give JSON lines.
+    results = [json.loads(line) for line in captured.out.splitlines()]
+    assert results and all(r["level"] == "result" for r in results)
+    assert any(r["message"].startswith("test RMSE") for r in results)
+    lines = [json.loads(line) for line in captured.err.splitlines()]
     epochs = [line for line in lines if "epoch" in line]
     assert [line["epoch"] for line in epochs] == [1, 2, 3, 4]
     assert all(line["stage"] == "train" and line["level"] == "info" for line in epochs)

@@ -32,7 +32,7 @@ from funkflow.pipeline.running.errors import (
     UsageError,
     outside_fault,
 )
-from funkflow.pipeline.running.logs import configure
+from funkflow.pipeline.running.logs import configure, say
 from funkflow.pipeline.running.rundir import new_output, package_version
 from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.tasks.artifacts import ArtifactError
@@ -57,7 +57,8 @@ def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set train.epochs=5 (repeatable)")
     parser.add_argument("--scheduler", metavar="ADDR",
-                        help="Dask scheduler address (tcp://host:8786); default: start a LocalCluster")
+                        help="Dask scheduler address (tcp://host:8786), local (start a LocalCluster) or inprocess; "
+                             "default: in this process below 25M ratings, else a LocalCluster")
     parser.add_argument("--scheduler-file", metavar="FILE",
                         help="JSON file with the scheduler address, as `dask scheduler --scheduler-file` writes")
     parser.add_argument("--report", type=Path, metavar="FILE.html",
@@ -110,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="1.0 = 480,189 users × 17,770 items, 100,480,507 ratings")
     generate.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     generate.add_argument("--seed", type=int, default=0, help="generator seed: the same seed, the same ratings")
-    generate.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
+    generate.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, local or inprocess; "
+                          "default: by size, as for run")
 
     ingest = add_verb(
         "ingest", help="turn rating files (Netflix, MovieLens, CSV, Parquet) into a canonical dataset",
@@ -137,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="index users and items as DATASET does (a test set for split.method given); rows "
                              "with ids it lacks are left out and counted")
     ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB")
-    ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: a LocalCluster")
+    ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, local or inprocess; "
+                        "default: by size, as for run")
 
     predict = add_verb("predict", help="predict ratings for (user, item) pairs of raw ids",
                                description="Predict ratings for pairs (CSV/TSV, Parquet, or the Netflix probe / "
@@ -236,14 +239,14 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     base = summary.get("baselines", {})
     if base:
         line += "  baselines: " + ", ".join(f"{name} {m['rmse']:.4f}" for name, m in base.items())
-    print(line)
+    say(line)
     ranking = summary.get("ranking")
     if ranking and ranking["users"]:
         k, model, popular = ranking["k"], ranking["model"], ranking["popularity"]
-        print(f"top-{k} over {ranking['users']:,} users: precision {model['precision']:.4f}  recall "
+        say(f"top-{k} over {ranking['users']:,} users: precision {model['precision']:.4f}  recall "
               f"{model['recall']:.4f}  NDCG {model['ndcg']:.4f}  MAP {model['map']:.4f}  coverage "
               f"{model['coverage']:.3f}  (popularity: NDCG {popular['ndcg']:.4f}, coverage {popular['coverage']:.3f})")
-    print(f"run directory: {run_dir}")
+    say(f"run directory: {run_dir}")
 
 
 def _tune(config: Config, args: argparse.Namespace) -> None:
@@ -253,7 +256,7 @@ def _tune(config: Config, args: argparse.Namespace) -> None:
     config = config.with_values({key: value for key, value in given.items() if value is not None})
     result = tune(config, retrain=args.retrain)
     best = result.best
-    print(f"best of {len({r.trial for r in result.results})} trials: trial {best.trial} "
+    say(f"best of {len({r.trial for r in result.results})} trials: trial {best.trial} "
           f"({', '.join(f'{k} {v:g}' for k, v in best.params.items())}), validation RMSE {best.best_val:.4f} at "
           f"epoch {best.best_epoch}; config in {result.best_config}")
     if result.summary is not None:
@@ -273,7 +276,7 @@ def _generate(args: argparse.Namespace) -> None:
     cluster = load_config(None).with_values(_command_line_values(args)).cluster
     with new_output(args.out), open_executor(cluster) as executor:
         dataset = generate_dataset(executor, synthetic_spec(gen), args.out, gen.ratings_per_part, replace=False)
-    print(f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
+    say(f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
 
 
 def _rating_scale(text: str | None) -> tuple[float, float] | None:
@@ -304,7 +307,7 @@ def _ingest(args: argparse.Namespace) -> None:
         line += f"; {meta['rejects']['total']:,} lines rejected to {args.rejects}"
     if meta["duplicates"]["pairs"]:
         line += f"; {meta['duplicates']['pairs']:,} duplicated pairs resolved by {args.duplicates}"
-    print(line)
+    say(line)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -319,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
             return EXIT_OK
         if args.verb == "configs":
             for name, path in shipped_configs().items():
-                print(f"{name:<16} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}")
+                say(f"{name:<16} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}")
             return EXIT_OK
         if args.verb == "plan":
             rate = args.rate or calibrate(args.k)
@@ -327,19 +330,19 @@ def main(argv: list[str] | None = None) -> int:
             sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
                          args.threads_per_worker, args.train_fraction, rate, args.hop_ms / 1e3, args.bandwidth)
             for label, value in sized.rows():
-                print(f"{label:<40} {value}")
+                say(f"{label:<40} {value}")
             return EXIT_OK
         if args.verb == "report":
             from funkflow.pipeline.running.report import report as write_report
 
             png, page = write_report(args.run_dir, args.out)
-            print(f"{png}\n{page}")
+            say(f"{png}\n{page}")
             return EXIT_OK
         if args.verb == "fold-in":
             from funkflow.pipeline.serving.foldin import fold_in_run
 
             folded = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
-            print(f"{folded.added:,} {args.side} folded in from {folded.ratings_used:,} ratings; model in "
+            say(f"{folded.added:,} {args.side} folded in from {folded.ratings_used:,} ratings; model in "
                   f"{args.out / 'model'}")
             return EXIT_OK
         if args.verb == "recommend":
@@ -347,14 +350,14 @@ def main(argv: list[str] | None = None) -> int:
 
             cluster = load_config(None).with_values(_command_line_values(args)).cluster if args.scheduler else None
             lists = recommend(args.run_dir, args.top, args.out, args.users, cluster)
-            print(f"top {args.top} for {lists.n_users:,} users ({lists.n_rows:,} rows) in {lists.out}, "
+            say(f"top {args.top} for {lists.n_users:,} users ({lists.n_rows:,} rows) in {lists.out}, "
                   f"computed in {lists.seconds:.1f}s")
             return EXIT_OK
         if args.verb == "predict":
             from funkflow.pipeline.serving.predict import predict
 
             predicted = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
-            print(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
+            say(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
                   f"users, {predicted.unknown_items:,} unknown items)")
             return EXIT_OK
         config = load_config(_config_of(args), args.overrides).with_values(_command_line_values(args))
@@ -369,15 +372,15 @@ def main(argv: list[str] | None = None) -> int:
         if summary is not None:
             _print_summary(summary, config.output.run_dir)
         else:
-            print(f"run directory: {config.output.run_dir}")
+            say(f"run directory: {config.output.run_dir}")
     except FunkflowError as exc:
-        print(f"funkflow: error: {exc}", file=sys.stderr)
+        say(f"funkflow: error: {exc}", error=True)
         return exc.exit_code
     except ArtifactError as exc:  # found by a worker task reading a damaged file
-        print(f"funkflow: error: {exc}", file=sys.stderr)
+        say(f"funkflow: error: {exc}", error=True)
         return EXIT_DATAERR
     except KeyboardInterrupt:
-        print("funkflow: interrupted", file=sys.stderr)
+        say("funkflow: interrupted", error=True)
         return 130
     except BrokenPipeError:  # `funkflow configs | head`: the reader has all it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -387,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
         if fault is None:
             log.exception("funkflow: internal error (a bug: please report it with this traceback)")
             return EXIT_SOFTWARE
-        print(f"funkflow: error: {fault}", file=sys.stderr)
+        say(f"funkflow: error: {fault}", error=True)
         return fault.exit_code
     return EXIT_OK
 

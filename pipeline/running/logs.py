@@ -67,8 +67,28 @@ class _InterruptRace(logging.Filter):
         return not (isinstance(error, NameError) and "'future'" in str(error))
 
 
+_json_lines = False  # --log-format json: every line a command writes is a JSON object, results too
+
+
+def say(text: str, error: bool = False) -> None:
+    """A command's result (stdout) or its error (``error``: stderr), one line each: as text, or with
+    ``--log-format json`` as JSON objects of level ``result`` or ``error``, like the log lines, so that
+    ``>> nightly.jsonl 2>&1`` gives a file of JSON lines."""
+    stream = sys.stderr if error else sys.stdout
+    if not _json_lines:
+        print(text, file=stream)
+        return
+    now = time.time()
+    for line in text.splitlines():
+        print(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
+                          "level": "error" if error else "result", "logger": "funkflow", "stage": None,
+                          "message": line}), file=stream)
+
+
 def configure(log_format: str, quiet: bool) -> None:
     """Set up the root handler and the levels of funkflow's and distributed's loggers."""
+    global _json_lines
+    _json_lines = log_format == "json"
     handler = _StderrHandler()
     handler.name = "funkflow"
     handler.setFormatter(JsonFormatter() if log_format == "json"
