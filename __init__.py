@@ -8,7 +8,7 @@ workers) install as ``funkflow.pipeline`` and ``funkflow.tasks``; ``configs/`` a
 def __getattr__(name: str):
     # ``from funkflow import FunkSVD`` without importing the API (and pyarrow) for every CLI start.
     if name == "FunkSVD":
-        from funkflow.pipeline.serving.api import FunkSVD
+        from funkflow.pipeline.app.api import FunkSVD
 
         return FunkSVD
     raise AttributeError(f"module 'funkflow' has no attribute {name!r}")

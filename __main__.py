@@ -1,5 +1,5 @@
 import sys
 
-from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.app.cli import main
 
 sys.exit(main())

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from funkflow.pipeline.core.cluster import open_executor
+from funkflow.pipeline.core.config import ClusterConfig, SplitConfig
 from funkflow.pipeline.data.blocking import Blocks, block_dataset, open_blocks
 from funkflow.pipeline.data.dataset import Dataset, generate_dataset, open_dataset
-from funkflow.pipeline.running.cluster import open_executor
-from funkflow.pipeline.running.config import ClusterConfig, SplitConfig
 from funkflow.tasks.synthetic import SyntheticSpec
 
 log = logging.getLogger("bench")

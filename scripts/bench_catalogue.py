@@ -23,9 +23,9 @@ import dask
 from _bench_data import dataset_at
 from distributed import Client, LocalCluster
 
-from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG, DaskExecutor
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG, DaskExecutor
+from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.training.plan import state_bytes
 
 

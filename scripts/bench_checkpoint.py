@@ -21,9 +21,9 @@ from pathlib import Path
 
 from _bench_data import dataset_at
 
-from funkflow.pipeline.running.cluster import open_executor
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.cluster import open_executor
+from funkflow.pipeline.core.config import load_config
 
 _COMMITTED = re.compile(r"checkpoint of epoch (\d+) committed in ([0-9.]+)s")
 

@@ -22,8 +22,8 @@ from pathlib import Path
 
 from _bench_data import dataset_at
 
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import load_config
 
 
 def main() -> None:

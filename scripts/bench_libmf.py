@@ -30,8 +30,8 @@ import numpy as np
 import pyarrow.parquet as pq
 from _bench_data import dataset_at
 
-from funkflow.pipeline.running.config import SplitConfig, load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import SplitConfig, load_config
 from funkflow.tasks.blocks import TEST, TRAIN, split_codes
 
 

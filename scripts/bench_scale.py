@@ -28,11 +28,11 @@ import numpy as np
 from _bench_data import dataset_at
 from distributed import Client, LocalCluster, get_task_stream
 
+from funkflow.pipeline.app.stages import synthetic_spec
+from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
+from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.data.blocking import block_dataset, open_blocks
 from funkflow.pipeline.data.dataset import generate_dataset, open_dataset
-from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import synthetic_spec
 from funkflow.pipeline.training.exchange import received_bytes, received_messages, set_hand_off_delay
 from funkflow.pipeline.training.placement import BlockPlacement
 from funkflow.pipeline.training.plan import Plan

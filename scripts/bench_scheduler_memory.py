@@ -18,9 +18,9 @@ from pathlib import Path
 import dask
 from distributed import Client, LocalCluster
 
-from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
+from funkflow.pipeline.core.config import load_config
 
 
 def _scheduler_facts(dask_scheduler) -> tuple[int, int]:

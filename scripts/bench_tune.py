@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 
-from funkflow.pipeline.running.config import TUNABLE, Config, load_config
-from funkflow.pipeline.running.stages import run_pipeline
-from funkflow.pipeline.training.tune import draw_trials, tune
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.app.tune import draw_trials, tune
+from funkflow.pipeline.core.config import TUNABLE, Config, load_config
 
 SHAPES = {  # users, items, ratings, largest share of the items one user rates
     "ml-100k": (943, 1682, 100_000, 0.44),
@@ -82,8 +82,8 @@ def _surprise_grid(dataset_dir: str) -> tuple[float, float, float, dict]:
     from surprise import SVD, Dataset, Reader
     from surprise.model_selection import GridSearchCV, ShuffleSplit
 
+    from funkflow.pipeline.core.config import SplitConfig
     from funkflow.pipeline.data.dataset import open_dataset
-    from funkflow.pipeline.running.config import SplitConfig
     from funkflow.tasks.blocks import TEST, split_codes
 
     split, frames = SplitConfig(), []

@@ -15,8 +15,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import load_config
 from funkflow.tasks.synthetic import write_daily_csvs
 
 

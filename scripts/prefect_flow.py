@@ -15,9 +15,9 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.errors import ClusterError
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import load_config
+from funkflow.pipeline.core.errors import ClusterError
 
 
 def _retry_cluster_trouble(task, task_run, state) -> bool:

@@ -20,9 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from funkflow.pipeline.core.cluster import open_executor
+from funkflow.pipeline.core.config import ClusterConfig
 from funkflow.pipeline.data.dataset import open_dataset
-from funkflow.pipeline.running.cluster import open_executor
-from funkflow.pipeline.running.config import ClusterConfig
 
 _EPOCH_DAY = np.datetime64("1999-11-11", "D")
 

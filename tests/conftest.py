@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from hypothesis import settings
 
-from funkflow.pipeline.running.config import load_config
+from funkflow.pipeline.core.config import load_config
 
 # Properties are checked for what they compute, not how fast: on a loaded 2-core machine a pure example
 # once took longer than hypothesis's 200 ms deadline, and the suite failed for it.
@@ -86,7 +86,7 @@ def local_cluster():
     import dask
     from distributed import LocalCluster
 
-    from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
 
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                                          dashboard_address="127.0.0.1:0") as cluster:

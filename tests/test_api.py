@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from funkflow import FunkSVD
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.errors import DataError
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.core.errors import DataError
 from funkflow.pipeline.serving.model import read_model
 
 

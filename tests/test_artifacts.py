@@ -11,10 +11,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.errors import DataError
-from funkflow.pipeline.running.stages import run_pipeline
-from funkflow.pipeline.serving.api import FunkSVD
+from funkflow.pipeline.app.api import FunkSVD
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.errors import DataError
 from funkflow.tasks.artifacts import MANIFEST, ArtifactError, load_array, verify, write_manifest
 from funkflow.tasks.io import read_json
 

@@ -16,7 +16,7 @@ import pytest
 from conftest import cli_env, kill_when
 from conftest import model_bytes as _model_bytes
 
-from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.app.cli import main
 
 TINY = ["--set", "data.generate.n_users=300", "--set", "data.generate.n_items=120",
         "--set", "data.generate.n_ratings=12000", "--set", "data.generate.max_user_fraction=0.5",
@@ -147,8 +147,8 @@ def test_json_logs_and_the_run_manifest(tmp_path, capsys):
 
 
 def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, caplog):
-    from funkflow.pipeline.running.config import load_config
-    from funkflow.pipeline.running.stages import run_pipeline
+    from funkflow.pipeline.app.stages import run_pipeline
+    from funkflow.pipeline.core.config import load_config
     from funkflow.tasks.synthetic import write_daily_csvs
 
     caplog.set_level(logging.INFO, logger="funkflow")
@@ -230,7 +230,7 @@ def test_ctrl_c_on_a_local_cluster_is_one_line_and_exit_130(tmp_path):
 def test_the_interrupt_race_in_distributeds_sync_is_not_printed_and_other_loop_errors_are(capsys):
     """distributed's sync() can fail to cancel on Ctrl-C with a NameError logged from the event loop (a race
     the test above meets now and then); that one record is dropped, any other loop error still shows."""
-    from funkflow.pipeline.running.logs import configure
+    from funkflow.pipeline.core.logs import configure
 
     configure("text", quiet=False)
     loop_errors = logging.getLogger("tornado.application")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import cli_env, kill_when, model_bytes
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
 
 _model = model_bytes
 
@@ -156,7 +156,7 @@ def test_checkpoints_at_an_fsspec_url_resume_to_the_same_bits(tiny_config, unint
 
 
 def test_memory_checkpoints_on_a_cluster_are_refused_before_it_starts(tiny_config, tmp_path):
-    from funkflow.pipeline.running.errors import ConfigError
+    from funkflow.pipeline.core.errors import ConfigError
 
     config = tiny_config(tmp_path / "run", "output.checkpoints=memory://ckpt", "cluster.scheduler=local")
     with pytest.raises(ConfigError, match="output.checkpoints: memory://ckpt lives in one process"):
@@ -166,7 +166,7 @@ def test_memory_checkpoints_on_a_cluster_are_refused_before_it_starts(tiny_confi
 
 
 def test_force_resumes_despite_a_changed_config_but_never_a_changed_shape(tiny_config, tmp_path, caplog):
-    from funkflow.pipeline.running.errors import ConfigError
+    from funkflow.pipeline.core.errors import ConfigError
 
     caplog.set_level(logging.INFO, logger="funkflow")
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=2"))

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import cli_env, model_bytes
 
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.stages import run_pipeline
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -192,7 +192,7 @@ def test_small_data_run_in_process_unless_a_cluster_is_asked_for(tiny_config, in
 def test_scheduler_without_workers_exits_75(tmp_path, capsys):
     from distributed import LocalCluster
 
-    from funkflow.pipeline.running.cli import main
+    from funkflow.pipeline.app.cli import main
 
     with LocalCluster(n_workers=0, processes=True, dashboard_address="127.0.0.1:0") as empty:
         code = main(["run", "--scheduler", empty.scheduler_address, "--set", "cluster.timeout=2",
@@ -248,7 +248,7 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n
     import dask
     from distributed import Client, LocalCluster
 
-    from funkflow.pipeline.running.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
 
     sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
             "model.k=16", "train.epochs=8", "train.d=4"]
@@ -310,11 +310,11 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
     before a peer's share started, the wait notices and the worker's only thread is free again."""
     from distributed import Client
 
+    from funkflow.pipeline.core.cluster import DaskExecutor, InProcessExecutor
+    from funkflow.pipeline.core.config import SplitConfig
     from funkflow.pipeline.data.blocking import block_dataset
     from funkflow.pipeline.data.dataset import open_dataset
-    from funkflow.pipeline.running.cluster import DaskExecutor, InProcessExecutor
-    from funkflow.pipeline.running.config import SplitConfig
-    from funkflow.pipeline.training.exchange import epoch_share, load_share
+    from funkflow.pipeline.training.exchange import DSGDExchange, epoch_share, load_share
     from funkflow.tasks.blocks import load_row_block
     from funkflow.tasks.epoch import EpochPlan, StartFrom
     from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout
@@ -324,7 +324,7 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
                            seed=3)
     with Client(local_cluster) as client:
         executor = DaskExecutor(client)
-        executor.install_exchange()
+        executor.register_worker_plugin(DSGDExchange())
         first, second = executor.workers
         row = client.submit(load_row_block, str(blocks.root), 0, 2, blocks.n_users, blocks.n_items, 3,
                             workers=[first])
@@ -345,9 +345,9 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
 
 def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
     """Past cluster.allowed_failures worker deaths under one task, the run ends with exit 75."""
-    from funkflow.pipeline.running.cluster import open_executor
-    from funkflow.pipeline.running.config import ClusterConfig
-    from funkflow.pipeline.running.errors import EXIT_TEMPFAIL, ClusterError
+    from funkflow.pipeline.core.cluster import open_executor
+    from funkflow.pipeline.core.config import ClusterConfig
+    from funkflow.pipeline.core.errors import EXIT_TEMPFAIL, ClusterError
 
     with open_executor(ClusterConfig(n_workers=1, allowed_failures=1, timeout=60)) as executor:
         doomed = executor.submit(os._exit, 1, name="kill_own_worker")
@@ -450,8 +450,8 @@ def test_the_watch_never_reports_lost_a_worker_that_is_there(local_cluster, monk
     import dask
     from distributed import Client
 
-    from funkflow.pipeline.running import cluster as cluster_module
-    from funkflow.pipeline.running.cluster import DaskExecutor
+    from funkflow.pipeline.core import cluster as cluster_module
+    from funkflow.pipeline.core.cluster import DaskExecutor
 
     monkeypatch.setattr(cluster_module, "WATCH_SECONDS", 0.01)
     with dask.config.set({"distributed.client.scheduler-info-interval": "1ms"}), Client(local_cluster) as client:
@@ -465,7 +465,7 @@ def test_workers_with_other_versions_are_refused_naming_the_package(tiny_config,
 
     from distributed import Client, LocalCluster
 
-    from funkflow.pipeline.running.errors import ConfigError
+    from funkflow.pipeline.core.errors import ConfigError
 
     def pretend_old_numba() -> None:
         real = importlib.metadata.version
@@ -488,7 +488,7 @@ def test_report_writes_dasks_performance_report(tiny_config, local_cluster, tmp_
 
 
 def test_generate_on_a_cluster_shows_its_progress(local_cluster, tmp_path, caplog):
-    from funkflow.pipeline.running.cli import main
+    from funkflow.pipeline.app.cli import main
 
     caplog.set_level("INFO", logger="funkflow")
     assert main(["generate", "--scale", "0.0005", "--out", str(tmp_path / "data"),

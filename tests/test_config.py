@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.config import Config, default_config_path, load_config
-from funkflow.pipeline.running.errors import EXIT_CONFIG, ConfigError
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.core.config import Config, default_config_path, load_config
+from funkflow.pipeline.core.errors import EXIT_CONFIG, ConfigError
 
 CONFIGS = sorted((Path(__file__).parents[1] / "configs").glob("*.yaml"))
 
@@ -80,7 +80,7 @@ def test_impossible_generator_shape_is_a_config_error(capsys, tmp_path):
 
 
 def test_shipped_configs_by_name_listed_by_funkflow_configs(capsys):
-    from funkflow.pipeline.running.config import shipped_configs
+    from funkflow.pipeline.core.config import shipped_configs
 
     assert main(["configs"]) == 0
     listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
@@ -110,7 +110,7 @@ def test_the_package_installs_under_its_own_name_only():
     top_level = importlib.metadata.distribution("funkflow").read_text("top_level.txt").split()
     assert top_level == ["funkflow"]
     # In a fresh interpreter away from the checkout (``python -m pytest`` puts the checkout on sys.path).
-    probe = ("import importlib.util as u, funkflow.pipeline.running.cli, funkflow.tasks.kernels; "
+    probe = ("import importlib.util as u, funkflow.pipeline.app.cli, funkflow.tasks.kernels; "
              "print(u.find_spec('pipeline'), u.find_spec('tasks'))")
     found = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                            cwd=Path(__file__).parent)
@@ -125,7 +125,7 @@ def test_the_command_line_loads_dask_and_numba_only_for_the_verbs_that_run_them(
     import subprocess
     import sys
 
-    probe = ("import sys; from funkflow.pipeline.running.cli import build_parser; build_parser(); "
+    probe = ("import sys; from funkflow.pipeline.app.cli import build_parser; build_parser(); "
              "print(sorted(m for m in ('numba', 'distributed', 'dask') if m in sys.modules))")
     loaded = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
@@ -134,7 +134,7 @@ def test_the_command_line_loads_dask_and_numba_only_for_the_verbs_that_run_them(
 def test_every_option_of_every_verb_has_help():
     import argparse
 
-    from funkflow.pipeline.running.cli import build_parser
+    from funkflow.pipeline.app.cli import build_parser
 
     missing = []
 
@@ -151,7 +151,7 @@ def test_every_option_of_every_verb_has_help():
 
 
 def test_global_flags_after_the_verb(capsys):
-    from funkflow.pipeline.running.cli import build_parser
+    from funkflow.pipeline.app.cli import build_parser
 
     args = build_parser().parse_args(["configs", "-q", "--log-format", "json"])
     assert args.quiet and args.log_format == "json"
@@ -163,7 +163,7 @@ def test_global_flags_after_the_verb(capsys):
                                                           (3, 1, (3, 1)), (16, None, (16, 1)), (None, 16, (1, 16))])
 def test_a_local_cluster_fills_the_cores_with_one_process_unless_told(monkeypatch, n_workers, threads, expected):
     """Item blocks pass between the threads of one process by reference: one worker with every core is the default."""
-    from funkflow.pipeline.running.cluster import local_shape
+    from funkflow.pipeline.core.cluster import local_shape
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     overrides = [f"cluster.n_workers={n_workers or 'null'}", f"cluster.threads_per_worker={threads or 'null'}"]

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from funkflow.pipeline.core.cluster import InProcessExecutor
+from funkflow.pipeline.core.config import SplitConfig
 from funkflow.pipeline.data.blocking import block_dataset
 from funkflow.pipeline.data.dataset import open_dataset
-from funkflow.pipeline.running.cluster import InProcessExecutor
-from funkflow.pipeline.running.config import SplitConfig
 from funkflow.tasks.blocks import TRAIN, VALIDATION, load_row_block
 from funkflow.tasks.epoch import (
     EpochPlan,

@@ -9,9 +9,9 @@ import pyarrow.csv as pacsv
 import pytest
 from conftest import write_canonical
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.serving.model import read_model
 from funkflow.tasks.foldin import fold_in
 

@@ -16,12 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.core.cluster import InProcessExecutor
+from funkflow.pipeline.core.errors import DataError
 from funkflow.pipeline.data.dataset import open_dataset
 from funkflow.pipeline.data.ingest import ingest
 from funkflow.pipeline.data.sources import IngestOptions
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.cluster import InProcessExecutor
-from funkflow.pipeline.running.errors import DataError
 
 
 def _run(tmp_path: Path, sources: list[Path | str], fmt: str, *extra: str, out: str = "out") -> int:
@@ -413,8 +413,8 @@ def ingested_movielens(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("split", [["split.method=per_user"], ["split.method=time", "split.cutoff=1960-01-01"]])
 def test_ingested_dataset_trains_with_each_split(ingested_movielens, tmp_path, split):
-    from funkflow.pipeline.running.config import load_config
-    from funkflow.pipeline.running.stages import run_pipeline
+    from funkflow.pipeline.app.stages import run_pipeline
+    from funkflow.pipeline.core.config import load_config
 
     if "split.cutoff=1960-01-01" in split:  # a cutoff that leaves a tenth of the ratings for test
         times = np.concatenate([pq.read_table(p)["time"].to_numpy() for p in open_dataset(ingested_movielens).parts])
@@ -432,8 +432,8 @@ def test_ingested_dataset_trains_with_each_split(ingested_movielens, tmp_path, s
 
 
 def test_per_user_split_refuses_a_dataset_without_whole_users_per_part(tmp_path, planted_low_rank):
-    from funkflow.pipeline.running.config import load_config
-    from funkflow.pipeline.running.stages import run_pipeline
+    from funkflow.pipeline.app.stages import run_pipeline
+    from funkflow.pipeline.core.config import load_config
 
     with pytest.raises(DataError, match="per_user needs every user's ratings in one part"):
         run_pipeline(load_config(None, [f"data.source={planted_low_rank}", "data.generate=null",
@@ -442,8 +442,8 @@ def test_per_user_split_refuses_a_dataset_without_whole_users_per_part(tmp_path,
 
 
 def test_given_test_set_indexed_with_the_training_maps(ingested_movielens, tmp_path, capsys):
-    from funkflow.pipeline.running.config import load_config
-    from funkflow.pipeline.running.stages import run_pipeline
+    from funkflow.pipeline.app.stages import run_pipeline
+    from funkflow.pipeline.core.config import load_config
 
     # Test pairs of known users and items, one unseen user and one unseen item.
     (tmp_path / "test.csv").write_text("userId,movieId,rating,timestamp\n1,101,4,1\n2,102,3,1\n"
@@ -473,8 +473,8 @@ def test_a_raw_test_file_is_ingested_in_the_run_with_the_training_id_maps(tmp_pa
     training ids (unseen ids left out and counted), and a re-run touches neither."""
     import logging
 
-    from funkflow.pipeline.running.config import load_config
-    from funkflow.pipeline.running.stages import run_pipeline
+    from funkflow.pipeline.app.stages import run_pipeline
+    from funkflow.pipeline.core.config import load_config
 
     rng = np.random.default_rng(9)
     rows = [f"u{u},m{i},{rng.integers(1, 6)}" for u in range(60) for i in rng.choice(30, 12, replace=False)]
@@ -498,8 +498,8 @@ def test_a_raw_test_file_is_ingested_in_the_run_with_the_training_id_maps(tmp_pa
 def test_run_ingests_raw_files_as_a_stage_and_only_again_when_they_change(tmp_path, caplog):
     import logging
 
-    from funkflow.pipeline.running.config import load_config
-    from funkflow.pipeline.running.stages import run_pipeline
+    from funkflow.pipeline.app.stages import run_pipeline
+    from funkflow.pipeline.core.config import load_config
 
     caplog.set_level(logging.INFO, logger="funkflow")
     rng = np.random.default_rng(2)

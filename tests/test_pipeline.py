@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from conftest import model_bytes
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.errors import EXIT_DATAERR, EXIT_DIVERGED, EXIT_OK, ConfigError, TrainingDiverged
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import load_config
+from funkflow.pipeline.core.errors import EXIT_DATAERR, EXIT_DIVERGED, EXIT_OK, ConfigError, TrainingDiverged
 from funkflow.pipeline.serving.model import read_model
 from funkflow.pipeline.training.train import EpochReport, _bold_driver_factor
 
@@ -69,7 +69,7 @@ def test_a_verb_without_config_uses_the_runs_own_and_another_config_never_replac
     """A stage verb on a copied run directory, with no CONFIG, used to train the embedded demo over its model."""
     import shutil
 
-    from funkflow.pipeline.running.config import default_config_path
+    from funkflow.pipeline.core.config import default_config_path
 
     run_pipeline(tiny_config(tmp_path / "original", "model.k=4", "train.epochs=2"))
     copy = tmp_path / "copy"
@@ -253,7 +253,7 @@ def test_export_writes_factors_with_raw_ids_as_parquet(tiny_config, tmp_path, ca
 
 def test_auto_d_follows_the_data_alone_so_the_default_gives_the_same_bits_on_any_thread_count(tiny_config,
                                                                                               tmp_path):
-    from funkflow.pipeline.running.cluster import InProcessExecutor
+    from funkflow.pipeline.core.cluster import InProcessExecutor
 
     sets = ("train.d=auto", "data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000")
     one = run_pipeline(tiny_config(tmp_path / "one", *sets), executor=InProcessExecutor(threads=1))

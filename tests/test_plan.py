@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from funkflow.pipeline.running.cli import main
+from funkflow.pipeline.app.cli import main
 from funkflow.pipeline.training.plan import BALANCE, MIN_BLOCK_RATINGS, Plan, auto_d, calibrate
 
 NETFLIX = Plan(ratings=100_000_000, users=480_000, items=17_770, k=49, d=128, workers=2, threads=1,

@@ -10,8 +10,8 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 import pytest
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
 from funkflow.pipeline.serving.model import read_model
 
 

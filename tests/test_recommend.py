@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.serving.model import read_model
 from funkflow.tasks.recommend import top_n
 
@@ -101,7 +101,7 @@ def _brute_force(run_dir: Path, top: int) -> list[tuple]:
     """Every user × item score, seen (train and validation) items out, sorted by (-score, item).
 
     The seen ratings come from the data and the hash split rule, not from the blocks."""
-    from funkflow.pipeline.running.config import SplitConfig
+    from funkflow.pipeline.core.config import SplitConfig
     from funkflow.tasks.blocks import TEST, split_codes
 
     factors, _ = read_model(run_dir / "model")
@@ -136,7 +136,7 @@ def test_a_small_model_serves_in_this_process_without_a_cluster(trained, tmp_pat
     """943 users had started a LocalCluster: 3 s for 0.2 s of work."""
     import logging
 
-    from funkflow.pipeline.running.config import ClusterConfig
+    from funkflow.pipeline.core.config import ClusterConfig
     from funkflow.pipeline.serving.recommend import recommend
 
     caplog.set_level(logging.INFO, logger="funkflow")

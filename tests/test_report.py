@@ -7,8 +7,8 @@ import io
 
 import numpy as np
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.stages import run_pipeline
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.stages import run_pipeline
 
 
 def test_report_writes_a_non_blank_png_and_a_self_contained_page(tiny_config, tmp_path):

@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 from conftest import cli_env
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.rundir import MARK, built_in_place, locked
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.core.rundir import MARK, built_in_place, locked
 from funkflow.tasks.io import read_json
 
 TINY = ["data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
@@ -226,8 +226,8 @@ def test_everything_a_started_cluster_listens_on_is_127_0_0_1():
     """The LocalCluster's dashboard listened on 0.0.0.0 while the log printed http://127.0.0.1:…."""
     import psutil
 
-    from funkflow.pipeline.running.cluster import open_executor
-    from funkflow.pipeline.running.config import ClusterConfig
+    from funkflow.pipeline.core.cluster import open_executor
+    from funkflow.pipeline.core.config import ClusterConfig
 
     with open_executor(ClusterConfig(scheduler="local", n_workers=1, threads_per_worker=1)) as executor:
         processes = [psutil.Process(), *psutil.Process().children(recursive=True)]

@@ -10,11 +10,11 @@ import math
 import pytest
 from conftest import model_bytes
 
-from funkflow.pipeline.running.cli import main
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.errors import EXIT_CONFIG, EXIT_OK
+from funkflow.pipeline.app.cli import main
+from funkflow.pipeline.app.tune import draw_trials, read_tune_log, rung_epochs
+from funkflow.pipeline.core.config import load_config
+from funkflow.pipeline.core.errors import EXIT_CONFIG, EXIT_OK
 from funkflow.pipeline.serving.model import read_model
-from funkflow.pipeline.training.tune import draw_trials, read_tune_log, rung_epochs
 
 DATA = ["data.generate.n_users=400", "data.generate.n_items=150", "data.generate.n_ratings=20000",
         "data.generate.max_user_fraction=0.5", "tune.trials=6", "tune.min_epochs=2", "tune.max_epochs=12"]
@@ -40,8 +40,8 @@ def test_trials_are_seeded_draws_in_the_space_after_the_configs_own():
 
 def test_a_trial_side_by_side_trains_on_one_thread_whatever_the_cores(monkeypatch, tmp_path):
     """Its d, and so its bits, must not follow the cores of the worker the trial lands on."""
-    from funkflow.pipeline.running.cluster import local_shape
-    from funkflow.pipeline.training.tune import _trial_config
+    from funkflow.pipeline.app.tune import _trial_config
+    from funkflow.pipeline.core.cluster import local_shape
 
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     config = load_config(None, [])

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
+from funkflow.pipeline.core.cluster import Executor
+from funkflow.pipeline.core.config import SplitConfig
+from funkflow.pipeline.core.errors import DataError
+from funkflow.pipeline.core.rundir import built_in_place
 from funkflow.pipeline.data.dataset import Dataset, open_dataset
-from funkflow.pipeline.running.cluster import Executor
-from funkflow.pipeline.running.config import SplitConfig
-from funkflow.pipeline.running.errors import DataError
-from funkflow.pipeline.running.rundir import built_in_place
 from funkflow.tasks.artifacts import BLOCKS_JSON
 from funkflow.tasks.blocks import SPLIT_NAMES, TRAIN, SplitRule, split_part
 from funkflow.tasks.io import read_json, write_json

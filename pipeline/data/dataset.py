@@ -20,9 +20,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from funkflow.pipeline.running.cluster import Executor
-from funkflow.pipeline.running.errors import DataError
-from funkflow.pipeline.running.rundir import built_in_place
+from funkflow.pipeline.core.cluster import Executor
+from funkflow.pipeline.core.errors import DataError
+from funkflow.pipeline.core.rundir import built_in_place
 from funkflow.tasks.idmap import write_ids
 from funkflow.tasks.io import read_json, write_json
 from funkflow.tasks.synthetic import (

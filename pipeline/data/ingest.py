@@ -26,11 +26,11 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from funkflow.pipeline.core.cluster import Executor
+from funkflow.pipeline.core.errors import DataError
+from funkflow.pipeline.core.rundir import built_in_place
 from funkflow.pipeline.data.dataset import DATASET_JSON, Dataset, open_dataset
 from funkflow.pipeline.data.sources import ANY_RATING, IngestOptions, expand_sources, make_sources, movielens_scale
-from funkflow.pipeline.running.cluster import Executor
-from funkflow.pipeline.running.errors import DataError
-from funkflow.pipeline.running.rundir import built_in_place
 from funkflow.tasks.idmap import merge_ids, read_ids, sorted_ids, write_ids
 from funkflow.tasks.ingest import (
     LINE_BITS,

@@ -17,8 +17,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from funkflow.pipeline.running.config import FORMATS, DataConfig, IngestConfig
-from funkflow.pipeline.running.errors import DataError, UsageError
+from funkflow.pipeline.core.config import FORMATS, DataConfig, IngestConfig
+from funkflow.pipeline.core.errors import DataError, UsageError
 from funkflow.tasks import parse
 from funkflow.tasks.ingest import Chunk, Source, SourceError, chunk_pieces
 

@@ -1,1 +1,2 @@
-"""Using a model: the model directory, evaluation, predict, recommend, fold-in and the Python API."""
+"""Using a model: the model directory, evaluation, predict, recommend and fold-in. Imports the core, data and
+training floors."""

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.running.cluster import Executor
-from funkflow.pipeline.running.config import EvaluateConfig
+from funkflow.pipeline.core.cluster import Executor
+from funkflow.pipeline.core.config import EvaluateConfig
 from funkflow.pipeline.serving.model import verify_model
-from funkflow.pipeline.training.exchange import measure_share
+from funkflow.pipeline.training.exchange import DSGDExchange, measure_share
 from funkflow.pipeline.training.placement import BlockPlacement, row_sum
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.baselines import BASELINES, ITEM_DAMPING, baseline_errors, item_residual_sums
@@ -44,7 +44,7 @@ def measure(executor: Executor, placement: BlockPlacement, row_blocks: list[Any]
             plan: MeasurePlan) -> list[Measured]:
     """Run the measuring rotation ``plan`` of the model in ``model_dir``: one task per worker, on the workers
     that hold the row blocks; their results in worker order, so their rows come in row order."""
-    executor.install_exchange()
+    executor.register_worker_plugin(DSGDExchange())
     futures = [executor.submit(measure_share, plan, str(model_dir), index, executor.threads[address],
                                *[row_blocks[r] for r in plan.rows_of(index)], name="measure_share", worker=address)
                for index, address in enumerate(plan.workers)]

@@ -16,9 +16,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from funkflow.pipeline.core.errors import DataError, OutputError, UsageError
+from funkflow.pipeline.core.rundir import RunDir, locked
 from funkflow.pipeline.data.sources import IngestOptions, rating_file_format, read_rating_rows
-from funkflow.pipeline.running.errors import DataError, OutputError, UsageError
-from funkflow.pipeline.running.rundir import RunDir, locked
 from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, write_factors
 from funkflow.tasks.artifacts import MODEL_JSON
 from funkflow.tasks.foldin import fold_in

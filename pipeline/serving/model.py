@@ -15,9 +15,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from funkflow.pipeline.running.cluster import Executor
-from funkflow.pipeline.running.errors import DataError
-from funkflow.pipeline.running.rundir import built_in_place
+from funkflow.pipeline.core.cluster import Executor
+from funkflow.pipeline.core.errors import DataError
+from funkflow.pipeline.core.rundir import built_in_place
 from funkflow.tasks.artifacts import MODEL, MODEL_JSON, ArtifactError, FileEntry, verify, write_manifest
 from funkflow.tasks.checkpoint_io import BlockWriter, write_factor_state
 from funkflow.tasks.hashing import block_layout

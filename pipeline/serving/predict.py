@@ -18,9 +18,9 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from funkflow.pipeline.core.errors import DataError, UsageError
+from funkflow.pipeline.core.rundir import RunDir
 from funkflow.pipeline.data.sources import expand_sources, pair_source
-from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.running.rundir import RunDir
 from funkflow.pipeline.serving.model import read_id_maps, read_model, score_pairs
 from funkflow.tasks.idmap import in_id_type, index_of
 from funkflow.tasks.ingest import Chunk, SourceError, chunk_pieces

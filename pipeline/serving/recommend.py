@@ -22,11 +22,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from funkflow.pipeline.core.cluster import Executor, open_executor
+from funkflow.pipeline.core.config import ClusterConfig, load_config
+from funkflow.pipeline.core.errors import DataError, UsageError
+from funkflow.pipeline.core.rundir import RunDir
 from funkflow.pipeline.data.blocking import open_blocks
-from funkflow.pipeline.running.cluster import Executor, open_executor
-from funkflow.pipeline.running.config import ClusterConfig, load_config
-from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.running.rundir import RunDir
 from funkflow.pipeline.serving.evaluate import measure
 from funkflow.pipeline.serving.model import Factors, read_folded_ratings, read_id_maps, read_model, verify_model
 from funkflow.pipeline.training.placement import BlockPlacement

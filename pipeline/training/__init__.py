@@ -1,2 +1,2 @@
-"""Training: the DSGD driver, the worker-to-worker exchange of item blocks, block placement, checkpoints,
-tuning and cluster sizing."""
+"""Training: the DSGD driver, the worker-to-worker exchange of item blocks, block placement, checkpoints and
+cluster sizing. Imports only the core and data floors."""

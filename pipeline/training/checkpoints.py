@@ -22,9 +22,9 @@ from typing import Any
 
 import fsspec
 
-from funkflow.pipeline.running.config import differences
-from funkflow.pipeline.running.errors import ConfigError, OutputError
-from funkflow.pipeline.running.rundir import MARK
+from funkflow.pipeline.core.config import differences
+from funkflow.pipeline.core.errors import ConfigError, OutputError
+from funkflow.pipeline.core.rundir import MARK
 from funkflow.tasks.io import put_bytes
 
 log = logging.getLogger(__name__)

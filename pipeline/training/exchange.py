@@ -371,9 +371,3 @@ def _on(dask_worker: Any) -> DSGDExchange:
     return dask_worker.extensions.get(EXTENSION) or DSGDExchange()
 
 
-def install(client: Any) -> None:
-    """Register the extension on every worker of ``client``'s cluster, now and on workers that join later.
-
-    A second registration (another run on the same cluster) keeps the running extensions (``idempotent``).
-    """
-    client.register_plugin(DSGDExchange())

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from funkflow.pipeline.core.cluster import Executor
 from funkflow.pipeline.data.blocking import Blocks
-from funkflow.pipeline.running.cluster import Executor
 from funkflow.tasks.blocks import load_row_block
 from funkflow.tasks.epoch import owner_of
 from funkflow.tasks.hashing import SALT_COLUMNS, SALT_ROWS, block_layout

@@ -34,7 +34,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from funkflow.pipeline.running.errors import ConfigError
+from funkflow.pipeline.core.errors import ConfigError
 
 BYTES_PER_RATING = 12        # user int32, item int32, rating float32 in a loaded block
 LOAD_PEAK = 3.0              # Parquet read + sort temporaries while a row block loads
@@ -216,7 +216,7 @@ def calibrate(k: int, seconds: float = 2.0, threads: int | None = None) -> float
     (default: one per core, as on a busy worker host), visiting a block as training does by default."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from funkflow.pipeline.running.config import TrainConfig
+    from funkflow.pipeline.core.config import TrainConfig
     from funkflow.tasks import kernels
     from funkflow.tasks.blocks import BlockRatings
     from funkflow.tasks.idmap import sorted_distinct

@@ -32,11 +32,12 @@ from typing import Any
 
 import numpy as np
 
-from funkflow.pipeline.running.cluster import Executor
-from funkflow.pipeline.running.config import ModelConfig, TrainConfig
-from funkflow.pipeline.running.errors import ClusterError, TrainingDiverged, WorkersLost
+from funkflow.pipeline.core.cluster import Executor
+from funkflow.pipeline.core.config import ModelConfig, TrainConfig
+from funkflow.pipeline.core.errors import ClusterError, TrainingDiverged, WorkersLost
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore
 from funkflow.pipeline.training.exchange import (
+    DSGDExchange,
     abort_training,
     epoch_share,
     load_share,
@@ -156,7 +157,7 @@ class _Session:
 
     def __init__(self, executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model: ModelConfig,
                  cfg: TrainConfig, warm: WarmStart | None) -> None:
-        executor.install_exchange()
+        executor.register_worker_plugin(DSGDExchange())
         blocks = placement.blocks
         self.executor, self.placement, self.blocks, self.row_blocks = executor, placement, blocks, row_blocks
         self.cfg = cfg

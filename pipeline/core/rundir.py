@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from funkflow.pipeline.running.errors import ClusterError, DataError, OutputError
+from funkflow.pipeline.core.errors import ClusterError, DataError, OutputError
 from funkflow.tasks.artifacts import BLOCKS_JSON, MODEL_JSON
 from funkflow.tasks.io import read_json, write_json
 

@@ -18,8 +18,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.training.tune import RungResult, read_tune_log
+from funkflow.pipeline.app.tune import RungResult, read_tune_log
+from funkflow.pipeline.core.errors import DataError, UsageError
 from funkflow.tasks.io import write_bytes, write_text
 
 

@@ -23,6 +23,18 @@ from typing import Any
 
 import fsspec
 
+from funkflow.pipeline.core.cluster import IN_PROCESS, Executor, open_executor
+from funkflow.pipeline.core.config import Config, GenerateConfig, differences, dump_config, load_config
+from funkflow.pipeline.core.errors import (
+    EXIT_OK,
+    EXIT_SOFTWARE,
+    ConfigError,
+    FunkflowError,
+    UsageError,
+    outside_fault,
+)
+from funkflow.pipeline.core.logs import stage_context
+from funkflow.pipeline.core.rundir import RunDir, claim, package_version
 from funkflow.pipeline.data.blocking import Blocks, block_dataset, given_test_set, open_blocks
 from funkflow.pipeline.data.dataset import Dataset, generate_dataset, open_dataset
 from funkflow.pipeline.data.ingest import ingest
@@ -33,18 +45,6 @@ from funkflow.pipeline.data.sources import (
     rating_file_format,
     source_stamp,
 )
-from funkflow.pipeline.running.cluster import IN_PROCESS, Executor, open_executor
-from funkflow.pipeline.running.config import Config, GenerateConfig, differences, dump_config, load_config
-from funkflow.pipeline.running.errors import (
-    EXIT_OK,
-    EXIT_SOFTWARE,
-    ConfigError,
-    FunkflowError,
-    UsageError,
-    outside_fault,
-)
-from funkflow.pipeline.running.logs import stage_context
-from funkflow.pipeline.running.rundir import RunDir, claim, package_version
 from funkflow.pipeline.serving.evaluate import evaluate
 from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_model, write_model
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage

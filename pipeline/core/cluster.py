@@ -17,8 +17,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from funkflow.pipeline.running.config import ClusterConfig
-from funkflow.pipeline.running.errors import ClusterError, ConfigError, FunkflowError, WorkersLost
+from funkflow.pipeline.core.config import ClusterConfig
+from funkflow.pipeline.core.errors import ClusterError, ConfigError, FunkflowError, WorkersLost
 from funkflow.tasks.epoch import ShareAborted
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,9 @@ class Executor(Protocol):
 
     def refresh(self) -> None: ...
 
-    def install_exchange(self) -> None: ...
+    def register_worker_plugin(self, plugin: Any) -> None:
+        """Install ``plugin`` (a ``distributed.WorkerPlugin``) on every worker, now and on workers that join
+        later; in-process, tasks share this process and need none."""
 
     def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
         """Call ``report(done, total)`` as the tasks end."""
@@ -133,7 +135,7 @@ class InProcessExecutor:
     def refresh(self) -> None:
         pass
 
-    def install_exchange(self) -> None:
+    def register_worker_plugin(self, plugin: Any) -> None:
         pass
 
     def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
@@ -174,10 +176,10 @@ class DaskExecutor:
         load (650 of 2,000 calls at a 1 ms refresh) that all workers once seemed lost mid-epoch."""
         return dict(self.client.nthreads())
 
-    def install_exchange(self) -> None:
-        from funkflow.pipeline.training.exchange import install
-
-        install(self.client)
+    def register_worker_plugin(self, plugin: Any) -> None:
+        # A second registration of the same name (another run on this cluster) keeps the running ones, if the
+        # plugin says it is idempotent.
+        self.client.register_plugin(plugin)
 
     def run_everywhere(self, fn: Callable, *args: Any) -> None:
         """``fn(*args, dask_worker=...)`` on every worker now, outside the task graph; a worker that

@@ -17,7 +17,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from funkflow.pipeline.running.errors import ConfigError
+from funkflow.pipeline.core.errors import ConfigError
 
 # The layouts ingest reads, and what it does with a (user, item) pair rated twice.
 RawFormat = Literal["netflix", "movielens", "csv", "parquet"]

@@ -1,6 +1,6 @@
 """The ``funkflow`` command line (``python -m funkflow`` runs the same).
 
-Exit codes are sysexits (see :mod:`funkflow.pipeline.running.errors`) so that schedulers can act
+Exit codes are sysexits (see :mod:`funkflow.pipeline.core.errors`) so that schedulers can act
 on them: 0 done, 2 usage, 65 bad data, 70 diverged, 75 cluster trouble, 78 bad config.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from funkflow.pipeline.running.config import (
+from funkflow.pipeline.core.config import (
     DUPLICATE_POLICIES,
     FORMATS,
     Config,
@@ -23,7 +23,7 @@ from funkflow.pipeline.running.config import (
     load_config,
     shipped_configs,
 )
-from funkflow.pipeline.running.errors import (
+from funkflow.pipeline.core.errors import (
     EXIT_DATAERR,
     EXIT_OK,
     EXIT_SOFTWARE,
@@ -32,15 +32,15 @@ from funkflow.pipeline.running.errors import (
     UsageError,
     outside_fault,
 )
-from funkflow.pipeline.running.logs import configure, say
-from funkflow.pipeline.running.rundir import new_output, package_version
+from funkflow.pipeline.core.logs import configure, say
+from funkflow.pipeline.core.rundir import new_output, package_version
 from funkflow.pipeline.training.plan import BANDWIDTH, HOP_SECONDS, Plan, auto_d, calibrate
 from funkflow.tasks.artifacts import ArtifactError
 
 # A verb imports what it runs when it runs (Dask, numba, the stages): `funkflow --help` and the light
 # verbs need not wait for the heavy ones' imports.
 
-log = logging.getLogger("funkflow.pipeline.running.cli")
+log = logging.getLogger("funkflow.pipeline.app.cli")
 
 STAGE_VERBS = {
     "run": ("evaluate", "run the whole chain: data, block, train, evaluate"),
@@ -250,7 +250,7 @@ def _print_summary(summary: dict, run_dir: str) -> None:
 
 
 def _tune(config: Config, args: argparse.Namespace) -> None:
-    from funkflow.pipeline.training.tune import tune
+    from funkflow.pipeline.app.tune import tune
 
     given = {"tune.trials": args.trials, "tune.time_budget": args.time_budget}
     config = config.with_values({key: value for key, value in given.items() if value is not None})
@@ -264,9 +264,9 @@ def _tune(config: Config, args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.app.stages import synthetic_spec
+    from funkflow.pipeline.core.cluster import open_executor
     from funkflow.pipeline.data.dataset import generate_dataset
-    from funkflow.pipeline.running.cluster import open_executor
-    from funkflow.pipeline.running.stages import synthetic_spec
 
     # Netflix's shape at --scale: the demo's denser overrides in the default config do not apply.
     try:
@@ -290,9 +290,9 @@ def _rating_scale(text: str | None) -> tuple[float, float] | None:
 
 
 def _ingest(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.core.cluster import open_executor
     from funkflow.pipeline.data.ingest import ingest
     from funkflow.pipeline.data.sources import IngestOptions, estimated_ratings
-    from funkflow.pipeline.running.cluster import open_executor
 
     options = IngestOptions(format=args.format, rating_scale=_rating_scale(args.rating_scale),
                             user_col=args.user_col, item_col=args.item_col, rating_col=args.rating_col,
@@ -333,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 say(f"{label:<40} {value}")
             return EXIT_OK
         if args.verb == "report":
-            from funkflow.pipeline.running.report import report as write_report
+            from funkflow.pipeline.app.report import report as write_report
 
             png, page = write_report(args.run_dir, args.out)
             say(f"{png}\n{page}")
@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "tune":
             _tune(config, args)
             return EXIT_OK
-        from funkflow.pipeline.running.stages import run_pipeline
+        from funkflow.pipeline.app.stages import run_pipeline
 
         last = STAGE_VERBS[args.verb][0]
         summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report,

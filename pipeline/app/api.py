@@ -25,15 +25,15 @@ import fsspec
 import numpy as np
 import pyarrow as pa
 
+from funkflow.pipeline.core.config import load_config
+from funkflow.pipeline.core.errors import DataError, UsageError
+from funkflow.pipeline.core.rundir import RunDir, built_in_place, claim
 from funkflow.pipeline.data.sources import (
     IngestOptions,
     columns_by_name,
     given_options,
     rating_file_format,
 )
-from funkflow.pipeline.running.config import load_config
-from funkflow.pipeline.running.errors import DataError, UsageError
-from funkflow.pipeline.running.rundir import RunDir, built_in_place, claim
 from funkflow.pipeline.serving.model import (
     Factors,
     read_folded_ratings,
@@ -131,8 +131,8 @@ class FunkSVD:
         is ingested with the ``data.ingest`` options (its rating scale inferred from the data unless
         ``options={"data.ingest.rating_scale": [1, 5]}``); a table's scale is taken from its smallest and
         largest rating."""
-        from funkflow.pipeline.running.cluster import DaskExecutor
-        from funkflow.pipeline.running.stages import run_pipeline
+        from funkflow.pipeline.app.stages import run_pipeline
+        from funkflow.pipeline.core.cluster import DaskExecutor
 
         if self.run_dir is None:
             self.run_dir = _scratch_dir(self, "funkflow-")
@@ -179,7 +179,7 @@ class FunkSVD:
         ``exclude_seen`` leaves out what each user rated: in training, read from the run's blocks on the
         workers' code path (:mod:`funkflow.tasks.recommend`), or in :meth:`fold_in`, kept with the model.
         """
-        from funkflow.pipeline.running.cluster import InProcessExecutor
+        from funkflow.pipeline.core.cluster import InProcessExecutor
         from funkflow.pipeline.serving.recommend import recommendation_lists, recommendation_table
         from funkflow.tasks.recommend import recommend_users
 

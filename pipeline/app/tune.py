@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
+from funkflow.pipeline.app.stages import run_pipeline
+from funkflow.pipeline.core.cluster import Executor, InProcessExecutor, open_executor
+from funkflow.pipeline.core.config import TUNABLE, Config, differences, dump_config
+from funkflow.pipeline.core.errors import ConfigError
+from funkflow.pipeline.core.rundir import RunDir, claim, remove_owned
 from funkflow.pipeline.data.dataset import open_dataset
-from funkflow.pipeline.running.cluster import Executor, InProcessExecutor, open_executor
-from funkflow.pipeline.running.config import TUNABLE, Config, differences, dump_config
-from funkflow.pipeline.running.errors import ConfigError
-from funkflow.pipeline.running.rundir import RunDir, claim, remove_owned
-from funkflow.pipeline.running.stages import run_pipeline
 from funkflow.tasks.io import read_json, write_text
 
 log = logging.getLogger(__name__)

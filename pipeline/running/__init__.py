@@ -1,1 +1,0 @@
-"""Running funkflow: the CLI, config, the stages of a run, its directory, clusters, logs and exit codes."""
