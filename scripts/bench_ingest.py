@@ -11,7 +11,7 @@ sampled for peak RSS), and beside it the bare reference in this process: for Par
 long on large integer arrays); for the text, ``pyarrow.csv.read_csv`` of the rating lines (the header lines
 skipped) and the distinct users.
 
-    python scripts/bench_ingest.py [--scale 1] [--cache /tmp/funkflow-bench]
+    python scripts/bench_ingest.py [--scale 1] [--cache /tmp/funkflow-bench] [--only "Netflix Prize text"]
 """
 
 from __future__ import annotations
@@ -104,10 +104,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/funkflow-bench"))
+    parser.add_argument("--only", metavar="EXPORT", help="one of the exports, by the start of its label")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dataset = dataset_at(args.scale, args.cache)
     exports = _exports(dataset.root, args.cache, f"scale-{args.scale:g}")
+    if args.only:
+        exports = {label: source for label, source in exports.items() if label.startswith(args.only)}
     print(f"scale {args.scale:g}: {dataset.n_ratings:,} ratings; one run", flush=True)
     print("| export | funkflow ingest s | peak RSS | bare read + sort-unique s | ingest / bare |")
     print("| --- | ---: | ---: | ---: | ---: |")

@@ -192,6 +192,38 @@ def test_a_full_disk_exits_74_in_one_line_and_leaves_the_model_and_its_metrics(t
     assert not [p for p in run_dir.rglob("*") if ".tmp-" in p.name]  # no file half-written, under any name
 
 
+@pytest.mark.parametrize("verb", ["ingest", "export"])
+def test_a_full_disk_in_ingest_or_export_exits_74_in_one_line_leaving_nothing_half_made(tmp_path, capsys,
+                                                                                        monkeypatch, verb):
+    import pyarrow.parquet as pq
+
+    run_dir, out = tmp_path / "run", tmp_path / "data"
+    if verb == "export":
+        assert main(["run", "--run-dir", str(run_dir), *_sets()]) == 0
+    write = pq.write_table
+    full_at = ".export.tmp-" if verb == "export" else ".data.tmp-"
+
+    def full_disk(table, where, *args, **kwargs):  # the disk fills up where ``full_at`` is written
+        if full_at in str(where):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return write(table, where, *args, **kwargs)
+
+    monkeypatch.setattr(pq, "write_table", full_disk)
+    capsys.readouterr()
+    args = (["export", "--run-dir", str(run_dir)] if verb == "export" else
+            ["ingest", str(_ratings_csv(tmp_path / "r.csv", 1000)), "--format", "csv", "--out", str(out),
+             "--scheduler", "inprocess"])
+    assert main(args) == 74
+    line = _one_error_line(capsys.readouterr().err)
+    assert "No space left on device" in line and full_at in line
+    assert not [p for p in tmp_path.rglob("*") if ".tmp-" in p.name]
+    if verb == "export":
+        assert not (run_dir / "export").exists()
+        assert read_json(run_dir / "run.json")["exit_code"] == 74
+    else:
+        assert not out.exists()
+
+
 def test_a_d_with_more_blocks_than_ratings_is_refused_before_any_work(tmp_path, capsys):
     """train.d=3000 for 500 ratings hung after the block stage at 5.7 GB."""
     run_dir = tmp_path / "run"
