@@ -169,7 +169,8 @@ def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, ca
 
 
 @pytest.mark.slow
-def test_nightly_script_trains_day_one_cold_and_day_two_warm(tmp_path):
+def test_the_nightly_verb_trains_day_one_cold_and_day_two_warm_and_moves_latest(tmp_path):
+    """The nightly retrain is an installed command (it had been a script in the repository only)."""
     import json
 
     from funkflow.tasks.synthetic import write_daily_csvs
@@ -177,26 +178,29 @@ def test_nightly_script_trains_day_one_cold_and_day_two_warm(tmp_path):
     day1, day2 = write_daily_csvs(tmp_path)
     config = tmp_path / "nightly.yaml"
     config.write_text("model: {k: 8}\ntrain: {epochs: 10, d: 3}\ncluster: {scheduler: inprocess}\n")
-    script = Path(__file__).parents[1] / "scripts" / "nightly.sh"
-    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST")},
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "FORMAT": "movielens", "RUNS": str(tmp_path / "runs")}
+    runs = tmp_path / "runs"
 
     def night(date: str, export: Path) -> subprocess.CompletedProcess:
-        return subprocess.run(["bash", str(script), str(config)], cwd=tmp_path, capture_output=True, text=True,
-                              env={**env, "RUN_DATE": date, "EXPORT": str(export)}, timeout=300)
+        return subprocess.run([sys.executable, "-m", "funkflow", "--log-format", "json", "nightly", str(config),
+                               "--export", str(export), "--format", "movielens", "--runs", str(runs),
+                               "--date", date], cwd=tmp_path, capture_output=True, text=True, env=cli_env(),
+                              timeout=300)
 
     first = night("2026-01-01", day1)
     assert first.returncode == 0, first.stderr
+    assert os.readlink(runs / "latest") == "2026-01-01"
     second = night("2026-01-02", day2)
     assert second.returncode == 0, second.stderr
-    messages = [json.loads(line)["message"] for line in second.stderr.splitlines() if line.startswith("{")]
+    messages = [json.loads(line)["message"] for line in second.stderr.splitlines()]
     assert any(m.startswith("warm start:") and "2026-01-01" in m for m in messages)
-    runs = tmp_path / "runs"
     assert os.readlink(runs / "latest") == "2026-01-02"
     assert len((runs / "2026-01-02" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert all(json.loads(line)["level"] == "result" for line in second.stdout.splitlines())
     again = night("2026-01-02", day2)
     assert again.returncode == 0 and "train: up to date" in again.stderr
+    (runs / "latest").unlink()
+    (runs / "latest").mkdir()  # someone else's: never replaced
+    assert night("2026-01-03", day2).returncode == 73
 
 
 @pytest.mark.cluster

@@ -102,6 +102,24 @@ def build_parser() -> argparse.ArgumentParser:
                                                               "config's own values)")
     tune.add_argument("--time-budget", type=float, metavar="SECONDS",
                       help="stop starting trials after this long and keep the best so far (tune.time_budget)")
+    night = add_verb(
+        "nightly", help="the nightly retrain: ingest the day's export, train warm from the last run, move latest",
+        description="Ingest --export into RUNS/DATE, train there warm from the newest earlier run whose model "
+                    "exists (for --warm-epochs), evaluate, then point the symlink RUNS/latest at it. Safe to "
+                    "re-run: every stage is skipped when up to date, and a second copy exits 75.")
+    night.add_argument("config", type=Path, help="YAML config, or the name of a shipped one")
+    night.add_argument("--export", required=True, metavar="SRC", help="the day's ratings: a file, directory or URL")
+    night.add_argument("--format", choices=FORMATS, default="parquet", help="the export's format (default: parquet)")
+    night.add_argument("--runs", type=Path, default=Path("runs/nightly"), metavar="DIR",
+                       help="where the dated run directories and latest go (default: runs/nightly)")
+    night.add_argument("--warm-epochs", type=int, default=3, metavar="N",
+                       help="epochs of a warm start from the previous run (default: 3)")
+    night.add_argument("--date", metavar="YYYY-MM-DD", help="the run's date (default: today, UTC)")
+    night.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key (repeatable)")
+    night.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, local or inprocess; "
+                       "default: by size, as for run")
+    night.add_argument("--scheduler-file", metavar="FILE", help="JSON file with the scheduler address")
     add_verb("configs", help="list the configs shipped with funkflow, to run by name",
                      description="List the shipped configs: `funkflow run NAME` runs one.")
 
@@ -359,6 +377,14 @@ def main(argv: list[str] | None = None) -> int:
             predicted = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
             say(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
                   f"users, {predicted.unknown_items:,} unknown items)")
+            return EXIT_OK
+        if args.verb == "nightly":
+            from funkflow.pipeline.app.nightly import nightly
+
+            config = load_config(args.config, args.overrides).with_values(_command_line_values(args))
+            summary = nightly(config, args.export, args.format, args.runs, args.warm_epochs, args.date)
+            if summary is not None:
+                _print_summary(summary, str(args.runs / "latest"))
             return EXIT_OK
         config = load_config(_config_of(args), args.overrides).with_values(_command_line_values(args))
         if args.verb == "tune":
