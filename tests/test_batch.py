@@ -169,7 +169,7 @@ def test_warm_start_of_three_epochs_matches_a_cold_start_on_day_two(tmp_path, ca
 
 
 @pytest.mark.slow
-def test_the_nightly_verb_trains_day_one_cold_and_day_two_warm_and_moves_latest(tmp_path):
+def test_the_nightly_verb_trains_day_one_cold_and_day_two_warm_and_moves_latest(tmp_path, capsys):
     """The nightly retrain is an installed command (it had been a script in the repository only)."""
     import json
 
@@ -180,27 +180,27 @@ def test_the_nightly_verb_trains_day_one_cold_and_day_two_warm_and_moves_latest(
     config.write_text("model: {k: 8}\ntrain: {epochs: 10, d: 3}\ncluster: {scheduler: inprocess}\n")
     runs = tmp_path / "runs"
 
-    def night(date: str, export: Path) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "funkflow", "--log-format", "json", "nightly", str(config),
-                               "--export", str(export), "--format", "movielens", "--runs", str(runs),
-                               "--date", date], cwd=tmp_path, capture_output=True, text=True, env=cli_env(),
-                              timeout=300)
+    def night(date: str, export: Path) -> tuple[int, str, str]:
+        code = main(["--log-format", "json", "nightly", str(config), "--export", str(export), "--format",
+                     "movielens", "--runs", str(runs), "--date", date])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
 
-    first = night("2026-01-01", day1)
-    assert first.returncode == 0, first.stderr
+    assert night("2026-01-01", day1)[0] == 0
     assert os.readlink(runs / "latest") == "2026-01-01"
-    second = night("2026-01-02", day2)
-    assert second.returncode == 0, second.stderr
-    messages = [json.loads(line)["message"] for line in second.stderr.splitlines()]
+    code, out, err = night("2026-01-02", day2)
+    assert code == 0, err
+    messages = [json.loads(line)["message"] for line in err.splitlines()]
     assert any(m.startswith("warm start:") and "2026-01-01" in m for m in messages)
     assert os.readlink(runs / "latest") == "2026-01-02"
     assert len((runs / "2026-01-02" / "metrics.jsonl").read_text().splitlines()) == 3
-    assert all(json.loads(line)["level"] == "result" for line in second.stdout.splitlines())
-    again = night("2026-01-02", day2)
-    assert again.returncode == 0 and "train: up to date" in again.stderr
+    assert all(json.loads(line)["level"] == "result" for line in out.splitlines())
+    code, _, err = night("2026-01-02", day2)
+    assert code == 0 and "train: up to date" in err
     (runs / "latest").unlink()
     (runs / "latest").mkdir()  # someone else's: never replaced
-    assert night("2026-01-03", day2).returncode == 73
+    assert night("2026-01-03", day2)[0] == 73
+    assert not (runs / "2026-01-03").exists()
 
 
 @pytest.mark.cluster

@@ -395,7 +395,7 @@ TINY_SETS = ["data.generate.n_users=300", "data.generate.n_items=120", "data.gen
              "data.generate.max_user_fraction=0.5", "model.k=8", "train.epochs=2", "train.d=2"]
 
 
-def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path):
+def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path, capsys):
     from distributed.security import Security
 
     certs = _certificates(tmp_path)
@@ -417,11 +417,13 @@ def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path):
         assert "test RMSE" in secured.stdout
         secure = [a for key, name in (("ca_file", "ca"), ("cert", "cert"), ("key", "key"))
                   for a in ("--set", f"cluster.tls.{key}={certs[name]}")]
-        plain = subprocess.run([*base, "--scheduler", address.replace("tls://", "tcp://"), "--run-dir",
-                                str(tmp_path / "plain"), *secure], cwd=tmp_path, capture_output=True, text=True,
-                               timeout=240)
-        assert plain.returncode == 78 and "Traceback" not in plain.stderr
-        assert "cluster.tls is set but the scheduler address tcp://127.0.0.1:" in plain.stderr
+    from funkflow.pipeline.app.cli import main
+
+    code = main(["run", *(a for s in TINY_SETS for a in ("--set", s)), "--scheduler",
+                 address.replace("tls://", "tcp://"), "--run-dir", str(tmp_path / "plain"), *secure])
+    err = capsys.readouterr().err
+    assert code == 78 and "Traceback" not in err  # refused before it connects: the cluster is gone by now
+    assert "cluster.tls is set but the scheduler address tcp://127.0.0.1:" in err
 
 
 def test_a_scheduler_lost_mid_run_exits_75_in_one_line_and_is_recorded(tmp_path):
