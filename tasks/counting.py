@@ -10,19 +10,24 @@ from __future__ import annotations
 import numba
 import numpy as np
 
+from funkflow.tasks.hashing import MIX_M1, MIX_M2
+
+
+@numba.jit(nopython=True, nogil=True, cache=True)
+def mix64_one(x: np.uint64) -> np.uint64:
+    """:func:`funkflow.tasks.hashing.mix64` of one value, for compiled loops."""
+    x = (x ^ (x >> np.uint64(30))) * MIX_M1
+    x = (x ^ (x >> np.uint64(27))) * MIX_M2
+    return x ^ (x >> np.uint64(31))
+
 
 @numba.jit(nopython=True, nogil=True, cache=True)
 def hashed_keys(n: int, key: np.uint64, n_keys: int) -> np.ndarray:
-    """``mix64(i ^ key) % n_keys`` for ``i`` in ``0..n-1``, int32, as :func:`funkflow.tasks.hashing.mix64`
-    computes it, in one pass: for 2M items numpy's temporaries had taken 64 MB on every worker."""
+    """``mix64(i ^ key) % n_keys`` for ``i`` in ``0..n-1``, int32, in one pass: for 2M items numpy's
+    temporaries had taken 64 MB on every worker."""
     out = np.empty(n, dtype=np.int32)
-    m1, m2 = np.uint64(0xBF58476D1CE4E5B9), np.uint64(0x94D049BB133111EB)
     for i in range(n):
-        x = np.uint64(i) ^ key
-        x = (x ^ (x >> np.uint64(30))) * m1
-        x = (x ^ (x >> np.uint64(27))) * m2
-        x = x ^ (x >> np.uint64(31))
-        out[i] = np.int32(x % np.uint64(n_keys))
+        out[i] = np.int32(mix64_one(np.uint64(i) ^ key) % np.uint64(n_keys))
     return out
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import numpy as np
 
-_M1 = np.uint64(0xBF58476D1CE4E5B9)
-_M2 = np.uint64(0x94D049BB133111EB)
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+MIX_M1 = np.uint64(0xBF58476D1CE4E5B9)  # SplitMix64's multipliers (compiled: funkflow.tasks.counting.mix64_one)
+MIX_M2 = np.uint64(0x94D049BB133111EB)
+GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 # Distinct salts so the split hash and the row / column block hashes of one
 # seed are independent of each other.
@@ -26,14 +26,14 @@ def mix64(x: Any) -> Any:
     """SplitMix64 finaliser, elementwise over uint64 (wrapping arithmetic)."""
     x = np.asarray(x, dtype=np.uint64)
     with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * _M1
-        x = (x ^ (x >> np.uint64(27))) * _M2
+        x = (x ^ (x >> np.uint64(30))) * MIX_M1
+        x = (x ^ (x >> np.uint64(27))) * MIX_M2
     return x ^ (x >> np.uint64(31))
 
 
 def _seed_key(seed: int, salt: int) -> Any:
     with np.errstate(over="ignore"):
-        return mix64(np.uint64(seed) * _GOLDEN + np.uint64(salt))[()]
+        return mix64(np.uint64(seed) * GOLDEN + np.uint64(salt))[()]
 
 
 def pair_uniform(users: np.ndarray, items: np.ndarray, seed: int) -> np.ndarray:

@@ -51,6 +51,9 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
+from funkflow.tasks.counting import mix64_one
+from funkflow.tasks.hashing import GOLDEN
+
 # 'reassoc' lets LLVM vectorise the dot product; 'contract' allows FMA. Both are
 # deterministic for a given machine, which is what the bit-identity guarantees
 # need. No 'nnan'/'ninf': divergence must stay visible as NaN/inf.
@@ -96,9 +99,6 @@ def _prefetch_rows(P: np.ndarray, Q: np.ndarray, u: int, i: int) -> None:
         _prefetch(Q, i, f)
 
 
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @numba.jit(**_JIT)
@@ -107,12 +107,8 @@ def shuffled_runs(n_runs: int, seed: np.uint64) -> np.ndarray:
     order = np.arange(n_runs, dtype=np.int64)
     state = np.uint64(seed)
     for i in range(n_runs - 1, 0, -1):
-        state += _GOLDEN
-        z = state
-        z = (z ^ (z >> np.uint64(30))) * _MIX1
-        z = (z ^ (z >> np.uint64(27))) * _MIX2
-        z ^= z >> np.uint64(31)
-        j = np.int64(z % np.uint64(i + 1))
+        state += GOLDEN
+        j = np.int64(mix64_one(state) % np.uint64(i + 1))
         order[i], order[j] = order[j], order[i]
     return order
 

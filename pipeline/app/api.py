@@ -88,11 +88,11 @@ class FunkSVD:
 
     # -- fitting ---------------------------------------------------------------------------------------------
 
-    def _data_values(self, data: Any, run_dir: Path, columns: dict[str, str | None]) -> dict[str, Any]:
+    def _data_values(self, data: Any, run_dir: Path, columns: dict[str, str | None], client: Any) -> dict[str, Any]:
         """The ``data`` config values that read ``data``: a path as the CLI's ingest reads it; a table or a
         dask DataFrame is written to the run directory first (a dask DataFrame by its partitions, where they
         are, never collected here). Columns are mapped by name as a CSV header is, unless ``columns`` says."""
-        given = {f"data.ingest.{role}_col": name for role, name in columns.items() if name is not None}
+        given = {f"data.ingest.{key}": name for key, name in given_options(columns).items()}
         if isinstance(data, str | Path) or hasattr(data, "root"):
             source = str(getattr(data, "root", data))
             fs, path = fsspec.core.url_to_fs(source)
@@ -102,7 +102,8 @@ class FunkSVD:
         claim(run_dir)  # the run directory must be funkflow's before anything is written into it
         if _is_dask_dataframe(data):
             with built_in_place(run_dir / "input") as parts:
-                data.to_parquet(str(parts), write_index=False, compute=False).compute()
+                writes = data.to_parquet(str(parts), write_index=False, compute=False)
+                client.compute(writes).result() if client is not None else writes.compute()
             return {"data.source": str(run_dir / "input"), "data.format": "parquet", **given}
         if not isinstance(data, pa.Table) and hasattr(data, "to_arrow"):  # polars
             data = data.to_arrow()
@@ -138,7 +139,7 @@ class FunkSVD:
             self.run_dir = _scratch_dir(self, "funkflow-")
         columns = {"user": user_col, "item": item_col, "rating": rating_col, "time": time_col}
         config = load_config(None).with_values({
-            **self._data_values(data, self.run_dir, columns), "data.generate": None,
+            **self._data_values(data, self.run_dir, columns, client), "data.generate": None,
             "output.run_dir": str(self.run_dir), **self.params, **self.options})
         executor = DaskExecutor(client) if client is not None else None
         # fit() trains anew by definition, as in scikit-learn: a model already in run_dir is replaced.

@@ -20,14 +20,15 @@ from typing import Any
 
 from funkflow.pipeline.app.tune import RungResult, read_tune_log
 from funkflow.pipeline.core.errors import DataError, UsageError
+from funkflow.pipeline.core.rundir import RunDir
 from funkflow.tasks.io import write_bytes, write_text
 
 
 def _rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
+    run = RunDir(run_dir)
+    if not run.metrics.is_file():
         raise DataError(f"{run_dir}: no metrics.jsonl; train first")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return run.metrics_rows()
 
 
 def _pyplot():

@@ -279,29 +279,25 @@ class Pipeline:
                         "best_epoch": result.best_epoch, "dataset_fingerprint": dataset.fingerprint,
                         "rating_scale": dataset.meta.get("rating_scale"), "config": self.config.to_dict()}
                 write_model(self.run.model, info, *read_id_maps(dataset.root), write_blocks, (blocks.d, blocks.seed))
+                saved.append(True)
 
-            with self._metrics_of_the_model():
+            # metrics.jsonl grows an epoch at a time; if training fails with the previous model still in place
+            # (a full disk at its write, a lost cluster), its rows are put back, so that the file describes the
+            # model there. Without a model, the failed run's rows stay to read.
+            saved: list[bool] = []
+            previous = (self.run.metrics.read_text(encoding="utf-8")
+                        if self.run.metrics.is_file() and self.run.model_json.is_file() else None)
+            try:
                 result = train(self.executor, placement, self.row_blocks(placement), self.config.model,
                                self.config.train, save, progress, store, checkpoint, warm)
+            except BaseException:
+                if previous is not None and not saved:
+                    restore_text(previous, self.run.metrics)
+                raise
             return {"epochs": len(result.history), "best_epoch": result.best_epoch}
 
         self._stage("train", fingerprint, work, self.run.model_json)
         return fingerprint
-
-    @contextlib.contextmanager
-    def _metrics_of_the_model(self) -> Iterator[None]:
-        """``metrics.jsonl`` grows an epoch at a time while training runs; if training fails with the previous
-        model still in place (a full disk at its write, a lost cluster), the previous rows are put back, so
-        that the file describes the model there. Without a model, the rows of the failed run stay to read."""
-        path = self.run.metrics
-        previous = path.read_text(encoding="utf-8") if path.is_file() and self.run.model_json.is_file() else None
-        model_before = self.run.model_json.stat().st_mtime_ns if previous is not None else None
-        try:
-            yield
-        except BaseException:
-            if previous is not None and self.run.model_json.stat().st_mtime_ns == model_before:
-                restore_text(previous, path)
-            raise
 
     def evaluate(self, dataset: Dataset, blocks: Blocks, placement: BlockPlacement, upstream: str) -> dict[str, Any]:
         def work() -> dict[str, Any]:
@@ -454,7 +450,7 @@ def _refit(config: Config, last: str, resume: bool, force: bool, report: Path | 
     run_pipeline(selection, last="train", resume=resume, force=force, callbacks=callbacks, executor=executor,
                  retrain=True)
     best_epoch = read_json(selected.stage_record("train"))["best_epoch"]
-    steps = [row["lr"] for row in map(json.loads, selected.metrics.read_text(encoding="utf-8").splitlines())]
+    steps = [row["lr"] for row in selected.metrics_rows()]
     canonical = config.data.generate is None and config.data.format == "canonical"
     dataset = config.data.dataset_dir() if canonical else str(selected.data.resolve())
     final = config.with_values({**config.refit_values(steps[:best_epoch]), "data.source": dataset,

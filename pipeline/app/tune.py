@@ -149,7 +149,7 @@ def train_trial(config_data: dict[str, Any], executor: Executor | None = None) -
         remove_owned(run_dir)
     with _quiet():
         run_pipeline(config, last="train", executor=executor or InProcessExecutor(1), retrain=True)
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    rows = RunDir(run_dir).metrics_rows()
     best_epoch = read_json(RunDir(run_dir).stage_record("train"))["best_epoch"]
     remove_owned(RunDir(run_dir).blocks)
     return TrialCurve([row["val_rmse"] for row in rows], best_epoch, time.perf_counter() - began,

@@ -78,11 +78,9 @@ def say(text: str, error: bool = False) -> None:
     if not _json_lines:
         print(text, file=stream)
         return
-    now = time.time()
     for line in text.splitlines():
-        print(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now)) + f".{int(now % 1 * 1000):03d}Z",
-                          "level": "error" if error else "result", "logger": "funkflow", "stage": None,
-                          "message": line}), file=stream)
+        record = logging.makeLogRecord({"name": "funkflow", "msg": line, "levelname": "ERROR" if error else "RESULT"})
+        print(JsonFormatter().format(record), file=stream)
 
 
 def configure(log_format: str, quiet: bool) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import shutil
 import socket
@@ -214,6 +215,10 @@ class RunDir:
     @property
     def metrics(self) -> Path:
         return self.root / "metrics.jsonl"
+
+    def metrics_rows(self) -> list[dict[str, Any]]:
+        """The rows of ``metrics.jsonl``, one an epoch."""
+        return [json.loads(line) for line in self.metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
 
     @property
     def summary(self) -> Path:

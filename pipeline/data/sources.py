@@ -61,12 +61,15 @@ def movielens_scale(sources: list[Source]) -> tuple[float, float] | None:
     return scales.pop() if len(scales) == 1 else None
 
 
+PARQUET_MAGIC = b"PAR1"  # the first (and last) bytes of every Parquet file
+
+
 def rating_file_format(source: str) -> str:
     """The format of a rating file or directory named without one, by content as ingest reads it: Parquet
     when its (first) file begins with Parquet's magic bytes, else delimited text."""
     urls = expand_sources([source])
     with fsspec.open(urls[0], "rb") as f:
-        return "parquet" if f.read(4) == b"PAR1" else "csv"
+        return "parquet" if f.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC else "csv"
 
 
 def ingest_options(data: DataConfig) -> IngestOptions:
@@ -121,7 +124,7 @@ def first_line(url: str) -> str:
             line = f.readline(1 << 16)
     except (OSError, EOFError) as exc:
         raise DataError(f"{url}: unreadable: {exc}") from None
-    if line.startswith(b"PAR1"):
+    if line.startswith(PARQUET_MAGIC):
         raise DataError(f"{url}: a Parquet file, not text: --format parquet reads it (a directory is read as "
                         "one format, so keep Parquet and text files apart)")
     if b"\0" in line:
@@ -167,6 +170,11 @@ def _normalized(name: str) -> str:
     return re.sub(r"[^a-z0-9]", "", name.lower())
 
 
+def _named(fields: list[str], role: str) -> list[int]:
+    """The positions of the fields whose names name ``role`` (``HEADER_NAMES``)."""
+    return [j for j, field in enumerate(fields) if _normalized(field) in HEADER_NAMES[role]]
+
+
 def given_options(columns: dict[str, str | None]) -> dict[str, str]:
     """Role → column name as ``IngestOptions`` keys (``user_col``, ...), for the roles given."""
     return {f"{role}_col": name for role, name in columns.items() if name is not None}
@@ -180,11 +188,11 @@ def columns_by_name(fields: list[str], options: IngestOptions, url: str, what: s
     given = {"user": options.user_col, "item": options.item_col, "rating": options.rating_col,
              "time": options.time_col}
     columns: dict[str, int | None] = {}
-    for role, names in HEADER_NAMES.items():
+    for role in HEADER_NAMES:
         if given[role] is not None:
             columns[role] = _column_index(given[role], None, fields, role, url)
             continue
-        found = [j for j, field in enumerate(fields) if _normalized(field) in names]
+        found = _named(fields, role)
         if len(found) > 1:
             raise DataError(f"{url}: {what} ({', '.join(fields)}) names more than one {role} column "
                             f"({', '.join(fields[j] for j in found)}); say which with {flag.format(role=role)}")
@@ -272,34 +280,32 @@ def make_sources(urls: list[str], options: IngestOptions, pairs: bool = False) -
 def pair_source(url: str, user_col: str | None, item_col: str | None) -> Source:
     """A file of (user, item) pairs to score: Parquet, delimited text (a header is recognised by its column
     names, as for ratings) or the Netflix probe / qualifying layout (``MovieID:`` then ``CustomerID[,Date]``)."""
+    given = {"user": user_col, "item": item_col}
     if url.endswith(".parquet"):
         names = _parquet_columns(url)
-        by_name: dict[str, str | None] = {}
-        for role, spec in (("user", user_col), ("item", item_col)):
-            if spec is None:  # by name, as for ratings
-                found = [name for name in names if _normalized(name) in HEADER_NAMES[role]]
-                spec = found[0] if len(found) == 1 else role
-            by_name[role] = names[int(spec)] if re.fullmatch(r"[0-9]+", spec) and int(spec) < len(names) else spec
-        return Source(0, url, None, by_name)
+        return Source(0, url, None, {role: names[_pair_column(spec, default, names, role, url, header=True)]
+                                     for (role, spec), default in zip(given.items(), (0, 1))})
     first = first_line(url)
     if re.fullmatch(r"\s*[0-9]+:\s*", first):
         return Source(0, url, parse.Layout("netflix_pairs", int_ids=True))
     delimiter = next((d for d in DELIMITERS if d in first), ",")
     fields = [f.strip().strip('"') for f in first.split(delimiter)]
-    named = any(c is not None and not re.fullmatch(r"[0-9]+", c) for c in (user_col, item_col))
-    header = named or any(_normalized(f) in HEADER_NAMES["user"] | HEADER_NAMES["item"] for f in fields)
+    named = any(c is not None and not re.fullmatch(r"[0-9]+", c) for c in given.values())
+    header = named or bool(_named(fields, "user") or _named(fields, "item"))
+    columns: dict[str, int | None] = {role: _pair_column(spec, default, fields, role, url, header)
+                                      for (role, spec), default in zip(given.items(), (0, 1))}
+    return Source(0, url, parse.Layout("delimited", delimiter, len(fields), columns | {"rating": None, "time": None},
+                                       header=header))
 
-    def column(spec: str | None, default: int, role: str) -> int:
-        if spec is None and header:
-            found = [j for j, field in enumerate(fields) if _normalized(field) in HEADER_NAMES[role]]
-            return found[0] if found else default
-        index = _column_index(spec, default, fields, role, url)
-        assert index is not None, "a default is given"
-        return index
 
-    columns: dict[str, int | None] = {"user": column(user_col, 0, "user"), "item": column(item_col, 1, "item"),
-                                      "rating": None, "time": None}
-    return Source(0, url, parse.Layout("delimited", delimiter, len(fields), columns, header=header))
+def _pair_column(spec: str | None, default: int, fields: list[str], role: str, url: str, header: bool) -> int:
+    """A pair file's column for ``role``: ``spec`` (a name or position); unset, the first field that names
+    the role where there is a header, else the position ``default``."""
+    if spec is None and header:
+        return next(iter(_named(fields, role)), default)
+    index = _column_index(spec, default, fields, role, url)
+    assert index is not None, "a default is given"
+    return index
 
 
 def read_rating_rows(src: str, options: IngestOptions) -> pa.Table:

@@ -88,8 +88,8 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
     began = time.perf_counter()
     # By the size rule `run` follows: small models serve in this process (943 users had taken 3 s to start a
     # LocalCluster for 0.2 s of work).
-    blocks_json = RunDir(run_dir).blocks / "blocks.json"
-    n_ratings = int(np.sum(read_json(blocks_json)["counts"])) if blocks_json.is_file() else None
+    run = RunDir(run_dir)
+    n_ratings = int(open_blocks(run.blocks).counts.sum()) if run.blocks_json.is_file() else None
     with open_executor(cluster, n_ratings) as executor:
         lists = recommendation_lists(model_dir, wanted, top, executor)
     seconds = time.perf_counter() - began

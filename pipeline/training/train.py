@@ -466,16 +466,17 @@ def _train(session: _Session, model: ModelConfig, cfg: TrainConfig, save: Callab
         # share of the factors once, not twice; a rollback, or the model's write, reads it back.
         keep = () if loop.best is None or loop.best[1] in on_disk else loop.kept()
         readable = write_start is not None or epoch == first_epoch
-        outcome = session.epoch(epoch, hyper, keep, write_start,
-                                release_start=readable and _version(epoch) not in keep)
+        released = readable and _version(epoch) not in keep
+        outcome = session.epoch(epoch, hyper, keep, write_start, release_start=released)
         for c in callbacks:
             c.ran(epoch, outcome, loop)
         if outcome.diverged(loop.exploded_at):
             loop.roll_back(cfg, epoch, outcome.train_rmse)
-            if write_start is not None and checkpoints is not None:
-                session.load(epoch, checkpoints.at(epoch).url)
-            elif epoch == first_epoch:
-                session.load(epoch, start.url if start is not None else None)
+            if released:  # the epoch updated its start in place: read it back from where it can be read
+                if write_start is not None and checkpoints is not None:
+                    session.load(epoch, checkpoints.at(epoch).url)
+                else:
+                    session.load(epoch, start.url if start is not None else None)
             continue
         report = EpochReport(epoch=epoch + 1, train_rmse=outcome.train_rmse, val_rmse=outcome.val_rmse, lr=loop.lr,
                              seconds=outcome.seconds, ratings_per_second=n_train / outcome.seconds)
