@@ -1,7 +1,8 @@
 """Synthetic Netflix-shaped ratings with a known true model.
 
-The true model is biased matrix factorization plus Gaussian noise, rounded and
-clipped to the 1..5 star scale. Item popularity and user activity are
+The true model is biased matrix factorization plus Gaussian noise, rounded to
+whole stars (or half stars, ``rating_step=0.5``, as MovieLens has since 2003) and
+clipped to the 1..5 (0.5..5) scale. Item popularity and user activity are
 log-normal (heavy-tailed, as on Netflix). Each rating also carries its
 ``expected`` value ``E[rating | u, i]`` under the true model, the best any
 predictor can do; the RMSE of ``expected`` against the ratings is the floor.
@@ -46,13 +47,21 @@ class SyntheticSpec:
     activity_sigma: float = 1.1
     popularity_sigma: float = 1.6
     max_user_fraction: float = 0.25
+    rating_step: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.rating_step not in (0.5, 1.0):
+            raise ValueError(f"rating_step must be 1 (whole stars) or 0.5 (half stars), got {self.rating_step}")
         cap = self.max_ratings_per_user
         if not self.n_users <= self.n_ratings <= self.n_users * cap:
             raise ValueError(f"n_ratings={self.n_ratings} cannot be spread over n_users={self.n_users} with 1 to "
                              f"{cap} ratings each (max_user_fraction={self.max_user_fraction} of "
                              f"n_items={self.n_items}); use from {self.n_users} to {self.n_users * cap}")
+
+    @property
+    def rating_scale(self) -> tuple[float, float]:
+        """The lowest and highest rating: a step above zero, and five stars."""
+        return (min(float(RATING_MIN), self.rating_step), float(RATING_MAX))
 
     @property
     def max_ratings_per_user(self) -> int:
@@ -156,13 +165,17 @@ def chunk_bounds(model: TrueModel, ratings_per_chunk: int) -> np.ndarray:
     return np.unique(np.concatenate(([0], inner, [counts.shape[0]]))).astype(np.int64)
 
 
-def expected_rating(score: np.ndarray, noise_std: float) -> np.ndarray:
-    """``E[clip(round(score + ε), 1, 5)]`` for ``ε ~ N(0, noise_std²)``.
+def expected_rating(score: np.ndarray, noise_std: float, step: float = 1.0) -> np.ndarray:
+    """``E[clip(round_step(score + ε), low, 5)]`` for ``ε ~ N(0, noise_std²)``, where ``round_step`` rounds to
+    a multiple of ``step`` and ``low`` is the scale's lowest rating.
 
-    ``E[R] = 5 - Σ_{j=1..4} P(R ≤ j)`` and ``P(R ≤ j) = Φ((j + ½ - score) / σ)``.
+    ``E[R] = 5 - step · Σ_{j < 5} P(R ≤ j)`` over the ratings ``j`` below five, and
+    ``P(R ≤ j) = Φ((j + step/2 - score) / σ)``.
     """
-    below = sum(ndtr((j + 0.5 - score) / noise_std) for j in range(RATING_MIN, RATING_MAX))
-    return (RATING_MAX - below).astype(np.float32)
+    low = min(float(RATING_MIN), step)
+    levels = np.arange(low, RATING_MAX, step)
+    below = sum(ndtr((j + step / 2 - score) / noise_std) for j in levels)
+    return (RATING_MAX - step * below).astype(np.float32)
 
 
 def _sample_items(users: np.ndarray, want: np.ndarray, first_user: int, cdf: np.ndarray,
@@ -212,12 +225,13 @@ def generate_chunk(spec: SyntheticSpec, model: TrueModel, chunk: int, first_user
         + np.einsum("nk,nk->n", model.P[user], model.Q[item])
     ).astype(np.float64)
     noisy = score + rng.normal(0.0, spec.noise_std, score.shape[0])
-    rating = np.clip(np.rint(noisy), RATING_MIN, RATING_MAX).astype(np.float32)
+    low, high = spec.rating_scale
+    rating = np.clip(np.rint(noisy / spec.rating_step) * spec.rating_step, low, high).astype(np.float32)
     table = pa.table({
         "user": user,
         "item": item,
         "rating": rating,
-        "expected": expected_rating(score, spec.noise_std),
+        "expected": expected_rating(score, spec.noise_std, spec.rating_step),
     })
     write_parquet(table, path)
     return WrittenPart.of(path, int(table.num_rows))

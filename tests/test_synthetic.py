@@ -49,10 +49,19 @@ def test_same_seed_same_chunk(tmp_path):
 
 
 @pytest.mark.parametrize("score", [0.2, 1.4, 3.0, 4.7, 6.0])
-def test_expected_rating_matches_monte_carlo(score):
+@pytest.mark.parametrize("step", [1.0, 0.5])
+def test_expected_rating_matches_monte_carlo(score, step):
     rng = np.random.default_rng(0)
-    draws = np.clip(np.rint(score + rng.normal(0, 0.8, 400_000)), 1, 5)
-    assert expected_rating(np.array([score]), 0.8)[0] == pytest.approx(draws.mean(), abs=5e-3)
+    draws = np.clip(np.rint((score + rng.normal(0, 0.8, 400_000)) / step) * step, min(1, step), 5)
+    assert expected_rating(np.array([score]), 0.8, step)[0] == pytest.approx(draws.mean(), abs=5e-3)
+
+
+def test_half_star_ratings_lie_on_the_half_star_scale(tmp_path):
+    spec = SyntheticSpec(n_users=200, n_items=60, n_ratings=3000, seed=2, rating_step=0.5)
+    part = generate_chunk(spec, make_true_model(spec), 0, 0, 200, str(tmp_path / "half.parquet"))
+    ratings = pq.read_table(part.path)["rating"].to_numpy()
+    assert spec.rating_scale == (0.5, 5.0)
+    assert set(np.unique(ratings).tolist()) == {0.5 * j for j in range(1, 11)}
 
 
 def test_impossible_shape_is_refused():

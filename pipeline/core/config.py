@@ -43,6 +43,7 @@ class GenerateConfig(_Section):
     activity_sigma: float | None = Field(None, ge=0)
     popularity_sigma: float | None = Field(None, ge=0)
     max_user_fraction: float | None = Field(None, gt=0, le=1)
+    rating_step: float = 1.0  # 1: whole stars; 0.5: half stars from 0.5, as MovieLens has
     ratings_per_part: int = Field(2_000_000, ge=1000)
 
 
@@ -310,7 +311,7 @@ DEFAULT_CONFIG = "default.yaml"
 
 
 def default_config_path() -> Path:
-    """``configs/default.yaml``, shipped inside the package as ``pipeline.configs``."""
+    """``configs/default.yaml``, shipped inside the package as ``funkflow.configs``."""
     return Path(str(resources.files("funkflow.configs") / DEFAULT_CONFIG))
 
 

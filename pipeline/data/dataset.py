@@ -26,8 +26,6 @@ from funkflow.pipeline.core.rundir import built_in_place
 from funkflow.tasks.idmap import write_ids
 from funkflow.tasks.io import read_json, write_json
 from funkflow.tasks.synthetic import (
-    RATING_MAX,
-    RATING_MIN,
     SyntheticSpec,
     chunk_bounds,
     generate_chunk,
@@ -152,7 +150,7 @@ def generate_dataset(executor: Executor, spec: SyntheticSpec, out: Path, ratings
             "n_users": spec.n_users,
             "n_items": spec.n_items,
             "n_ratings": sum(r.n_ratings for r in results),
-            "rating_scale": [RATING_MIN, RATING_MAX],
+            "rating_scale": list(spec.rating_scale),
             "has_expected": True,
             "has_time": False,
             "user_partitioned": True,  # each part holds whole users (chunks of users)
