@@ -334,12 +334,12 @@ def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancell
         sizes = [tuple(len(m) for m in block_layout(n, 2, 3, salt)[2])
                  for n, salt in ((blocks.n_users, SALT_ROWS), (blocks.n_items, SALT_COLUMNS))]
         source = StartFrom(k=4, init_std=0.1, seed=0, user_sizes=sizes[0], item_sizes=sizes[1])
-        client.submit(load_share, source, "t", "start", range(1), (0, 1), first, 0.0, False, row,
-                      workers=[first]).result()
+        client.submit(load_share, row, source=source, train_id="t", version="start", rows=range(1),
+                      ring_order=(0, 1), address=first, global_mean=0.0, measure=False, workers=[first]).result()
         plan = EpochPlan(train_id="t", run_id="r", epoch=0, ring=(0, 1), next_ring=(0, 1), seed=0,
                          workers=(first, second), hyper=Hyper(0.01, 0.02, 0.02, True, 3.0, "user_runs", 16, 8), k=4,
                          start="start", end="end")
-        waiting = client.submit(epoch_share, plan, 0, 1, row, workers=[first], pure=False)
+        waiting = client.submit(epoch_share, row, plan=plan, index=0, threads=1, workers=[first], pure=False)
         time.sleep(1.0)
         assert waiting.status == "pending", "the share waits for the block its peer never sends"
         waiting.cancel()

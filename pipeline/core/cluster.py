@@ -25,10 +25,9 @@ log = logging.getLogger(__name__)
 
 IN_PROCESS = "inprocess"
 LOCAL = "local"
-# Below this many ratings a run goes in-process (on threads) unless cluster.scheduler says otherwise: with
-# stage tasks side by side on a thread pool, the demo's 1M ratings ran in 5.5 s against 10.2-10.7 s on a
-# LocalCluster, 20M shop-like ratings (6 epochs) in 55 s against 78 s. Larger data get a LocalCluster's
-# worker that a nanny restarts, and its dashboard.
+# Below this many ratings a run goes in-process (on threads) unless cluster.scheduler says otherwise: there a
+# LocalCluster's start-up and round trips cost more than they give (docs/benchmarks.md, "Small data"). Larger
+# data get a LocalCluster's worker that a nanny restarts, and its dashboard.
 SMALL_RATINGS = 25_000_000
 
 # Scheduler settings for the clusters funkflow starts. Work stealing would move the
@@ -72,7 +71,7 @@ class Executor(Protocol):
     total_threads: int
     dashboard_link: str | None
 
-    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any: ...
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None, **kwargs: Any) -> Any: ...
 
     def gather(self, futures: Sequence[Any]) -> list[Any]: ...
 
@@ -92,8 +91,8 @@ class Executor(Protocol):
         """Call ``report(done, total)`` as the tasks end."""
 
 
-def _call(fn: Callable, args: tuple) -> Any:
-    return fn(*(_resolve(a) for a in args))
+def _call(fn: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+    return fn(*(_resolve(a) for a in args), **{key: _resolve(value) for key, value in kwargs.items()})
 
 
 class InProcessExecutor:
@@ -113,10 +112,10 @@ class InProcessExecutor:
         self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="funkflow-task")
                       if threads > 1 else None)
 
-    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any:
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None, **kwargs: Any) -> Any:
         if self._pool is None:
-            return Done(_call(fn, args))
-        return self._pool.submit(_call, fn, args)
+            return Done(_call(fn, args, kwargs))
+        return self._pool.submit(_call, fn, args, kwargs)
 
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         return [_resolve(f) for f in futures]
@@ -189,10 +188,10 @@ class DaskExecutor:
     def cancel(self, futures: Sequence[Any]) -> None:
         self.client.cancel(list(futures))
 
-    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None) -> Any:
+    def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None, **kwargs: Any) -> Any:
         # Unique keys: the same block is legitimately recomputed (e.g. after a rollback).
         placement = {} if worker is None else {"workers": [worker], "allow_other_workers": True}
-        return self.client.submit(fn, *args, key=f"{name}-{uuid.uuid4().hex}", pure=False, **placement)
+        return self.client.submit(fn, *args, key=f"{name}-{uuid.uuid4().hex}", pure=False, **placement, **kwargs)
 
     def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
         from distributed import as_completed
@@ -249,8 +248,8 @@ class DaskExecutor:
 def local_shape(cfg: ClusterConfig) -> tuple[int, int]:
     """Worker processes and threads a worker for this machine: by default one process with every core as a
     thread. The numba kernels release the GIL, and within one process item blocks pass between the threads
-    by reference, where between processes each hand-off serialises a block (2M users × 500k items: 0.76-0.88 s
-    an epoch against 1.13-1.25 s for a process a core). Set one of the two and the other fills the cores."""
+    by reference, where between processes each hand-off serialises a block (docs/benchmarks.md). Set one of
+    the two and the other fills the cores."""
     cores = os.cpu_count() or 1
     workers, threads = cfg.n_workers, cfg.threads_per_worker
     if threads is None:

@@ -45,8 +45,9 @@ def measure(executor: Executor, placement: BlockPlacement, row_blocks: list[Any]
     """Run the measuring rotation ``plan`` of the model in ``model_dir``: one task per worker, on the workers
     that hold the row blocks; their results in worker order, so their rows come in row order."""
     executor.register_worker_plugin(DSGDExchange())
-    futures = [executor.submit(measure_share, plan, str(model_dir), index, executor.threads[address],
-                               *[row_blocks[r] for r in plan.rows_of(index)], name="measure_share", worker=address)
+    futures = [executor.submit(measure_share, *[row_blocks[r] for r in plan.rows_of(index)], name="measure_share",
+                               worker=address, plan=plan, model_dir=str(model_dir), index=index,
+                               threads=executor.threads[address])
                for index, address in enumerate(plan.workers)]
     return executor.gather_watching(futures)
 

@@ -275,8 +275,8 @@ def _cancel_check(worker: Any) -> Any:
 # Tasks. Each takes the address it was planned for and the row blocks of its worker as Dask futures, so
 # that Dask can rebuild a lost row block from Parquet.
 
-def load_share(source: StartFrom, train_id: str, version: str, rows: range, ring_order: tuple[int, ...],
-               address: str | None, global_mean: float, measure: bool, *row_blocks: RowBlock) -> np.ndarray:
+def load_share(*row_blocks: RowBlock, source: StartFrom, train_id: str, version: str, rows: range,
+               ring_order: tuple[int, ...], address: str | None, global_mean: float, measure: bool) -> np.ndarray:
     """Put the starting version of this worker's rows, and the column blocks at their positions in
     ``ring_order``, into its store.
 
@@ -295,7 +295,7 @@ def load_share(source: StartFrom, train_id: str, version: str, rows: range, ring
     return errors
 
 
-def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock) -> ShareOutcome:
+def epoch_share(*row_blocks: RowBlock, plan: EpochPlan, index: int, threads: int) -> ShareOutcome:
     """Run worker ``index``'s share of the epoch (see :func:`funkflow.tasks.epoch.run_share`) and store its version."""
     exchange, worker = _exchange(plan.workers[index])
     mailbox = exchange.begin(plan.train_id, plan.run_id)
@@ -312,7 +312,7 @@ def epoch_share(plan: EpochPlan, index: int, threads: int, *row_blocks: RowBlock
         exchange.end(plan.run_id)
 
 
-def measure_share(plan: MeasurePlan, model_dir: str, index: int, threads: int, *row_blocks: RowBlock) -> Measured:
+def measure_share(*row_blocks: RowBlock, plan: MeasurePlan, model_dir: str, index: int, threads: int) -> Measured:
     """Worker ``index``'s part of a measuring rotation of the model in ``model_dir``: it reads its rows' user
     blocks and the column blocks at their ring positions, and the rest come by (see
     :func:`funkflow.tasks.measure.measure_rotation`)."""
@@ -332,7 +332,7 @@ def measure_share(plan: MeasurePlan, model_dir: str, index: int, threads: int, *
         exchange.end(plan.run_id)
 
 
-def write_version_share(train_id: str, version: str, address: str | None, url: str) -> dict[str, FileEntry]:
+def write_version_share(*, train_id: str, version: str, address: str | None, url: str) -> dict[str, FileEntry]:
     """Write this worker's part of ``version`` (its rows' user blocks and the column blocks it holds) as
     block files at ``url``: a checkpoint's, or a model's (see :func:`funkflow.tasks.epoch.write_share`)."""
     exchange, _ = _exchange(address)

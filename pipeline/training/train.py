@@ -181,15 +181,9 @@ class _Session:
     def _ring(self, epoch: int) -> tuple[int, ...]:
         return ring(self.blocks.d, epoch, self.root)
 
-    def _each_worker(self, make: Callable[[int, str | None], tuple[Callable, tuple]], name: str,
-                     with_row_blocks: bool = True) -> list[Any]:
-        """One task per worker: ``fn(*args, *its row blocks)`` for ``(fn, args) = make(index, address)``."""
-        futures = []
-        for index, address in enumerate(self.workers):
-            fn, args = make(index, address)
-            row_blocks = [self.row_blocks[r] for r in self._rows(index)] if with_row_blocks else []
-            futures.append(self.executor.submit(fn, *args, *row_blocks, name=name, worker=address))
-        return futures
+    def _row_blocks_of(self, index: int) -> list[Any]:
+        """The row blocks worker ``index`` trains, as futures (Dask can rebuild a lost one from Parquet)."""
+        return [self.row_blocks[r] for r in self._rows(index)]
 
     def _gather(self, futures: list[Any]) -> list[Any]:
         """The results of tasks that may wait on each other; if any fails, the others are called off."""
@@ -212,9 +206,12 @@ class _Session:
         """
         source = replace(self.source, checkpoint=checkpoint)
         order = self._ring(epoch)
-        per_worker = self._gather(self._each_worker(
-            lambda index, address: (load_share, (source, self.train_id, _version(epoch), self._rows(index), order,
-                                                 address, self.global_mean, measure)), "load_share"))
+        per_worker = self._gather([
+            self.executor.submit(load_share, *self._row_blocks_of(index), name="load_share", worker=address,
+                                 source=source, train_id=self.train_id, version=_version(epoch),
+                                 rows=self._rows(index), ring_order=order, address=address,
+                                 global_mean=self.global_mean, measure=measure)
+            for index, address in enumerate(self.workers)])
         sse, n = row_sum(self._by_row(per_worker))
         return math.sqrt(sse / n) if measure and n else None
 
@@ -232,8 +229,10 @@ class _Session:
                          next_ring=self._ring(epoch + 1), seed=self.cfg.seed, hyper=hyper, k=self.source.k,
                          workers=self.workers, start=_version(epoch), end=_version(epoch + 1), keep=keep,
                          validate=self.validate, write_start=write_start, release_start=release_start)
-        outcomes = self._gather(self._each_worker(
-            lambda index, address: (epoch_share, (plan, index, self.executor.threads[address])), "epoch_share"))
+        outcomes = self._gather([
+            self.executor.submit(epoch_share, *self._row_blocks_of(index), name="epoch_share", worker=address,
+                                 plan=plan, index=index, threads=self.executor.threads[address])
+            for index, address in enumerate(self.workers)])
         train_sse = float(row_sum(self._by_row([o.sse for o in outcomes]).reshape(-1)))
         validation = row_sum(self._by_row([o.validation for o in outcomes]).reshape(-1, 3))
         files = {name: entry.sha256 for o in outcomes for name, entry in o.files.items()}
@@ -243,9 +242,10 @@ class _Session:
 
     def write(self, version: str, url: str) -> dict[str, FileEntry]:
         """The workers write ``version``'s blocks at ``url`` (a checkpoint's or a model's); the files written."""
-        written = self._gather(self._each_worker(
-            lambda index, address: (write_version_share, (self.train_id, version, address, url)),
-            "write_version_share", with_row_blocks=False))
+        written = self._gather([
+            self.executor.submit(write_version_share, name="write_version_share", worker=address,
+                                 train_id=self.train_id, version=version, address=address, url=url)
+            for address in self.workers])
         return {name: entry for files in written for name, entry in files.items()}
 
     def close(self) -> None:
