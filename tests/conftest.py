@@ -24,6 +24,14 @@ settings.register_profile("suite", deadline=None)
 settings.load_profile("suite")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that uses the session's LocalCluster is a cluster test, so ``-m "not cluster"`` leaves it out
+    without each test saying so."""
+    for item in items:
+        if "local_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.cluster)
+
+
 def write_canonical(root: Path, users: np.ndarray, items: np.ndarray, ratings: np.ndarray,
                     n_users: int | None = None, n_items: int | None = None, parts: int = 2) -> Path:
     """Write arrays as a canonical dataset (Parquet parts, id maps, dataset.json) at ``root``."""

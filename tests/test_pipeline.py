@@ -41,6 +41,7 @@ def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):
     assert summary["floor_rmse"] < summary["test_rmse"] < summary["baselines"]["global_mean"]["rmse"]
 
 
+@pytest.mark.slow
 def test_planted_low_rank_is_rebuilt(planted_low_rank, tmp_path):
     config = load_config(None, [
         f"data.source={planted_low_rank}", "data.generate=null", "model.k=3", "model.reg=0", "model.bias_reg=0",
