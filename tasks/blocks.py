@@ -278,7 +278,7 @@ def load_row_block(blocks_dir: str, row: int, d: int, n_users: int, n_items: int
     items = table["item"].to_numpy()
     ratings = table["rating"].to_numpy()
     codes = table["split"].to_numpy()
-    # count_nonzero, not bincount, which would widen 25M int8 codes to int64 first (0.016 s against 0.73 s)
+    # count_nonzero, not bincount, which would widen the int8 codes to int64 first
     found = [int(np.count_nonzero(codes == code)) for code in range(3)]
     listed = read_json(Path(blocks_dir) / BLOCKS_JSON)["counts"][row]
     if found != listed:

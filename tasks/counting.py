@@ -2,7 +2,7 @@
 
 Scattering the columns to these places reads each column once and writes to as many sequential streams as
 there are keys; gathering a group of rows at a time through a sorted order reads every column once per group
-on unsorted rows, and numpy's stable argsort of 16-bit keys took 1.4 s for 25M rows here.
+on unsorted rows, and numpy's stable argsort of small keys is slower than both.
 """
 
 from __future__ import annotations

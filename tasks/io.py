@@ -84,7 +84,7 @@ def write_arrow(table: pa.Table, path: str | os.PathLike) -> None:
 
 def read_arrow(path: str | os.PathLike) -> pa.Table:
     """An Arrow IPC file written by :func:`write_arrow` (or an IPC file writer), memory-mapped: no copy of a
-    file that the page cache still holds (0.37 s for 5M staged rows read into memory). Removing the file
+    file that the page cache still holds. Removing the file
     while the table lives is safe on POSIX systems: the mapping keeps its pages."""
     return pa.ipc.open_file(pa.memory_map(str(path))).read_all()
 

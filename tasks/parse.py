@@ -391,7 +391,7 @@ def parse_netflix(data: bytes, first_line: int, context: tuple[str, int] | None,
     above the first header, are rejected: they cannot be given a movie.
 
     A training piece whose every line is plain, as the Prize files are, is read by one pass over its bytes
-    (:func:`_plain_netflix`, 15x faster); any other piece line by line with Arrow's string kernels, which
+    (:func:`_plain_netflix`); any other piece line by line with Arrow's string kernels, which
     name each fault.
     """
     context_movie = -1 if context is None else _movie_id(context[0])

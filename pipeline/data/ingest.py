@@ -156,7 +156,7 @@ def ingest(executor: Executor, srcs: list[str], options: IngestOptions, out: Pat
                        for j, (chunk, s) in enumerate(zip(chunks, stats)) if s.rows]
             encoded = executor.gather(encoded)
             # The staged chunks are spent: removed while the buckets are resolved, since removing large files
-            # takes a while on some file systems (1 s for 20M rows here, on ext4 with online discard).
+            # takes a while on some file systems (ext4 with online discard).
             removal = threading.Thread(target=_remove, args=([s.staged for s in stats if s.staged],),
                                        name="remove-staged-chunks", daemon=True)
             removal.start()

@@ -86,8 +86,8 @@ def recommend(run_dir: Path, top: int, out: Path, users: Path | None = None,
     user_ids, item_ids = read_id_maps(model_dir)
     wanted, unknown = (None, 0) if users is None else _wanted_users(users, user_ids)
     began = time.perf_counter()
-    # By the size rule `run` follows: small models serve in this process (943 users had taken 3 s to start a
-    # LocalCluster for 0.2 s of work).
+    # By the size rule `run` follows: small models serve in this process, where starting a LocalCluster
+    # would take far longer than the work.
     run = RunDir(run_dir)
     n_ratings = int(open_blocks(run.blocks).counts.sum()) if run.blocks_json.is_file() else None
     with open_executor(cluster, n_ratings) as executor:

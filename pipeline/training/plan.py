@@ -49,9 +49,7 @@ TASK_SECONDS = 0.0002        # the scheduler's share of one task
 BANDWIDTH = 1.0e9            # bytes/s between workers (10 GbE, roughly); --bandwidth
 # train.d: auto makes as many blocks as keep this many ratings each, so that the data serve clusters of up to d
 # worker threads while a block's SGD stays well above its fixed costs (a kernel call, its column block, the
-# lane's bookkeeping). Netflix's 100M ratings on one 2-thread worker, 8 epochs, alternated twice with the
-# design before the ring (d=4): d=64 (24k ratings a block) 0.96 and 1.13 s an epoch against 1.04 and 1.06 s;
-# d=128 (6k) 1.32 and 1.50 s.
+# lane's bookkeeping): docs/benchmarks.md, "Netflix shape, one worker with 2 threads".
 MIN_BLOCK_RATINGS = 20_000
 
 
