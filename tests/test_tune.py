@@ -148,11 +148,19 @@ def test_tune_without_validation_ratings_is_refused(tmp_path, capsys):
     assert "tune chooses by the validation RMSE" in capsys.readouterr().err
 
 
-def test_report_shows_the_trials_and_the_kept_epoch(tuned, tmp_path):
+def test_report_shows_the_trials_and_the_kept_epoch(tuned, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
+    from funkflow.pipeline.app.report import tune_figure
+
+    capsys.readouterr()
     assert main(["report", str(tuned), "--out", str(tmp_path)]) == EXIT_OK
+    assert capsys.readouterr().out.split() == [str(tmp_path / name)
+                                               for name in ("learning_curves.png", "tune.png", "report.html")]
+    lr_axis = next(ax for ax in tune_figure(read_tune_log(tuned)).axes if ax.get_xlabel() == "lr")
+    labels = [t.get_text() for t in lr_axis.get_xticklabels() if t.get_text()]
+    assert labels and all("^" not in text and float(text) > 0 for text in labels)  # 0.01, not 10^-2
     image = np.asarray(Image.open(tmp_path / "tune.png").convert("L"))
     assert image.shape[1] > 1000 and np.unique(image).shape[0] > 20  # drawn, not blank
     page = (tmp_path / "report.html").read_text()
