@@ -38,18 +38,29 @@ def test_set_overrides_nested_keys():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ("train.epoch=5", "train.epoch: unknown key; valid keys here: epochs, lr"),
-    ("modle.k=3", "modle: unknown key; valid keys here: data, split, model"),
-    ("model.k=-1", "model.k: Input should be greater than or equal to 1, got -1"),
-    ("train.lr=fast", "train.lr: Input should be a valid number"),
-    ("train.lr_schedule=adam", "train.lr_schedule: Input should be 'bold_driver', 'constant', 'decay' or 'given'"),
-    ("split.test_fraction=0.97", "test_fraction + split.validation_fraction must be < 1"),
-    ("data.generate.k_true=0", "data.generate.k_true: Input should be greater than or equal to 1"),
+    ("train.epoch=5", "train.epoch (--set train.epoch=5): unknown key; valid keys here: epochs, lr"),
+    ("modle.k=3", "modle (--set modle.k=3): unknown key; valid keys here: data, split, model"),
+    ("model.k=-1", "model.k (--set model.k=-1): Input should be greater than or equal to 1, got -1"),
+    ("train.lr=fast", "train.lr (--set train.lr=fast): Input should be a valid number"),
+    ("train.lr_schedule=adam", "train.lr_schedule (--set train.lr_schedule=adam): Input should be 'bold_driver', "
+                               "'constant', 'decay' or 'given'"),
+    ("split.test_fraction=0.97", "(--set split.test_fraction=0.97): split.test_fraction + split.validation_fraction "
+                                 "must be < 1"),
+    ("data.generate.k_true=0", "data.generate.k_true (--set data.generate.k_true=0): Input should be greater than"),
 ])
 def test_bad_key_or_value_names_the_key(override, needle):
     with pytest.raises(ConfigError) as info:
         load_config(None, [override])
     assert needle in str(info.value)
+
+
+def test_a_bad_value_in_the_file_is_the_file_s_and_one_from_set_is_set_s(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("model:\n  k: -3\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, ["train.epochs=0"])
+    assert f"model.k ({path}): Input should be greater than or equal to 1" in str(info.value)
+    assert "train.epochs (--set train.epochs=0): Input should be greater than or equal to 1" in str(info.value)
 
 
 def test_yaml_error_names_file_and_line(tmp_path):
@@ -62,7 +73,7 @@ def test_yaml_error_names_file_and_line(tmp_path):
 def test_cli_exits_78_naming_the_key(capsys, tmp_path):
     code = main(["run", "--set", "train.epoch=3", "--run-dir", str(tmp_path / "run")])
     assert code == EXIT_CONFIG
-    assert "train.epoch: unknown key" in capsys.readouterr().err
+    assert "train.epoch (--set train.epoch=3): unknown key" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
@@ -83,8 +94,12 @@ def test_shipped_configs_by_name_listed_by_funkflow_configs(capsys):
     from funkflow.pipeline.core.config import shipped_configs
 
     assert main(["configs"]) == 0
-    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    out = capsys.readouterr().out.splitlines()
+    listed = [line.split()[0] for line in out]
     assert listed == ["cluster-example", "default", "movielens", "netflix-like"] == list(shipped_configs())
+    # Each description is its header's whole first sentence, however many lines it spans.
+    assert all(line.endswith(".") for line in out)
+    assert "after `funkflow ingest ratings.csv --format movielens --out data/ml`." in out[2]
     assert load_config("movielens") == load_config(default_config_path().parent / "movielens.yaml")
     with pytest.raises(ConfigError, match="nosuch: no such file, nor a shipped config .*movielens"):
         load_config("nosuch")

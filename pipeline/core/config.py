@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -321,6 +322,18 @@ def shipped_configs() -> dict[str, Path]:
     return {p.stem: p for p in sorted(folder.glob("*.yaml"))}
 
 
+def config_description(path: Path) -> str:
+    """The first sentence of a config file's leading comment, whole however many lines it spans."""
+    lines = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        if not line.startswith("#"):
+            break
+        lines.append(line.lstrip("#").strip())
+    text = " ".join(part for part in lines if part)
+    end = re.search(r"\.(\s|$)", text)
+    return text[:end.start() + 1] if end else text
+
+
 def config_path(name_or_path: str | Path) -> Path:
     """A config file: a path, or the name of a shipped one (``funkflow run movielens``)."""
     path = Path(name_or_path)
@@ -380,18 +393,27 @@ def _field_names(loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def _describe(errors: Sequence[Any], source: str) -> str:
+def _describe(errors: Sequence[Any], source: str, overrides: Sequence[str] = ()) -> str:
+    """One line per error, each naming where the bad value came from: the ``--set`` that gave it, or the
+    config file."""
     lines = []
     for err in errors:
         loc = tuple(str(p) for p in err["loc"])
         key = ".".join(loc) or "(top level)"
+        given = next((a for a in reversed(overrides) if _covers(a.partition("=")[0], key)), None)
+        where = f"--set {given}" if given else source
         if err["type"] == "extra_forbidden":
-            lines.append(f"{key}: unknown key; valid keys here: {', '.join(_field_names(loc))}")
+            lines.append(f"{key} ({where}): unknown key; valid keys here: {', '.join(_field_names(loc))}")
         else:
             msg = err["msg"].removeprefix("Value error, ")
-            lines.append(f"{key}: {msg}, got {err['input']!r}" if "input" in err and err["type"] != "value_error"
-                         else f"{key}: {msg}")
-    return f"invalid config ({source}):\n  " + "\n  ".join(lines)
+            lines.append(f"{key} ({where}): {msg}, got {err['input']!r}"
+                         if "input" in err and err["type"] != "value_error" else f"{key} ({where}): {msg}")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def _covers(assigned: str, key: str) -> bool:
+    """Whether a ``--set`` of dotted key ``assigned`` gave the value at ``key`` (itself, or a part of it)."""
+    return key == assigned or key.startswith(assigned + ".") or assigned.startswith(key + ".")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -407,7 +429,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors(), str(path))) from None
+        raise ConfigError(_describe(exc.errors(), str(path), overrides)) from None
 
 
 def differences(saved: Any, current: Any, saved_as: str, prefix: str = "") -> list[str]:
