@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,8 @@ from pydantic import ValidationError
 from funkflow.pipeline.core.config import (
     DUPLICATE_POLICIES,
     FORMATS,
-    Config,
     GenerateConfig,
+    config_description,
     load_config,
     shipped_configs,
 )
@@ -50,20 +51,35 @@ STAGE_VERBS = {
 }
 
 
+BY_SIZE = "default: in this process below 25M ratings, else a LocalCluster"
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser, default: str = BY_SIZE) -> None:
+    """Where a verb's tasks run: the same two flags, read the same way (cluster.scheduler and
+    cluster.scheduler_file), on every verb that computes."""
+    parser.add_argument("--scheduler", metavar="ADDR",
+                        help=f"Dask scheduler address (tcp://host:8786), local (start a LocalCluster) or inprocess; "
+                             f"{default}")
+    parser.add_argument("--scheduler-file", metavar="FILE",
+                        help="JSON file with the scheduler address, as `dask scheduler --scheduler-file` writes "
+                             "(default: none)")
+
+
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set train.epochs=5 (repeatable; default: none)")
+
+
 def _add_run_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", nargs="?", type=Path,
                         help="YAML config, or the name of a shipped one (`funkflow configs`; default: the "
                              "embedded demo, configs/default.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config key, e.g. --set train.epochs=5 (repeatable)")
-    parser.add_argument("--scheduler", metavar="ADDR",
-                        help="Dask scheduler address (tcp://host:8786), local (start a LocalCluster) or inprocess; "
-                             "default: in this process below 25M ratings, else a LocalCluster")
-    parser.add_argument("--scheduler-file", metavar="FILE",
-                        help="JSON file with the scheduler address, as `dask scheduler --scheduler-file` writes")
+    _add_overrides(parser)
+    _add_cluster_flags(parser)
     parser.add_argument("--report", type=Path, metavar="FILE.html",
-                        help="write Dask's performance report of the run (needs funkflow[report])")
-    parser.add_argument("--run-dir", type=Path, metavar="DIR", help="run directory (output.run_dir)")
+                        help="write Dask's performance report of the run (needs funkflow[report]; default: none)")
+    parser.add_argument("--run-dir", type=Path, metavar="DIR",
+                        help="run directory (output.run_dir; default: the config's)")
     parser.add_argument("--resume", action="store_true",
                         help="continue training from the newest valid checkpoint of the run directory")
     parser.add_argument("--force", action="store_true",
@@ -99,9 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "validation ratings and evaluated once on the test ratings.")
     _add_run_flags(tune)
     tune.add_argument("--trials", type=int, metavar="N", help="trials to draw (tune.trials; the first is the "
-                                                              "config's own values)")
+                                                              "config's own values; default: the config's)")
     tune.add_argument("--time-budget", type=float, metavar="SECONDS",
-                      help="stop starting trials after this long and keep the best so far (tune.time_budget)")
+                      help="stop starting trials after this long and keep the best so far (tune.time_budget; "
+                           "default: the config's)")
     night = add_verb(
         "nightly", help="the nightly retrain: ingest the day's export, train warm from the last run, move latest",
         description="Ingest --export into RUNS/DATE, train there warm from the newest earlier run whose model "
@@ -115,11 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     night.add_argument("--warm-epochs", type=int, default=3, metavar="N",
                        help="epochs of a warm start from the previous run (default: 3)")
     night.add_argument("--date", metavar="YYYY-MM-DD", help="the run's date (default: today, UTC)")
-    night.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key (repeatable)")
-    night.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, local or inprocess; "
-                       "default: by size, as for run")
-    night.add_argument("--scheduler-file", metavar="FILE", help="JSON file with the scheduler address")
+    _add_overrides(night)
+    _add_cluster_flags(night)
     add_verb("configs", help="list the configs shipped with funkflow, to run by name",
                      description="List the shipped configs: `funkflow run NAME` runs one.")
 
@@ -128,9 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--scale", type=float, required=True,
                           help="1.0 = 480,189 users × 17,770 items, 100,480,507 ratings")
     generate.add_argument("--out", type=Path, required=True, help="dataset directory to create")
-    generate.add_argument("--seed", type=int, default=0, help="generator seed: the same seed, the same ratings")
-    generate.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, local or inprocess; "
-                          "default: by size, as for run")
+    generate.add_argument("--seed", type=int, default=0,
+                          help="generator seed: the same seed, the same ratings (default: %(default)s)")
+    _add_cluster_flags(generate)
 
     ingest = add_verb(
         "ingest", help="turn rating files (Netflix, MovieLens, CSV, Parquet) into a canonical dataset",
@@ -142,23 +156,24 @@ def build_parser() -> argparse.ArgumentParser:
                              "ratings.csv; csv: delimited text, by header names or --*-col; parquet")
     ingest.add_argument("--out", type=Path, required=True, help="dataset directory to create")
     ingest.add_argument("--rejects", type=Path, metavar="FILE",
-                        help="write bad lines here (CSV, or Parquet for .parquet) and go on")
+                        help="write bad lines here (CSV, or Parquet for .parquet) and go on (default: a bad line "
+                             "ends the ingest)")
     for role in ("user", "item", "rating", "time"):
         ingest.add_argument(f"--{role}-col", metavar="NAME|N",
-                            help=f"{role} column: a header name or a 0-based position (csv, parquet)")
+                            help=f"{role} column: a header name or a 0-based position (csv, parquet; default: "
+                                 f"found by name{', or none' if role == 'time' else ''})")
     ingest.add_argument("--delimiter", help="field delimiter (csv; default: detected from line 1)")
     ingest.add_argument("--rating-scale", metavar="MIN,MAX",
                         help="valid ratings (default: netflix 1,5; movielens by file, u.data and ratings.dat "
                              "1,5, ratings.csv 0.5,5; csv and parquet: inferred from the data)")
     ingest.add_argument("--duplicates", choices=DUPLICATE_POLICIES, default="keep_last",
                         help="a (user, item) pair rated twice: keep the latest (by time, then position), "
-                             "the first, the mean, or stop with an error")
+                             "the first, the mean, or stop with an error (default: %(default)s)")
     ingest.add_argument("--id-maps", type=Path, metavar="DATASET",
                         help="index users and items as DATASET does (a test set for split.method given); rows "
-                             "with ids it lacks are left out and counted")
-    ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB")
-    ingest.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address, local or inprocess; "
-                        "default: by size, as for run")
+                             "with ids it lacks are left out and counted (default: index them afresh)")
+    ingest.add_argument("--chunk-mb", type=int, default=64, help="text parsed per task, in MiB (default: %(default)s)")
+    _add_cluster_flags(ingest)
 
     predict = add_verb("predict", help="predict ratings for (user, item) pairs of raw ids",
                                description="Predict ratings for pairs (CSV/TSV, Parquet, or the Netflix probe / "
@@ -174,10 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
                                        "user block on the workers; Parquet (user, rank, item, score) in raw ids.")
     rec.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained run or a fold-in output")
     rec.add_argument("--top", type=int, required=True, metavar="N", help="items per user")
-    rec.add_argument("--users", type=Path, metavar="FILE", help="only these raw user ids (text lines or Parquet)")
+    rec.add_argument("--users", type=Path, metavar="FILE",
+                     help="only these raw user ids (text lines or Parquet; default: every user)")
     rec.add_argument("--out", type=Path, required=True, metavar="FILE.parquet",
                      help="the lists: user, rank, item, score (written whole or not at all)")
-    rec.add_argument("--scheduler", metavar="ADDR", help="Dask scheduler address; default: the run's cluster config")
+    _add_cluster_flags(rec, "default: in this process for a model under 25M ratings, else the run's cluster config")
 
     fold = add_verb("fold-in", help="add users (or items) that arrived after training, without a retrain",
                             description="Compute factors and biases of users (or items) absent from training "
@@ -192,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     fold.add_argument("--rating-scale", metavar="MIN,MAX", help="valid ratings (default: the model's)")
 
     rep = add_verb("report", help="learning curves (PNG) and a self-contained HTML page of a run",
-                           description="Write learning_curves.png and report.html (summary, curves, config).")
+                           description="Write learning_curves.png, tune.png for a tuned run, and report.html (summary, "
+                                       "curves, trials, config); needs funkflow[report].")
     rep.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a trained (or tuned) run directory")
     rep.add_argument("--out", type=Path, metavar="DIR", help="where to write them (default: RUN_DIR)")
 
@@ -202,18 +219,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--ratings", type=float, required=True, help="number of ratings (1e10 is fine)")
     plan.add_argument("--users", type=float, required=True, help="number of users")
     plan.add_argument("--items", type=float, required=True, help="number of items")
-    plan.add_argument("--k", type=int, default=50, help="latent factors")
+    plan.add_argument("--k", type=int, default=50, help="latent factors (default: %(default)s)")
     plan.add_argument("--d", type=int, default=None,
                       help="blocks per side (default: what train.d: auto picks for the ratings)")
-    plan.add_argument("--workers", type=int, default=2, help="worker processes")
-    plan.add_argument("--threads-per-worker", type=int, default=1, help="threads of each worker")
+    plan.add_argument("--workers", type=int, default=2, help="worker processes (default: %(default)s)")
+    plan.add_argument("--threads-per-worker", type=int, default=1, help="threads of each worker (default: %(default)s)")
     plan.add_argument("--train-fraction", type=float, default=0.85,
                       help="share of the ratings that train (the default split holds out 10%% test, 5%% validation)")
     plan.add_argument("--rate", type=float, help="kernel ratings/s per thread (default: measure it here)")
     plan.add_argument("--hop-ms", type=float, default=HOP_SECONDS * 1e3,
                       help="milliseconds to hand a column block to another worker, beyond its transfer "
-                           "(default: measured between idle workers by scripts/bench_scale.py)")
-    plan.add_argument("--bandwidth", type=float, default=BANDWIDTH, help="bytes/s between workers")
+                           "(default: %(default)s, measured between idle workers by scripts/bench_scale.py)")
+    plan.add_argument("--bandwidth", type=float, default=BANDWIDTH,
+                      help="bytes/s between workers (default: %(default).0e, about 10 GbE)")
     return parser
 
 
@@ -267,11 +285,12 @@ def _print_summary(summary: dict, run_dir: str) -> None:
     say(f"run directory: {run_dir}")
 
 
-def _tune(config: Config, args: argparse.Namespace) -> None:
+def _tune(args: argparse.Namespace) -> None:
     from funkflow.pipeline.app.tune import tune
 
     given = {"tune.trials": args.trials, "tune.time_budget": args.time_budget}
-    config = config.with_values({key: value for key, value in given.items() if value is not None})
+    config = load_config(_config_of(args), args.overrides).with_values(
+        {**_command_line_values(args), **{key: value for key, value in given.items() if value is not None}})
     result = tune(config, retrain=args.retrain)
     best = result.best
     say(f"best of {len({r.trial for r in result.results})} trials: trial {best.trial} "
@@ -317,7 +336,7 @@ def _ingest(args: argparse.Namespace) -> None:
                             time_col=args.time_col, delimiter=args.delimiter, duplicates=args.duplicates,
                             rejects=args.rejects, chunk_bytes=args.chunk_mb << 20, id_maps=args.id_maps)
     cluster = load_config(None).with_values(_command_line_values(args)).cluster
-    with new_output(args.out), open_executor(cluster, estimated_ratings(args.sources)) as executor:
+    with new_output(args.out), open_executor(cluster, estimated_ratings(args.sources), estimated=True) as executor:
         dataset = ingest(executor, args.sources, options, args.out, replace=False)
     meta = dataset.meta
     line = (f"{dataset.n_ratings:,} ratings of {dataset.n_users:,} users × {dataset.n_items:,} items in {args.out}")
@@ -328,77 +347,90 @@ def _ingest(args: argparse.Namespace) -> None:
     say(line)
 
 
+def _configs(args: argparse.Namespace) -> None:
+    for name, path in shipped_configs().items():
+        say(f"{name:<16} {config_description(path)}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    rate = args.rate or calibrate(args.k)
+    d = args.d or auto_d(int(args.ratings))
+    sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
+                 args.threads_per_worker, args.train_fraction, rate, args.hop_ms / 1e3, args.bandwidth)
+    for label, value in sized.rows():
+        say(f"{label:<40} {value}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.app.report import report
+
+    written, warning = report(args.run_dir, args.out)
+    say("\n".join(str(path) for path in written))
+    if warning:
+        log.warning("%s", warning)
+
+
+def _fold_in(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.serving.foldin import fold_in_run
+
+    folded = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
+    say(f"{folded.added:,} {args.side} folded in from {folded.ratings_used:,} ratings; model in "
+        f"{args.out / 'model'}")
+
+
+def _recommend(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.serving.recommend import recommend
+
+    named = args.scheduler or args.scheduler_file
+    cluster = load_config(None).with_values(_command_line_values(args)).cluster if named else None
+    lists = recommend(args.run_dir, args.top, args.out, args.users, cluster)
+    say(f"top {args.top} for {lists.n_users:,} users ({lists.n_rows:,} rows) in {lists.out}, "
+        f"computed in {lists.seconds:.1f}s")
+
+
+def _predict(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.serving.predict import predict
+
+    predicted = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
+    say(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
+        f"users, {predicted.unknown_items:,} unknown items)")
+
+
+def _nightly(args: argparse.Namespace) -> None:
+    from funkflow.pipeline.app.nightly import nightly
+
+    config = load_config(args.config, args.overrides).with_values(_command_line_values(args))
+    summary = nightly(config, args.export, args.format, args.runs, args.warm_epochs, args.date)
+    if summary is not None:
+        _print_summary(summary, str(args.runs / "latest"))
+
+
+def _stages(args: argparse.Namespace) -> None:
+    """run, train, evaluate, export: the chain of stages up to the verb's."""
+    from funkflow.pipeline.app.stages import run_pipeline
+
+    config = load_config(_config_of(args), args.overrides).with_values(_command_line_values(args))
+    summary = run_pipeline(config, STAGE_VERBS[args.verb][0], resume=args.resume, force=args.force,
+                           report=args.report, retrain=args.retrain)
+    if summary is not None:
+        _print_summary(summary, config.output.run_dir)
+    else:
+        say(f"run directory: {config.output.run_dir}")
+
+
+VERBS: dict[str, Callable[[argparse.Namespace], None]] = {
+    **{verb: _stages for verb in STAGE_VERBS},
+    "tune": _tune, "nightly": _nightly, "configs": _configs, "generate": _generate, "ingest": _ingest,
+    "predict": _predict, "recommend": _recommend, "fold-in": _fold_in, "report": _report, "plan": _plan,
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure(args.log_format, args.quiet)
     try:
-        if args.verb == "generate":
-            _generate(args)
-            return EXIT_OK
-        if args.verb == "ingest":
-            _ingest(args)
-            return EXIT_OK
-        if args.verb == "configs":
-            for name, path in shipped_configs().items():
-                say(f"{name:<16} {path.read_text(encoding='utf-8').splitlines()[0].lstrip('# ')}")
-            return EXIT_OK
-        if args.verb == "plan":
-            rate = args.rate or calibrate(args.k)
-            d = args.d or auto_d(int(args.ratings))
-            sized = Plan(int(args.ratings), int(args.users), int(args.items), args.k, d, args.workers,
-                         args.threads_per_worker, args.train_fraction, rate, args.hop_ms / 1e3, args.bandwidth)
-            for label, value in sized.rows():
-                say(f"{label:<40} {value}")
-            return EXIT_OK
-        if args.verb == "report":
-            from funkflow.pipeline.app.report import report as write_report
-
-            png, page = write_report(args.run_dir, args.out)
-            say(f"{png}\n{page}")
-            return EXIT_OK
-        if args.verb == "fold-in":
-            from funkflow.pipeline.serving.foldin import fold_in_run
-
-            folded = fold_in_run(args.run_dir, args.ratings, args.out, args.side, _rating_scale(args.rating_scale))
-            say(f"{folded.added:,} {args.side} folded in from {folded.ratings_used:,} ratings; model in "
-                  f"{args.out / 'model'}")
-            return EXIT_OK
-        if args.verb == "recommend":
-            from funkflow.pipeline.serving.recommend import recommend
-
-            cluster = load_config(None).with_values(_command_line_values(args)).cluster if args.scheduler else None
-            lists = recommend(args.run_dir, args.top, args.out, args.users, cluster)
-            say(f"top {args.top} for {lists.n_users:,} users ({lists.n_rows:,} rows) in {lists.out}, "
-                  f"computed in {lists.seconds:.1f}s")
-            return EXIT_OK
-        if args.verb == "predict":
-            from funkflow.pipeline.serving.predict import predict
-
-            predicted = predict(args.run_dir, args.pairs, args.out, args.user_col, args.item_col)
-            say(f"{predicted.n_pairs:,} predictions in {predicted.out} ({predicted.unknown_users:,} unknown "
-                  f"users, {predicted.unknown_items:,} unknown items)")
-            return EXIT_OK
-        if args.verb == "nightly":
-            from funkflow.pipeline.app.nightly import nightly
-
-            config = load_config(args.config, args.overrides).with_values(_command_line_values(args))
-            summary = nightly(config, args.export, args.format, args.runs, args.warm_epochs, args.date)
-            if summary is not None:
-                _print_summary(summary, str(args.runs / "latest"))
-            return EXIT_OK
-        config = load_config(_config_of(args), args.overrides).with_values(_command_line_values(args))
-        if args.verb == "tune":
-            _tune(config, args)
-            return EXIT_OK
-        from funkflow.pipeline.app.stages import run_pipeline
-
-        last = STAGE_VERBS[args.verb][0]
-        summary = run_pipeline(config, last, resume=args.resume, force=args.force, report=args.report,
-                               retrain=args.retrain)
-        if summary is not None:
-            _print_summary(summary, config.output.run_dir)
-        else:
-            say(f"run directory: {config.output.run_dir}")
+        VERBS[args.verb](args)
+        return EXIT_OK
     except FunkflowError as exc:
         say(f"funkflow: error: {exc}", error=True)
         return exc.exit_code

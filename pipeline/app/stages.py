@@ -391,12 +391,13 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
         return _refit(config, last, resume, force, report, callbacks, executor, retrain)
     # Everything that can be checked without the cluster is checked before it starts, and the data's size
     # found, for the choice between a cluster and this process when cluster.scheduler is unset.
+    estimated = False
     if config.data.generate is not None:
         n_ratings = synthetic_spec(config.data.generate).n_ratings
     elif config.data.format == "canonical":
         n_ratings = open_dataset(config.data.dataset_dir()).n_ratings
     else:
-        n_ratings = estimated_ratings(config.data.sources())
+        n_ratings, estimated = estimated_ratings(config.data.sources()), True
         ingest_options(config.data).scale()
     if config.train.d != "auto" and (config.data.generate is not None or config.data.format == "canonical"):
         check_d(config.train.d, n_ratings)  # known exactly: refused before anything starts
@@ -417,7 +418,7 @@ def run_pipeline(config: Config, last: str = "evaluate", resume: bool = False, f
         started = time.time()
         pipeline: Pipeline | None = None
         try:
-            with _executor(config, executor, n_ratings) as running, _performance_report(report):
+            with _executor(config, executor, n_ratings, estimated) as running, _performance_report(report):
                 update_text(dump_config(config), run.root / "config.yaml")
                 if running.dashboard_link:
                     log.info("Dask dashboard: %s (%d worker(s), %d threads)", running.dashboard_link,
@@ -462,11 +463,11 @@ def _refit(config: Config, last: str, resume: bool, force: bool, report: Path | 
 
 
 @contextlib.contextmanager
-def _executor(config: Config, given: Executor | None, n_ratings: int) -> Iterator[Executor]:
+def _executor(config: Config, given: Executor | None, n_ratings: int, estimated: bool) -> Iterator[Executor]:
     if given is not None:
         yield given
         return
-    with open_executor(config.cluster, n_ratings) as executor:
+    with open_executor(config.cluster, n_ratings, estimated) as executor:
         yield executor
 
 

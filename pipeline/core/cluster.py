@@ -269,19 +269,22 @@ def dask_setup(worker: Any) -> None:
 
 
 @contextlib.contextmanager
-def open_executor(cfg: ClusterConfig, n_ratings: int | None = None) -> Iterator[Executor]:
+def open_executor(cfg: ClusterConfig, n_ratings: int | None = None, estimated: bool = False) -> Iterator[Executor]:
     """Connect to ``cfg.scheduler``, start a LocalCluster (``local``), or run in-process (``inprocess``).
 
     Unset, the choice goes by size: in-process below ``SMALL_RATINGS`` ratings (``n_ratings``, when the
-    caller knows it), a LocalCluster otherwise. Factors are the same bits either way for a given d.
+    caller knows it, or ``estimated`` from the files' sizes), a LocalCluster otherwise. Factors are the same
+    bits either way for a given d.
     """
     automatic = cfg.scheduler is None and cfg.scheduler_file is None
     if cfg.scheduler == IN_PROCESS or (automatic and n_ratings is not None and n_ratings < SMALL_RATINGS):
         n_workers, threads_per_worker = local_shape(cfg)
         threads = n_workers * threads_per_worker
         if automatic:
-            log.info("%s ratings, below %s: running in this process on %d threads, no cluster "
-                     "(cluster.scheduler: local starts one anyway)", f"{n_ratings:,}", f"{SMALL_RATINGS:,}", threads)
+            size = f"about {float(f'{n_ratings:.2g}'):,.0f} ratings (from the files' sizes)" if estimated \
+                else f"{n_ratings:,} ratings"
+            log.info("%s, below %s: running in this process on %d threads, no cluster "
+                     "(cluster.scheduler: local starts one anyway)", size, f"{SMALL_RATINGS:,}", threads)
         executor = InProcessExecutor(threads)
         try:
             yield executor
