@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 from _bench_data import dataset_at
-from bench_libmf import split_arrays, time_funkflow, time_libmf
+from _libmf import split_arrays, time_funkflow, time_libmf
 from peak_rss import _tree_rss
 
 PEERS = {"funkflow": "funkflow", "LIBMF": "libmf", "LIBMF AVX": "libmf", "Surprise": "surprise",

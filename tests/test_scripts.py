@@ -18,8 +18,6 @@ TINY = ["--scale", "0.0005"]
 
 @pytest.mark.parametrize("script,args,row", [
     ("bench_kernel.py", [*TINY, "--k", "8", "--repeat", "1"], "| 8 |"),
-    ("bench_epoch.py", [*TINY, "--epochs", "2", "--workers", "2"], "| 2 |"),
-    ("bench_libmf.py", [*TINY, "--epochs", "2", "--threads", "1"], "| 1 |"),
     ("bench_scheduler_memory.py", ["--epochs", "2"], "| 2 |"),
     ("bench_checkpoint.py", [*TINY, "--epochs", "2"], "| 2 |"),
     ("bench_scale.py", ["--ratings", "20000", "--epochs", "2", "--d", "4", "--workers", "2", "--delays-ms", "0", "1"],
