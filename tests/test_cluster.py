@@ -125,44 +125,34 @@ def _dask_cli_cluster(tmp_path: Path, protocol: str = "tcp", tls: list[str] = ()
         yield address, scheduler_file
 
 
-@pytest.fixture
-def dask_cli_cluster(tmp_path):
-    """A real `dask scheduler` and two `dask worker` processes on 127.0.0.1."""
-    with _dask_cli_cluster(tmp_path) as (address, _):
-        yield address
-
-
-def test_cli_on_dask_scheduler_and_workers_matches_in_process(in_process_run, dask_cli_cluster, tmp_path):
+def test_cli_on_dask_scheduler_and_workers_matches_in_process_and_resolves_paths_as_the_driver(
+        in_process_run, tmp_path):
+    """A real `dask scheduler` and two `dask worker` processes started in another directory: the CLI's model
+    is the in-process one to the last bit, and relative paths are the driver's (the driver resolves every
+    local path before it submits anything; a worker would resolve it against its own directory)."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
     overrides = ["data.generate.n_users=300", "data.generate.n_items=120", "data.generate.n_ratings=12000",
                  "data.generate.max_user_fraction=0.5", "data.generate.ratings_per_part=5000", "model.k=8",
                  "train.epochs=4", "train.d=4"]
-    cmd = [sys.executable, "-m", "funkflow", "run", "--scheduler", dask_cli_cluster,
-           "--run-dir", str(tmp_path / "run")]
-    for o in overrides:
-        cmd += ["--set", o]
-    # From tmp_path: `python -m` puts the working directory first on sys.path, and the
-    # suite tests the installed package, not the checkout.
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stderr
-    assert "test RMSE" in done.stdout
-    _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
-
-
-def test_relative_paths_on_an_existing_cluster_are_the_drivers(tmp_path):
-    """Workers started elsewhere resolve a relative path against their own working directory; the driver
-    resolves every local path before it submits anything, so data and run directory are where it says."""
-    (tmp_path / "elsewhere").mkdir()
-    (tmp_path / "here").mkdir()
     rng = np.random.default_rng(1)
     rows = np.column_stack([rng.integers(1, 300, 6000), rng.integers(1, 100, 6000), rng.integers(1, 6, 6000)])
     np.savetxt(tmp_path / "here" / "ratings.csv", rows, fmt="%d", delimiter=",", header="user,item,rating",
                comments="")
     with _dask_cli_cluster(tmp_path, cwd=tmp_path / "elsewhere") as (address, _):
-        done = subprocess.run([sys.executable, "-m", "funkflow", "run", "--scheduler", address, "--run-dir", "run",
-                               "--set", "data.source=ratings.csv", "--set", "data.format=csv", "--set", "model.k=4",
-                               "--set", "train.epochs=2", "--set", "train.d=2"],
-                              cwd=tmp_path / "here", capture_output=True, text=True, timeout=240, env=cli_env())
-    assert done.returncode == 0, done.stderr
+        # From tmp_path: `python -m` puts the working directory first on sys.path, and the
+        # suite tests the installed package, not the checkout.
+        same = subprocess.run([sys.executable, "-m", "funkflow", "run", "--scheduler", address,
+                               "--run-dir", str(tmp_path / "run"), *(a for o in overrides for a in ("--set", o))],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=240, env=cli_env())
+        relative = subprocess.run([sys.executable, "-m", "funkflow", "run", "--scheduler", address, "--run-dir",
+                                   "run", "--set", "data.source=ratings.csv", "--set", "data.format=csv", "--set",
+                                   "model.k=4", "--set", "train.epochs=2", "--set", "train.d=2"],
+                                  cwd=tmp_path / "here", capture_output=True, text=True, timeout=240, env=cli_env())
+    assert same.returncode == 0, same.stderr
+    assert "test RMSE" in same.stdout
+    _assert_bit_identical(_factors(tmp_path / "run"), _factors(in_process_run))
+    assert relative.returncode == 0, relative.stderr
     assert (tmp_path / "here" / "run" / "blocks" / "blocks.json").is_file()
     assert not any((tmp_path / "elsewhere").rglob("blocks.json"))
 
@@ -402,25 +392,20 @@ def test_tls_scheduler_by_scheduler_file_with_and_without_security(tmp_path, cap
     tls = ["--tls-ca-file", str(certs["ca"]), "--tls-cert", str(certs["cert"]), "--tls-key", str(certs["key"])]
     security = Security(tls_ca_file=str(certs["ca"]), tls_client_cert=str(certs["cert"]),
                         tls_client_key=str(certs["key"]), require_encryption=True)
-    base = [sys.executable, "-m", "funkflow", "run", *(a for s in TINY_SETS for a in ("--set", s))]
-    with _dask_cli_cluster(tmp_path, "tls", tls, security) as (address, scheduler_file):
-        bare = subprocess.run([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "bare")],
-                              cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        assert bare.returncode == 78
-        assert f"the scheduler at {address} speaks TLS: set cluster.tls.ca_file" in bare.stderr
-        secured = subprocess.run([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "ok"),
-                                  "--set", f"cluster.tls.ca_file={certs['ca']}",
-                                  "--set", f"cluster.tls.cert={certs['cert']}",
-                                  "--set", f"cluster.tls.key={certs['key']}"],
-                                 cwd=tmp_path, capture_output=True, text=True, timeout=240)
-        assert secured.returncode == 0, secured.stderr
-        assert "test RMSE" in secured.stdout
-        secure = [a for key, name in (("ca_file", "ca"), ("cert", "cert"), ("key", "key"))
-                  for a in ("--set", f"cluster.tls.{key}={certs[name]}")]
     from funkflow.pipeline.app.cli import main
 
-    code = main(["run", *(a for s in TINY_SETS for a in ("--set", s)), "--scheduler",
-                 address.replace("tls://", "tcp://"), "--run-dir", str(tmp_path / "plain"), *secure])
+    # The runs are main() in this process: what is tested is the client's TLS, not an interpreter's start-up.
+    base = ["run", *(a for s in TINY_SETS for a in ("--set", s))]
+    secure = [a for key, name in (("ca_file", "ca"), ("cert", "cert"), ("key", "key"))
+              for a in ("--set", f"cluster.tls.{key}={certs[name]}")]
+    with _dask_cli_cluster(tmp_path, "tls", tls, security) as (address, scheduler_file):
+        capsys.readouterr()
+        assert main([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "bare")]) == 78
+        assert f"the scheduler at {address} speaks TLS: set cluster.tls.ca_file" in capsys.readouterr().err
+        assert main([*base, "--scheduler-file", str(scheduler_file), "--run-dir", str(tmp_path / "ok"), *secure]) == 0
+        assert "test RMSE" in capsys.readouterr().out
+    code = main([*base, "--scheduler", address.replace("tls://", "tcp://"), "--run-dir", str(tmp_path / "plain"),
+                 *secure])
     err = capsys.readouterr().err
     assert code == 78 and "Traceback" not in err  # refused before it connects: the cluster is gone by now
     assert "cluster.tls is set but the scheduler address tcp://127.0.0.1:" in err
