@@ -55,7 +55,7 @@ def test_resume_ends_with_the_same_bits(tiny_config, uninterrupted, tmp_path):
     assert _metrics(tmp_path / "run") == _metrics(uninterrupted)
 
 
-@pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "wrong checksum"])
+@pytest.mark.parametrize("damage", ["no manifest", "truncated npy", "wrong checksum", "state lacks a field"])
 def test_damaged_checkpoint_is_skipped_for_the_one_before(tiny_config, uninterrupted, tmp_path, caplog, damage):
     caplog.set_level(logging.INFO, logger="funkflow")
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3"))
@@ -65,6 +65,16 @@ def test_damaged_checkpoint_is_skipped_for_the_one_before(tiny_config, uninterru
         (newest / "manifest.json").unlink()
     elif damage == "truncated npy":
         target.write_bytes(target.read_bytes()[:-7])
+    elif damage == "state lacks a field":  # and a manifest rewritten to match: only the state is wrong
+        import hashlib
+        import json
+
+        state = json.loads((newest / "state.json").read_text())
+        del state["rollbacks"]
+        (newest / "state.json").write_text(json.dumps(state))
+        manifest = json.loads((newest / "manifest.json").read_text())
+        manifest["files"]["state.json"] = hashlib.sha256((newest / "state.json").read_bytes()).hexdigest()
+        (newest / "manifest.json").write_text(json.dumps(manifest))
     else:
         data = bytearray(target.read_bytes())
         data[-1] ^= 0xFF

@@ -14,7 +14,8 @@ from funkflow.pipeline.app.stages import run_pipeline
 from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.core.errors import EXIT_DATAERR, EXIT_DIVERGED, EXIT_OK, ConfigError, TrainingDiverged
 from funkflow.pipeline.serving.model import read_model
-from funkflow.pipeline.training.train import EpochReport, _bold_driver_factor
+from funkflow.pipeline.training.records import EpochReport
+from funkflow.pipeline.training.train import _bold_driver_factor
 
 
 def test_run_writes_the_documented_run_directory(tiny_config, tmp_path):

@@ -42,7 +42,7 @@ from funkflow.pipeline.serving.model import (
     score_pairs,
     write_factors,
 )
-from funkflow.pipeline.training.train import EpochReport
+from funkflow.pipeline.training.records import EpochReport
 from funkflow.tasks.idmap import in_id_type, index_of, sorted_distinct
 from funkflow.tasks.io import write_parquet
 

@@ -50,7 +50,8 @@ from funkflow.pipeline.serving.model import export_model, read_id_maps, verify_m
 from funkflow.pipeline.training.checkpoints import Checkpoint, CheckpointStore, open_storage
 from funkflow.pipeline.training.placement import BlockPlacement
 from funkflow.pipeline.training.plan import auto_d, check_d
-from funkflow.pipeline.training.train import EpochReport, TrainResult, WarmStart, train
+from funkflow.pipeline.training.records import EpochReport
+from funkflow.pipeline.training.train import TrainResult, WarmStart, train
 from funkflow.tasks.artifacts import MANIFEST, MODEL_JSON
 from funkflow.tasks.checkpoint_io import BlockWriter
 from funkflow.tasks.idmap import index_of
@@ -270,7 +271,7 @@ class Pipeline:
         def work() -> dict[str, Any]:
             store, checkpoint = self._checkpoints(blocks, upstream)
             progress = _Progress(self.run, self.config.train.epochs,
-                                 [EpochReport(**r).row() for r in checkpoint.state["history"]] if checkpoint else [],
+                                 [r.row() for r in checkpoint.state.history] if checkpoint else [],
                                  self.callbacks)
             def save(result: TrainResult, write_blocks: BlockWriter) -> None:
                 global_mean = blocks.global_mean if self.config.model.use_bias else 0.0
@@ -303,7 +304,7 @@ class Pipeline:
         def work() -> dict[str, Any]:
             global_mean = blocks.global_mean if self.config.model.use_bias else 0.0
             return evaluate(self.executor, placement, self.row_blocks(placement), self.run.model, global_mean,
-                            blocks.meta["has_expected"], self.config.evaluate, self.config.split.seed)
+                            blocks.meta["has_expected"], self.config.evaluate, self.config.split.seed).as_json()
 
         fingerprint = _chain(upstream, self.config.fingerprint("evaluate"))
         record = self._stage("evaluate", fingerprint, work, self.run.stage_record("evaluate"))

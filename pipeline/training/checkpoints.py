@@ -25,6 +25,7 @@ import fsspec
 from funkflow.pipeline.core.config import differences
 from funkflow.pipeline.core.errors import ConfigError, OutputError
 from funkflow.pipeline.core.rundir import MARK
+from funkflow.pipeline.training.records import LoopState
 from funkflow.tasks.io import put_bytes
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,11 @@ def open_storage(url: str, key: str) -> tuple[fsspec.AbstractFileSystem, str]:
 @dataclass(frozen=True)
 class Checkpoint:
     url: str
-    epoch: int
-    state: dict[str, Any]
+    state: LoopState
+
+    @property
+    def epoch(self) -> int:
+        return self.state.epoch
 
 
 class CheckpointStore:
@@ -112,13 +116,13 @@ class CheckpointStore:
         self.fs.pipe_file(f"{path}/{MARK}", b"made by funkflow; it may replace or remove this directory\n")
         return self._url(path)
 
-    def commit(self, epoch: int, files: dict[str, str], state: dict[str, Any],
-               protect: int | None = None) -> Checkpoint:
-        """Finish epoch ``epoch``'s checkpoint, whose blocks the workers wrote (``files``: name → SHA-256):
-        ``state.json``, then the manifest that makes it exist. Keep the newest ``keep`` and epoch ``protect``."""
+    def commit(self, files: dict[str, str], state: LoopState, protect: int | None = None) -> Checkpoint:
+        """Finish the checkpoint of epoch ``state.epoch``, whose blocks the workers wrote (``files``: name →
+        SHA-256): ``state.json``, then the manifest that makes it exist. Keep the newest ``keep`` and epoch
+        ``protect``."""
+        epoch = state.epoch
         path = f"{self.root}/epoch-{epoch:06d}"
-        state = {**state, "epoch": epoch}
-        state_bytes = json.dumps(state, indent=2, sort_keys=True).encode()
+        state_bytes = json.dumps(state.as_json(), indent=2, sort_keys=True).encode()
         put_bytes(self.fs, f"{path}/{STATE}", state_bytes)
         files = {**files, STATE: hashlib.sha256(state_bytes).hexdigest()}
         manifest = {"epoch": epoch, "identity": self.identity, "layout": self.layout, "files": files}
@@ -126,7 +130,7 @@ class CheckpointStore:
         for old in self._epoch_dirs()[self.keep:]:
             if protect is None or not old.rstrip("/").endswith(f"epoch-{protect:06d}"):
                 self._remove(old)
-        return Checkpoint(self._url(path), epoch, state)
+        return Checkpoint(self._url(path), state)
 
     def _verified(self, path: str, strict: bool = True) -> Checkpoint | None:
         url = self._url(path)
@@ -144,8 +148,11 @@ class CheckpointStore:
                     log.warning("skipping checkpoint %s: %s is missing or fails its checksum", url, name)
                     return None
             saved_identity, saved_layout = manifest["identity"], manifest["layout"]
-        except (KeyError, AttributeError, TypeError) as exc:
-            log.warning("skipping checkpoint %s: malformed manifest (%r)", url, exc)
+            state = LoopState.from_json(json.loads(self.fs.cat_file(f"{path}/{STATE}")))
+            if state.epoch != int(manifest["epoch"]):
+                raise ValueError(f"{STATE} is of epoch {state.epoch}, the manifest of {manifest['epoch']}")
+        except (KeyError, AttributeError, TypeError, ValueError) as exc:
+            log.warning("skipping checkpoint %s: malformed manifest or state (%r)", url, exc)
             return None
         layout = differences(saved_layout, self.layout, "checkpoint has")
         changed = differences(saved_identity, self.identity, "checkpoint has")
@@ -161,7 +168,7 @@ class CheckpointStore:
                               + "\nrun without --resume to start afresh, or add --force to resume anyway")
         if changed:
             log.warning("--force: resuming from %s despite:\n  %s", url, "\n  ".join(changed))
-        return Checkpoint(url, int(manifest["epoch"]), json.loads(self.fs.cat_file(f"{path}/{STATE}")))
+        return Checkpoint(url, state)
 
     def latest(self, max_epoch: int | None = None, strict: bool = True) -> Checkpoint | None:
         """The newest checkpoint that verifies (up to ``max_epoch``), or None.

@@ -26,7 +26,7 @@ import math
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -45,6 +45,7 @@ from funkflow.pipeline.training.exchange import (
     write_version_share,
 )
 from funkflow.pipeline.training.placement import BlockPlacement, row_sum
+from funkflow.pipeline.training.records import EpochReport, LoopState
 from funkflow.tasks.artifacts import FileEntry
 from funkflow.tasks.blocks import TRAIN, VALIDATION
 from funkflow.tasks.checkpoint_io import BlockWriter
@@ -59,20 +60,6 @@ log = logging.getLogger(__name__)
 _EXPLODED_FACTOR = 2.0
 # Times training starts again on the workers that are left before the run gives up (exit 75).
 _MAX_RESTARTS = 3
-
-
-@dataclass(frozen=True)
-class EpochReport:
-    epoch: int
-    train_rmse: float
-    val_rmse: float | None
-    lr: float
-    seconds: float
-    ratings_per_second: float
-
-    def row(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "train_rmse": self.train_rmse, "val_rmse": self.val_rmse, "lr": self.lr,
-                "seconds": round(self.seconds, 4), "ratings_per_second": round(self.ratings_per_second, 1)}
 
 
 @dataclass(frozen=True)
@@ -269,18 +256,17 @@ class _Loop:
     @classmethod
     def resumed(cls, checkpoint: Checkpoint, cfg: TrainConfig) -> _Loop:
         state = checkpoint.state
-        lr = state["lr"]
-        if state["train_lr"] != cfg.lr:  # a forced resume with a new train.lr starts the step size afresh
-            log.warning("train.lr changed from %g to %g: step size reset to %g", state["train_lr"], cfg.lr, cfg.lr)
+        lr = state.lr
+        if state.train_lr != cfg.lr:  # a forced resume with a new train.lr starts the step size afresh
+            log.warning("train.lr changed from %g to %g: step size reset to %g", state.train_lr, cfg.lr, cfg.lr)
             lr = cfg.lr
-        best = None if state["best_epoch"] is None else (state["best_val"], state["best_epoch"])
-        return cls(checkpoint.epoch, lr, state["rollbacks"], state["exploded_at"],
-                   [EpochReport(**row) for row in state["history"]], best)
+        best = None if state.best_epoch is None or state.best_val is None else (state.best_val, state.best_epoch)
+        return cls(state.epoch, lr, state.rollbacks, state.exploded_at, list(state.history), best)
 
-    def state(self, cfg: TrainConfig) -> dict[str, Any]:
-        return {"lr": self.lr, "train_lr": cfg.lr, "rollbacks": self.rollbacks, "exploded_at": self.exploded_at,
-                "history": [asdict(r) for r in self.history],
-                "best_epoch": self.best[1] if self.best else None, "best_val": self.best[0] if self.best else None}
+    def state(self, cfg: TrainConfig) -> LoopState:
+        return LoopState(epoch=self.epoch, lr=self.lr, train_lr=cfg.lr, rollbacks=self.rollbacks,
+                         exploded_at=self.exploded_at, history=tuple(self.history),
+                         best_epoch=self.best[1] if self.best else None, best_val=self.best[0] if self.best else None)
 
     def roll_back(self, cfg: TrainConfig, epoch: int, train_rmse: float) -> None:
         """The epoch after ``epoch`` diverged: halve the step for another try, or raise after the last."""
@@ -350,7 +336,7 @@ class _Checkpointing(_Callback):
 
     def __init__(self, store: CheckpointStore, cfg: TrainConfig) -> None:
         self.store, self.cfg = store, cfg
-        self.unwritten: dict[int, dict[str, Any]] = {}  # epoch → the loop's state after it, until committed
+        self.unwritten: dict[int, LoopState] = {}  # epoch → the loop's state after it, until committed
 
     def write_start_to(self, epoch: int) -> str | None:
         return self.store.prepare(epoch) if epoch in self.unwritten else None
@@ -370,7 +356,7 @@ class _Checkpointing(_Callback):
 
     def _commit(self, epoch: int, files: dict[str, str], loop: _Loop) -> None:
         began = time.perf_counter()
-        self.store.commit(epoch, files, self.unwritten.pop(epoch), protect=loop.best[1] if loop.best else None)
+        self.store.commit(files, self.unwritten.pop(epoch), protect=loop.best[1] if loop.best else None)
         log.debug("checkpoint of epoch %d committed in %.3fs", epoch, time.perf_counter() - began)
 
 
