@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,31 @@ from funkflow.tasks.blocks import TEST
 from funkflow.tasks.io import read_json
 from funkflow.tasks.measure import MEASURED_SPLITS, Measured, MeasurePlan, Ranking
 from funkflow.tasks.recommend import RANKERS, by_popularity
+
+
+@dataclass(frozen=True)
+class Errors:
+    rmse: float
+    mae: float
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What evaluate measured: the model's test RMSE and MAE (None without test ratings) and its training
+    RMSE, each baseline's test errors by name, the floor for data with a known true model, and the ranking
+    metrics when asked for (``k``, ``relevance_threshold``, ``users``, then by ranker its precision, recall,
+    NDCG, MAP and coverage)."""
+
+    test_rmse: float | None
+    test_mae: float | None
+    train_rmse: float | None
+    n_test: int
+    baselines: dict[str, Errors]
+    floor_rmse: float | None = None
+    ranking: dict[str, Any] | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 def _item_sums(executor: Executor, placement: BlockPlacement, row_blocks: list[Any],
@@ -74,7 +100,7 @@ def _ranking_result(measured: list[Measured], cfg: EvaluateConfig, n_items: int)
 
 def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any], model_dir: Path,
              global_mean: float, has_expected: bool, cfg: EvaluateConfig | None = None,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0) -> Evaluation:
     """Test metrics of the model in ``model_dir`` and of the baselines; ranking metrics with ``cfg``.
 
     The model's column blocks pass each worker's rows once (:mod:`funkflow.tasks.measure`): error sums and,
@@ -97,18 +123,14 @@ def evaluate(executor: Executor, placement: BlockPlacement, row_blocks: list[Any
                                 name="baseline_errors")
     base = row_sum(np.stack(executor.gather(futures)))
 
-    def metrics(sums: np.ndarray) -> dict[str, float]:
-        return {"rmse": math.sqrt(sums[0] / sums[2]), "mae": sums[1] / sums[2]}
+    def errors_of(sums: np.ndarray) -> Errors:
+        return Errors(rmse=math.sqrt(sums[0] / sums[2]), mae=float(sums[1] / sums[2]))
 
-    results: dict[str, Any] = {
-        "test_rmse": math.sqrt(sse / n) if n else None,
-        "test_mae": sae / n if n else None,
-        "train_rmse": math.sqrt(train_sse / n_train) if n_train else None,
-        "n_test": int(n),
-        "baselines": {name: metrics(base[i]) for i, name in enumerate(BASELINES[:2])} if n else {},
-    }
-    if has_expected and n:
-        results["floor_rmse"] = metrics(base[BASELINES.index("floor")])["rmse"]
-    if ranking is not None and cfg is not None:
-        results["ranking"] = _ranking_result(measured, cfg, b.n_items)
-    return results
+    return Evaluation(
+        test_rmse=math.sqrt(sse / n) if n else None,
+        test_mae=float(sae / n) if n else None,
+        train_rmse=math.sqrt(train_sse / n_train) if n_train else None,
+        n_test=int(n),
+        baselines={name: errors_of(base[i]) for i, name in enumerate(BASELINES[:2])} if n else {},
+        floor_rmse=errors_of(base[BASELINES.index("floor")]).rmse if has_expected and n else None,
+        ranking=_ranking_result(measured, cfg, b.n_items) if ranking is not None and cfg is not None else None)
