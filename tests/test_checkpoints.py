@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import subprocess
@@ -66,9 +67,6 @@ def test_damaged_checkpoint_is_skipped_for_the_one_before(tiny_config, uninterru
     elif damage == "truncated npy":
         target.write_bytes(target.read_bytes()[:-7])
     elif damage == "state lacks a field":  # and a manifest rewritten to match: only the state is wrong
-        import hashlib
-        import json
-
         state = json.loads((newest / "state.json").read_text())
         del state["rollbacks"]
         (newest / "state.json").write_text(json.dumps(state))
