@@ -323,3 +323,23 @@ def test_refit_follows_the_step_sizes_of_the_training_that_chose_its_epochs(tiny
     selected = steps(run_dir / "selection")
     assert len(set(selected[:kept])) > 1  # the bold driver moved the step while validation watched
     assert steps(run_dir) == selected[:kept]
+
+
+def test_each_in_process_executor_holds_its_own_extensions():
+    """In-process, a worker plugin lives on its executor, found by that executor's tasks as a Dask task finds
+    its worker's: no state shared through the module between runs."""
+    from funkflow.pipeline.core.cluster import InProcessExecutor, in_process_extension
+
+    class Probe:
+        name = "probe"
+
+    ours, other = InProcessExecutor(), InProcessExecutor(2)
+    plugin = Probe()
+    ours.register_worker_plugin(plugin)
+    ours.register_worker_plugin(Probe())  # a second registration keeps the first, as on Dask
+    assert ours.gather([ours.submit(in_process_extension, "probe", name="probe")]) == [plugin]
+    with pytest.raises(RuntimeError, match="no probe here"):
+        other.gather([other.submit(in_process_extension, "probe", name="probe")])
+    with pytest.raises(RuntimeError, match="no probe here"):
+        in_process_extension("probe")  # outside any task
+    other.close()

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -85,14 +86,23 @@ class Executor(Protocol):
 
     def register_worker_plugin(self, plugin: Any) -> None:
         """Install ``plugin`` (a ``distributed.WorkerPlugin``) on every worker, now and on workers that join
-        later; in-process, tasks share this process and need none."""
+        later; in-process, on the executor itself, where its tasks find it (:func:`in_process_extension`)."""
 
     def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
         """Call ``report(done, total)`` as the tasks end."""
 
 
-def _call(fn: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
-    return fn(*(_resolve(a) for a in args), **{key: _resolve(value) for key, value in kwargs.items()})
+# The InProcessExecutor whose task the calling thread runs: what a Dask task finds with get_worker().
+_running = threading.local()
+
+
+def in_process_extension(name: str) -> Any:
+    """The extension ``name`` of the InProcessExecutor running the calling task, as a task on a Dask worker
+    finds its worker's in ``worker.extensions``."""
+    executor = getattr(_running, "executor", None)
+    if executor is None or name not in executor.extensions:
+        raise RuntimeError(f"no {name} here: the task does not run on an InProcessExecutor that installed it")
+    return executor.extensions[name]
 
 
 class InProcessExecutor:
@@ -109,13 +119,22 @@ class InProcessExecutor:
     def __init__(self, threads: int = 1) -> None:
         self.threads: dict[str | None, int] = {None: threads}
         self.total_threads = threads
+        self.extensions: dict[str, Any] = {}  # by name, as a Dask worker's: the plugins registered here
         self._pool = (concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="funkflow-task")
                       if threads > 1 else None)
 
+    def _call(self, fn: Callable, args: tuple, kwargs: dict[str, Any]) -> Any:
+        outer = getattr(_running, "executor", None)
+        _running.executor = self
+        try:
+            return fn(*(_resolve(a) for a in args), **{key: _resolve(value) for key, value in kwargs.items()})
+        finally:
+            _running.executor = outer
+
     def submit(self, fn: Callable, *args: Any, name: str, worker: str | None = None, **kwargs: Any) -> Any:
         if self._pool is None:
-            return Done(_call(fn, args, kwargs))
-        return self._pool.submit(_call, fn, args, kwargs)
+            return Done(self._call(fn, args, kwargs))
+        return self._pool.submit(self._call, fn, args, kwargs)
 
     def gather(self, futures: Sequence[Any]) -> list[Any]:
         return [_resolve(f) for f in futures]
@@ -129,13 +148,13 @@ class InProcessExecutor:
                 f.cancel()
 
     def run_everywhere(self, fn: Callable, *args: Any) -> None:
-        fn(*args)
+        self._call(fn, args, {})
 
     def refresh(self) -> None:
         pass
 
     def register_worker_plugin(self, plugin: Any) -> None:
-        pass
+        self.extensions.setdefault(plugin.name, plugin)  # a second registration keeps the first, as on Dask
 
     def watch(self, futures: Sequence[Any], report: Callable[[int, int], None]) -> None:
         pending = [f for f in futures if isinstance(f, concurrent.futures.Future)]

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from funkflow.pipeline.core.cluster import in_process_extension
 from funkflow.tasks.artifacts import FileEntry
 from funkflow.tasks.blocks import TRAIN, RowBlock
 from funkflow.tasks.epoch import (
@@ -237,16 +238,13 @@ class _Outbox:
             drain.result()
 
 
-IN_PROCESS = DSGDExchange()
-
-
 def _exchange(address: str | None) -> tuple[DSGDExchange, Any]:
     """This process's extension and its worker (None in-process); a task that Dask moved off the worker it
     was planned for raises, since the plan routes item blocks by address."""
     from distributed import get_worker
 
     if address is None:
-        return IN_PROCESS, None
+        return in_process_extension(EXTENSION), None
     worker = get_worker()
     if worker.address != address:
         raise ShareAborted(f"planned for worker {address}, which was lost; running on {worker.address}")
@@ -367,7 +365,7 @@ def received_messages(dask_worker: Any = None) -> int:
 
 def _on(dask_worker: Any) -> DSGDExchange:
     if dask_worker is None:
-        return IN_PROCESS
+        return in_process_extension(EXTENSION)
     return dask_worker.extensions.get(EXTENSION) or DSGDExchange()
 
 
