@@ -2,7 +2,7 @@
 
 ``<url>/epoch-NNNNNN/`` holds one ``user-RRRR`` factor block per row block
 (written by the worker that owns it), one ``item-CCCC`` block per column block
-(written by worker ``c mod W``),
+(written by the worker that holds it between epochs),
 ``state.json`` (epoch, step size, history, early-stopping state) and, last,
 ``manifest.json`` with the SHA-256 of every file, the run's identity and the
 arrays' layout. Each file is written whole (renamed into place on a local disk;
