@@ -183,3 +183,21 @@ def test_a_local_cluster_fills_the_cores_with_one_process_unless_told(monkeypatc
     monkeypatch.setattr("os.cpu_count", lambda: 8)
     overrides = [f"cluster.n_workers={n_workers or 'null'}", f"cluster.threads_per_worker={threads or 'null'}"]
     assert local_shape(load_config(None, overrides).cluster) == expected
+
+
+def test_every_flag_that_takes_a_value_says_its_default():
+    import argparse
+
+    from funkflow.pipeline.app.cli import build_parser
+
+    def silent(parser: argparse.ArgumentParser, verb: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [flag for name, sub in action.choices.items() for flag in silent(sub, name)]
+            elif (action.option_strings and action.nargs != 0 and not action.required
+                  and "default" not in (action.help or "")):
+                found.append(f"{verb} {action.option_strings[-1]}")
+        return found
+
+    assert silent(build_parser(), "funkflow") == []

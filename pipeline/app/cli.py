@@ -98,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
         flags.add_argument("-q", "--quiet", action="store_true", default=default or False,
                            help="only warnings and the final result")
         flags.add_argument("--log-format", choices=("text", "json"), default=default or "text",
-                           help="json: one JSON object per log line (time, level, stage, epoch, message, metrics)")
+                           help="json: one JSON object per log line (time, level, stage, epoch, message, metrics); "
+                                "default: text")
     parser.add_argument("--version", action="version", version=f"funkflow {package_version('funkflow')}")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 
