@@ -16,6 +16,7 @@ is worse on test than the shipped config on any shape. Wall times include the tr
 shared, so read them as ratios within one run.
 
     python scripts/bench_tune.py [--trials 30 100] [--shapes ml-100k ml-latest-small] [--surprise] [--out tune.md]
+        [--set train.early_stopping_patience=8]
 """
 
 from __future__ import annotations
@@ -128,9 +129,11 @@ def main() -> None:
     parser.add_argument("--surprise", action="store_true",
                         help="also Surprise's GridSearchCV over a grid of 27 (pip install scikit-surprise)")
     parser.add_argument("--out", type=Path, help="also write the Markdown table here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="change a value of the shipped config for every run (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    shipped = load_config("movielens")
+    shipped = load_config("movielens", args.overrides)
     rows = ["| shape | what | validation RMSE | test RMSE | seconds | note |",
             "| --- | --- | ---: | ---: | ---: | --- |"]
     worse = []
