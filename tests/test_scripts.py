@@ -18,6 +18,7 @@ TINY = ["--scale", "0.0005"]
 
 @pytest.mark.parametrize("script,args,row", [
     ("bench_kernel.py", [*TINY, "--k", "8", "--repeat", "1"], "| 8 |"),
+    ("bench_roofline.py", [*TINY, "--k", "8", "--repeat", "1"], "| rows only |"),
     ("bench_scheduler_memory.py", ["--epochs", "2"], "| 2 |"),
     ("bench_checkpoint.py", [*TINY, "--epochs", "2"], "| 2 |"),
     ("bench_scale.py", ["--ratings", "20000", "--epochs", "2", "--d", "4", "--workers", "2", "--delays-ms", "0", "1"],
