@@ -8,7 +8,7 @@ padded to 16, and a bias). Each worker should hold its share of the item factors
 blocks in flight, not all of them.
 
     python scripts/bench_catalogue.py [--users 400000] [--items 20000 2000000] [--ratings 8000000] [--k 64]
-        [--workers 4] [--epochs 3]
+        [--workers 4] [--epochs 3] [--last train]
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
-def peaks(dataset_root: Path, run_dir: Path, k: int, workers: int, epochs: int) -> dict[str, int]:
-    """Peak RSS of each worker process over a whole run, bytes."""
+def peaks(dataset_root: Path, run_dir: Path, k: int, workers: int, epochs: int, last: str) -> dict[str, int]:
+    """Peak RSS of each worker process over a run up to stage ``last``, bytes."""
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(None, [f"data.source={dataset_root}", "data.generate=null", f"model.k={k}",
                                 f"train.epochs={epochs}", "train.early_stopping_patience=0",
@@ -42,7 +42,7 @@ def peaks(dataset_root: Path, run_dir: Path, k: int, workers: int, epochs: int) 
     with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
                                                          dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
-        run_pipeline(config, executor=DaskExecutor(client))
+        run_pipeline(config, last, executor=DaskExecutor(client))
         return client.run(_peak_rss)
 
 
@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=64)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--last", choices=("train", "evaluate"), default="evaluate",
+                        help="the last stage run (train: the epochs alone, without evaluate's rotation)")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/funkflow-bench"))
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -62,11 +64,12 @@ def main() -> None:
     for n_items in args.items:
         dataset = dataset_at(0.1, args.cache, shape=(args.users, n_items, args.ratings))
         found[n_items] = peaks(dataset.root, args.cache / f"catalogue-{dataset.root.name}", args.k, args.workers,
-                               args.epochs)
+                               args.epochs, args.last)
     small, large = args.items
     q = large * state_bytes(args.k)
     print(f"{args.users:,} users, {args.ratings:,} ratings, k={args.k}, {args.workers} single-thread workers, "
-          f"{args.epochs} epochs and evaluate; Q = {q / 2**20:.0f} MiB at {large:,} items")
+          f"{args.epochs} epochs{' and evaluate' if args.last == 'evaluate' else ''}; "
+          f"Q = {q / 2**20:.0f} MiB at {large:,} items")
     print("| items | peak RSS of each worker, GiB | largest |")
     print("| ---: | --- | ---: |")
     for n_items, by_worker in found.items():
