@@ -67,25 +67,33 @@ def test_a_second_run_on_the_same_directory_exits_75_and_a_killed_run_leaves_no_
     assert third.returncode == 0, third.stderr
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("moment", ["ingest", "training", "export"])
-def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_path, moment):
-    """SIGKILL `funkflow run` mid-ingest, mid-training or once the model is written but not yet evaluated;
-    the same command, re-run, finishes the job."""
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    """A MovieLens-layout CSV, the command that trains on it, and the model bytes of one run left alone: what
+    every killed-and-run-again run must end with."""
     import numpy as np
 
+    root = tmp_path_factory.mktemp("uninterrupted")
     rng = np.random.default_rng(4)
     users, items = rng.integers(1, 3000, 150_000), rng.integers(1, 400, 150_000)
     lines = [f"{u},{i},{r},{t}" for u, i, r, t in zip(users, items, rng.integers(1, 6, 150_000),
                                                        rng.integers(0, 10**9, 150_000))]
-    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(lines) + "\n")
-    sets = [f"data.source={tmp_path / 'ratings.csv'}", "data.format=movielens", "data.generate=null",
+    (root / "ratings.csv").write_text("userId,movieId,rating,timestamp\n" + "\n".join(lines) + "\n")
+    sets = [f"data.source={root / 'ratings.csv'}", "data.format=movielens", "data.generate=null",
             "model.k=8", "train.epochs=12", "train.d=3", "cluster.scheduler=inprocess"]
     command = [sys.executable, "-m", "funkflow", "run", *(a for s in sets for a in ("--set", s))]
-    env = cli_env()
-    subprocess.run([*command, "--run-dir", str(tmp_path / "whole")], cwd=tmp_path, env=env, check=True,
+    subprocess.run([*command, "--run-dir", str(root / "whole")], cwd=root, env=cli_env(), check=True,
                    capture_output=True, timeout=300)
+    return command, _model_bytes(root / "whole")
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["ingest", "training", "export"])
+def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_path, moment, uninterrupted_run):
+    """SIGKILL `funkflow run` mid-ingest, mid-training or once the model is written but not yet evaluated;
+    the same command, re-run, finishes the job."""
+    command, whole = uninterrupted_run
+    env = cli_env()
     run_dir = tmp_path / "killed"
 
     def reached() -> bool:
@@ -110,7 +118,7 @@ def test_a_run_killed_at_any_stage_and_run_again_ends_with_the_same_model(tmp_pa
         # Killed once epoch 3's checkpoint existed; on a busy machine a later one may have been committed too.
         resumed = re.search(r"resuming after epoch (\d+)", again.stderr)
         assert resumed and 3 <= int(resumed[1]) < 12 and "ingest: up to date" in again.stderr, again.stderr
-    assert _model_bytes(run_dir) == _model_bytes(tmp_path / "whole")
+    assert _model_bytes(run_dir) == whole
     if moment == "export":
         assert "train: up to date" in again.stderr
         assert (run_dir / "summary.json").read_text().count("test_rmse") == 1
