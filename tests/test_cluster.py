@@ -231,8 +231,21 @@ def test_only_item_factors_travel_between_workers_and_tasks_grow_with_workers(ti
     assert len(tasks) <= 2 * 3 + 4 * 2 + 8, tasks  # epochs, loading, collecting, the 8 row blocks
 
 
+# The runs that a kill interrupts, and the model of the same run left alone, which each must end with.
+KILLED_SETS = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
+               "model.k=16", "train.epochs=8", "train.d=4"]
+
+
+@pytest.fixture(scope="module")
+def unkilled_factors(tiny_config, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("unkilled") / "whole"
+    run_pipeline(tiny_config(run_dir, *KILLED_SETS))
+    return _factors(run_dir)
+
+
 @pytest.mark.parametrize("n_workers,n_killed", [(2, 1), (1, 1), (2, 2)])
-def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n_workers, n_killed):
+def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n_workers, n_killed,
+                                                        unkilled_factors):
     """Kill worker processes mid-run (one of two, the only one, or both, which their nannies restart): Dask
     rebuilds their row blocks from Parquet and their factor blocks from the last checkpoint, and the factors
     come out bit-identical."""
@@ -243,10 +256,7 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n
 
     from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
 
-    sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
-            "model.k=16", "train.epochs=8", "train.d=4"]
-    run_pipeline(tiny_config(tmp_path / "whole", *sets))
-
+    sets = KILLED_SETS
     run_dir = tmp_path / "killed"
     killed = threading.Event()
     seen: dict[str, object] = {}
@@ -275,17 +285,16 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n
     assert not set(seen["victims"]) & survivors
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 8
-    _assert_bit_identical(_factors(run_dir), _factors(tmp_path / "whole"))
+    _assert_bit_identical(_factors(run_dir), unkilled_factors)
 
 
-def test_a_driver_killed_mid_epoch_frees_the_workers_of_an_existing_cluster(tiny_config, local_cluster, tmp_path):
+def test_a_driver_killed_mid_epoch_frees_the_workers_of_an_existing_cluster(tiny_config, local_cluster, tmp_path,
+                                                                          unkilled_factors):
     """kill -9 of the driver on a cluster that outlives it: the re-run on the same workers resumes from the
     last checkpoint to the same bits."""
     from conftest import kill_when
 
-    sets = ["data.generate.n_users=2000", "data.generate.n_items=500", "data.generate.n_ratings=200000",
-            "model.k=16", "train.epochs=8", "train.d=4"]
-    run_pipeline(tiny_config(tmp_path / "whole", *sets))
+    sets = KILLED_SETS
     run_dir = tmp_path / "killed"
     command = [sys.executable, "-m", "funkflow", "run", "--scheduler", local_cluster.scheduler_address,
                "--run-dir", str(run_dir)]
@@ -294,7 +303,7 @@ def test_a_driver_killed_mid_epoch_frees_the_workers_of_an_existing_cluster(tiny
     kill_when(command, tmp_path, lambda: (run_dir / "checkpoints" / "epoch-000002" / "manifest.json").exists())
     assert not (run_dir / "model").exists(), "the driver must die mid-training"
     run_pipeline(tiny_config(run_dir, *sets, f"cluster.scheduler={local_cluster.scheduler_address}"))
-    _assert_bit_identical(_factors(run_dir), _factors(tmp_path / "whole"))
+    _assert_bit_identical(_factors(run_dir), unkilled_factors)
 
 
 def test_an_epoch_task_whose_peer_never_comes_gives_its_thread_back_when_cancelled(planted_low_rank, local_cluster,
