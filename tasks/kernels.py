@@ -27,6 +27,8 @@ The update is the one in DESIGN.md, for one rating ``(u, i, r)`` with error
     p_u += lr (e q_i - reg p_u)
     q_i += lr (e p_u - reg q_i)      # the old p_u
 
+computed as ``p_u (1 - lr reg) + (lr e) q_i`` and alike.
+
 The kernels update ``P``, ``Q`` and the biases in place; the task functions that
 call them (``tasks/training.py``) hand them private copies.
 
@@ -42,6 +44,7 @@ Prefetches change no arithmetic.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numba
@@ -126,7 +129,6 @@ def _advance(run_starts: np.ndarray, run_order: np.ndarray, t: int, j: int, end:
     return t, j, end
 
 
-@numba.jit(**_JIT)
 def sgd_block(
     users: np.ndarray,
     items: np.ndarray,
@@ -168,41 +170,62 @@ def sgd_block(
     float
         Sum of squared errors seen during the pass (each before its update).
     """
-    k = P.shape[1]
-    sse = 0.0
-    run_order = shuffled_runs(run_starts.shape[0] - 1, order_seed)
-    n_runs = run_order.shape[0]
-    # A second cursor walks the visiting order prefetch_ahead ratings ahead: (run t_ahead, position j_ahead).
-    t_ahead, j_ahead, end_ahead = (-1, 0, 0) if prefetch_ahead > 0 else (n_runs, 0, 0)
-    for _ in range(prefetch_ahead + 1 if prefetch_ahead > 0 else 0):
-        t_ahead, j_ahead, end_ahead = _advance(run_starts, run_order, t_ahead, j_ahead, end_ahead)
-    for t in range(n_runs):
-        run = run_order[t]
-        for j in range(run_starts[run], run_starts[run + 1]):
-            if t_ahead < n_runs:
-                _prefetch_rows(P, Q, users[j_ahead], items[j_ahead])
-                t_ahead, j_ahead, end_ahead = _advance(run_starts, run_order, t_ahead, j_ahead, end_ahead)
-            u = users[j]
-            i = items[j]
-            pred = np.float32(0.0)
-            if use_bias:
-                pred = global_mean + user_bias[u] + item_bias[i]
-            for f in range(k):
-                pred += P[u, f] * Q[i, f]
-            e = ratings[j] - pred
-            sse += np.float64(e) * np.float64(e)
-            if use_bias:
-                user_bias[u] += lr * (e - bias_reg * user_bias[u])
-                item_bias[i] += lr * (e - bias_reg * item_bias[i])
-            for f in range(k):
-                p = P[u, f]
-                q = Q[i, f]
-                P[u, f] = p + lr * (e * q - reg * p)
-                Q[i, f] = q + lr * (e * p - reg * q)
-    return sse
+    return _sgd_pass(P.shape[1])(users, items, ratings, run_starts, order_seed, P, Q, user_bias, item_bias,
+                                 global_mean, lr, reg, bias_reg, use_bias, prefetch_ahead)
 
 
-@numba.jit(**_JIT)
+@functools.cache
+def _sgd_pass(width: int) -> Any:
+    """:func:`sgd_block` compiled for factor rows of exactly ``width`` floats (Numba caches one per width).
+
+    With the width a constant, LLVM unrolls the loops over a row and keeps both rows in registers from the
+    dot product to the update, instead of reading them again and checking at run time whether they overlap.
+    """
+    @numba.jit(**_JIT)
+    def sgd_pass(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, run_starts: np.ndarray,
+                 order_seed: np.uint64, P: np.ndarray, Q: np.ndarray, user_bias: np.ndarray,
+                 item_bias: np.ndarray, global_mean: np.float32, lr: np.float32, reg: np.float32,
+                 bias_reg: np.float32, use_bias: bool, prefetch_ahead: int) -> float:
+        sse = 0.0
+        decay = np.float32(1.0) - lr * reg
+        bias_decay = np.float32(1.0) - lr * bias_reg
+        run_order = shuffled_runs(run_starts.shape[0] - 1, order_seed)
+        n_runs = run_order.shape[0]
+        # A second cursor walks the visiting order prefetch_ahead ratings ahead: (run t_ahead, position j_ahead).
+        t_ahead, j_ahead, end_ahead = (-1, 0, 0) if prefetch_ahead > 0 else (n_runs, 0, 0)
+        for _ in range(prefetch_ahead + 1 if prefetch_ahead > 0 else 0):
+            t_ahead, j_ahead, end_ahead = _advance(run_starts, run_order, t_ahead, j_ahead, end_ahead)
+        for t in range(n_runs):
+            run = run_order[t]
+            for j in range(run_starts[run], run_starts[run + 1]):
+                if t_ahead < n_runs:
+                    _prefetch_rows(P, Q, users[j_ahead], items[j_ahead])
+                    t_ahead, j_ahead, end_ahead = _advance(run_starts, run_order, t_ahead, j_ahead, end_ahead)
+                u = users[j]
+                i = items[j]
+                p_u = P[u]
+                q_i = Q[i]
+                pred = np.float32(0.0)
+                if use_bias:
+                    pred = global_mean + user_bias[u] + item_bias[i]
+                for f in range(width):
+                    pred += p_u[f] * q_i[f]
+                e = ratings[j] - pred
+                sse += np.float64(e) * np.float64(e)
+                step = lr * e
+                if use_bias:
+                    user_bias[u] = bias_decay * user_bias[u] + step
+                    item_bias[i] = bias_decay * item_bias[i] + step
+                for f in range(width):
+                    p = p_u[f]
+                    q = q_i[f]
+                    p_u[f] = decay * p + step * q
+                    q_i[f] = decay * q + step * p
+        return sse
+
+    return sgd_pass
+
+
 def block_errors(
     users: np.ndarray,
     items: np.ndarray,
@@ -220,22 +243,34 @@ def block_errors(
     (float, float)
         ``Σ e²`` and ``Σ |e|`` in float64, summed in the block's own order.
     """
-    k = P.shape[1]
-    sse = 0.0
-    sae = 0.0
-    n = users.shape[0]
-    for j in range(n):
-        if j + PREFETCH_AHEAD < n:
-            _prefetch_rows(P, Q, users[j + PREFETCH_AHEAD], items[j + PREFETCH_AHEAD])
-        u = users[j]
-        i = items[j]
-        pred = global_mean + user_bias[u] + item_bias[i]
-        for f in range(k):
-            pred += P[u, f] * Q[i, f]
-        e = np.float64(ratings[j] - pred)
-        sse += e * e
-        sae += abs(e)
-    return sse, sae
+    return _errors_pass(P.shape[1])(users, items, ratings, P, Q, user_bias, item_bias, global_mean)
+
+
+@functools.cache
+def _errors_pass(width: int) -> Any:
+    """:func:`block_errors` compiled for factor rows of exactly ``width`` floats, as :func:`_sgd_pass`."""
+    @numba.jit(**_JIT)
+    def errors_pass(users: np.ndarray, items: np.ndarray, ratings: np.ndarray, P: np.ndarray, Q: np.ndarray,
+                    user_bias: np.ndarray, item_bias: np.ndarray, global_mean: np.float32) -> tuple[float, float]:
+        sse = 0.0
+        sae = 0.0
+        n = users.shape[0]
+        for j in range(n):
+            if j + PREFETCH_AHEAD < n:
+                _prefetch_rows(P, Q, users[j + PREFETCH_AHEAD], items[j + PREFETCH_AHEAD])
+            u = users[j]
+            i = items[j]
+            p_u = P[u]
+            q_i = Q[i]
+            pred = global_mean + user_bias[u] + item_bias[i]
+            for f in range(width):
+                pred += p_u[f] * q_i[f]
+            e = np.float64(ratings[j] - pred)
+            sse += e * e
+            sae += abs(e)
+        return sse, sae
+
+    return errors_pass
 
 
 @numba.jit(nopython=True, nogil=True, cache=True, fastmath={"reassoc"})

@@ -87,6 +87,30 @@ def test_runs_are_laid_out_tile_by_tile_user_by_user(users_per_run, tile_items):
     np.testing.assert_array_equal(layout.ratings[walked], ratings[order])
 
 
+@pytest.mark.parametrize("k", [1, 16, 50, 100])
+def test_kernels_at_a_padded_row_width_match_reference(k):
+    """The kernels are compiled per row width (training pads rows to a multiple of 16): at each, the SGD pass
+    and the error sums are the reference's, and the padding columns stay zero."""
+    from funkflow.tasks.training import padded_rows
+
+    users, items, ratings, order, P, Q, ub, ib = _problem(11, n=60, k=k)
+    singles = np.arange(users.shape[0] + 1, dtype=np.int64)
+    order = kernels.shuffled_runs(users.shape[0], np.uint64(3))
+    ref = [a.astype(np.float64) for a in (P, Q, ub, ib)]
+    sse_ref = reference.sgd_pass(users, items, ratings, order, *ref, 3.0, 0.05, 0.02, 0.01)
+    P, Q = padded_rows(P), padded_rows(Q)
+    sse = kernels.sgd_block(users, items, ratings, singles, np.uint64(3), P, Q, ub, ib, np.float32(3.0),
+                            np.float32(0.05), np.float32(0.02), np.float32(0.01), True, kernels.PREFETCH_AHEAD)
+    assert sse == pytest.approx(sse_ref, rel=1e-4)
+    np.testing.assert_allclose(P[:, :k], ref[0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(Q[:, :k], ref[1], rtol=1e-4, atol=1e-5)
+    assert not P[:, k:].any() and not Q[:, k:].any()
+    errors = [ratings[j] - reference.predict(users[j], items[j], ref[0], ref[1], ref[2], ref[3], 3.0)
+              for j in range(users.shape[0])]
+    sse, sae = kernels.block_errors(users, items, ratings, P, Q, ub, ib, np.float32(3.0))
+    assert (sse, sae) == pytest.approx((np.sum(np.square(errors)), np.sum(np.abs(errors))), rel=1e-4)
+
+
 def test_sgd_kernel_in_random_rating_order_matches_reference():
     """Runs of one rating each: plain random-order SGD, in the order the seeded shuffle gives."""
     users, items, ratings, _, P, Q, ub, ib = _problem(4)
