@@ -56,14 +56,17 @@ def time_libmf(train: np.ndarray, test: np.ndarray, k: int, epochs: int, threads
     return {"epoch_seconds": (total - setup) / epochs, "test_rmse": rmse}
 
 
-def time_funkflow(dataset, cache: Path, k: int, epochs: int, threads: int, d: int | str = "auto") -> dict:
+def time_funkflow(dataset, cache: Path, k: int, epochs: int, threads: int, d: int | str = "auto",
+                  scheduler: str | None = None) -> dict:
+    """``scheduler``: ``cluster.scheduler`` (None: as funkflow chooses by size, in-process below 25M ratings
+    and one LocalCluster worker above; ``local``: that worker at any size)."""
     run_dir = cache / f"vs-libmf-{dataset.root.name}-k{k}-t{threads}"
     shutil.rmtree(run_dir, ignore_errors=True)
     config = load_config(None, [
         f"data.source={dataset.root}", "data.generate=null", f"model.k={k}", f"train.epochs={epochs}",
-        f"train.d={d}", "cluster.scheduler=local", "cluster.n_workers=1", f"cluster.threads_per_worker={threads}",
-        f"output.run_dir={run_dir}",
+        f"train.d={d}", "cluster.n_workers=1", f"cluster.threads_per_worker={threads}", f"output.run_dir={run_dir}",
         "train.checkpoint_every=0",  # LIBMF cannot checkpoint; compare training alone
+        *([f"cluster.scheduler={scheduler}"] if scheduler else []),
     ])
     summary = run_pipeline(config)
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
