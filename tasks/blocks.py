@@ -74,11 +74,11 @@ class SplitRule:
 
 def assign_splits(users: np.ndarray, items: np.ndarray, times: np.ndarray | None, rule: SplitRule) -> np.ndarray:
     """Split code of each rating under ``rule``, int8. ``per_user`` needs every rating of a user here."""
-    u = pair_uniform(users, items, rule.seed)
     if rule.method == "hash":
         return split_codes(users, items, rule.test_fraction, rule.validation_fraction, rule.seed)
     if rule.method == "test_set":  # the given test set's own parts
         return np.full(users.shape[0], TEST, dtype=np.int8)
+    u = pair_uniform(users, items, rule.seed)
     if rule.method in ("time", "given"):
         codes = np.full(users.shape[0], TRAIN, dtype=np.int8)
         codes[u < rule.validation_fraction] = VALIDATION
@@ -130,16 +130,18 @@ def split_part(part_path: str, part_index: int, blocks_dir: str, d: int, n_users
     codes = assign_splits(users, items, times, rule)
     row_of_user, _, _ = block_layout(n_users, d, block_seed, SALT_ROWS)
     rows = row_of_user[users]
-    order = np.argsort(rows, kind="stable")
-    bounds = np.searchsorted(rows[order], np.arange(d + 1))
+    # One counting scatter lays the part out by row block, in part order within a row (as a stable sort
+    # would); each row block's file is then a slice of it.
+    destination, bounds = places_by_key(rows, d)
     table = table.append_column("split", pa.array(codes))
-    counts = np.zeros((d, 3), dtype=np.int64)
+    by_row = pa.table({name: placed(table[name].to_numpy(), destination) for name in table.column_names})
+    counts = np.bincount(rows.astype(np.int64) * 3 + codes, minlength=3 * d).reshape(d, 3)
     for r in range(d):
-        take = order[bounds[r]:bounds[r + 1]]
         out = row_dir(blocks_dir, r)
         out.mkdir(parents=True, exist_ok=True)
-        write_parquet(table.take(take), out / f"part-{part_index:05d}.parquet")
-        counts[r] = np.bincount(codes[take], minlength=3)
+        # Dictionaries only where values repeat: on ids they cost the write half its time and save nothing.
+        write_parquet(by_row.slice(bounds[r], bounds[r + 1] - bounds[r]), out / f"part-{part_index:05d}.parquet",
+                      use_dictionary=["rating", "split"])
     ratings = table["rating"].to_numpy()
     return SplitCounts(counts, float(ratings[codes == TRAIN].sum(dtype=np.float64)))
 

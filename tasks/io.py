@@ -69,10 +69,10 @@ def _atomically(path: str | os.PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def write_parquet(table: pa.Table, path: str | os.PathLike) -> None:
-    """Write ``table`` to ``path`` atomically."""
+def write_parquet(table: pa.Table, path: str | os.PathLike, use_dictionary: bool | list[str] = True) -> None:
+    """Write ``table`` to ``path`` atomically (``use_dictionary``: as :func:`pyarrow.parquet.write_table`'s)."""
     with _atomically(path) as tmp:
-        pq.write_table(table, tmp)
+        pq.write_table(table, tmp, use_dictionary=use_dictionary)
 
 
 def write_arrow(table: pa.Table, path: str | os.PathLike) -> None:
