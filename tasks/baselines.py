@@ -22,14 +22,18 @@ def item_residual_sums(row_block: RowBlock, item_members: list[np.ndarray],
 
     Returns
     -------
-    items : array of shape (m,), int64, the items rated, increasing
+    items : array of shape (m,), int64, the items rated, column block by column block
     sums : array of shape (2, m), float64
     """
-    train = row_block.whole(TRAIN, item_members)
-    residual = train.ratings.astype(np.float64) - global_mean
-    items, inverse = np.unique(train.items, return_inverse=True)  # nothing as long as the catalogue
-    return items.astype(np.int64), np.stack((np.bincount(inverse, residual, minlength=items.shape[0]),
-                                             np.bincount(inverse, minlength=items.shape[0]).astype(np.float64)))
+    items, sums = [], []
+    for block, members in zip(row_block.split(TRAIN), item_members):  # a column block's items are its own
+        rated = np.bincount(block.items, minlength=members.shape[0])
+        residual = np.bincount(block.items, block.ratings.astype(np.float64) - global_mean,
+                               minlength=members.shape[0])
+        present = np.flatnonzero(rated)
+        items.append(members[present])
+        sums.append(np.stack((residual[present], rated[present].astype(np.float64))))
+    return np.concatenate(items).astype(np.int64), np.concatenate(sums, axis=1)
 
 
 def baseline_errors(row_block: RowBlock, item_bias: np.ndarray, item_members: list[np.ndarray],

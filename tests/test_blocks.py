@@ -98,3 +98,45 @@ def test_time_split_puts_everything_from_the_cutoff_in_test():
     assert (codes[times >= 800] == TEST).all()
     assert not (codes[times < 800] == TEST).any()
     assert 0.05 < (codes[times < 800] == VALIDATION).mean() < 0.15
+
+
+def test_baselines_of_a_row_block_are_the_damped_means_over_its_column_blocks():
+    """item_residual_sums adds each item's training residuals within its column block; baseline_errors
+    scores the damped biases on the test ratings; both held to a direct computation over global indices."""
+    from funkflow.tasks.baselines import ITEM_DAMPING, USER_DAMPING, baseline_errors, item_residual_sums
+    from funkflow.tasks.blocks import TEST, TRAIN, BlockRatings, RowBlock
+
+    rng = np.random.default_rng(4)
+    n_users, d, mu = 30, 3, 3.4
+    item_members = [np.sort(rng.choice(np.arange(c, 60, d), 15, replace=False)) for c in range(d)]
+
+    def ratings(n: int) -> BlockRatings:
+        keys = np.unique(rng.integers(0, n_users * 15, n))
+        return BlockRatings((keys // 15).astype(np.int32), (keys % 15).astype(np.int32),
+                            rng.integers(1, 6, keys.shape[0]).astype(np.float32))
+
+    splits = tuple(tuple(ratings(n) for _ in range(d)) for n in (200, 20, 40))
+    row = RowBlock(row=0, user_ids=np.arange(n_users, dtype=np.int32), splits=splits)
+
+    def flat(code: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        blocks = splits[code]
+        return (np.concatenate([b.users for b in blocks]),
+                np.concatenate([m[b.items] for b, m in zip(blocks, item_members)]),
+                np.concatenate([b.ratings for b in blocks]).astype(np.float64))
+
+    users, items, r = flat(TRAIN)
+    found_items, sums = item_residual_sums(row, item_members, mu)
+    assert sorted(found_items.tolist()) == np.unique(items).tolist()
+    for item, (residual, n) in zip(found_items, sums.T):
+        assert n == np.sum(items == item)
+        assert residual == pytest.approx(np.sum(r[items == item] - mu))
+
+    item_bias = np.zeros(60)
+    item_bias[found_items] = sums[0] / (ITEM_DAMPING + sums[1])
+    user_bias = (np.bincount(users, r - mu - item_bias[items], minlength=n_users)
+                 / (USER_DAMPING + np.bincount(users, minlength=n_users)))
+    test_users, test_items, test_r = flat(TEST)
+    e = test_r - (mu + user_bias[test_users] + item_bias[test_items])
+    out = baseline_errors(row, item_bias, item_members, mu)
+    np.testing.assert_allclose(out[1], [e @ e, np.abs(e).sum(), e.shape[0]])
+    np.testing.assert_allclose(out[0], [np.sum((test_r - mu) ** 2), np.abs(test_r - mu).sum(), e.shape[0]])
