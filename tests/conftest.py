@@ -94,10 +94,10 @@ def local_cluster():
     import dask
     from distributed import LocalCluster
 
-    from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG, WORKER_ENVIRONMENT
 
-    with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                                         dashboard_address="127.0.0.1:0") as cluster:
+    with dask.config.set({**SCHEDULER_CONFIG, **WORKER_ENVIRONMENT}), LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster:
         yield cluster
 
 

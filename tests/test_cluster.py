@@ -360,6 +360,24 @@ def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
     assert caught.value.exit_code == EXIT_TEMPFAIL
 
 
+def test_workers_funkflow_starts_keep_glibcs_malloc_defaults(monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which made numpy-heavy tasks several times slower; a
+    LocalCluster that funkflow starts leaves it unset, while Dask's own default still sets it."""
+    import dask
+    from distributed import LocalCluster
+
+    from funkflow.pipeline.core.cluster import open_executor
+    from funkflow.pipeline.core.config import ClusterConfig
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") is not None
+    with open_executor(ClusterConfig(scheduler="local", n_workers=1, threads_per_worker=1)) as executor:
+        assert list(executor.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+    with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
+            cluster.get_client() as client:
+        assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == ["65536"], "not vacuous"
+
+
 def _certificates(folder: Path) -> dict[str, Path]:
     """A throw-away CA and one certificate for 127.0.0.1 signed by it (scheduler, workers and client share it)."""
     import datetime

@@ -35,6 +35,11 @@ SMALL_RATINGS = 25_000_000
 # task that loads a row block to another worker; DSGD keeps row blocks put and
 # balances load through d instead.
 SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
+# Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns glibc's adaptive mmap threshold
+# off: every array over 128 KiB is then a fresh mapping whose pages fault in again, and numpy-heavy tasks
+# (blocking, loading row blocks, evaluate) run several times slower. Workers funkflow starts keep glibc's
+# defaults.
+WORKER_ENVIRONMENT = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
 # How often the driver looks for lost workers while an epoch runs.
 WATCH_SECONDS = 0.5
 # How long the driver waits before asking again about workers that seemed lost.
@@ -320,7 +325,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None, estimated: b
         # hang; so does a task whose workers keep dying under it.
         budget = {"distributed.scheduler.no-workers-timeout": f"{cfg.timeout}s",
                   "distributed.scheduler.allowed-failures": cfg.allowed_failures}
-        with dask.config.set({**SCHEDULER_CONFIG, **budget}), LocalCluster(
+        with dask.config.set({**SCHEDULER_CONFIG, **WORKER_ENVIRONMENT, **budget}), LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             dashboard_address=cfg.dashboard, silence_logs=logging.WARNING, preload=[__name__],
         ) as cluster, Client(cluster) as client, _scheduler_watched(client, cluster.scheduler_address):
