@@ -176,6 +176,31 @@ def test_ranking_metrics_match_hand_computed_values():
     assert ap == pytest.approx((1 / 2) / 2 + 1)
 
 
+def test_ranking_sums_of_lists_match_a_per_user_computation():
+    """The compiled pass over (row, item) lists against the metrics computed user by user in Python: users
+    without a list, lists shorter and longer than k, relevant sets of every size."""
+    from funkflow.tasks.recommend import ranking_sums_of_lists
+
+    rng = np.random.default_rng(3)
+    k, n_users = 5, 40
+    relevant = [np.unique(rng.integers(0, 30, rng.integers(1, 9))) for _ in range(n_users)]
+    lengths = rng.integers(0, 8, n_users)
+    lists = [rng.permutation(30)[:n] for n in lengths]
+    rows = np.repeat(np.arange(n_users), lengths)
+    found = ranking_sums_of_lists(rows, np.concatenate(lists), relevant, k)
+
+    discount = 1 / np.log2(np.arange(2, k + 2))
+    expected = np.zeros(5)
+    for ranked, rel in zip(lists, relevant):
+        hits = np.isin(ranked[:k], rel)
+        ideal = min(k, rel.shape[0])
+        precision_at = np.cumsum(hits) / np.arange(1, hits.shape[0] + 1)
+        expected += (hits.sum() / k, hits.sum() / rel.shape[0], discount[:hits.shape[0]][hits].sum()
+                     / discount[:ideal].sum(), precision_at[hits].sum() / ideal, 1)
+    np.testing.assert_allclose(found, expected, rtol=1e-12)
+    assert found[0] > 0 and found[4] == n_users
+
+
 def test_evaluate_reports_ranking_beside_popularity(tiny_config, tmp_path):
     summary = run_pipeline(tiny_config(tmp_path / "run", "evaluate.ranking_k=5", "evaluate.relevance_threshold=4"))
     ranking = summary["ranking"]
