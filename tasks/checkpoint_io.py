@@ -8,13 +8,13 @@ checkpoint's manifest, written last by the driver, is what makes it exist.
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import fsspec
 import numpy as np
 
 from funkflow.tasks.artifacts import FileEntry, refuse_non_finite
-from funkflow.tasks.io import npy_bytes, put_bytes
+from funkflow.tasks.io import flush_files, npy_bytes, put_bytes
 from funkflow.tasks.training import FactorState
 
 FACTOR_PARTS = ("factors", "bias")
@@ -22,8 +22,9 @@ BlockWriter = Callable[[str], dict[str, FileEntry]]
 """``write_blocks(url)``: factor blocks written under ``url`` (:func:`write_factor_state`), file name → entry."""
 
 
-def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[str, FileEntry]:
-    """Write ``(factors, bias)`` as ``{stem}.factors.npy`` and ``{stem}.bias.npy`` under the URL ``directory``.
+def write_factor_state(state: FactorState, directory: str, stem: str, durable: bool = True) -> dict[str, FileEntry]:
+    """Write ``(factors, bias)`` as ``{stem}.factors.npy`` and ``{stem}.bias.npy`` under the URL ``directory``
+    (``durable=False``: not yet flushed to disk; :func:`flush_factor_files` does it).
 
     Returns
     -------
@@ -35,9 +36,15 @@ def write_factor_state(state: FactorState, directory: str, stem: str) -> dict[st
     for part, array in zip(FACTOR_PARTS, state):
         name = f"{stem}.{part}.npy"
         data = npy_bytes(array)
-        put_bytes(fs, f"{root}/{name}", data)
+        put_bytes(fs, f"{root}/{name}", data, durable)
         entries[name] = FileEntry.of_bytes(data, array)
     return entries
+
+
+def flush_factor_files(directory: str, names: Iterable[str]) -> None:
+    """Flush to disk the files ``names`` under the URL ``directory`` written with ``durable=False``."""
+    fs, root = fsspec.core.url_to_fs(directory)
+    flush_files(fs, (f"{root}/{name}" for name in names))
 
 
 def read_factor_state(directory: str, stem: str) -> FactorState:

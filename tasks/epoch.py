@@ -44,7 +44,7 @@ import numpy as np
 
 from funkflow.tasks.artifacts import FileEntry
 from funkflow.tasks.blocks import TRAIN, VALIDATION, RowBlock
-from funkflow.tasks.checkpoint_io import read_factor_state, write_factor_state
+from funkflow.tasks.checkpoint_io import flush_factor_files, read_factor_state, write_factor_state
 from funkflow.tasks.model_files import block_stem, warm_factors
 from funkflow.tasks.schedule import STREAM_ITEM_INIT, STREAM_USER_INIT, block_seeds, column_at, first_row, init_seed
 from funkflow.tasks.training import (
@@ -386,13 +386,17 @@ class _RowWriter:
 
     def _write(self, version: Version, url: str, ring_order: tuple[int, ...], order: list[int]) -> None:
         try:
+            # A lane may update a row once its files are written; they are flushed to disk after the last,
+            # before the share reports them (the driver's manifest, written after, is what makes them count).
             for r in order:
-                self.files.update(write_state("user", r, version.users[r], version.k, url))
-                self.files.update(write_state("item", ring_order[r], version.items[ring_order[r]], version.k, url))
+                self.files.update(write_state("user", r, version.users[r], version.k, url, durable=False))
+                self.files.update(write_state("item", ring_order[r], version.items[ring_order[r]], version.k, url,
+                                              durable=False))
                 self.written[r].set()
         finally:
             for event in self.written.values():  # a lane waiting on a write that failed learns it below
                 event.set()
+        flush_factor_files(url, self.files)
 
     def wait_for(self, row: int, check: Callable[[], None]) -> None:
         while not self.written[row].wait(POLL_SECONDS):
@@ -408,11 +412,13 @@ class _RowWriter:
         self._pool.shutdown(wait=True)
 
 
-def write_state(side: Side, block: int, state: FactorState, k: int, url: str) -> dict[str, FileEntry]:
-    """Write one block's state, trimmed to ``k`` factors, as block files at ``url``; non-finite is refused."""
+def write_state(side: Side, block: int, state: FactorState, k: int, url: str,
+                durable: bool = True) -> dict[str, FileEntry]:
+    """Write one block's state, trimmed to ``k`` factors, as block files at ``url``; non-finite is refused
+    (``durable`` as :func:`funkflow.tasks.checkpoint_io.write_factor_state`'s)."""
     if not all_finite([state]):
         raise ValueError(f"refusing to write the non-finite factors of {side} block {block} to {url}")
-    return write_factor_state(trimmed(state, k), url, block_stem(side, block))
+    return write_factor_state(trimmed(state, k), url, block_stem(side, block), durable)
 
 
 def write_share(version: Version, url: str) -> dict[str, FileEntry]:

@@ -13,7 +13,7 @@ import io
 import json
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,21 +98,42 @@ def npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_bytes(data: bytes, path: str | os.PathLike) -> None:
-    """Write ``data`` to ``path`` atomically, flushed to disk before the rename."""
+def write_bytes(data: bytes, path: str | os.PathLike, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` atomically; ``durable``: flushed to disk before the rename (else the caller
+    makes it durable later, :func:`flush_files`)."""
     with _atomically(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
 
 
-def put_bytes(fs: Any, path: str, data: bytes) -> None:
+def _local(fs: Any) -> bool:
+    return "file" in fs.protocol or "local" in fs.protocol
+
+
+def put_bytes(fs: Any, path: str, data: bytes, durable: bool = True) -> None:
     """Write ``data`` to ``path`` of the fsspec filesystem ``fs`` so that no reader sees it half-written: on a
-    local disk under a temporary name, then renamed (:func:`write_bytes`); an object store's put is whole."""
-    if "file" in fs.protocol or "local" in fs.protocol:
-        write_bytes(data, path)
+    local disk under a temporary name, then renamed (:func:`write_bytes`, ``durable`` as there); an object
+    store's put is whole."""
+    if _local(fs):
+        write_bytes(data, path, durable)
     else:
         fs.pipe_file(path, data)
+
+
+def flush_files(fs: Any, paths: Iterable[str]) -> None:
+    """Make files written with ``durable=False`` durable: fsync each (on a local disk; an object store's put
+    already is). A writer that others wait on writes everything first and flushes afterwards."""
+    if not _local(fs):
+        return
+    for path in paths:
+        with naming(path):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def write_npy(array: np.ndarray, path: str | os.PathLike) -> None:

@@ -49,6 +49,37 @@ def test_checkpoints_are_complete_and_pruned(uninterrupted):
                 (uninterrupted / "checkpoints" / f"epoch-{kept:06d}" / name).read_bytes()
 
 
+def test_every_file_of_a_committed_checkpoint_was_flushed_to_disk_before_its_manifest(tiny_config, tmp_path,
+                                                                                     monkeypatch):
+    """The writer lanes wait on writes block files unflushed and fsyncs them after the last; the manifest that
+    makes a checkpoint count must still come after every one of them reached the disk."""
+    import os
+
+    flushed: list[str] = []
+    manifests_after: dict[str, set[str]] = {}
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        flushed.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        real_replace(src, dst)
+        if os.path.basename(dst) == "manifest.json" and "checkpoints" in str(dst):
+            manifests_after[str(dst)] = set(flushed)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    run_dir = tmp_path / "run"
+    run_pipeline(tiny_config(run_dir, "train.epochs=3"))
+    assert manifests_after, "no checkpoint was committed"
+    for path, before in manifests_after.items():
+        if not os.path.exists(path):
+            continue  # pruned since
+        files = set(json.loads(Path(path).read_text())["files"])
+        assert {f for f in files if f.endswith(".npy")} <= before, path
+
+
 def test_resume_ends_with_the_same_bits(tiny_config, uninterrupted, tmp_path):
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=3"))
     run_pipeline(tiny_config(tmp_path / "run", "train.epochs=6"), resume=True)
