@@ -24,7 +24,7 @@ from _bench_data import dataset_at
 from distributed import Client, LocalCluster
 
 from funkflow.pipeline.app.stages import run_pipeline
-from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG, DaskExecutor
+from funkflow.pipeline.core.cluster import LOCAL_CLUSTER_CONFIG, DaskExecutor
 from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.training.plan import state_bytes
 
@@ -39,7 +39,7 @@ def peaks(dataset_root: Path, run_dir: Path, k: int, workers: int, epochs: int, 
     config = load_config(None, [f"data.source={dataset_root}", "data.generate=null", f"model.k={k}",
                                 f"train.epochs={epochs}", "train.early_stopping_patience=0",
                                 f"output.run_dir={run_dir}"])
-    with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
+    with dask.config.set(LOCAL_CLUSTER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
                                                          dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         run_pipeline(config, last, executor=DaskExecutor(client))

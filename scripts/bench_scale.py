@@ -29,7 +29,7 @@ from _bench_data import dataset_at
 from distributed import Client, LocalCluster, get_task_stream
 
 from funkflow.pipeline.app.stages import synthetic_spec
-from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG, DaskExecutor, Executor, InProcessExecutor
+from funkflow.pipeline.core.cluster import LOCAL_CLUSTER_CONFIG, DaskExecutor, Executor, InProcessExecutor
 from funkflow.pipeline.core.config import load_config
 from funkflow.pipeline.data.blocking import block_dataset, open_blocks
 from funkflow.pipeline.data.dataset import generate_dataset, open_dataset
@@ -94,7 +94,7 @@ def main() -> None:
           "| received per worker per epoch (max) | plan says |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for workers in args.workers:
-        with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
+        with dask.config.set(LOCAL_CLUSTER_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1,
                                                              dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             epochs_of(DaskExecutor(client), blocks_root, args.k, 1)  # start the workers' kernels and extension

@@ -19,7 +19,7 @@ import dask
 from distributed import Client, LocalCluster
 
 from funkflow.pipeline.app.stages import run_pipeline
-from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
+from funkflow.pipeline.core.cluster import LOCAL_CLUSTER_CONFIG
 from funkflow.pipeline.core.config import load_config
 
 
@@ -42,7 +42,7 @@ def main() -> None:
     for epochs in args.epochs:
         run_dir = args.cache / f"scheduler-memory-{epochs}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+        with dask.config.set(LOCAL_CLUSTER_CONFIG), LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
                                                              dashboard_address="127.0.0.1:0") as cluster, \
                 Client(cluster) as client:
             run_pipeline(load_config(None, [

@@ -94,9 +94,9 @@ def local_cluster():
     import dask
     from distributed import LocalCluster
 
-    from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG, WORKER_ENVIRONMENT
+    from funkflow.pipeline.core.cluster import LOCAL_CLUSTER_CONFIG
 
-    with dask.config.set({**SCHEDULER_CONFIG, **WORKER_ENVIRONMENT}), LocalCluster(
+    with dask.config.set(LOCAL_CLUSTER_CONFIG), LocalCluster(
             n_workers=2, threads_per_worker=1, processes=True, dashboard_address="127.0.0.1:0") as cluster:
         yield cluster
 

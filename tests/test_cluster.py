@@ -254,13 +254,13 @@ def test_worker_killed_mid_training_gives_the_same_bits(tiny_config, tmp_path, n
     import dask
     from distributed import Client, LocalCluster
 
-    from funkflow.pipeline.core.cluster import SCHEDULER_CONFIG
+    from funkflow.pipeline.core.cluster import LOCAL_CLUSTER_CONFIG
 
     sets = KILLED_SETS
     run_dir = tmp_path / "killed"
     killed = threading.Event()
     seen: dict[str, object] = {}
-    with dask.config.set(SCHEDULER_CONFIG), LocalCluster(n_workers=n_workers, threads_per_worker=1,
+    with dask.config.set(LOCAL_CLUSTER_CONFIG), LocalCluster(n_workers=n_workers, threads_per_worker=1,
                                                          dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         def kill_when_training() -> None:

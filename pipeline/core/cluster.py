@@ -40,6 +40,8 @@ SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
 # (blocking, loading row blocks, evaluate) run several times slower. Workers funkflow starts keep glibc's
 # defaults.
 WORKER_ENVIRONMENT = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+# The Dask config of a LocalCluster funkflow starts (and of the tests' and benchmarks' own).
+LOCAL_CLUSTER_CONFIG = {**SCHEDULER_CONFIG, **WORKER_ENVIRONMENT}
 # How often the driver looks for lost workers while an epoch runs.
 WATCH_SECONDS = 0.5
 # How long the driver waits before asking again about workers that seemed lost.
@@ -325,7 +327,7 @@ def open_executor(cfg: ClusterConfig, n_ratings: int | None = None, estimated: b
         # hang; so does a task whose workers keep dying under it.
         budget = {"distributed.scheduler.no-workers-timeout": f"{cfg.timeout}s",
                   "distributed.scheduler.allowed-failures": cfg.allowed_failures}
-        with dask.config.set({**SCHEDULER_CONFIG, **WORKER_ENVIRONMENT, **budget}), LocalCluster(
+        with dask.config.set({**LOCAL_CLUSTER_CONFIG, **budget}), LocalCluster(
             n_workers=n_workers, threads_per_worker=threads_per_worker, processes=True,
             dashboard_address=cfg.dashboard, silence_logs=logging.WARNING, preload=[__name__],
         ) as cluster, Client(cluster) as client, _scheduler_watched(client, cluster.scheduler_address):
