@@ -46,3 +46,26 @@ def test_peak_rss_reports_a_command(tmp_path):
     header, *samples = trace.read_text().splitlines()
     assert header == "seconds,time,tree_gib,largest_gib" and len(samples) >= 4
     assert max(float(row.split(",")[2]) for row in samples) == pytest.approx(peak, abs=0.01)
+
+
+def test_split_parquet_writes_every_rating_once_shuffled(tmp_path):
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from funkflow.pipeline.app.cli import main
+    from funkflow.pipeline.data.dataset import open_dataset
+
+    assert main(["-q", "generate", "--scale", "0.0005", "--out", str(tmp_path / "data"),
+                 "--scheduler", "inprocess"]) == 0
+    done = subprocess.run([sys.executable, str(SCRIPTS / "write_split_parquet.py"), str(tmp_path / "data"),
+                           str(tmp_path / "split")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train, test = (pq.read_table(tmp_path / "split" / f"{name}.parquet") for name in ("train", "test"))
+    dataset = open_dataset(tmp_path / "data")
+    assert train.num_rows + test.num_rows == dataset.n_ratings
+    assert 0.08 < test.num_rows / dataset.n_ratings < 0.12
+    written = np.concatenate([t["user"].to_numpy() * 10**7 + t["item"].to_numpy() for t in (train, test)])
+    source = np.concatenate([(pq.read_table(p)["user"].to_numpy().astype(np.int64) + 1) * 10**7
+                             + pq.read_table(p)["item"].to_numpy() + 1 for p in dataset.parts])
+    assert np.array_equal(np.sort(written), np.sort(source))
+    assert not np.array_equal(written, source), "rows are shuffled"
