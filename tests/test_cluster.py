@@ -360,22 +360,21 @@ def test_a_task_that_keeps_killing_its_workers_ends_in_a_cluster_error():
     assert caught.value.exit_code == EXIT_TEMPFAIL
 
 
-def test_workers_funkflow_starts_keep_glibcs_malloc_defaults(monkeypatch):
-    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which made numpy-heavy tasks several times slower; a
-    LocalCluster that funkflow starts leaves it unset, while Dask's own default still sets it."""
-    import dask
+def test_workers_funkflow_starts_take_arrays_up_to_2_mib_from_the_heap(monkeypatch):
+    """Dask's nanny sets MALLOC_TRIM_THRESHOLD_, which fixes glibc's mmap threshold at 128 KiB and made
+    numpy-heavy tasks several times slower; a LocalCluster that funkflow starts raises it to 2 MiB, while
+    Dask's own leaves it."""
     from distributed import LocalCluster
 
     from funkflow.pipeline.core.cluster import open_executor
     from funkflow.pipeline.core.config import ClusterConfig
 
-    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    assert dask.config.get("distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_") is not None
-    with open_executor(ClusterConfig(scheduler="local", n_workers=1, threads_per_worker=1)) as executor:
-        assert list(executor.client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == [None]
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)  # a nanny sets it in this process's environment
     with LocalCluster(n_workers=1, threads_per_worker=1, dashboard_address="127.0.0.1:0") as cluster, \
             cluster.get_client() as client:
-        assert list(client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == ["65536"], "not vacuous"
+        assert list(client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_").values()) == [None], "not vacuous"
+    with open_executor(ClusterConfig(scheduler="local", n_workers=1, threads_per_worker=1)) as executor:
+        assert list(executor.client.run(os.environ.get, "MALLOC_MMAP_THRESHOLD_").values()) == [str(2 * 1024**2)]
 
 
 def _certificates(folder: Path) -> dict[str, Path]:

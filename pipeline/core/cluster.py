@@ -37,9 +37,10 @@ SMALL_RATINGS = 25_000_000
 SCHEDULER_CONFIG = {"distributed.scheduler.work-stealing": False}
 # Dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536, which turns glibc's adaptive mmap threshold
 # off: every array over 128 KiB is then a fresh mapping whose pages fault in again, and numpy-heavy tasks
-# (blocking, loading row blocks, evaluate) run several times slower. Workers funkflow starts keep glibc's
-# defaults.
-WORKER_ENVIRONMENT = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+# (blocking, loading row blocks, evaluate) run several times slower. Workers funkflow starts take arrays up to
+# 2 MiB from the heap, which keeps their pages; larger ones (factor blocks) are still mapped and given back
+# when freed, so that a worker's memory follows what it holds.
+WORKER_ENVIRONMENT = {"distributed.nanny.pre-spawn-environ.MALLOC_MMAP_THRESHOLD_": 2 * 1024 * 1024}
 # The Dask config of a LocalCluster funkflow starts (and of the tests' and benchmarks' own).
 LOCAL_CLUSTER_CONFIG = {**SCHEDULER_CONFIG, **WORKER_ENVIRONMENT}
 # How often the driver looks for lost workers while an epoch runs.
