@@ -24,7 +24,7 @@ from funkflow.tasks.recommend import (
     RANKERS,
     RunningTop,
     popular_unseen,
-    ranking_sums_of_lists,
+    ranking_sums,
     relevant_test_items,
 )
 from funkflow.tasks.training import FactorState, block_error_sums
@@ -142,7 +142,7 @@ def measure_rotation(plan: MeasurePlan, index: int, row_blocks: Mapping[int, Row
         popular_rows, popular_items = popular_unseen(block, top.users, plan.ranking.popular, item_members,
                                                      plan.ranking.k)
         for ranker, (list_rows, ranked) in enumerate(((picked, chosen_items), (popular_rows, popular_items))):
-            ranking[j, ranker] = ranking_sums_of_lists(list_rows, ranked, wanted, plan.ranking.k)
+            ranking[j, ranker] = ranking_sums(list_rows, ranked, wanted, plan.ranking.k)
             recommended[ranker].append(ranked)
     def joined(parts: list[np.ndarray], dtype: type) -> np.ndarray:
         return np.concatenate(parts) if parts else np.zeros(0, dtype)

@@ -238,26 +238,10 @@ def popular_unseen(row_block: RowBlock, users: np.ndarray, ranked: np.ndarray, i
     return _first_unseen(ranked, users, bounds, placed(np.concatenate(rated_items), by_user), top, ranked.shape[0])
 
 
-def ranking_sums(ranked: list[np.ndarray], relevant: list[set[int]], k: int) -> np.ndarray:
-    """Sums over users of precision@k, recall@k, NDCG@k and AP@k (binary relevance).
-
-    ``ranked[j]``: user j's recommended items, best first (at most ``k`` used);
-    ``relevant[j]``: user j's relevant items (non-empty). AP@k divides by
-    ``min(k, |relevant|)``, NDCG's ideal list holds ``min(k, |relevant|)`` hits.
-
-    Returns
-    -------
-    array [precision, recall, ndcg, ap, users]
-    """
-    rows = np.repeat(np.arange(len(ranked)), [len(items) for items in ranked])
-    items = np.concatenate([np.asarray(items, np.int64) for items in ranked]) if ranked else np.zeros(0, np.int64)
-    return ranking_sums_of_lists(rows, items, [np.array(sorted(rel), np.int64) for rel in relevant], k)
-
-
 @numba.jit(nopython=True, nogil=True, cache=True)
 def _ranking_sums(rows: np.ndarray, items: np.ndarray, relevant: np.ndarray, bounds: np.ndarray, k: int,
                   discount: np.ndarray, ideal_gain: np.ndarray) -> np.ndarray:
-    """:func:`ranking_sums_of_lists` over flat arrays: user j's relevant items are
+    """:func:`ranking_sums` over flat arrays: user j's relevant items are
     ``relevant[bounds[j]:bounds[j + 1]]``, sorted; the users are added up in order."""
     total = np.zeros(5)
     p = 0
@@ -302,9 +286,17 @@ def relevant_test_items(row_block: RowBlock, item_members: list[np.ndarray], thr
     return dict(zip(users[starts].tolist(), np.split(items, starts[1:])))
 
 
-def ranking_sums_of_lists(rows: np.ndarray, items: np.ndarray, relevant: list[np.ndarray], k: int) -> np.ndarray:
-    """:func:`ranking_sums` of lists given as (row, item) pairs, row by row, best first, for the users whose
-    relevant items are ``relevant`` (one sorted array per row), in one compiled pass."""
+def ranking_sums(rows: np.ndarray, items: np.ndarray, relevant: list[np.ndarray], k: int) -> np.ndarray:
+    """Sums over users of precision@k, recall@k, NDCG@k and AP@k (binary relevance), in one compiled pass.
+
+    The recommended lists are (row, item) pairs, row by row, each best first (at most ``k`` used);
+    ``relevant[j]``: user j's relevant items, sorted and non-empty (a user without a list counts with no
+    hits). AP@k divides by ``min(k, |relevant|)``, NDCG's ideal list holds ``min(k, |relevant|)`` hits.
+
+    Returns
+    -------
+    array [precision, recall, ndcg, ap, users]
+    """
     discount = 1.0 / np.log2(np.arange(2, k + 2))
     ideal_gain = np.concatenate(([1.0], np.cumsum(discount)))  # an ideal list of m hits gains ideal_gain[m]
     bounds = np.concatenate(([0], np.cumsum([r.shape[0] for r in relevant]))).astype(np.int64)
