@@ -2,7 +2,8 @@
 for test: the input of the whole Netflix-scale run in docs/benchmarks.md (``split.method: given``).
 
 Raw ids are the dataset's indices plus one (as an export would number them), rows in a seeded random order,
-float32 ratings. Reads the whole dataset into memory (about 2.4 GB for 100M ratings).
+float32 ratings. Reads the whole dataset into memory (about 2.4 GB for 100M ratings). Refuses to replace
+``train.parquet`` or ``test.parquet`` already in OUT_DIR.
 
     python scripts/write_split_parquet.py DATASET OUT_DIR [--test-fraction 0.1] [--seed 0]
     funkflow run netflix-like --set data.source=OUT_DIR/train.parquet --set data.format=parquet \\
@@ -28,6 +29,10 @@ def main() -> None:
     parser.add_argument("--test-fraction", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    outputs = {name: args.out / f"{name}.parquet" for name in ("train", "test")}
+    if any(path.exists() for path in outputs.values()):
+        raise SystemExit(f"{args.out}: already holds {' or '.join(p.name for p in outputs.values() if p.exists())};"
+                         " choose another directory or remove them")
 
     dataset = open_dataset(args.dataset)
     table = pa.concat_tables([pq.read_table(part, columns=["user", "item", "rating"]) for part in dataset.parts])
@@ -41,8 +46,8 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for name, rows in (("train", ~test), ("test", test)):
         pq.write_table(pa.table({"user": users[rows], "item": items[rows], "rating": ratings[rows]}),
-                       args.out / f"{name}.parquet", row_group_size=1_000_000)
-        print(f"{args.out / f'{name}.parquet'}: {int(rows.sum()):,} ratings")
+                       outputs[name], row_group_size=1_000_000)
+        print(f"{outputs[name]}: {int(rows.sum()):,} ratings")
 
 
 if __name__ == "__main__":

@@ -69,3 +69,7 @@ def test_split_parquet_writes_every_rating_once_shuffled(tmp_path):
                              + pq.read_table(p)["item"].to_numpy() + 1 for p in dataset.parts])
     assert np.array_equal(np.sort(written), np.sort(source))
     assert not np.array_equal(written, source), "rows are shuffled"
+    again = subprocess.run([sys.executable, str(SCRIPTS / "write_split_parquet.py"), str(tmp_path / "data"),
+                            str(tmp_path / "split"), "--seed", "1"], capture_output=True, text=True, timeout=120)
+    assert again.returncode != 0 and "already holds train.parquet or test.parquet" in again.stderr
+    assert pq.read_table(tmp_path / "split" / "train.parquet").equals(train), "the first files stay as written"
